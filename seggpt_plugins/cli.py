@@ -1,0 +1,375 @@
+"""The `seggpt` command line. Imports stay lazy: `seggpt --help` loads neither torch nor transformers.
+
+Adapters add subcommands through the entry-point group `seggpt_plugins.cli` (a function that takes
+the subparsers object), so the core never imports them by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_SAMPLES = Path(__file__).parent / "demo" / "samples"
+
+
+def _common(parser: argparse.ArgumentParser, model_default: str = "BAAI/seggpt-vit-large") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=model_default,
+                       help="hub id, transformers directory, Painter .pth checkpoint, or 'demo' (default: %(default)s)")
+    group.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    group.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)")
+    group.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (default: %(default)s)")
+
+
+def _inference(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seg-type", choices=["instance", "semantic"], default="instance",
+                        help="SegGPT's type token (default: %(default)s, as Painter)")
+    parser.add_argument("--intensity-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="map this intensity range to 0..255 (default: robust percentiles for non-8-bit images)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seggpt", description="In-context segmentation with SegGPT.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline offline on sample images that ship with the package")
+    p.add_argument("--out", default="seggpt-demo", help="output folder (default: %(default)s)")
+    _common(p, model_default="demo")
+    _inference(p)
+
+    p = sub.add_parser("segment", help="segment target images from example image/mask pairs")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="target image files")
+    p.add_argument("--prompt", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                   help="an example image and its mask (label map, or RGB colour mask); repeat for more")
+    p.add_argument("--tuned-prompt", action="append", default=[], metavar="FILE",
+                   help="a prompt learned by `seggpt tune-prompt` (in place of an example pair)")
+    p.add_argument("--out", required=True, help="output folder: one label PNG per target")
+    p.add_argument("--overlay", action="store_true", help="also write a colour overlay PNG per target")
+    p.add_argument("--scores", action="store_true", help="also write the confidence map as a float TIFF")
+    _common(p)
+    _inference(p)
+
+    p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack")
+    p.add_argument("stack", help="a TIFF stack (Z, Y, X) or (Z, Y, X, C)")
+    p.add_argument("--prompt-slice", nargs=2, action="append", default=[], metavar=("Z", "MASK"),
+                   help="an annotated slice index and its label mask file; repeat for more")
+    p.add_argument("--prompt", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                   help="an example pair from outside the stack; repeat for more")
+    p.add_argument("--out", required=True, help="output label TIFF (Z, Y, X)")
+    p.add_argument("--memory", type=int, default=8, help="recent predictions used as extra prompts (default: 8)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many fixed prompts per slice")
+    _common(p)
+    _inference(p)
+
+    p = sub.add_parser("convert", help="write an original Painter checkpoint as a transformers directory")
+    p.add_argument("checkpoint", help="e.g. seggpt_vit_large.pth")
+    p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("train", help="in-context training from scratch on generated tasks or a folder")
+    p.add_argument("--config", default="demo", help="demo, tiny, vit-large or a config JSON (default: %(default)s)")
+    _train_args(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a folder of images and label masks")
+    p.add_argument("--model", required=True, help="the model to start from (any --model source)")
+    p.add_argument("--trainable", default="all", help="all, decoder, or last:N (decoder + last N blocks)")
+    _train_args(p, data_required=True)
+
+    p = sub.add_parser("tune-prompt", help="learn a prompt for a dataset with the model frozen (in-context tuning)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder with images/ and masks/ (same stems)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seg-type", choices=["instance", "semantic"], default="semantic")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("evaluate", help="mIoU of a model on held-out generated tasks")
+    p.add_argument("--prompts", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--tasks", type=int, default=96)
+    _common(p, model_default="demo")
+
+    for entry_point in _plugin_entry_points():
+        try:
+            entry_point.load()(sub)
+        except Exception as exc:  # a broken adapter must not take the core CLI down
+            print(f"seggpt: the {entry_point.name!r} commands are unavailable ({exc})", file=sys.stderr)
+    return parser
+
+
+def _plugin_entry_points():
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group="seggpt_plugins.cli"), key=lambda e: e.name)
+
+
+def _train_args(p: argparse.ArgumentParser, data_required: bool = False) -> None:
+    p.add_argument("--data", required=data_required, default=None,
+                   help="folder with images/ and masks/ (default for train: procedurally generated tasks)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, model/, eval.json")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32, help="targets per step")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--foreground-weight", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; stop with a checkpoint when exceeded")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    p.add_argument("--device", default=None)
+    p.add_argument("--half", action="store_true", help="export the final weights as float16")
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _load(args):
+    from .engine import SegGPT
+
+    started = time.time()
+    model = SegGPT.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    print(f"loaded {model} in {time.time() - started:.1f} s", file=sys.stderr)
+    return model
+
+
+def _intensity(args):
+    return tuple(args.intensity_range) if args.intensity_range else None
+
+
+def cmd_segment(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .errors import InputError
+    from .images import overlay, to_rgb8, write_png, write_tiff
+
+    if not args.prompt and not args.tuned_prompt:
+        raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
+    out = Path(args.out)
+    outputs = [out / f"{Path(t).stem}.png" for t in args.targets]
+    if len(set(outputs)) != len(outputs):
+        raise InputError("two targets share a file name stem; their outputs would collide")
+    if not args.overwrite:
+        existing = [str(p) for p in outputs if p.exists()]
+        if existing:
+            raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it")
+    model = _load(args)
+    prompt_images = [image for image, _ in args.prompt] + list(args.tuned_prompt)
+    prompt_masks = [mask for _, mask in args.prompt]
+    predictions = model.iter_segment(args.targets, prompt_images, prompt_masks, batch_size=args.batch_size,
+                                     seg_type=args.seg_type, intensity_range=_intensity(args))
+    for prediction in tqdm(predictions, total=len(args.targets), desc="segmenting", unit="image"):
+        target = args.targets[prediction.index]
+        write_png(outputs[prediction.index], prediction.labels, overwrite=args.overwrite)
+        if args.overlay:
+            image = to_rgb8(target, _intensity(args))
+            write_png(out / f"{Path(target).stem}_overlay.png", overlay(image, prediction.labels, prediction.colors),
+                      overwrite=args.overwrite)
+        if args.scores:
+            write_tiff(out / f"{Path(target).stem}_scores.tif", prediction.scores.astype(np.float32),
+                       overwrite=args.overwrite)
+    print(f"wrote {len(outputs)} label images to {out}")
+    return 0
+
+
+def cmd_propagate(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .errors import InputError
+    from .images import label_dtype, read_image, to_mask, write_tiff
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+    stack = read_image(args.stack)
+    if stack.ndim not in (3, 4) or (stack.ndim == 4 and stack.shape[-1] not in (3, 4)):
+        raise InputError(f"{args.stack}: expected a stack (Z, Y, X) or (Z, Y, X, C), got shape {stack.shape}")
+    annotations = {}
+    for z, mask in args.prompt_slice:
+        try:
+            z = int(z)
+        except ValueError:
+            raise InputError(f"--prompt-slice: slice index must be an integer, got {z!r}") from None
+        annotations[z] = to_mask(mask, name=f"--prompt-slice {z} {mask}")
+    if not annotations and not args.prompt:
+        raise InputError("give at least one --prompt-slice Z MASK or --prompt IMAGE MASK")
+    model = _load(args)
+    ids = [np.unique(m) for m in annotations.values()] + [np.unique(to_mask(m)) for _, m in args.prompt]
+    labels = np.zeros(stack.shape[:3], dtype=label_dtype(int(max(i.max() for i in ids))))
+    for z, mask in annotations.items():
+        labels[z] = mask
+    predictions = model.propagate(stack, [i for i, _ in args.prompt], [m for _, m in args.prompt],
+                                  annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
+                                  batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=_intensity(args))
+    todo = stack.shape[0] - len(annotations)
+    for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
+        labels[prediction.index] = prediction.labels
+    write_tiff(out, labels, overwrite=args.overwrite)
+    print(f"wrote {out} ({labels.shape[0]} slices, {todo} predicted)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+
+    from .images import overlay, read_image, scale_to_uint8, write_png
+    from .training import iou_per_label
+
+    image = read_image(DEMO_SAMPLES / "nuclei2d.tif")
+    truth = read_image(DEMO_SAMPLES / "nuclei2d_mask.tif")
+    tile = 128
+    tiles = [(r, c) for r in range(0, image.shape[0], tile) for c in range(0, image.shape[1], tile)]
+    prompt_tile, target_tiles = tiles[0], tiles[5:9]
+    crop = lambda a, rc: a[rc[0]:rc[0] + tile, rc[1]:rc[1] + tile]  # noqa: E731
+    intensity = tuple(args.intensity_range) if args.intensity_range else (float(image.min()), float(np.percentile(image, 99.8)))
+    model = _load(args)
+    started = time.time()
+    prompt_mask = (crop(truth, prompt_tile) > 0).astype(np.uint8)  # nuclei vs background
+    predictions = model.segment([crop(image, rc) for rc in target_tiles], crop(image, prompt_tile), prompt_mask,
+                                batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=intensity)
+    seconds = time.time() - started
+    panels = [overlay(scale_to_uint8(crop(image, prompt_tile), intensity)[..., None].repeat(3, -1), prompt_mask,
+                      predictions[0].colors)]
+    ious = []
+    for rc, prediction in zip(target_tiles, predictions):
+        panels.append(overlay(scale_to_uint8(crop(image, rc), intensity)[..., None].repeat(3, -1), prediction.labels,
+                              prediction.colors))
+        ious.append(iou_per_label(prediction.labels, (crop(truth, rc) > 0).astype(np.uint8), [1]).get(1, 0.0))
+    gap = np.full((tile, 4, 3), 255, np.uint8)
+    strip = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
+    out = Path(args.out)
+    path = write_png(out / "demo_overlay.png", strip, overwrite=args.overwrite)
+    for rc, prediction in zip(target_tiles, predictions):
+        write_png(out / f"tile_{rc[0]}_{rc[1]}_labels.png", prediction.labels, overwrite=args.overwrite)
+    print(f"prompt: tile {prompt_tile} of the stardist nuclei image with its mask; targets: tiles {target_tiles}")
+    print(f"segmented {len(predictions)} tiles in {seconds:.2f} s on {model.device}; "
+          f"IoU against ground truth: {', '.join(f'{v:.3f}' for v in ious)} (mean {np.mean(ious):.3f})")
+    print(f"wrote {path} (left: the prompt with its mask; then each target with SegGPT's prediction)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .loading import convert
+
+    out = convert(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote transformers model to {out}")
+    return 0
+
+
+def _settings(args, **extra):
+    from .training import TrainSettings
+
+    return TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         foreground_weight=args.foreground_weight, seed=args.seed, save_every=args.save_every,
+                         eval_every=args.eval_every, time_limit=args.time_limit * 60 if args.time_limit else None,
+                         **extra)
+
+
+def _report(out_dir, net, summary, half) -> int:
+    import json
+
+    from .training import export
+
+    if summary["finished"] and half:
+        export(net, Path(out_dir) / "model", half=True)
+    print(json.dumps(summary, indent=1))
+    if not summary["finished"]:
+        print(f"stopped at step {summary['steps']}; run the same command again to resume", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    net, summary = train(args.out, config=args.config, data=args.data, settings=_settings(args), device=args.device,
+                         resume=not args.no_resume)
+    return _report(args.out, net, summary, args.half)
+
+
+def cmd_finetune(args) -> int:
+    from .loading import load_network
+    from .training import train
+
+    net, summary = train(args.out, net=load_network(args.model), data=args.data,
+                         settings=_settings(args, trainable=args.trainable), device=args.device,
+                         resume=not args.no_resume)
+    return _report(args.out, net, summary, args.half)
+
+
+def cmd_tune_prompt(args) -> int:
+    import json
+
+    from .engine import SegGPT
+    from .errors import InputError
+    from .training import PairedSamples, evaluate_samples, tune_prompt
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise InputError(f"{out}: a tuned prompt is saved as a .safetensors file")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+    model = SegGPT.from_pretrained(args.model, device=args.device, dtype="float32")
+    samples = PairedSamples.from_folder(args.data, model.input_size[0])
+    train_part, held_out = samples.split(0.2, args.seed)
+    tuned, log = tune_prompt(model, train_part, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                             seed=args.seed, seg_type=args.seg_type)
+    tuned.save(out)
+    result = {"loss_first": log[0]["loss"], "loss_last": log[-1]["loss"]}
+    if held_out.tasks:
+        result["held_out_tuned"] = evaluate_samples(model, train_part, held_out, tuned=tuned)
+        result["held_out_one_example"] = evaluate_samples(model, train_part, held_out)
+    print(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .training import evaluate_generated
+
+    model = _load(args)
+    print(json.dumps({f"{p}-shot": evaluate_generated(model, tasks=args.tasks, prompts=p) for p in args.prompts},
+                     indent=1))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "segment": cmd_segment, "propagate": cmd_propagate, "convert": cmd_convert,
+            "train": cmd_train, "finetune": cmd_finetune, "tune-prompt": cmd_tune_prompt, "evaluate": cmd_evaluate}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"seggpt-plugins {__version__}")
+        return 0
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    from .errors import SegGPTError
+
+    try:
+        return handler(args)
+    except SegGPTError as exc:
+        print(f"seggpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"seggpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The SegGPT predictor: a small Python API over the heavy model.
+
+    model = SegGPT.from_pretrained("demo")
+    preds = model.segment(images, prompt_images, prompt_masks)       # list of Prediction
+    for pred in model.propagate(frames, annotations={12: mask}): ...  # stack / video
+
+Pre- and post-processing run as tensor ops on the model's device; prompts are prepared once and
+shared by every target that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .colors import ColorCode, snap
+from .errors import InputError
+from .images import label_dtype, to_mask, to_rgb8
+
+SEG_TYPES = ("instance", "semantic")
+TUNED_PROMPT_SUFFIX = ".safetensors"
+SNAP_CHUNK_PIXELS = 1 << 22  # snap at most 4 M pixels at a time (bounds memory on huge targets)
+
+
+class EmptyPromptWarning(UserWarning):
+    """A prompt mask holds no labels: there is nothing for SegGPT to propagate from it."""
+
+
+@dataclass
+class Prediction:
+    """One target's result, at the target's own size."""
+
+    labels: np.ndarray  # (H, W) integer label ids (the prompt's own ids; 0 = background)
+    scores: np.ndarray  # (H, W) float32 in [0, 1]: how clearly each pixel snapped to its colour
+    painting: np.ndarray  # (H, W, 3) uint8: the model's raw RGB painting, resized
+    index: int = 0  # which target (segment) or frame (propagate) this is
+    colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # label id -> prompt colour
+
+    @property
+    def confidence(self) -> float:
+        """Mean score over the pixels predicted as foreground (1.0 when there are none)."""
+        foreground = self.labels != 0
+        return float(self.scores[foreground].mean()) if foreground.any() else 1.0
+
+
+@dataclass
+class TunedPrompt:
+    """A learned in-context prompt (image and mask canvases at model size) used in place of an example pair."""
+
+    image: Any  # (3, h, w) float tensor, normalised
+    mask: Any  # (3, h, w) float tensor, normalised
+    code: ColorCode
+    seg_type: str = "instance"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"ids": json.dumps(self.code.ids.tolist()), "colors": json.dumps(self.code.colors.tolist()),
+                "seg_type": self.seg_type, "format": "seggpt-tuned-prompt/1"}
+        tmp = path.with_name(f".{path.name}.part")
+        save_file({"image": self.image.detach().float().cpu().contiguous(),
+                   "mask": self.mask.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TunedPrompt":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "seggpt-tuned-prompt/1":
+                    raise InputError(f"{path}: not a tuned prompt file (written by `seggpt tune-prompt`)")
+                image, mask = f.get_tensor("image"), f.get_tensor("mask")
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read a tuned prompt ({exc})") from None
+        code = ColorCode(np.asarray(json.loads(meta["ids"]), np.int64),
+                         np.asarray(json.loads(meta["colors"]), np.uint8).reshape(-1, 3))
+        return cls(image, mask, code, meta.get("seg_type", "instance"))
+
+
+@dataclass
+class PromptSet:
+    """Prepared prompts for one or more targets: model-size tensors on the device and their colour code."""
+
+    images: Any  # (P, 3, h, w) normalised, model dtype
+    masks: Any  # (P, 3, h, w) normalised, model dtype
+    code: ColorCode
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _is_tuned(obj) -> bool:
+    return isinstance(obj, TunedPrompt) or (
+        isinstance(obj, (str, os.PathLike)) and str(obj).endswith(TUNED_PROMPT_SUFFIX)
+    )
+
+
+def _as_list(obj) -> list:
+    if obj is None:
+        return []
+    return list(obj) if isinstance(obj, (list, tuple)) else [obj]
+
+
+class SegGPT:
+    """In-context segmentation with SegGPT: example images and masks define the task."""
+
+    def __init__(self, net, device=None, dtype=None, attention: str = "auto", source: str | None = None):
+        import torch
+
+        from .loading import pick_device, pick_dtype
+        from .modeling import ATTENTION_KERNELS, half_size
+
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.net = net.to(device=self.device, dtype=self.dtype).eval()
+        self.source = source
+        self.input_size = half_size(net.config)  # (h, w) of one half
+        if attention == "auto":
+            attention = "folded" if self.device.type == "cuda" else "sdpa"
+        if attention not in ATTENTION_KERNELS:
+            raise InputError(f"attention must be 'auto' or one of {ATTENTION_KERNELS}, got {attention!r}")
+        self.attention = attention
+        self._torch = torch
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = "BAAI/seggpt-vit-large", device=None, dtype=None,
+                        attention: str = "auto") -> "SegGPT":
+        """Load from a hub id, a transformers directory, a Painter .pth checkpoint, or "demo"."""
+        from .loading import load_network
+
+        return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source))
+
+    def __repr__(self) -> str:
+        return f"SegGPT(source={self.source!r}, device={self.device}, dtype={self.dtype}, input={self.input_size})"
+
+    # ------------------------------------------------------------------------------- preprocessing
+
+    def _to_model(self, rgb8: np.ndarray, nearest: bool = False):
+        """(H, W, 3) uint8 -> (3, h, w) normalised tensor on the device, in the model dtype."""
+        import torch.nn.functional as F
+
+        from .modeling import normalize
+
+        tensor = self._torch.from_numpy(np.ascontiguousarray(rgb8)).to(self.device, non_blocking=True)
+        tensor = tensor.permute(2, 0, 1)[None].float()
+        if tuple(tensor.shape[-2:]) != self.input_size:
+            if nearest:
+                tensor = F.interpolate(tensor, size=self.input_size, mode="nearest-exact")
+            else:
+                tensor = F.interpolate(tensor, size=self.input_size, mode="bicubic", antialias=True,
+                                       align_corners=False).clamp_(0, 255)
+        return normalize(tensor)[0].to(self.dtype)
+
+    def prepare_prompts(self, prompt_images, prompt_masks=None, intensity_range=None, label_ids=None,
+                        code: ColorCode | None = None) -> PromptSet:
+        """Read, check, colour and resize a list of example pairs (or tuned prompts) once."""
+        images, masks = _as_list(prompt_images), _as_list(prompt_masks)
+        if not images:
+            raise InputError("no prompts given: pass at least one example image with its mask")
+        tuned = [TunedPrompt.load(p) if not isinstance(p, TunedPrompt) else p for p in images if _is_tuned(p)]
+        plain = [p for p in images if not _is_tuned(p)]
+        if len(masks) != len(plain):
+            raise InputError(f"got {len(plain)} prompt images but {len(masks)} prompt masks; give one mask per image")
+        pairs = []
+        for k, (image, mask) in enumerate(zip(plain, masks)):
+            name = f"prompt {k}" + (f" ({image})" if isinstance(image, (str, os.PathLike)) else "")
+            rgb = to_rgb8(image, intensity_range, name=f"{name} image")
+            mask_arr = to_mask(mask, name=f"{name} mask" + (f" ({mask})" if isinstance(mask, (str, os.PathLike)) else ""))
+            if mask_arr.shape[:2] != rgb.shape[:2]:
+                raise InputError(f"{name}: mask size {mask_arr.shape[1]}x{mask_arr.shape[0]} differs from its image "
+                                 f"size {rgb.shape[1]}x{rgb.shape[0]} (width x height)")
+            if not np.any(mask_arr):
+                warnings.warn(f"{name}: the mask is all background: nothing to propagate from it",
+                              EmptyPromptWarning, stacklevel=3)
+            pairs.append((rgb, mask_arr, name))
+        if code is None:
+            code = self._code_for(tuned, [m for _, m, _ in pairs], label_ids)
+        prompt_images_t = [t.image.to(self.device, self.dtype) for t in tuned]
+        prompt_masks_t = [t.mask.to(self.device, self.dtype) for t in tuned]
+        for rgb, mask_arr, name in pairs:
+            prompt_images_t.append(self._to_model(rgb))
+            prompt_masks_t.append(self._to_model(code.encode(mask_arr, name=f"{name} mask"), nearest=True))
+        for t in tuned:
+            if tuple(t.image.shape[-2:]) != self.input_size:
+                raise InputError(f"tuned prompt of size {tuple(t.image.shape[-2:])} does not fit this model's "
+                                 f"input size {self.input_size}")
+        return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code)
+
+    @staticmethod
+    def _code_for(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids) -> ColorCode:
+        if tuned:
+            code = tuned[0].code
+            for t in tuned[1:]:
+                if not (np.array_equal(t.code.ids, code.ids) and np.array_equal(t.code.colors, code.colors)):
+                    raise InputError("tuned prompts with different colour codes cannot be combined")
+            return code
+        code = ColorCode.from_masks(masks)
+        if label_ids is not None:
+            if any(m.ndim == 3 for m in masks):
+                raise InputError("label_ids applies to label masks, not to RGB colour masks")
+            extra = set(code.ids.tolist()) - set(int(i) for i in label_ids)
+            if extra:
+                raise InputError(f"prompt masks hold label ids {sorted(extra)[:10]} that are not in label_ids")
+            code = ColorCode.for_ids(label_ids)
+        return code
+
+    # -------------------------------------------------------------------------------------- model
+
+    def paint(self, targets, prompt_images, prompt_masks, owner, seg_type: str = "instance"):
+        """Low level: normalised tensors in, (T, 3, h, w) float paintings in 0..255 out (see modeling.paint)."""
+        from . import modeling
+
+        if seg_type not in SEG_TYPES:
+            raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
+        with self._torch.inference_mode():
+            out = modeling.paint(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention)
+            return modeling.denormalize(out.float())
+
+    def _paint_batch(self, targets: list, prompt_sets: list[PromptSet], seg_type: str):
+        """targets: list of (3, h, w) tensors; prompt_sets: one PromptSet per target."""
+        torch = self._torch
+        owner = torch.cat([torch.full((len(s),), j, dtype=torch.long) for j, s in enumerate(prompt_sets)])
+        if all(s is prompt_sets[0] for s in prompt_sets):
+            images = prompt_sets[0].images.repeat(len(targets), 1, 1, 1)
+            masks = prompt_sets[0].masks.repeat(len(targets), 1, 1, 1)
+        else:
+            images = torch.cat([s.images for s in prompt_sets])
+            masks = torch.cat([s.masks for s in prompt_sets])
+        return self.paint(torch.stack(targets), images, masks, owner.to(self.device), seg_type)
+
+    def _finish(self, painting, size: tuple[int, int], code: ColorCode, index: int) -> Prediction:
+        """(3, h, w) painting in 0..255 -> Prediction at `size` (H, W)."""
+        import torch.nn.functional as F
+
+        torch = self._torch
+        if tuple(painting.shape[-2:]) != tuple(size):
+            painting = F.interpolate(painting[None], size=size, mode="bilinear", align_corners=False)[0]
+        colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=painting.device)[None]
+        rows = max(1, SNAP_CHUNK_PIXELS // size[1])
+        indices, scores = [], []
+        for start in range(0, size[0], rows):
+            idx, score = snap(painting[None, :, start:start + rows], colors)
+            indices.append(idx[0].cpu())
+            scores.append(score[0].cpu())
+        index_map = torch.cat(indices).numpy()
+        ids = code.all_ids.astype(label_dtype(int(code.ids.max()) if len(code) else 0))
+        return Prediction(
+            labels=ids[index_map],
+            scores=torch.cat(scores).numpy().astype(np.float32),
+            painting=painting.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy(),
+            index=index,
+            colors=code.as_dict(),
+        )
+
+    # ------------------------------------------------------------------------------------- segment
+
+    def segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
+                seg_type: str = "instance", intensity_range=None, label_ids=None) -> list[Prediction]:
+        """Segment one or many target images from example pairs; returns one Prediction per target.
+
+        prompt_images/prompt_masks: one pair, a list of pairs shared by all targets, or a list of such
+        lists, one per target. A tuned prompt (TunedPrompt or its .safetensors path) can stand in for a
+        pair (its mask entry is left out). Several prompts for a target use Painter's feature ensemble.
+        """
+        return list(self.iter_segment(images, prompt_images, prompt_masks, batch_size=batch_size,
+                                      seg_type=seg_type, intensity_range=intensity_range, label_ids=label_ids))
+
+    def iter_segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
+                     seg_type: str = "instance", intensity_range=None, label_ids=None) -> Iterator[Prediction]:
+        """As `segment`, yielding each Prediction as soon as its batch is done (for progress and cancel)."""
+        targets = _as_list(images) if not isinstance(images, np.ndarray) else [images]
+        if not targets:
+            raise InputError("no target images given")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids)
+        for start in range(0, len(targets), batch_size):
+            chunk = range(start, min(start + batch_size, len(targets)))
+            rgbs = [to_rgb8(targets[i], intensity_range, name=f"target {i}" + (
+                f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")) for i in chunk]
+            paintings = self._paint_batch([self._to_model(rgb) for rgb in rgbs],
+                                          [prompt_sets[i] for i in chunk], seg_type)
+            for j, i in enumerate(chunk):
+                yield self._finish(paintings[j], rgbs[j].shape[:2], prompt_sets[i].code, i)
+
+    def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids):
+        images = _as_list(prompt_images)
+        per_target = bool(images) and isinstance(images[0], (list, tuple))
+        if not per_target:
+            shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids)
+            return [shared] * num_targets
+        masks = _as_list(prompt_masks) or [None] * len(images)
+        if len(images) != num_targets or len(masks) != num_targets:
+            raise InputError(f"per-target prompts: got {len(images)} prompt lists and {len(masks)} mask lists "
+                             f"for {num_targets} targets")
+        return [self.prepare_prompts(i, m, intensity_range, label_ids) for i, m in zip(images, masks)]
+
+    # ----------------------------------------------------------------------------------- propagate
+
+    def propagate(self, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
+                  annotations: dict[int, Any] | None = None, max_prompts: int | None = None,
+                  batch_size: int = 8, seg_type: str = "instance", intensity_range=None,
+                  label_ids=None) -> Iterator[Prediction]:
+        """Propagate masks through a stack or video; yields one Prediction per frame that is not annotated.
+
+        Prompts are fixed: the given example pairs and/or `annotations` ({frame index: mask}) inside the
+        stack. The last `memory` predicted frames of each run join as extra prompts (a FIFO, as Painter's
+        video cache) in the same colours, so each object keeps its id. With annotations, runs go outward in
+        both directions from the annotated frames; without, frames are processed in order.
+        """
+        from .propagation import propagate
+
+        return propagate(self, frames, prompt_images, prompt_masks, memory=memory, annotations=annotations,
+                         max_prompts=max_prompts, batch_size=batch_size, seg_type=seg_type,
+                         intensity_range=intensity_range, label_ids=label_ids)

@@ -1,0 +1,233 @@
+"""Loading SegGPT weights: hub ids, transformers directories, original Painter checkpoints, the demo model.
+
+Everything resolves to transformers' `SegGptForImageSegmentation`; `convert` writes a Painter `.pth`
+as a transformers directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import ModelSourceError
+
+DEFAULT_MODEL = "BAAI/seggpt-vit-large"
+DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+CHECKPOINT_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
+
+# Original Painter (baaivision/Painter, SegGPT) parameter names -> transformers' SegGptForImageSegmentation.
+PAINTER_RENAMES = [
+    (r"^patch_embed\.proj\.", "model.embeddings.patch_embeddings.projection."),
+    (r"^mask_token$", "model.embeddings.mask_token"),
+    (r"^segment_token_x$", "model.embeddings.segment_token_input"),
+    (r"^segment_token_y$", "model.embeddings.segment_token_prompt"),
+    (r"^type_token_cls$", "model.embeddings.type_token_semantic"),
+    (r"^type_token_ins$", "model.embeddings.type_token_instance"),
+    (r"^pos_embed$", "model.embeddings.position_embeddings"),
+    (r"^norm\.", "model.encoder.layernorm."),
+    (r"^blocks\.(\d+)\.attn\.", r"model.encoder.layers.\1.attention."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"model.encoder.layers.\1.mlp.lin1."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"model.encoder.layers.\1.mlp.lin2."),
+    (r"^blocks\.(\d+)\.norm1\.", r"model.encoder.layers.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"model.encoder.layers.\1.layernorm_after."),
+    (r"^decoder_embed\.", "decoder.decoder_embed."),
+    (r"^decoder_pred\.0\.", "decoder.decoder_pred.conv."),
+    (r"^decoder_pred\.1\.", "decoder.decoder_pred.layernorm."),
+    (r"^decoder_pred\.3\.", "decoder.decoder_pred.head."),
+]
+
+
+# ------------------------------------------------------------------------------------ device and dtype
+
+
+def pick_device(device=None):
+    """`None` picks cuda, then mps, then cpu."""
+    import torch
+
+    if device is not None and device != "auto":
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:
+            raise ModelSourceError(f"device {device!r} is not a device torch knows ({exc})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelSourceError("device 'cuda' was asked for, but torch sees no CUDA GPU here; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def pick_dtype(dtype, device):
+    """`None` is bfloat16 on CUDA and float32 elsewhere; strings like 'bf16' or 'float32' are accepted."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
+    if name is None:
+        raise ModelSourceError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_network(source: str | os.PathLike = DEFAULT_MODEL):
+    """transformers' SegGptForImageSegmentation (eval mode, float32, CPU) from any supported source."""
+    source = str(source)
+    if source == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ModelSourceError(f"the demo model is missing from this installation ({DEMO_MODEL_DIR})")
+        return _from_directory(DEMO_MODEL_DIR)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: a model directory needs a config.json (written by save_pretrained)")
+        return _from_directory(path)
+    if path.is_file():
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise ModelSourceError(
+                f"{path}: not a model checkpoint (expected {', '.join(sorted(CHECKPOINT_SUFFIXES))} or a directory)"
+            )
+        return load_painter_checkpoint(path)
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(CHECKPOINT_SUFFIXES)) or source.count("/") > 1:
+        raise ModelSourceError(f"{source}: no such file or directory")
+    return _from_hub(source)
+
+
+def _from_directory(path: Path):
+    from transformers import SegGptForImageSegmentation
+
+    try:
+        net = SegGptForImageSegmentation.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelSourceError(f"{path}: could not load a SegGPT model from this directory ({exc})") from None
+    return net.float().eval()
+
+
+def _from_hub(repo_id: str):
+    from transformers import SegGptForImageSegmentation
+
+    try:
+        net = SegGptForImageSegmentation.from_pretrained(repo_id)
+    except Exception as exc:
+        from huggingface_hub import constants
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "connect" in str(exc).lower()
+        reason = (
+            "this machine is offline (or HF_HUB_OFFLINE is set) and the weights are not in the Hugging Face cache"
+            if offline
+            else f"the hub did not provide it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        )
+        raise ModelSourceError(
+            f"could not load SegGPT weights '{repo_id}' from the Hugging Face hub: {reason} "
+            f"(cache: {constants.HF_HUB_CACHE}). Alternatives: --model demo (the small model that ships "
+            "with this package), a local transformers directory (save_pretrained), or an original Painter "
+            "checkpoint such as seggpt_vit_large.pth; to fill the cache, run "
+            f"`hf download {repo_id}` on a machine with network access."
+        ) from None
+    return net.float().eval()
+
+
+def painter_to_transformers_keys(state_dict: dict) -> tuple[dict, list[str]]:
+    """Rename Painter parameter names to transformers'; returns (renamed, names that matched no rule)."""
+    renamed, unknown = {}, []
+    for key, value in state_dict.items():
+        for pattern, replacement in PAINTER_RENAMES:
+            new_key, n = re.subn(pattern, replacement, key)
+            if n:
+                renamed[new_key] = value
+                break
+        else:
+            unknown.append(key)
+    return renamed, unknown
+
+
+def config_from_painter_state(state: dict):
+    """A SegGptConfig inferred from the shapes of a Painter state dict (Painter names)."""
+    from transformers import SegGptConfig
+
+    try:
+        proj = state["patch_embed.proj.weight"]  # (C, 3, p, p)
+        hidden, patch = proj.shape[0], proj.shape[-1]
+        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+        rel_h, rel_w = state["blocks.0.attn.rel_pos_h"], state["blocks.0.attn.rel_pos_w"]  # (2H-1, d), (2W-1, d)
+        head_dim = rel_h.shape[1]
+        grid_h, grid_w = (rel_h.shape[0] + 1) // 2, (rel_w.shape[0] + 1) // 2
+        num_positions = state["pos_embed"].shape[1]
+        pretrain = int(round((num_positions - 1) ** 0.5)) * patch
+        decoder_hidden = state["decoder_pred.0.weight"].shape[0]
+        num_features = state["decoder_embed.weight"].shape[1] // hidden
+        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ModelSourceError(f"not a Painter SegGPT state dict: cannot find or read {exc}") from None
+    # Painter reads the features after every (depth / 4)-th block: 5, 11, 17, 23 for ViT-L.
+    indices = [round(depth * (i + 1) / num_features) - 1 for i in range(num_features)]
+    return SegGptConfig(
+        hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=hidden // head_dim, mlp_dim=mlp_dim,
+        image_size=[grid_h * patch, grid_w * patch], patch_size=patch, pretrain_image_size=pretrain,
+        decoder_hidden_size=decoder_hidden, merge_index=min(2, indices[0]), intermediate_hidden_state_indices=indices,
+    )
+
+
+def _read_state_dict(path: Path) -> dict:
+    import torch
+
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelSourceError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc})") from None
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ModelSourceError(f"{path}: holds no state dict of tensors")
+    return state
+
+
+def load_painter_checkpoint(path: str | os.PathLike):
+    """An original Painter SegGPT checkpoint (e.g. seggpt_vit_large.pth) as a transformers model."""
+    from transformers import SegGptForImageSegmentation
+
+    path = Path(path)
+    state = _read_state_dict(path)
+    if any(k.startswith(("model.embeddings.", "decoder.decoder_embed")) for k in state):
+        raise ModelSourceError(f"{path}: holds transformers parameter names; load its directory (with config.json)")
+    config = config_from_painter_state(state)
+    renamed, unknown = painter_to_transformers_keys(state)
+    net = SegGptForImageSegmentation(config)
+    missing, unexpected = net.load_state_dict(renamed, strict=False)
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in list(unexpected) + unknown]
+    if problems:
+        raise ModelSourceError(f"{path}: does not match a SegGPT model: {', '.join(problems[:8])}")
+    return net.float().eval()
+
+
+def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a Painter checkpoint as a transformers directory (config.json + model.safetensors)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ModelSourceError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+    net = load_painter_checkpoint(checkpoint)
+    tmp = out_dir.with_name(f".{out_dir.name}.part")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,210 @@
+"""The SegGPT forward pass with the original Painter encoder schedule, on transformers' SegGPT modules.
+
+Notation (shapes in comments):
+    T   targets in the batch
+    N   prompt rows: every (prompt, target) pair is one row; `owner[n]` is the target of row n
+    h,w input size of one half (448x448 for ViT-L); the canvas is (2h, w): prompt on top, target below
+    Hp,Wp patch grid of the canvas (56x28 for ViT-L); the target half is rows Hp/2..Hp
+    C   hidden size, d head dim, p patch size
+
+Painter's feature ensemble: after attention in every block, the target half of the features is
+averaged over the prompts of the same target; in blocks 0..merge_index within each stream (image
+and mask) separately, afterwards over the merged rows. A target with one prompt is never averaged.
+Because averaging only happens within a target's own rows, a target's result does not depend on
+what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ATTENTION_KERNELS = ("eager", "sdpa", "folded")
+
+
+def half_size(config) -> tuple[int, int]:
+    """(h, w) of one half of the canvas, from the config's full image_size (2h, w)."""
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return height // 2, width
+
+
+def normalize(images_0_255: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) in 0..255 -> ImageNet-normalised."""
+    mean = images_0_255.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images_0_255.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images_0_255 / 255.0 - mean) / std
+
+
+def denormalize(normalized: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B, 3, h, w) -> 0..255 (clipped, float)."""
+    mean = normalized.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = normalized.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((normalized * std + mean) * 255.0).clamp(0, 255)
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+
+def relative_position_tables(attention, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rh (Hp, Hp, d) and Rw (Wp, Wp, d): the relative-position embedding for each (query, key) row/column."""
+    return (attention.get_rel_pos(grid_h, grid_h, attention.rel_pos_h),
+            attention.get_rel_pos(grid_w, grid_w, attention.rel_pos_w))
+
+
+def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """Multi-head self-attention with decomposed relative positions, as transformers' SegGptAttention.
+
+    kernel "eager":  softmax(q k^T * d^-0.5 + rel_h + rel_w) v with the full N x N matrix (the reference).
+    kernel "sdpa":   scaled_dot_product_attention with the relative-position bias as an additive mask.
+    kernel "folded": the bias folded into the dot product, so fused kernels never build an N x N bias:
+                     q' = [q d^-0.5, q.Rh(row), q.Rw(col)], k' = [k, onehot(key row), onehot(key col)].
+    """
+    batch, grid_h, grid_w, _ = hidden.shape
+    heads = attention.num_attention_heads
+    tokens = grid_h * grid_w
+    # qkv: (3, B, heads, N, d)
+    qkv = attention.qkv(hidden).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)
+    head_dim = query.shape[-1]
+
+    if not attention.use_relative_position_embeddings:
+        out = F.scaled_dot_product_attention(query, key, value)
+    else:
+        rel_pos_h, rel_pos_w = relative_position_tables(attention, grid_h, grid_w)
+        rel_pos_h, rel_pos_w = rel_pos_h.to(query.dtype), rel_pos_w.to(query.dtype)
+        q_grid = query.reshape(batch, heads, grid_h, grid_w, head_dim)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_pos_h).reshape(batch, heads, tokens, grid_h)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_pos_w).reshape(batch, heads, tokens, grid_w)
+        if kernel == "folded":
+            out = _folded_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, attention.scale)
+        else:
+            # bias: (B, heads, N, N) = rel_h over key rows + rel_w over key columns
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
+            if kernel == "eager":
+                weights = (query * attention.scale) @ key.transpose(-2, -1) + bias
+                out = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype) @ value
+            elif kernel == "sdpa":
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=attention.scale)
+            else:
+                raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    # out: (B, heads, N, d) -> (B, Hp, Wp, C)
+    out = out.permute(0, 2, 1, 3).reshape(batch, grid_h, grid_w, heads * head_dim)
+    return attention.proj(out)
+
+
+def _folded_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale):
+    """q'.k' = q.k * scale + rel_h[key row] + rel_w[key col], computed by one fused SDPA call (scale 1)."""
+    batch, heads, tokens, head_dim = query.shape
+    rows = torch.arange(tokens, device=query.device) // grid_w
+    cols = torch.arange(tokens, device=query.device) % grid_w
+    # key extras: (N, Hp + Wp) one-hot of each key's row and column
+    onehot = torch.cat([F.one_hot(rows, grid_h), F.one_hot(cols, grid_w)], dim=1).to(key.dtype)
+    extra = grid_h + grid_w
+    folded_dim = head_dim + extra
+    padded_dim = -(-folded_dim // 8) * 8  # fused CUDA kernels want a multiple of 8
+    pad = padded_dim - folded_dim
+    q_folded = torch.cat([query * scale, rel_h, rel_w], dim=-1)
+    k_folded = torch.cat([key, onehot.expand(batch, heads, tokens, extra)], dim=-1)
+    if query.is_cuda:
+        # flash/efficient kernels want q, k and v of one head size: pad all three with zeros
+        q_folded = F.pad(q_folded, (0, pad))
+        k_folded = F.pad(k_folded, (0, pad))
+        value_padded = F.pad(value, (0, padded_dim - head_dim))
+        return F.scaled_dot_product_attention(q_folded, k_folded, value_padded, scale=1.0)[..., :head_dim]
+    return F.scaled_dot_product_attention(q_folded, k_folded, value, scale=1.0)
+
+
+# ------------------------------------------------------------------------------------------ encoder
+
+
+def embed(net, image_canvas: torch.Tensor, mask_canvas: torch.Tensor, seg_type: str) -> torch.Tensor:
+    """Patch, segment, position and type embeddings; the target half of the mask stream is the mask token.
+
+    image_canvas, mask_canvas: (N, 3, 2h, w) normalised. Returns (2N, Hp, Wp, C): image stream, then mask stream.
+    """
+    embeddings = net.model.embeddings
+    num_patches = embeddings.patch_embeddings.num_patches
+    bool_masked_pos = torch.zeros(1, num_patches, dtype=torch.bool, device=image_canvas.device)
+    bool_masked_pos[:, num_patches // 2:] = True
+    return embeddings(image_canvas, mask_canvas, bool_masked_pos=bool_masked_pos, embedding_type=seg_type)
+
+
+def _group_mean(target_half: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Average rows of (B, ...) that share a group id, and put the mean back on every row of the group."""
+    flat = target_half.reshape(target_half.shape[0], -1)
+    sums = flat.new_zeros(num_groups, flat.shape[1]).index_add_(0, group, flat)
+    counts = torch.bincount(group, minlength=num_groups).clamp_min(1).to(flat.dtype)
+    return (sums / counts[:, None])[group].reshape(target_half.shape)
+
+
+def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa") -> list[torch.Tensor]:
+    """Run the encoder blocks with Painter's ensemble schedule.
+
+    hidden: (2N, Hp, Wp, C) from `embed`; owner: (N,) long, target index of each prompt row.
+    Returns the normalised features after each of config.intermediate_hidden_state_indices, each (N, Hp, Wp, C).
+    """
+    config = net.config
+    encoder = net.model.encoder
+    ensemble = bool(torch.bincount(owner, minlength=num_targets).max() > 1)
+    stream_group = torch.cat([owner, owner + num_targets])  # (2N,): one group per (stream, target)
+    features = []
+    for index, layer in enumerate(encoder.layers):
+        attended = attention_forward(layer.attention, layer.layernorm_before(hidden), kernel)
+        if ensemble:
+            half = attended.shape[1] // 2
+            prompt_half, target_half = attended[:, :half], attended[:, half:]
+            if index <= config.merge_index:
+                target_half = _group_mean(target_half, stream_group, 2 * num_targets)
+            else:
+                target_half = _group_mean(target_half, owner, num_targets)
+            attended = torch.cat([prompt_half, target_half], dim=1)
+        hidden = hidden + layer.drop_path(attended)
+        hidden = hidden + layer.drop_path(layer.mlp(layer.layernorm_after(hidden)))
+        if index == config.merge_index:
+            rows = hidden.shape[0] // 2
+            hidden = (hidden[:rows] + hidden[rows:]) * 0.5  # merge image and mask streams: (N, Hp, Wp, C)
+        if index in config.intermediate_hidden_state_indices:
+            features.append(encoder.layernorm(hidden))
+    return features
+
+
+# ------------------------------------------------------------------------------------------ decoder
+
+
+def decode_target_half(net, features: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Decode the target half of the given rows: (T,) row indices -> (T, 3, h, w) normalised painting.
+
+    The decoder's 3x3 convolution looks one pixel across the prompt/target boundary, so one patch row
+    of the prompt half is decoded with it and cropped off afterwards: the result equals decoding the
+    whole canvas and keeping the bottom half.
+    """
+    decoder = net.decoder
+    patch = decoder.patch_size
+    grid_h = features[0].shape[1]
+    start = grid_h // 2 - 1
+    # stacked: (T, Hp/2 + 1, Wp, 4C)
+    stacked = torch.cat([f[rows, start:] for f in features], dim=-1)
+    pixels = decoder._reshape_hidden_states(decoder.decoder_embed(stacked))  # (T, D, (Hp/2+1)p, Wp p)
+    return decoder.decoder_pred(pixels)[:, :, patch:]
+
+
+def paint(net, targets: torch.Tensor, prompt_images: torch.Tensor, prompt_masks: torch.Tensor,
+          owner: torch.Tensor, seg_type: str = "instance", kernel: str = "sdpa") -> torch.Tensor:
+    """In-context painting.
+
+    targets: (T, 3, h, w); prompt_images, prompt_masks: (N, 3, h, w); owner: (N,) long in 0..T-1;
+    all normalised. Returns (T, 3, h, w) normalised paintings of the targets.
+    """
+    num_targets = targets.shape[0]
+    image_canvas = torch.cat([prompt_images, targets[owner]], dim=2)  # (N, 3, 2h, w)
+    mask_canvas = torch.cat([prompt_masks, prompt_masks], dim=2)  # target half hidden by the mask token
+    hidden = embed(net, image_canvas, mask_canvas, seg_type)
+    features = encode(net, hidden, owner, num_targets, kernel)
+    # after the ensemble every prompt row of a target carries the same target half: decode the first
+    first_rows = torch.full((num_targets,), owner.shape[0], dtype=torch.long, device=owner.device)
+    first_rows = first_rows.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
+    return decode_target_half(net, features, first_rows)

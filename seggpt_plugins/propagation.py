@@ -1,0 +1,132 @@
+"""Propagation through stacks and videos.
+
+Fixed prompts (example pairs, annotated frames) plus a FIFO memory of each run's last predicted
+frames, coloured with the prompts' own colour code so every object keeps its id from frame to frame.
+Runs go outward from annotated frames; independent runs advance in lockstep and share batches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .images import robust_range, to_mask
+
+
+@dataclass
+class Run:
+    """Frames processed one after another from an origin (an annotated frame, or None for a video)."""
+
+    origin: int | None
+    frames: list[int]
+    position: int = 0
+    fixed: Any = None  # PromptSet
+    memory: deque = field(default_factory=deque)  # (image, mask) model-size tensors of recent predictions
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.frames)
+
+
+def plan_runs(num_frames: int, annotated: Sequence[int]) -> list[Run]:
+    """Outward runs: before the first annotation going down, after the last going up, and each gap
+    between two annotations filled from both ends (each frame from its nearer annotation)."""
+    annotated = sorted(set(annotated))
+    if not annotated:
+        return [Run(None, list(range(num_frames)))]
+    runs = [Run(annotated[0], list(range(annotated[0] - 1, -1, -1)))]
+    for low, high in zip(annotated, annotated[1:]):
+        middle = (low + high) // 2
+        runs.append(Run(low, list(range(low + 1, middle + 1))))
+        runs.append(Run(high, list(range(high - 1, middle, -1))))
+    runs.append(Run(annotated[-1], list(range(annotated[-1] + 1, num_frames))))
+    return [run for run in runs if run.frames]
+
+
+def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, float] | None:
+    """One robust intensity range for a whole stack (None for 8-bit data), from up to `samples` frames."""
+    first = np.asarray(frames[0])
+    if first.dtype == np.uint8:
+        return None
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(samples, len(frames))).round().astype(int))
+    return robust_range(np.stack([np.asarray(frames[int(i)]) for i in picks]))
+
+
+def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
+              annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
+              seg_type: str = "instance", intensity_range=None, label_ids=None) -> Iterator:
+    """See SegGPT.propagate."""
+    import torch
+
+    from .engine import PromptSet, _as_list, _is_tuned
+
+    num_frames = len(frames)
+    if num_frames == 0:
+        raise InputError("no frames given")
+    if memory < 0 or batch_size < 1 or (max_prompts is not None and max_prompts < 1):
+        raise InputError(f"memory must be >= 0, batch_size and max_prompts >= 1 (got {memory}, {batch_size}, "
+                         f"{max_prompts})")
+    annotations = {int(k): v for k, v in (annotations or {}).items()}
+    bad = [k for k in annotations if not 0 <= k < num_frames]
+    if bad:
+        raise InputError(f"annotated frame indices {bad} are outside the stack of {num_frames} frames")
+    if not annotations and not _as_list(prompt_images):
+        raise InputError("no prompts given: pass example pairs (prompt_images, prompt_masks) or annotations")
+    if intensity_range is None:
+        intensity_range = stack_intensity_range(frames)
+
+    annotation_masks = {i: to_mask(m, name=f"annotation of frame {i}") for i, m in sorted(annotations.items())}
+    external_images = _as_list(prompt_images)
+    external_masks = [to_mask(m, name=f"prompt {k} mask") for k, m in enumerate(_as_list(prompt_masks))]
+    tuned = [p for p in external_images if _is_tuned(p)]
+    code = None
+    if not tuned:
+        code = model._code_for([], external_masks + list(annotation_masks.values()), label_ids)
+    external = model.prepare_prompts(external_images, external_masks, intensity_range, code=code) \
+        if external_images else None
+    code = external.code if external is not None else code
+    annotated = {i: model.prepare_prompts([frames[i]], [m], intensity_range, code=code)
+                 for i, m in annotation_masks.items()}
+
+    runs = plan_runs(num_frames, annotated)
+    for run in runs:
+        nearest = sorted(annotated, key=lambda i: (abs(i - run.origin), i)) if run.origin is not None else []
+        sets = ([external] if external is not None else []) + [annotated[i] for i in nearest]
+        images = torch.cat([s.images for s in sets])
+        masks = torch.cat([s.masks for s in sets])
+        if max_prompts is not None:
+            images, masks = images[:max_prompts], masks[:max_prompts]
+        run.fixed = PromptSet(images, masks, code)
+        run.memory = deque(maxlen=memory) if memory else deque(maxlen=0)
+
+    from .images import to_rgb8
+
+    while True:
+        active = [run for run in runs if not run.done]
+        if not active:
+            return
+        for start in range(0, len(active), batch_size):
+            chunk = active[start:start + batch_size]
+            indices = [run.frames[run.position] for run in chunk]
+            rgbs = [to_rgb8(frames[i], intensity_range, name=f"frame {i}") for i in indices]
+            targets = [model._to_model(rgb) for rgb in rgbs]
+            sets = []
+            for run in chunk:
+                if run.memory:
+                    images = torch.cat([run.fixed.images, torch.stack([m[0] for m in run.memory])])
+                    masks = torch.cat([run.fixed.masks, torch.stack([m[1] for m in run.memory])])
+                    sets.append(PromptSet(images, masks, code))
+                else:
+                    sets.append(run.fixed)
+            paintings = model._paint_batch(targets, sets, seg_type)
+            for j, run in enumerate(chunk):
+                prediction = model._finish(paintings[j], rgbs[j].shape[:2], code, indices[j])
+                if run.memory.maxlen:
+                    colour_mask = code.encode(prediction.labels)
+                    run.memory.append((targets[j], model._to_model(colour_mask, nearest=True)))
+                run.position += 1
+                yield prediction
