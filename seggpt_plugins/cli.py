@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo", help="demo, tiny, vit-large or a config JSON (default: %(default)s)")
     _train_args(p)
 
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a folder of images and label masks")
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a folder of images and label masks, or on generated tasks")
     p.add_argument("--model", required=True, help="the model to start from (any --model source)")
     p.add_argument("--trainable", default="all", help="all, decoder, or last:N (decoder + last N blocks)")
-    _train_args(p, data_required=True)
+    _train_args(p)
 
     p = sub.add_parser("tune-prompt", help="learn a prompt for a dataset with the model frozen (in-context tuning)")
     p.add_argument("--model", required=True)
@@ -123,7 +123,11 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = False) -> None
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; stop with a checkpoint when exceeded")
+    p.add_argument("--stop-after", type=int, default=None, help="stop at this step (the schedule spans --steps)")
+    p.add_argument("--variant", default="v1", help="generated-task variant: v1, or v2 (adds stack-like tracking "
+                   "and low-resolution imaging) (default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     p.add_argument("--device", default=None)
     p.add_argument("--half", action="store_true", help="export the final weights as float16")
 
@@ -149,7 +153,7 @@ def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .errors import InputError
-    from .images import overlay, to_rgb8, write_png, write_tiff
+    from .images import display_colors, overlay, to_rgb8, write_png, write_tiff
 
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
@@ -171,7 +175,8 @@ def cmd_segment(args) -> int:
         write_png(outputs[prediction.index], prediction.labels, overwrite=args.overwrite)
         if args.overlay:
             image = to_rgb8(target, _intensity(args))
-            write_png(out / f"{Path(target).stem}_overlay.png", overlay(image, prediction.labels, prediction.colors),
+            write_png(out / f"{Path(target).stem}_overlay.png",
+                      overlay(image, prediction.labels, display_colors(prediction.colors)),
                       overwrite=args.overwrite)
         if args.scores:
             write_tiff(out / f"{Path(target).stem}_scores.tif", prediction.scores.astype(np.float32),
@@ -221,7 +226,7 @@ def cmd_propagate(args) -> int:
 def cmd_demo(args) -> int:
     import numpy as np
 
-    from .images import overlay, read_image, scale_to_uint8, write_png
+    from .images import display_colors, overlay, read_image, scale_to_uint8, write_png
     from .training import iou_per_label
 
     image = read_image(DEMO_SAMPLES / "nuclei2d.tif")
@@ -237,12 +242,12 @@ def cmd_demo(args) -> int:
     predictions = model.segment([crop(image, rc) for rc in target_tiles], crop(image, prompt_tile), prompt_mask,
                                 batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=intensity)
     seconds = time.time() - started
-    panels = [overlay(scale_to_uint8(crop(image, prompt_tile), intensity)[..., None].repeat(3, -1), prompt_mask,
-                      predictions[0].colors)]
+    colors = display_colors(predictions[0].colors)
+    panels = [overlay(scale_to_uint8(crop(image, prompt_tile), intensity)[..., None].repeat(3, -1), prompt_mask, colors)]
     ious = []
     for rc, prediction in zip(target_tiles, predictions):
         panels.append(overlay(scale_to_uint8(crop(image, rc), intensity)[..., None].repeat(3, -1), prediction.labels,
-                              prediction.colors))
+                              colors))
         ious.append(iou_per_label(prediction.labels, (crop(truth, rc) > 0).astype(np.uint8), [1]).get(1, 0.0))
     gap = np.full((tile, 4, 3), 255, np.uint8)
     strip = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
@@ -271,7 +276,7 @@ def _settings(args, **extra):
     return TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          foreground_weight=args.foreground_weight, seed=args.seed, save_every=args.save_every,
                          eval_every=args.eval_every, time_limit=args.time_limit * 60 if args.time_limit else None,
-                         **extra)
+                         stop_after=args.stop_after, variant=args.variant, **extra)
 
 
 def _report(out_dir, net, summary, half) -> int:
@@ -279,7 +284,7 @@ def _report(out_dir, net, summary, half) -> int:
 
     from .training import export
 
-    if summary["finished"] and half:
+    if half and (Path(out_dir) / "model" / "config.json").is_file():
         export(net, Path(out_dir) / "model", half=True)
     print(json.dumps(summary, indent=1))
     if not summary["finished"]:
@@ -291,7 +296,7 @@ def cmd_train(args) -> int:
     from .training import train
 
     net, summary = train(args.out, config=args.config, data=args.data, settings=_settings(args), device=args.device,
-                         resume=not args.no_resume)
+                         resume=not args.no_resume, evaluate_at_end=not args.no_eval)
     return _report(args.out, net, summary, args.half)
 
 
@@ -301,7 +306,7 @@ def cmd_finetune(args) -> int:
 
     net, summary = train(args.out, net=load_network(args.model), data=args.data,
                          settings=_settings(args, trainable=args.trainable), device=args.device,
-                         resume=not args.no_resume)
+                         resume=not args.no_resume, evaluate_at_end=not args.no_eval)
     return _report(args.out, net, summary, args.half)
 
 

@@ -153,7 +153,10 @@ class SegGPT:
 
         from .modeling import normalize
 
-        tensor = self._torch.from_numpy(np.ascontiguousarray(rgb8)).to(self.device, non_blocking=True)
+        tensor = self._torch.from_numpy(np.ascontiguousarray(rgb8))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()  # page-locked: the copy overlaps queued GPU work
+        tensor = tensor.to(self.device, non_blocking=True)
         tensor = tensor.permute(2, 0, 1)[None].float()
         if tuple(tensor.shape[-2:]) != self.input_size:
             if nearest:

@@ -218,9 +218,23 @@ def write_tiff(path, arr: np.ndarray, overwrite: bool = False) -> Path:
     )
 
 
-def overlay(image_rgb8: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[int, int, int]], alpha=0.5,
-            outline=True) -> np.ndarray:
-    """Colour the labelled pixels of an RGB image, with an outline around each label region."""
+def display_colors(ids) -> dict[int, tuple[int, int, int]]:
+    """Vivid, well-separated colours for showing labels to people (golden-ratio hues)."""
+    import colorsys
+
+    out = {}
+    for k, label_id in enumerate(sorted(int(i) for i in ids if int(i) != 0)):
+        r, g, b = colorsys.hsv_to_rgb((0.12 + k * 0.618034) % 1.0, 0.85, 1.0)
+        out[label_id] = (int(r * 255), int(g * 255), int(b * 255))
+    return out
+
+
+def overlay(image_rgb8: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[int, int, int]] | None = None,
+            alpha=0.45, outline=True) -> np.ndarray:
+    """Colour the labelled pixels of an RGB image, with an outline around each label region
+    (`colors`: label id -> RGB; default: display_colors of the ids present)."""
+    if colors is None:
+        colors = display_colors(np.unique(labels))
     out = image_rgb8.astype(np.float32).copy()
     for label_id, color in colors.items():
         region = labels == label_id

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ATTENTION_KERNELS = ("eager", "sdpa", "folded")
+ATTENTION_KERNELS = ("eager", "sdpa", "folded", "flex")
 
 
 def half_size(config) -> tuple[int, int]:
@@ -81,6 +81,8 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_pos_w).reshape(batch, heads, tokens, grid_w)
         if kernel == "folded":
             out = _folded_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, attention.scale)
+        elif kernel == "flex":
+            out = _flex_attention(query, key, value, rel_h, rel_w, grid_w, attention.scale)
         else:
             # bias: (B, heads, N, N) = rel_h over key rows + rel_w over key columns
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
@@ -94,6 +96,25 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
     # out: (B, heads, N, d) -> (B, Hp, Wp, C)
     out = out.permute(0, 2, 1, 3).reshape(batch, grid_h, grid_w, heads * head_dim)
     return attention.proj(out)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(query, key, value, rel_h, rel_w, grid_w, scale):
+    """FlexAttention (a compiled flash-style kernel) with the relative-position bias as a score_mod:
+    head dim stays d and no N x N bias exists anywhere."""
+    global _compiled_flex
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)  # recompiles once with dynamic shapes
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + rel_h[b, h, q_idx, kv_idx // grid_w] + rel_w[b, h, q_idx, kv_idx % grid_w]
+
+    return _compiled_flex(query, key, value, score_mod=score_mod, scale=scale)
 
 
 def _folded_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale):
@@ -141,15 +162,18 @@ def _group_mean(target_half: torch.Tensor, group: torch.Tensor, num_groups: int)
     return (sums / counts[:, None])[group].reshape(target_half.shape)
 
 
-def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa") -> list[torch.Tensor]:
+def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa",
+           ensemble: bool | None = None) -> list[torch.Tensor]:
     """Run the encoder blocks with Painter's ensemble schedule.
 
     hidden: (2N, Hp, Wp, C) from `embed`; owner: (N,) long, target index of each prompt row.
+    Every target owns at least one row, so "some target has several prompts" is simply N > T.
     Returns the normalised features after each of config.intermediate_hidden_state_indices, each (N, Hp, Wp, C).
     """
     config = net.config
     encoder = net.model.encoder
-    ensemble = bool(torch.bincount(owner, minlength=num_targets).max() > 1)
+    if ensemble is None:  # some target has several prompts (pass it in to avoid a device sync)
+        ensemble = owner.shape[0] > num_targets
     stream_group = torch.cat([owner, owner + num_targets])  # (2N,): one group per (stream, target)
     features = []
     for index, layer in enumerate(encoder.layers):

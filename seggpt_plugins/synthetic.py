@@ -24,6 +24,11 @@ import torch.nn.functional as F
 from .colors import palette
 
 
+#: v1: the tasks above. v2 adds stack-like tracking (objects swell and fade through focus, appear and
+#: vanish between frames) and low-resolution imaging (rendered coarse, then upsampled, as small stacks are).
+VARIANTS = ("v1", "v2")
+
+
 @dataclass
 class TaskBatch:
     """B in-context tasks with P prompts each; images in 0..1, colour masks in 0..255 (float)."""
@@ -33,6 +38,15 @@ class TaskBatch:
     target_images: torch.Tensor  # (B, 3, S, S)
     target_masks: torch.Tensor  # (B, 3, S, S)
     seg_type: str = "instance"
+
+    def swapped(self) -> "TaskBatch":
+        """The same scenes as a new task: the last prompt becomes the target and the target a prompt,
+        everything flipped left-right and top-bottom (a second training sample from one generation)."""
+        images = torch.cat([self.prompt_images, self.target_images[:, None]], 1).flip(-1, -2)
+        masks = torch.cat([self.prompt_masks, self.target_masks[:, None]], 1).flip(-1, -2)
+        order = [*range(images.shape[1] - 2), images.shape[1] - 1, images.shape[1] - 2]
+        images, masks = images[:, order], masks[:, order]
+        return TaskBatch(images[:, :-1], masks[:, :-1], images[:, -1], masks[:, -1], self.seg_type)
 
     def to(self, device) -> "TaskBatch":
         return TaskBatch(*(t.to(device, non_blocking=True) for t in (
@@ -70,7 +84,10 @@ def _blur(images, sigma):
 class SyntheticTasks:
     """Generator of in-context tasks at `size` x `size` pixels."""
 
-    def __init__(self, size: int = 128, max_objects: int = 40, device="cpu"):
+    def __init__(self, size: int = 128, max_objects: int = 40, device="cpu", variant: str = "v1"):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
         self.size = size
         self.max_objects = max_objects
         self.device = torch.device(device)
@@ -204,6 +221,16 @@ class SyntheticTasks:
             layout["angle"] = layout["angle"] + torch.randn((batch, 1, M), generator=gen, device=d) * 0.1 * steps
             layout["brightness"] = layout["brightness"] * (1 + 0.05 * torch.randn(
                 (batch, frames, M), generator=gen, device=d))
+            if self.variant == "v2":  # through focus: each object has a centre frame and a thickness
+                stack_like = (torch.rand(batch, 1, 1, generator=gen, device=d) < 0.6)
+                centre = u((batch, 1, M), -1.0, frames)
+                thickness = u((batch, 1, M), 1.0, 2.0 + frames)
+                depth = ((steps - centre) / thickness).abs()
+                focus = (1 - depth ** 2).clamp_min(0).sqrt()  # sphere cross-section
+                layout["radius"] = torch.where(stack_like, layout["radius"] * focus.clamp_min(0.05), layout["radius"])
+                layout["brightness"] = torch.where(stack_like, layout["brightness"] * (0.4 + 0.6 * focus),
+                                                   layout["brightness"])
+                layout["present"] = layout["present"] & ~(stack_like & (focus < 0.25))
         return {k: v.reshape(batch * frames, *v.shape[2:]) for k, v in layout.items()}
 
     # ------------------------------------------------------------------------------- rendering
@@ -261,6 +288,10 @@ class SyntheticTasks:
         noise = torch.randn(image.shape, generator=gen, device=d) * per_scene(style["noise"])[:, None, None, None]
         image = image + noise * (0.3 + image.clamp(0, 1).sqrt())
         image = torch.where(gray[:, None, None, None], image.mean(1, keepdim=True).expand(-1, 3, -1, -1), image)
+        if self.variant == "v2" and torch.rand((), generator=gen, device=d) < 0.3:
+            factor = float(_uniform(gen, (), 1.5, 3.0, d))
+            coarse = F.interpolate(image, scale_factor=1 / factor, mode="area")
+            image = F.interpolate(coarse, size=(S, S), mode="bilinear", align_corners=False)
         # a little global brightness change between scenes of one task
         image = image * _uniform(gen, (scenes, 1, 1, 1), 0.85, 1.15, d)
         return image.clamp(0, 1), instances, classes

@@ -53,6 +53,8 @@ class TrainSettings:
     eval_every: int = 0
     log_every: int = 10
     time_limit: float | None = None  # seconds; stop (with a checkpoint) when exceeded
+    stop_after: int | None = None  # stop at this step (the schedule still spans `steps`)
+    variant: str = "v1"  # generated-task variant (synthetic.VARIANTS)
     trainable: str = "all"  # all | decoder | last:N (decoder + last N blocks)
     extra: dict = field(default_factory=dict)
 
@@ -301,7 +303,7 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
 
     held_out = None
     if data is None:
-        source = SyntheticTasks(size, device=device)
+        source = SyntheticTasks(size, device=device, variant=settings.variant)
     else:
         source = data if isinstance(data, PairedSamples) else PairedSamples.from_folder(data, size)
         source, held_out = source.split(0.2, settings.seed)
@@ -339,7 +341,12 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
             rng = random.Random(settings.seed * 1_000_003 + step)
             prompts = rng.choice(settings.prompt_counts)
             rows = max(1, settings.batch_size // prompts) if data is None else settings.batch_size
-            batch = source.sample(rows, prompts=prompts, seed=settings.seed * 1_000_003 + step).to(device)
+            if data is None and step % 2 == 1:  # generated data: every batch serves twice (roles swapped)
+                prompts = random.Random(settings.seed * 1_000_003 + step - 1).choice(settings.prompt_counts)
+                rows = max(1, settings.batch_size // prompts)
+                batch = source.sample(rows, prompts=prompts, seed=settings.seed * 1_000_003 + step - 1).swapped()
+            else:
+                batch = source.sample(rows, prompts=prompts, seed=settings.seed * 1_000_003 + step).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, settings)
             with autocast:
@@ -355,7 +362,7 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
             bar.update(1)
             if step % settings.log_every == 0 or step == settings.steps:
                 record = {"step": step, "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
-                          "prompts": prompts, "family": batch.seg_type, "seconds": round(time.time() - started, 1)}
+                          "prompts": prompts, "seg_type": batch.seg_type, "seconds": round(time.time() - started, 1)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -365,13 +372,14 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
                 log.flush()
             if step % settings.save_every == 0:
                 save()
-            if stop.flag or (settings.time_limit and time.time() - started > settings.time_limit):
+            if stop.flag or (settings.time_limit and time.time() - started > settings.time_limit) or \
+                    (settings.stop_after and step >= settings.stop_after):
                 stopped_early = step < settings.steps
                 break
     save()
     net.eval()
     summary = {"steps": step, "finished": not stopped_early, "seconds": round(time.time() - started, 1)}
-    if not stopped_early:
+    if not stop.flag:  # finished, or out of time: export and evaluate what there is
         export(net, out_dir / "model")
         if evaluate_at_end:
             if data is None:
