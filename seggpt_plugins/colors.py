@@ -104,28 +104,30 @@ class ColorCode:
         if mask.ndim == 3:
             self.labels_of_colors(mask, name)  # validates the colours
             return mask.astype(np.uint8, copy=False)
-        flat = mask.reshape(-1).astype(np.int64)
-        pos = np.searchsorted(self.ids, flat)
-        pos_clipped = np.minimum(pos, max(len(self.ids) - 1, 0))
-        known = (flat == 0) | ((pos < len(self.ids)) & (self.ids[pos_clipped] == flat if len(self.ids) else False))
-        if not np.all(known):
-            raise InputError(f"{name}: label ids {np.unique(flat[~known])[:10].tolist()} are not in this prompt set")
-        out = np.zeros((flat.size, 3), np.uint8)
-        fg = flat != 0
-        out[fg] = self.colors[pos_clipped[fg]]
-        return out.reshape(*mask.shape, 3)
+        index = self._lookup(self.ids, mask.astype(np.int64), name, "label ids")
+        return self.all_colors[index]
 
     def labels_of_colors(self, rgb: np.ndarray, name: str = "mask") -> np.ndarray:
         """Exact colour-to-label lookup for colour masks (each colour must belong to this code)."""
-        packed = rgb[..., 0].astype(np.int64) << 16 | rgb[..., 1].astype(np.int64) << 8 | rgb[..., 2]
-        table = self.colors[:, 0].astype(np.int64) << 16 | self.colors[:, 1].astype(np.int64) << 8 | self.colors[:, 2]
-        order = np.argsort(table)
-        pos = np.searchsorted(table[order], packed)
-        pos_clipped = np.minimum(pos, max(len(table) - 1, 0))
-        hit = (pos < len(table)) & (table[order][pos_clipped] == packed) if len(table) else np.zeros(packed.shape, bool)
-        if not np.all(hit | (packed == 0)):
-            raise InputError(f"{name}: holds colours that are not in this prompt set's colour code")
-        return np.where(hit, self.ids[order][pos_clipped], 0)
+        pack = lambda c: c[..., 0].astype(np.int64) << 16 | c[..., 1].astype(np.int64) << 8 | c[..., 2]  # noqa: E731
+        return self.all_ids[self._lookup(pack(self.colors), pack(rgb), name, "colours")]
+
+    @staticmethod
+    def _lookup(keys: np.ndarray, values: np.ndarray, name: str, what: str) -> np.ndarray:
+        """Index into all_ids/all_colors (0 = background) of each value; values must be 0 or in `keys`."""
+        if len(keys) == 0:
+            if np.any(values != 0):
+                raise InputError(f"{name}: {what} {np.unique(values[values != 0])[:10].tolist()} are not in this "
+                                 "prompt set")
+            return np.zeros(values.shape, np.int64)
+        order = np.argsort(keys)
+        sorted_keys = keys[order]
+        pos = np.clip(np.searchsorted(sorted_keys, values), 0, len(keys) - 1)
+        hit = sorted_keys[pos] == values
+        unknown = ~hit & (values != 0)
+        if unknown.any():
+            raise InputError(f"{name}: {what} {np.unique(values[unknown])[:10].tolist()} are not in this prompt set")
+        return np.where(hit, order[pos] + 1, 0)
 
 
 def snap(painting, colors):

@@ -153,7 +153,8 @@ class SegGPT:
 
         from .modeling import normalize
 
-        tensor = self._torch.from_numpy(np.ascontiguousarray(rgb8))
+        rgb8 = np.ascontiguousarray(rgb8) if rgb8.flags.writeable else np.array(rgb8)  # torch wants writable
+        tensor = self._torch.from_numpy(rgb8)
         if self.device.type == "cuda":
             tensor = tensor.pin_memory()  # page-locked: the copy overlaps queued GPU work
         tensor = tensor.to(self.device, non_blocking=True)

@@ -276,7 +276,8 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
           device=None, resume: bool = True, progress: bool = True, evaluate_at_end: bool = True):
     """Train (or fine-tune, when `net` is given) a SegGPT model; returns (net, summary dict).
 
-    data: None for procedurally generated tasks, a folder path, or a PairedSamples.
+    data: None for procedurally generated tasks, a folder path, a PairedSamples, or any task source
+    with `sample(batch, prompts=, seed=) -> TaskBatch`.
     Writes to out_dir: checkpoint.pt (resumable), log.jsonl (loss per step), model/ (final weights),
     eval.json (held-out mIoU per class).
     """
@@ -304,6 +305,8 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
     held_out = None
     if data is None:
         source = SyntheticTasks(size, device=device, variant=settings.variant)
+    elif hasattr(data, "sample") and not isinstance(data, PairedSamples):
+        source = data  # any task source: sample(batch, prompts=, seed=) -> TaskBatch
     else:
         source = data if isinstance(data, PairedSamples) else PairedSamples.from_folder(data, size)
         source, held_out = source.split(0.2, settings.seed)

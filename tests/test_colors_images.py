@@ -1,0 +1,173 @@
+"""Colour codes (palette, encode/decode, snapping) and image I/O (scaling, reading, atomic writes)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from seggpt_plugins import InputError
+from seggpt_plugins.colors import MAX_CLASSES, MIN_SEPARATION, ColorCode, palette, snap
+from seggpt_plugins.images import (read_image, scale_to_uint8, to_mask, to_rgb8, write_png, write_tiff)
+
+
+def test_palette_separation_and_limit():
+    colors = palette(MAX_CLASSES).astype(float)
+    distances = np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(MAX_CLASSES) * 1e9
+    assert distances.min() >= MIN_SEPARATION
+    assert np.linalg.norm(colors, axis=1).min() >= MIN_SEPARATION  # all far from black (background)
+    assert palette(1).tolist() == [[255, 255, 255]]
+    with pytest.raises(InputError, match=f"{MAX_CLASSES}"):
+        palette(MAX_CLASSES + 1)
+
+
+def test_fewer_classes_get_wider_separation():
+    for k in (2, 3, 8, 26):
+        c = palette(k).astype(float)
+        d = np.linalg.norm(c[:, None] - c[None], axis=-1) + np.eye(k) * 1e9
+        assert d.min() > 100
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 2**31 - 1), min_size=1, max_size=40, unique=True), st.integers(0, 2**32 - 1))
+def test_label_round_trip_through_colours(ids, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(np.array([0] + ids, dtype=np.int64), size=(16, 16))
+    code = ColorCode.from_masks([labels])
+    rgb = code.encode(labels)
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+    assert np.array_equal(code.labels_of_colors(rgb), labels)
+    # snapping an exact painting gives the labels back with full confidence
+    index, score = snap(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(),
+                        torch.from_numpy(code.all_colors)[None].float())
+    assert np.array_equal(code.all_ids[index[0].numpy()], labels)
+    assert torch.allclose(score, torch.ones_like(score))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)), min_size=1, max_size=10))
+def test_rgb_prompts_label_sorted_distinct_colours(colours):
+    mask = np.array(colours, dtype=np.uint8).reshape(1, -1, 3)
+    code = ColorCode.from_masks([mask])
+    distinct = sorted({c for c in colours if c != (0, 0, 0)})
+    assert [tuple(c) for c in code.colors.tolist()] == distinct
+    assert code.ids.tolist() == list(range(1, len(distinct) + 1))
+    assert np.array_equal(code.encode(mask), mask)
+
+
+def test_snap_score_is_margin_between_two_nearest():
+    colors = torch.tensor([[[0.0, 0, 0], [255, 255, 255]]])
+    painting = torch.tensor([0.0, 127.5, 255, 63.75]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    index, score = snap(painting, colors)
+    assert index[0, 0].tolist() == [0, 0, 1, 0]
+    assert score[0, 0].tolist() == pytest.approx([1.0, 0.0, 1.0, 0.5], abs=1e-5)
+
+
+def test_unknown_ids_and_mixed_kinds_are_refused():
+    code = ColorCode.for_ids([1, 2])
+    with pytest.raises(InputError, match="not in this prompt set"):
+        code.encode(np.array([[3]]))
+    with pytest.raises(InputError, match="mix"):
+        ColorCode.from_masks([np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8)])
+    with pytest.raises(InputError, match="more than"):
+        ColorCode.from_masks([np.arange(MAX_CLASSES + 2).reshape(1, -1)])
+
+
+# --------------------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32, np.float64])
+def test_non_8bit_images_scale_by_robust_percentiles(dtype):
+    arr = np.linspace(0, 4000, 64 * 64).reshape(64, 64).astype(dtype)
+    arr[0, 0] = 1e6 if dtype != np.uint16 else 65535  # an outlier does not squash the range
+    rgb = to_rgb8(arr)
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert rgb[..., 0].max() == 255 and rgb[..., 0].min() == 0
+    assert 100 < np.median(rgb) < 155
+
+
+def test_intensity_range_is_used_as_given():
+    ct = np.array([[-1000.0, 0.0], [40.0, 400.0]])  # Hounsfield units with a soft-tissue window
+    out = scale_to_uint8(ct, (-160.0, 240.0))
+    assert out.tolist() == [[0, 102], [128, 255]]
+
+
+def test_gray_rgba_bool_and_nan_images():
+    assert to_rgb8(np.zeros((5, 6), np.uint8)).shape == (5, 6, 3)
+    rgba = np.zeros((5, 6, 4), np.uint8)
+    rgba[..., 0] = 200
+    assert to_rgb8(rgba)[0, 0].tolist() == [200, 0, 0]
+    assert to_rgb8(np.ones((4, 4), bool))[0, 0].tolist() == [255, 255, 255]
+    with_nan = np.arange(16, dtype=float).reshape(4, 4)
+    with_nan[0, 0] = np.nan
+    assert to_rgb8(with_nan).dtype == np.uint8
+    with pytest.raises(InputError, match="shape"):
+        to_rgb8(np.zeros((2, 3, 4, 5)))
+
+
+def test_reading_files(tmp_path):
+    Image.fromarray(np.full((8, 9), 7, np.uint16)).save(tmp_path / "a16.png")
+    assert read_image(tmp_path / "a16.png").dtype in (np.uint16, np.int32)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="notes.txt: not a readable image"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(InputError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(InputError, match="bad.tif: not a readable TIFF"):
+        read_image(tmp_path / "bad.tif")
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    import seggpt_plugins.images as images
+
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InputError, match="decompression bomb"):
+            images.read_image(tmp_path / "big.png")
+        with pytest.raises(InputError, match="decompression bomb"):
+            images.to_rgb8(np.zeros((300, 300), np.uint8))
+
+
+def test_masks_labels_and_colours(tmp_path):
+    labels = np.array([[0, 3], [7, 7]], np.uint16)
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(tmp_path / "l.png")
+    assert to_mask(tmp_path / "l.png").tolist() == [[0, 3], [7, 7]]
+    palette_png = Image.fromarray(labels.astype(np.uint8), mode="P")
+    palette_png.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    palette_png.save(tmp_path / "p.png")
+    assert to_mask(tmp_path / "p.png").tolist() == [[0, 3], [7, 7]]  # palette indices are the labels
+    assert to_mask(np.zeros((2, 2, 3), np.uint8)).shape == (2, 2, 3)
+    with pytest.raises(InputError, match=">= 0"):
+        to_mask(np.array([[-1, 0]]))
+    with pytest.raises(InputError, match="whole numbers"):
+        to_mask(np.array([[0.5, 0]]))
+
+
+def test_atomic_writes_refuse_overwrite_and_leave_no_partial(tmp_path):
+    path = write_png(tmp_path / "out" / "x.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InputError, match="exists"):
+        write_png(path, np.ones((4, 4), np.uint8))
+    write_png(path, np.ones((4, 4), np.uint8), overwrite=True)
+    assert np.asarray(Image.open(path)).max() == 1
+    write_png(tmp_path / "wide.png", np.full((2, 2), 300, np.int64))  # > 255: written as 16-bit
+    assert np.asarray(Image.open(tmp_path / "wide.png")).max() == 300
+
+    class Boom(Exception):
+        pass
+
+    def explode(_):
+        raise Boom
+
+    from seggpt_plugins.images import _atomic_write
+
+    with pytest.raises(Boom):
+        _atomic_write(tmp_path / "y.tif", explode, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wide.png"]
+    write_tiff(tmp_path / "z.tif", np.zeros((2, 3, 3), np.uint16))
+    assert read_image(tmp_path / "z.tif").shape == (2, 3, 3)
