@@ -113,6 +113,14 @@ def _as_list(obj) -> list:
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
 
+def _group_by(items, key) -> dict:
+    """{key: [items with that key]}, in first-seen order."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
 class SegGPT:
     """In-context segmentation with SegGPT: example images and masks define the task."""
 
@@ -149,23 +157,34 @@ class SegGPT:
 
     def _to_model(self, rgb8: np.ndarray, nearest: bool = False):
         """(H, W, 3) uint8 -> (3, h, w) normalised tensor on the device, in the model dtype."""
+        return self._to_model_batch([rgb8], nearest)[0]
+
+    def _to_model_batch(self, rgbs: list[np.ndarray], nearest: bool = False):
+        """Images (H, W, 3) uint8 of any sizes -> (B, 3, h, w) normalised, in the model dtype.
+
+        Images of one size travel together: one page-locked host buffer, one copy, one resize.
+        """
         import torch.nn.functional as F
 
         from .modeling import normalize
 
-        rgb8 = np.ascontiguousarray(rgb8) if rgb8.flags.writeable else np.array(rgb8)  # torch wants writable
-        tensor = self._torch.from_numpy(rgb8)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()  # page-locked: the copy overlaps queued GPU work
-        tensor = tensor.to(self.device, non_blocking=True)
-        tensor = tensor.permute(2, 0, 1)[None].float()
-        if tuple(tensor.shape[-2:]) != self.input_size:
-            if nearest:
-                tensor = F.interpolate(tensor, size=self.input_size, mode="nearest-exact")
-            else:
-                tensor = F.interpolate(tensor, size=self.input_size, mode="bicubic", antialias=True,
-                                       align_corners=False).clamp_(0, 255)
-        return normalize(tensor)[0].to(self.dtype)
+        torch = self._torch
+        out = [None] * len(rgbs)
+        for shape, members in _group_by(range(len(rgbs)), lambda i: rgbs[i].shape).items():
+            host = torch.from_numpy(np.stack([rgbs[i] for i in members]))  # (G, H, W, 3) uint8
+            if self.device.type == "cuda":
+                host = host.pin_memory()  # page-locked: the copy overlaps queued GPU work
+            batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            if tuple(batch.shape[-2:]) != self.input_size:
+                if nearest:
+                    batch = F.interpolate(batch, size=self.input_size, mode="nearest-exact")
+                else:
+                    batch = F.interpolate(batch, size=self.input_size, mode="bicubic", antialias=True,
+                                          align_corners=False).clamp_(0, 255)
+            batch = normalize(batch).to(self.dtype)
+            for k, i in enumerate(members):
+                out[i] = batch[k]
+        return torch.stack(out)
 
     def prepare_prompts(self, prompt_images, prompt_masks=None, intensity_range=None, label_ids=None,
                         code: ColorCode | None = None) -> PromptSet:
@@ -193,9 +212,10 @@ class SegGPT:
             code = self._code_for(tuned, [m for _, m, _ in pairs], label_ids)
         prompt_images_t = [t.image.to(self.device, self.dtype) for t in tuned]
         prompt_masks_t = [t.mask.to(self.device, self.dtype) for t in tuned]
-        for rgb, mask_arr, name in pairs:
-            prompt_images_t.append(self._to_model(rgb))
-            prompt_masks_t.append(self._to_model(code.encode(mask_arr, name=f"{name} mask"), nearest=True))
+        if pairs:
+            prompt_images_t += list(self._to_model_batch([rgb for rgb, _, _ in pairs]))
+            prompt_masks_t += list(self._to_model_batch([code.encode(m, name=f"{name} mask") for _, m, name in pairs],
+                                                        nearest=True))
         for t in tuned:
             if tuple(t.image.shape[-2:]) != self.input_size:
                 raise InputError(f"tuned prompt of size {tuple(t.image.shape[-2:])} does not fit this model's "
@@ -232,8 +252,8 @@ class SegGPT:
             out = modeling.paint(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention)
             return modeling.denormalize(out.float())
 
-    def _paint_batch(self, targets: list, prompt_sets: list[PromptSet], seg_type: str):
-        """targets: list of (3, h, w) tensors; prompt_sets: one PromptSet per target."""
+    def _paint_batch(self, targets, prompt_sets: list[PromptSet], seg_type: str):
+        """targets: (T, 3, h, w) tensor (or list of (3, h, w)); prompt_sets: one PromptSet per target."""
         torch = self._torch
         owner = torch.cat([torch.full((len(s),), j, dtype=torch.long) for j, s in enumerate(prompt_sets)])
         if all(s is prompt_sets[0] for s in prompt_sets):
@@ -242,31 +262,41 @@ class SegGPT:
         else:
             images = torch.cat([s.images for s in prompt_sets])
             masks = torch.cat([s.masks for s in prompt_sets])
-        return self.paint(torch.stack(targets), images, masks, owner.to(self.device), seg_type)
+        targets = targets if torch.is_tensor(targets) else torch.stack(targets)
+        return self.paint(targets, images, masks, owner.to(self.device), seg_type)
 
-    def _finish(self, painting, size: tuple[int, int], code: ColorCode, index: int) -> Prediction:
-        """(3, h, w) painting in 0..255 -> Prediction at `size` (H, W)."""
+    def _finish(self, paintings, sizes: list[tuple[int, int]], codes: list[ColorCode],
+                indices: list[int]) -> list[Prediction]:
+        """(T, 3, h, w) paintings in 0..255 -> one Prediction per target at its own size (H, W).
+
+        Targets of one size and colour code are resized and snapped together on the device, and come
+        back to the host in one copy per array, as small dtypes (colour index uint8, painting uint8).
+        """
         import torch.nn.functional as F
 
         torch = self._torch
-        if tuple(painting.shape[-2:]) != tuple(size):
-            painting = F.interpolate(painting[None], size=size, mode="bilinear", align_corners=False)[0]
-        colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=painting.device)[None]
-        rows = max(1, SNAP_CHUNK_PIXELS // size[1])
-        indices, scores = [], []
-        for start in range(0, size[0], rows):
-            idx, score = snap(painting[None, :, start:start + rows], colors)
-            indices.append(idx[0].cpu())
-            scores.append(score[0].cpu())
-        index_map = torch.cat(indices).numpy()
-        ids = code.all_ids.astype(label_dtype(int(code.ids.max()) if len(code) else 0))
-        return Prediction(
-            labels=ids[index_map],
-            scores=torch.cat(scores).numpy().astype(np.float32),
-            painting=painting.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy(),
-            index=index,
-            colors=code.as_dict(),
-        )
+        results = [None] * len(sizes)
+        key = lambda j: (tuple(sizes[j]), id(codes[j]), j if sizes[j][0] * sizes[j][1] > SNAP_CHUNK_PIXELS else -1)  # noqa: E731
+        for (size, _, _), members in _group_by(range(len(sizes)), key).items():
+            group = paintings[members]
+            if tuple(group.shape[-2:]) != size:
+                group = F.interpolate(group, size=size, mode="bilinear", align_corners=False)
+            code = codes[members[0]]
+            colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=group.device)[None]
+            rows = max(1, SNAP_CHUNK_PIXELS // (size[1] * len(members)))
+            index_parts, score_parts = [], []
+            for start in range(0, size[0], rows):
+                index, score = snap(group[:, :, start:start + rows], colors)
+                index_parts.append(index.to(torch.uint8))  # at most MAX_CLASSES + 1 = 125 colours
+                score_parts.append(score)
+            index_map = torch.cat(index_parts, 1).cpu().numpy()
+            score_map = torch.cat(score_parts, 1).cpu().numpy()
+            painted = group.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            ids = code.all_ids.astype(label_dtype(int(code.ids.max()) if len(code) else 0))
+            for k, j in enumerate(members):
+                results[j] = Prediction(labels=ids[index_map[k]], scores=score_map[k], painting=painted[k],
+                                        index=indices[j], colors=code.as_dict())
+        return results
 
     # ------------------------------------------------------------------------------------- segment
 
@@ -294,10 +324,9 @@ class SegGPT:
             chunk = range(start, min(start + batch_size, len(targets)))
             rgbs = [to_rgb8(targets[i], intensity_range, name=f"target {i}" + (
                 f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")) for i in chunk]
-            paintings = self._paint_batch([self._to_model(rgb) for rgb in rgbs],
-                                          [prompt_sets[i] for i in chunk], seg_type)
-            for j, i in enumerate(chunk):
-                yield self._finish(paintings[j], rgbs[j].shape[:2], prompt_sets[i].code, i)
+            paintings = self._paint_batch(self._to_model_batch(rgbs), [prompt_sets[i] for i in chunk], seg_type)
+            yield from self._finish(paintings, [rgb.shape[:2] for rgb in rgbs],
+                                    [prompt_sets[i].code for i in chunk], list(chunk))
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids):
         images = _as_list(prompt_images)

@@ -113,7 +113,7 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             chunk = active[start:start + batch_size]
             indices = [run.frames[run.position] for run in chunk]
             rgbs = [to_rgb8(frames[i], intensity_range, name=f"frame {i}") for i in indices]
-            targets = [model._to_model(rgb) for rgb in rgbs]
+            targets = model._to_model_batch(rgbs)
             sets = []
             for run in chunk:
                 if run.memory:
@@ -123,8 +123,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
                 else:
                     sets.append(run.fixed)
             paintings = model._paint_batch(targets, sets, seg_type)
-            for j, run in enumerate(chunk):
-                prediction = model._finish(paintings[j], rgbs[j].shape[:2], code, indices[j])
+            predictions = model._finish(paintings, [rgb.shape[:2] for rgb in rgbs], [code] * len(chunk), indices)
+            for j, (run, prediction) in enumerate(zip(chunk, predictions)):
                 if run.memory.maxlen:
                     colour_mask = code.encode(prediction.labels)
                     run.memory.append((targets[j], model._to_model(colour_mask, nearest=True)))
