@@ -130,24 +130,56 @@ class ColorCode:
         return np.where(hit, order[pos] + 1, 0)
 
 
-def snap(painting, colors):
-    """Nearest-colour decoding of a painting.
+def color_distances(painting, colors):
+    """Euclidean RGB distance of every pixel to every colour.
 
-    painting: (B, 3, H, W) float tensor in 0..255; colors: (B, K+1, 3) float tensor, black first.
-    Returns (index (B, H, W) long into colors, score (B, H, W) float32). The score is the margin
-    (d2 - d1) / (d2 + d1) between the nearest (d1) and second-nearest (d2) colour: 1 on a colour,
+    painting: (B, 3, H, W) float in 0..255; colors: (B or 1, K+1, 3) float, black first.
+    Returns (B, K+1, H, W) float32.
+    """
+    import torch
+
+    batch, _, height, width = painting.shape
+    flat = painting.flatten(2).transpose(1, 2).float()  # (B, H*W, 3)
+    distance = torch.cdist(flat, colors.float().expand(batch, -1, -1))  # (B, H*W, K+1)
+    return distance.transpose(1, 2).reshape(batch, colors.shape[1], height, width)
+
+
+def decide(distance):
+    """Nearest colour and confidence from (B, K+1, H, W) distances.
+
+    Returns (index (B, H, W) long into the colours, score (B, H, W) float32): the margin
+    (d2 - d1) / (d2 + d1) between the nearest (d1) and second-nearest (d2) colour, 1 on a colour and
     0 halfway between two.
     """
     import torch
 
-    # distance: (B, K+1, H, W)
-    distance = torch.cdist(
-        painting.flatten(2).transpose(1, 2).float(), colors.float()
-    ).transpose(1, 2).reshape(painting.shape[0], colors.shape[1], *painting.shape[2:])
-    if colors.shape[1] == 1:
-        return torch.zeros(distance.shape[0:1] + distance.shape[2:], dtype=torch.long, device=painting.device), \
-            torch.ones(distance.shape[0:1] + distance.shape[2:], device=painting.device)
+    if distance.shape[1] == 1:
+        shape = (distance.shape[0], *distance.shape[2:])
+        return torch.zeros(shape, dtype=torch.long, device=distance.device), torch.ones(shape, device=distance.device)
     two = distance.topk(2, dim=1, largest=False)
     d1, d2 = two.values[:, 0], two.values[:, 1]
-    score = (d2 - d1) / (d2 + d1).clamp_min(1e-6)
-    return two.indices[:, 0], score.float()
+    return two.indices[:, 0], ((d2 - d1) / (d2 + d1).clamp_min(1e-6)).float()
+
+
+def restrict_to_neighbours(distance, confident_score: float = 0.3, radius: int = 2):
+    """Keep uncertain pixels from snapping to a colour that is not around them.
+
+    At a boundary the model paints a blend of the two colours, and a blend can lie nearest a third
+    colour, which would leave thin fringes of a label that is not there. Pixels whose margin is below
+    `confident_score` may only take a colour that confident pixels show within `radius` pixels (when
+    there are any): other colours get a large distance. distance: (B, K+1, H, W), modified copy returned.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    index, score = decide(distance)
+    confident = score >= confident_score  # (B, H, W)
+    present = F.one_hot(index, distance.shape[1]).permute(0, 3, 1, 2).float() * confident[:, None]
+    nearby = F.max_pool2d(present, 2 * radius + 1, stride=1, padding=radius) > 0  # (B, K+1, H, W)
+    allowed = nearby | confident[:, None] | ~nearby.any(1, keepdim=True)
+    return torch.where(allowed, distance, distance + 1e4)
+
+
+def snap(painting, colors):
+    """Nearest-colour decoding of a painting: (B, 3, H, W) in 0..255 and (B, K+1, 3) colours -> decide()."""
+    return decide(color_distances(painting, colors))

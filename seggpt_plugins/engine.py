@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .colors import ColorCode, snap
+from .colors import ColorCode
 from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
 
@@ -111,6 +111,25 @@ def _as_list(obj) -> list:
     if obj is None:
         return []
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
+
+
+def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
+    """Rows start..stop of a bilinear resize of (B, C, h, w) maps to `size`, as F.interpolate(align_corners=False)
+    would give them, without materialising the whole output (bilinear is separable)."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = maps.shape[-2:]
+    if width != size[1]:
+        maps = F.interpolate(maps, size=(height, size[1]), mode="bilinear", align_corners=False)
+    if height == size[0]:
+        return maps[:, :, start:stop]
+    y = ((torch.arange(start, stop, device=maps.device, dtype=torch.float32) + 0.5) * (height / size[0]) - 0.5)
+    y = y.clamp_min(0)
+    y0 = y.floor().long().clamp_max(height - 1)
+    y1 = (y0 + 1).clamp_max(height - 1)
+    weight = (y - y0.float()).view(1, 1, -1, 1)
+    return maps[:, :, y0] * (1 - weight) + maps[:, :, y1] * weight
 
 
 def _group_by(items, key) -> dict:
@@ -269,29 +288,37 @@ class SegGPT:
                 indices: list[int]) -> list[Prediction]:
         """(T, 3, h, w) paintings in 0..255 -> one Prediction per target at its own size (H, W).
 
-        Targets of one size and colour code are resized and snapped together on the device, and come
-        back to the host in one copy per array, as small dtypes (colour index uint8, painting uint8).
+        Each pixel's distance to each prompt colour is computed at model resolution (uncertain pixels
+        restricted to colours present around them) and those distance maps are resized (bilinear), then
+        the nearest colour wins. Snapping a resized RGB painting instead lets a blend of two colours at a
+        boundary snap to a third colour, leaving 1-pixel fringes.
+        Targets of one size and colour code are processed together, in row chunks that bound memory,
+        and come back to the host in one copy per array, as small dtypes.
         """
         import torch.nn.functional as F
 
+        from .colors import color_distances, decide, restrict_to_neighbours
+
         torch = self._torch
         results = [None] * len(sizes)
-        key = lambda j: (tuple(sizes[j]), id(codes[j]), j if sizes[j][0] * sizes[j][1] > SNAP_CHUNK_PIXELS else -1)  # noqa: E731
-        for (size, _, _), members in _group_by(range(len(sizes)), key).items():
-            group = paintings[members]
-            if tuple(group.shape[-2:]) != size:
-                group = F.interpolate(group, size=size, mode="bilinear", align_corners=False)
+        key = lambda j: (tuple(int(v) for v in sizes[j]), id(codes[j]))  # noqa: E731
+        for (size, _), members in _group_by(range(len(sizes)), key).items():
             code = codes[members[0]]
-            colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=group.device)[None]
-            rows = max(1, SNAP_CHUNK_PIXELS // (size[1] * len(members)))
-            index_parts, score_parts = [], []
+            colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=paintings.device)[None]
+            group = paintings[members].float()  # (G, 3, h, w)
+            distances = restrict_to_neighbours(color_distances(group, colors))  # (G, K+1, h, w)
+            channels = distances.shape[1] + 3
+            rows = max(1, SNAP_CHUNK_PIXELS // (size[1] * len(members) * max(1, channels // 4)))
+            index_parts, score_parts, paint_parts = [], [], []
             for start in range(0, size[0], rows):
-                index, score = snap(group[:, :, start:start + rows], colors)
+                stop = min(size[0], start + rows)
+                index, score = decide(_resize_rows(distances, size, start, stop))
                 index_parts.append(index.to(torch.uint8))  # at most MAX_CLASSES + 1 = 125 colours
                 score_parts.append(score)
+                paint_parts.append(_resize_rows(group, size, start, stop).round().clamp_(0, 255).to(torch.uint8))
             index_map = torch.cat(index_parts, 1).cpu().numpy()
             score_map = torch.cat(score_parts, 1).cpu().numpy()
-            painted = group.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            painted = torch.cat(paint_parts, 2).permute(0, 2, 3, 1).cpu().numpy()
             ids = code.all_ids.astype(label_dtype(int(code.ids.max()) if len(code) else 0))
             for k, j in enumerate(members):
                 results[j] = Prediction(labels=ids[index_map[k]], scores=score_map[k], painting=painted[k],

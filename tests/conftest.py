@@ -11,6 +11,31 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
+
+def pytest_configure(config):
+    """Import fiftyone (if installed) before napari's pytest plugin runs tests.
+
+    napari's plugin imports `importlib_metadata`, which takes `find_distributions` off the standard
+    library's PathFinder; its metadata objects raise KeyError for missing fields, and fiftyone's
+    dependency `eta` reads the absent 'author' field at import. Importing with the standard finder
+    restored keeps every test module free to import fiftyone.
+    """
+    import importlib.util
+    from importlib.machinery import PathFinder
+
+    if importlib.util.find_spec("fiftyone") is None:
+        return
+    patched = not hasattr(PathFinder, "find_distributions")
+    if patched:
+        import importlib.metadata as stdlib_metadata
+
+        PathFinder.find_distributions = staticmethod(stdlib_metadata.MetadataPathFinder.find_distributions)
+    try:
+        import eta  # noqa: F401  (the import that reads package metadata; fiftyone itself loads on use)
+    finally:
+        if patched:
+            del PathFinder.find_distributions
+
 SAMPLES = Path(__file__).resolve().parents[1] / "seggpt_plugins" / "demo" / "samples"
 
 

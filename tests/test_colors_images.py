@@ -171,3 +171,20 @@ def test_atomic_writes_refuse_overwrite_and_leave_no_partial(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wide.png"]
     write_tiff(tmp_path / "z.tif", np.zeros((2, 3, 3), np.uint16))
     assert read_image(tmp_path / "z.tif").shape == (2, 3, 3)
+
+
+def test_boundary_blends_do_not_snap_to_a_third_colour():
+    """A blend of A and B at their boundary may lie nearest C; it must come out as A or B, not a C fringe."""
+    from seggpt_plugins.colors import color_distances, decide, restrict_to_neighbours
+
+    a, b, c = [255.0, 0, 0], [0, 0, 255.0], [60.0, 120, 60]  # C: a little nearer the A/B blend than A or B
+    colors = torch.tensor([[[0.0, 0, 0], a, b, c]])
+    row = [a] * 4 + [[(x + y) / 2 for x, y in zip(a, b)]] + [b] * 4  # the model's blend in the middle
+    painting = torch.tensor(row).T.reshape(1, 3, 1, 9).expand(1, 3, 5, 9).contiguous()
+    plain, _ = decide(color_distances(painting, colors))
+    assert plain[0, 2, 4] == 3  # nearest colour alone picks the absent third label (with a small margin)
+    fixed, _ = decide(restrict_to_neighbours(color_distances(painting, colors)))
+    assert fixed[0, 2, 4] in (1, 2) and (fixed[0, :, :4] == 1).all() and (fixed[0, :, 5:] == 2).all()
+    # a confidently painted C elsewhere is still C
+    painting[:, :, :, 0] = torch.tensor(c).view(1, 3, 1)
+    assert decide(restrict_to_neighbours(color_distances(painting, colors)))[0][0, 2, 0] == 3

@@ -1,0 +1,318 @@
+"""The FiftyOne operator `@seggpt/seggpt/propagate_labels`: the App form, execution modes and sharding.
+
+The work itself (checks, prompt choice, prediction, commit, evaluation) is in `propagate.py`. (Not named
+`operator.py`: that would shadow the standard library module for code run from this folder.)
+
+From Python:
+
+    import fiftyone.operators as foo
+    propagate = foo.get_operator("@seggpt/seggpt/propagate_labels")
+    propagate(dataset, "ground_truth", "seggpt", prompt_tag="prompt", model="demo")            # now
+    propagate(view, "ground_truth", "seggpt", num_shards=4, delegate=True)                       # queued
+"""
+
+from __future__ import annotations
+
+import copy
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+from fiftyone.operators.constants import ViewTarget
+
+from seggpt_plugins.errors import SegGPTError
+
+from . import propagate as prop
+
+URI = "@seggpt/seggpt/propagate_labels"
+IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
+SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
+PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
+# request params of the run that queues shards that must not reach the shards themselves
+_NOT_FOR_SHARDS = {"selected", "selected_samples", "selected_labels", "current_sample", "extended_selection",
+                   "run_doc", "results", "request_delegation", "filters", "extended", "view_name", "target",
+                   "num_distributed_tasks"}
+
+
+class PropagateLabels(foo.Operator):
+    """Propagate Segmentation (or Detections with masks) labels from a few prompt samples to a view."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="propagate_labels",
+            label="Propagate labels with SegGPT",
+            description="Propose masks for a view from a few labelled samples (SegGPT in-context segmentation)",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    # ----------------------------------------------------------------------------------------- form
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        dataset = ctx.dataset
+        params = ctx.params
+        selection_prompts = bool(ctx.selected) and not params.get("prompt_tag")
+        default_target = None
+        if selection_prompts:  # selected samples are the prompts: propagate to the view, not to them
+            default_target = ViewTarget.CURRENT_VIEW if ctx.has_custom_view else ViewTarget.DATASET
+        target = inputs.view_target(ctx, action_description="Propagate labels to", default_target=default_target)
+
+        fields = prop.label_fields(dataset)
+        if not fields:
+            inputs.view("no_fields", types.Error(
+                label="Nothing to learn from",
+                description="This dataset has no Segmentation field and no Detections field. Label a few "
+                            "samples first (masks or instance masks), then run this operator."))
+            inputs.str("label_field", required=True, invalid=True,
+                       error_message="no Segmentation or Detections field in this dataset")
+            return types.Property(inputs, view=types.View(label="Propagate labels with SegGPT"))
+
+        errors, summary, kind = self._validate(ctx)
+        label_field = params.get("label_field") or next(iter(fields))
+        kind = kind or fields.get(label_field)
+
+        if errors.get("view_target"):
+            target.invalid, target.error_message = True, errors["view_target"]
+
+        def field(name, add, **kwargs):
+            message = errors.get(name)
+            if message:
+                kwargs.update(invalid=True, error_message=message)
+            return add(name, **kwargs)
+
+        choices = types.Dropdown(label="Labels to learn from")
+        for name, field_type in fields.items():
+            choices.add_choice(name, label=name, description=field_type)
+        field("label_field", inputs.str, required=True, default=label_field, view=choices,
+              label="Label field",
+              description="Segmentation, or Detections with instance masks, filled on the prompt samples")
+
+        tags = types.Dropdown(label="Prompt tag")
+        for tag in sorted(dataset.distinct("tags")):
+            tags.add_choice(tag, label=tag)
+        field("prompt_tag", inputs.str, required=False, view=tags, label="Prompt tag",
+              description="Samples with this tag are the prompts. Empty: the selected samples when there is a "
+                          "selection (and the target is not the selection), else every sample with the label field")
+
+        field("output_field", inputs.str, required=True, default=f"{label_field}_seggpt", label="Output field",
+              description=f"Predictions go here ({kind or 'same type as the label field'}); the per-sample "
+                          f"confidence goes to <output field>{prop.CONFIDENCE_SUFFIX}")
+        field("max_prompts", inputs.int, min=1, default=4, label="Prompts per target",
+              description="Each target uses this many prompt samples, the most similar to it first")
+        kinds = types.RadioGroup()
+        kinds.add_choice("semantic", label="semantic", description="colours are classes")
+        kinds.add_choice("instance", label="instance", description="colours are objects (SegGPT's default)")
+        field("embedding_type", inputs.enum, values=kinds.values(), view=kinds,
+              default="instance" if kind == prop.DETECTIONS else "semantic", label="Segmentation type",
+              description="SegGPT's type token")
+        field("batch_size", inputs.int, min=1, default=8, label="Batch size",
+              description="Targets per forward pass")
+        field("model", inputs.str, default=prop.DEFAULT_MODEL, label="Model",
+              description="Hugging Face hub id, local transformers folder, Painter .pth checkpoint, or 'demo'")
+        field("device", inputs.str, default="auto", label="Device",
+              description="auto (cuda, then mps, then cpu), cuda, cuda:1, cpu, ...")
+        field("mask_dir", inputs.str, required=False, label="Store masks on disk in",
+              description="Absolute folder for mask PNGs (mask_path; <folder>/<output field>/<sample id>.png). "
+                          "Empty: masks inline in the database (fine for small views)")
+        field("skip_existing", inputs.bool, default=True, label="Skip samples that already have the output field")
+        field("num_shards", inputs.int, min=1, default=1, label="Shards",
+              description="Above 1: queue this many delegated operations, each on a part of the targets, for "
+                          "parallel `fiftyone delegated launch` workers sharing this database")
+        gt_choices = types.Dropdown(label="Ground truth")
+        for name, field_type in fields.items():
+            if field_type == prop.SEGMENTATION:
+                gt_choices.add_choice(name, label=name)
+        field("gt_field", inputs.str, required=False, view=gt_choices, label="Evaluate against",
+              description="Optional Segmentation ground truth: evaluate_segmentations on the targets, mIoU")
+
+        if summary:
+            inputs.view("plan", types.Notice(label=summary))
+        other = {k: v for k, v in errors.items() if k not in inputs.properties or k == "view_target"}
+        if other:
+            inputs.view("problems", types.Error(label="Cannot run", description="; ".join(other.values())))
+        return types.Property(inputs, view=types.View(label="Propagate labels with SegGPT"))
+
+    def _validate(self, ctx):
+        """(errors by parameter, a one-line plan, source kind) for the form; never raises for bad input."""
+        errors, summary, kind = {}, None, None
+        try:
+            opts = prop.Options.from_params(ctx.params)
+        except prop.ParamError as exc:
+            return {k: v for k, v in exc.errors.items() if v != "required"}, None, None
+        try:
+            kind = prop.check(ctx.dataset, opts, shard=SHARD_PARAM in ctx.params)
+            prompts = self._prompts(ctx, opts)
+            targets = prop.target_view(ctx.target_view(), prompts, opts).count()
+            summary = (f"{_count(len(prompts), 'prompt sample')} ({self._prompt_source(ctx, opts)}) -> "
+                       f"{_count(targets, 'target sample')}"
+                       + (f" in {_count(min(opts.num_shards, targets), 'shard')}" if opts.num_shards > 1 else ""))
+            if not targets:
+                summary += " (nothing to do" + (": all have the output field)" if opts.skip_existing else ")")
+        except prop.ParamError as exc:
+            errors.update(exc.errors)
+        return errors, summary, kind
+
+    def resolve_execution_options(self, ctx):
+        from fiftyone.operators.executor import ExecutionOptions
+
+        many = False
+        try:
+            opts = prop.Options.from_params(ctx.params)
+            many = opts.num_shards > 1 or len(ctx.target_view()) > IMMEDIATE_LIMIT
+        except Exception:  # a form still being filled in
+            pass
+        return ExecutionOptions(allow_immediate_execution=True, allow_delegated_execution=True,
+                                default_choice_to_delegated=many)
+
+    def resolve_output(self, ctx):
+        results = ctx.results or {}
+        outputs = types.Object()
+        if "shards" in results:
+            outputs.list("shards", types.String(), label="Queued shard operations")
+        else:
+            outputs.int("targets", label="Samples predicted")
+            outputs.float("mean_confidence", label="Mean confidence")
+            if results.get("miou") is not None:
+                outputs.float("miou", label="mIoU")
+        return types.Property(outputs, view=types.View(label="SegGPT"))
+
+    # ---------------------------------------------------------------------------------------- running
+
+    def execute(self, ctx):
+        run = self._run(ctx)
+        if ctx.delegated:
+            return _drain(run)  # progress went through ctx.set_progress; the summary is the op's result
+        return run  # immediate: a generator of progress messages for the App
+
+    def _run(self, ctx):
+        try:
+            opts = prop.Options.from_params(ctx.params)
+            dataset = ctx.dataset
+            shard = ctx.params.get(SHARD_PARAM)
+            kind = prop.check(dataset, opts, shard=shard is not None)
+            prompts = self._prompts(ctx, opts)
+            view = ctx.target_view()
+            targets = prop.target_view(view, prompts, opts).values("id")
+            if shard is None and opts.num_shards > 1 and len(targets) > 1:
+                summary = self._queue_shards(ctx, opts, kind, prompts, targets)
+                message = (f"SegGPT: queued {len(summary['shards'])} delegated operations for {len(targets)} "
+                           "samples; run `fiftyone delegated launch` on one or more workers")
+            else:
+                eval_ids = view.exclude(prompts).values("id") if opts.gt_field else None
+                steps = prop.propagate(dataset, opts, prompts, targets, kind=kind, declare=shard is None,
+                                       eval_ids=eval_ids, eval_key=opts.eval_key if shard is None else None)
+                summary = yield from _relay(ctx, steps)
+                message = _describe(summary, shard)
+        except SegGPTError as exc:
+            if not ctx.delegated:
+                yield ctx.ops.notify(f"SegGPT: {exc}", variant="error")
+            raise
+        if not ctx.delegated:
+            yield ctx.ops.notify(message, variant="success")
+            yield ctx.ops.reload_dataset()
+        return summary
+
+    def _prompt_source(self, ctx, opts):
+        return prop.prompt_view(ctx.dataset, opts, self._selection(ctx, opts))[1]
+
+    def _selection(self, ctx, opts):
+        """The App's selection are the prompts unless a tag names them or the selection is the target."""
+        target = ctx.request_params.get("view_target") or ctx.params.get("view_target")
+        if opts.prompt_tag or target == ViewTarget.SELECTED_SAMPLES:
+            return []
+        return list(ctx.selected)
+
+    def _prompts(self, ctx, opts):
+        fixed = ctx.params.get(PROMPTS_PARAM)
+        if fixed is not None:  # a shard: the prompts chosen when it was queued
+            return prop.check_prompts(ctx.dataset, opts, list(fixed), "the prompts chosen for this shard")
+        return prop.prompt_ids(ctx.dataset, opts, self._selection(ctx, opts))
+
+    def _queue_shards(self, ctx, opts, kind, prompts, targets):
+        """Queue one delegated operation per part of the targets; each selects its samples by id, so the
+        parts cover the targets exactly once whatever happens to the view meanwhile."""
+        from fiftyone.operators.delegated import DelegatedOperationService
+
+        dataset = ctx.dataset
+        prop.declare_output(dataset, opts, kind)
+        parts = prop.split(targets, opts.num_shards)
+        service = DelegatedOperationService()
+        ops = []
+        for index, ids in enumerate(parts):
+            request = copy.deepcopy({k: v for k, v in ctx.request_params.items() if k not in _NOT_FOR_SHARDS})
+            request["params"] = {**copy.deepcopy(ctx.params), SHARD_PARAM: [index, len(parts)],
+                                 PROMPTS_PARAM: list(prompts)}
+            request["view"] = dataset.select(ids)._serialize()
+            request["view_target"] = ViewTarget.CURRENT_VIEW
+            request["delegated"] = True
+            op = service.queue_operation(
+                operator=self.uri, label=f"{self.config.label} -> {opts.output_field} ({index + 1}/{len(parts)})",
+                delegation_target=ctx.delegation_target, context={"request_params": request},
+                metadata={"inputs_schema": None, "outputs_schema": None}, rerunnable=True)
+            ops.append(str(op.id))
+        return {"shards": ops, "targets": len(targets), "shard_sizes": [len(p) for p in parts],
+                "output_field": opts.output_field}
+
+    # ----------------------------------------------------------------------------------------- Python
+
+    def __call__(self, sample_collection, label_field, output_field=None, *, prompt_tag=None, max_prompts=4,
+                 embedding_type=None, batch_size=8, model=prop.DEFAULT_MODEL, device=None, mask_dir=None,
+                 skip_existing=True, num_shards=1, gt_field=None, view_target=None, selected=None,
+                 delegate=False):
+        """Run on a dataset or view from Python (through `execute_operator`, as the App does).
+
+        view_target: a `fiftyone.operators.constants.ViewTarget` value (default: the given collection);
+        selected: sample ids playing the App's selection; delegate: queue instead of running now.
+        Returns the `ExecutionResult` (for a delegated run, `.result` describes the queued operation).
+        """
+        params = dict(label_field=label_field, output_field=output_field, prompt_tag=prompt_tag,
+                      max_prompts=max_prompts, embedding_type=embedding_type, batch_size=batch_size, model=model,
+                      device=device, mask_dir=mask_dir, skip_existing=skip_existing, num_shards=num_shards,
+                      gt_field=gt_field)
+        params = {k: v for k, v in params.items() if v is not None}
+        if view_target is not None:
+            params["view_target"] = view_target
+        ctx = dict(view=sample_collection.view(), params=params)
+        if selected:
+            ctx["selected"] = list(selected)
+        return foo.execute_operator(self.uri, ctx, request_delegation=delegate)
+
+
+def _relay(ctx, steps):
+    """Forward (fraction, label) steps as progress: App messages when immediate, ctx.set_progress (stored
+    on the delegated operation) when delegated. Returns the steps' summary."""
+    while True:
+        try:
+            fraction, label = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if ctx.delegated:
+            ctx.set_progress(progress=fraction, label=label)
+        else:
+            yield ctx.ops.set_progress(label=label, progress=fraction)
+
+
+def _drain(run):
+    while True:
+        try:
+            next(run)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _describe(summary, shard) -> str:
+    where = f" (shard {shard[0] + 1}/{shard[1]})" if shard else ""
+    text = f"SegGPT{where}: {summary['targets']} samples written to '{summary['output_field']}'"
+    if summary["targets"]:
+        text += f", mean confidence {summary['mean_confidence']:.3f}"
+    evaluation = summary.get("evaluation")
+    if evaluation and evaluation.get("miou") is not None:
+        text += f"; mIoU {evaluation['miou']:.3f} on {evaluation['samples']} samples vs '{summary.get('gt_field')}'"
+    return text

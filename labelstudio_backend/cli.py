@@ -1,0 +1,155 @@
+"""`seggpt labelstudio serve`: the Label Studio ML backend under gunicorn.
+
+Importing this module loads argparse only (`seggpt --help` stays instant). The gunicorn master never
+imports torch: each worker makes the Flask app after the fork and loads its own model in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ENV_HELP = """environment (used when the flag is not given):
+  LABEL_STUDIO_URL        Label Studio's URL, e.g. http://localhost:8080
+  LABEL_STUDIO_API_KEY    an access token (legacy token or personal access token) to read tasks and images
+  SEGGPT_MODEL            model source (default: demo)
+  SEGGPT_DEVICE           cuda, mps or cpu
+  BASIC_AUTH_USER / BASIC_AUTH_PASS   require HTTP basic auth from Label Studio
+  SEGGPT_MAX_PROMPTS, SEGGPT_BATCH_SIZE, SEGGPT_PREDICT_TIMEOUT, SEGGPT_MAX_REFERENCES, SEGGPT_CACHE_MB,
+  SEGGPT_MAX_DOWNLOAD_MB, SEGGPT_MAX_IMAGE_PIXELS, SEGGPT_MIN_AREA, SEGGPT_POLYGON_TOLERANCE
+
+Label Studio side, for a backend on the same machine: SSRF_PROTECTION_ENABLED=false ML_BLOCK_LOCAL_IP=false;
+a prediction call is cut after ML_TIMEOUT_PREDICT seconds (default 100)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("labelstudio", help="Label Studio ML backend (pre-annotation with SegGPT)",
+                                   description="Label Studio ML backend: masks proposed from the project's own "
+                                               "annotated tasks.")
+    commands = parser.add_subparsers(dest="labelstudio_command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve the ML backend over HTTP (gunicorn)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENV_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; "
+                       "0.0.0.0 to accept other machines, then also set basic auth)")
+    serve.add_argument("--port", type=int, default=9090, help="port (default: %(default)s)")
+    serve.add_argument("--model", default=None, help="hub id, transformers directory, Painter .pth or 'demo' "
+                       "(default: $SEGGPT_MODEL or demo; BAAI/seggpt-vit-large on a GPU for real work)")
+    serve.add_argument("--device", default=None, help="cuda, mps or cpu (default: $SEGGPT_DEVICE or the best available)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)")
+    serve.add_argument("--workers", type=int, default=1, help="processes, one model each (default: %(default)s)")
+    serve.add_argument("--threads", type=int, default=4, help="request threads per process; inference is "
+                       "serialised per process, the threads keep /health answering (default: %(default)s)")
+    serve.add_argument("--label-studio-url", default=None, help="Label Studio's URL (default: $LABEL_STUDIO_URL)")
+    serve.add_argument("--api-key", default=None, help="Label Studio access token (default: $LABEL_STUDIO_API_KEY; "
+                       "prefer the variable: flags show in the process list)")
+    serve.add_argument("--basic-auth-user", default=None, help="HTTP basic auth user (default: $BASIC_AUTH_USER)")
+    serve.add_argument("--basic-auth-pass", default=None, help="HTTP basic auth password (default: $BASIC_AUTH_PASS)")
+    serve.add_argument("--max-prompts", type=int, default=None, help="references per target (default: 4)")
+    serve.add_argument("--batch-size", type=int, default=None, help="targets per forward pass (default: 8)")
+    serve.add_argument("--predict-timeout", type=float, default=None, help="seconds one /predict may take; tasks "
+                       "not reached get no prediction and are done by the next retrieval (default: 90, under "
+                       "Label Studio's ML_TIMEOUT_PREDICT=100)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=cmd_serve)
+
+    def usage(args) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(handler=usage)
+
+
+def cmd_serve(args) -> int:
+    import logging
+    import shutil
+    import sys
+    import tempfile
+
+    from .settings import Settings
+
+    if not 0 < args.port < 65536:
+        print(f"seggpt labelstudio serve: --port must be 1..65535, got {args.port}", file=sys.stderr)
+        return 2
+    if args.workers < 1 or args.threads < 1:
+        print("seggpt labelstudio serve: --workers and --threads must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        import flask  # noqa: F401
+        import gunicorn  # noqa: F401
+        import label_studio_sdk  # noqa: F401
+    except ImportError as exc:
+        print(f"seggpt labelstudio serve: {exc.name} is missing; install the extra: "
+              "pip install 'seggpt-plugins[labelstudio]'", file=sys.stderr)
+        return 2
+    state_dir = tempfile.mkdtemp(prefix="seggpt-labelstudio-")  # private (0700): the workers' shared settings
+    try:
+        settings = Settings.from_env(
+            label_studio_url=args.label_studio_url, api_key=args.api_key, model=args.model, device=args.device,
+            dtype=args.dtype, basic_auth_user=args.basic_auth_user, basic_auth_pass=args.basic_auth_pass,
+            max_prompts=args.max_prompts, batch_size=args.batch_size, predict_timeout=args.predict_timeout,
+            state_dir=state_dir)
+    except ValueError as exc:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        print(f"seggpt labelstudio serve: {exc}", file=sys.stderr)
+        return 2
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("labelstudio_backend").setLevel(level)
+    if level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio API call otherwise
+    log = logging.getLogger("labelstudio_backend")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.basic_auth_user:
+        log.warning("listening on %s without basic auth: anyone who reaches this port can use the backend "
+                    "(set BASIC_AUTH_USER and BASIC_AUTH_PASS)", args.host)
+    if not settings.label_studio_url or not settings.api_key:
+        log.warning("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not both set: the Label Studio URL and token "
+                    "that /setup reports are used (they work with legacy tokens enabled)")
+    log.info("settings: %s", settings.public())
+    master = os.getpid()
+    try:
+        _Gunicorn(settings, {
+            "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
+            "workers": args.workers,
+            "worker_class": "gthread",
+            "threads": args.threads,
+            "timeout": 120,  # gthread workers heartbeat while requests run: this only catches hung workers
+            "graceful_timeout": 30,
+            "keepalive": 5,
+            "preload_app": False,  # never import torch (or touch CUDA) in the master before forking
+            "loglevel": args.log_level,
+            "errorlog": "-",
+            "accesslog": "-" if args.log_level == "debug" else None,
+            "proc_name": "seggpt-labelstudio",
+            "control_socket_disable": True,  # gunicorn >= 25: one shared ~/.gunicorn/gunicorn.ctl would clash
+        }).run()
+    finally:
+        if os.getpid() == master:  # workers leave through here too (SystemExit after the fork)
+            shutil.rmtree(state_dir, ignore_errors=True)
+    return 0
+
+
+def _application_class():
+    from gunicorn.app.base import BaseApplication
+
+    class Application(BaseApplication):
+        def __init__(self, settings, options):
+            self.settings = settings
+            self.options = options
+            super().__init__()
+
+        def load_config(self):
+            for key, value in self.options.items():
+                if value is not None and key in self.cfg.settings:  # newer settings are skipped on older gunicorn
+                    self.cfg.set(key, value)
+
+        def load(self):  # runs in each worker after the fork (preload_app is off)
+            from .server import create_app
+
+            return create_app(self.settings)
+
+    return Application
+
+
+def _Gunicorn(settings, options):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return _application_class()(settings, options)

@@ -1,0 +1,218 @@
+"""The HTTP protocol Label Studio 1.23 speaks to an ML backend, served with Flask 3.
+
+    GET  /health   -> {"status": "UP", ...}            (503 while the model loads, 500 if it failed)
+    POST /setup    {project, schema, hostname, access_token, extra_params} -> {"model_version"}
+    POST /predict  {tasks, project, label_config, params} -> {"results": [one item per task], "model_version"}
+    POST /webhook  {action, annotation, task, project, ...} -> 201
+    POST /train    (Label Studio's "Start training") -> 201; SegGPT learns in context, nothing is trained
+    GET  /versions -> {"versions": [...]}
+    GET  /metrics  -> counters and cache statistics (JSON)
+
+Errors are JSON `{"error": "..."}` with a 4xx status for bad requests: Label Studio shows that message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+import time
+from urllib.parse import urlsplit
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .backend import (ConfigError, ModelNotReady, RequestError, SegGPTBackend, Services, check_params,
+                      parse_project_id)
+from .settings import Settings
+
+log = logging.getLogger("labelstudio_backend")
+
+ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
+                     "TASKS_DELETED", "PROJECT_UPDATED", "START_TRAINING"}
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None, load_model: bool = True) -> Flask:
+    """The Flask app. Made in each gunicorn worker (after the fork); the model loads in a background thread."""
+    settings = settings or (services.settings if services else Settings.from_env())
+    services = services or Services(settings)
+    if load_model:
+        services.start_loading()
+    app = Flask(__name__, root_path=os.path.dirname(os.path.abspath(__file__)))
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * (1 << 20))
+    app.json.sort_keys = False
+    app.extensions["seggpt"] = services
+
+    def error(message: str, status: int):
+        services.metrics.add(f"errors_{status}")
+        return jsonify({"error": message}), status
+
+    def body() -> dict:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestError(f"the request body is {request.content_length} bytes, more than the limit of {limit} "
+                               "(SEGGPT_MAX_REQUEST_MB); retrieve predictions for fewer tasks at a time", 413)
+        data = request.get_json(silent=True)
+        if data is None:
+            raise RequestError("the request body must be JSON (Content-Type: application/json)")
+        if not isinstance(data, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    @app.before_request
+    def authenticate():
+        g.started = time.monotonic()
+        services.metrics.add(f"requests_{request.endpoint or 'unknown'}")
+        if not settings.basic_auth_user:
+            return None
+        if _basic_auth_ok(request.headers.get("Authorization", ""), settings.basic_auth_user, settings.basic_auth_pass):
+            return None
+        if request.path == "/webhook" and request.method == "POST":
+            # Label Studio's own ML webhook carries no credentials (unless a header is added to it in
+            # Settings > Webhooks): its payload is not trusted, it only makes the references be listed again
+            g.untrusted = True
+            return None
+        response, status = error("authentication required: this ML backend uses HTTP basic auth (in the Label "
+                                 "Studio model connection: Select authentication method > Basic Authentication)",
+                                 401)
+        response.headers["WWW-Authenticate"] = 'Basic realm="seggpt"'
+        return response, status
+
+    @app.errorhandler(RequestError)
+    def on_request_error(exc):
+        return error(str(exc), exc.status)
+
+    @app.errorhandler(ConfigError)
+    def on_config_error(exc):
+        return error(str(exc), 422)
+
+    @app.errorhandler(ModelNotReady)
+    def on_not_ready(exc):
+        return error(str(exc), 503)
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(exc):
+        return error(exc.description or exc.name, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def on_unexpected(exc):
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        status, problem = services.model_status()
+        body = {"status": status, "model_class": "SegGPTBackend", "model": settings.model,
+                "model_version": services.model_tag}
+        if problem:
+            body["error"] = problem
+        return jsonify(body), {"UP": 200, "LOADING": 503}.get(status, 500)
+
+    @app.post("/setup")
+    def setup():
+        data = body()
+        project_id = parse_project_id(data.get("project"))
+        params = check_params(data.get("extra_params"))
+        hostname = data.get("hostname") or None
+        if hostname is not None and (not isinstance(hostname, str) or urlsplit(hostname).scheme not in ("http", "https")
+                                     or not urlsplit(hostname).netloc):
+            hostname = None  # not a URL Label Studio can be reached at: ignored
+        token = data.get("access_token") if isinstance(data.get("access_token"), str) else None
+        services.state.set_setup(project_id, params, hostname, token or None)
+        schema = data.get("schema")
+        backend = SegGPTBackend(project_id, schema if schema else None, services)
+        services.model(wait=1.0)  # the model version includes the model's fingerprint
+        refs = backend.refresh_references(timeout=_SETUP_LISTING_TIMEOUT)
+        version = backend.model_version(refs)
+        log.info("project %s: setup: %d reference(s), params %s, model version %s", project_id, len(refs), params,
+                 version)
+        return jsonify({"model_version": version})
+
+    @app.post("/predict")
+    def predict():
+        data = body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError("'tasks' must be a non-empty list of Label Studio tasks")
+        if not all(isinstance(t, dict) for t in tasks):
+            raise RequestError("every item of 'tasks' must be a task object ({\"id\": ..., \"data\": {...}})")
+        project_id = parse_project_id(data.get("project") if data.get("project") is not None
+                                      else tasks[0].get("project"))
+        label_config = data.get("label_config")
+        if not label_config:
+            raise RequestError("'label_config' (the project's labeling config) is required")
+        params = data.get("params") if isinstance(data.get("params"), dict) else {}
+        backend = SegGPTBackend(project_id, label_config, services)
+        results = backend.predict(tasks, context=params.get("context"))
+        services.metrics.add("predict_seconds", round(time.monotonic() - g.started, 3))
+        return jsonify({"results": results, "model_version": backend.model_version()})
+
+    @app.post("/webhook")
+    def webhook():
+        data = body()
+        action = data.get("action")
+        if not isinstance(action, str) or not action:
+            raise RequestError("a webhook body needs an 'action' (e.g. ANNOTATION_CREATED)")
+        services.metrics.add(f"webhook_{action}")
+        if action not in ANNOTATION_EVENTS:
+            return jsonify({"status": "ignored", "action": action}), 200
+        project = data.get("project")
+        project = project.get("id") if isinstance(project, dict) else project
+        if project is None:
+            annotation = data.get("annotation")
+            project = annotation.get("project") if isinstance(annotation, dict) else None
+        if project is None:
+            raise RequestError(f"{action}: the payload names no project")
+        backend = SegGPTBackend(parse_project_id(project), None, services)
+        if g.get("untrusted"):
+            return jsonify(backend.fit(action, {}, hint_only=True)), 201
+        return jsonify(backend.fit(action, data)), 201
+
+    @app.post("/train")
+    def train():
+        data = request.get_json(silent=True) or {}
+        project = data.get("project") if isinstance(data, dict) else None
+        if project not in (None, ""):
+            backend = SegGPTBackend(parse_project_id(project), None, services)
+            backend.fit("START_TRAINING", {})
+        return jsonify({"status": "ok", "detail": "SegGPT learns from the annotated tasks in context: nothing to "
+                                                  "train; the references will be listed again"}), 201
+
+    @app.get("/versions")
+    def versions():
+        data = request.get_json(silent=True) or {}
+        project = data.get("project") if isinstance(data, dict) else None
+        if project in (None, ""):
+            return jsonify({"versions": [f"seggpt-{services.model_tag or settings.model}"]})
+        backend = SegGPTBackend(parse_project_id(project), None, services)
+        return jsonify({"versions": [backend.model_version()]})
+
+    @app.get("/metrics")
+    def metrics():
+        status, _ = services.model_status()
+        snapshot = services.metrics.snapshot()
+        snapshot.update({"model": settings.model, "model_status": status, "model_tag": services.model_tag,
+                         "reference_listings": services.store.listings, "image_cache": services.images.stats(),
+                         "mask_cache": services.masks.stats()})
+        return jsonify(snapshot)
+
+    return app
+
+
+_SETUP_LISTING_TIMEOUT = 2.0
+
+
+def _basic_auth_ok(header: str, user: str, password: str) -> bool:
+    if not header.lower().startswith("basic "):
+        return False
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    given_user, _, given_pass = decoded.partition(":")
+    ok_user = hmac.compare_digest(given_user.encode(), user.encode())
+    ok_pass = hmac.compare_digest(given_pass.encode(), password.encode())
+    return ok_user and ok_pass

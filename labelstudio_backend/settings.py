@@ -1,0 +1,106 @@
+"""Backend settings: command-line flags, with environment variables as fallbacks. Imports nothing heavy."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_MODEL = "demo"
+
+
+def _env(name: str, default=None):
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = _env(name)
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: expected an integer") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = _env(name)
+    try:
+        return float(value) if value is not None else default
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: expected a number") from None
+
+
+@dataclass
+class Settings:
+    label_studio_url: str | None = None  # LABEL_STUDIO_URL
+    api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY (legacy token or PAT)
+    model: str = DEFAULT_MODEL  # SEGGPT_MODEL
+    device: str | None = None  # SEGGPT_DEVICE
+    dtype: str | None = None  # SEGGPT_DTYPE
+    basic_auth_user: str | None = None  # BASIC_AUTH_USER
+    basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
+    max_prompts: int = 4  # SEGGPT_MAX_PROMPTS: references per target (feature ensemble)
+    batch_size: int = 8  # SEGGPT_BATCH_SIZE: targets per forward pass
+    seg_type: str = "instance"  # SEGGPT_SEG_TYPE
+    predict_timeout: float = 90.0  # SEGGPT_PREDICT_TIMEOUT: seconds; keep below Label Studio's ML_TIMEOUT_PREDICT
+    max_references: int = 256  # SEGGPT_MAX_REFERENCES: most recent annotated tasks considered per project
+    refresh_seconds: float = 10.0  # SEGGPT_REFRESH_SECONDS: reuse a reference listing this long
+    max_download_mb: float = 100.0  # SEGGPT_MAX_DOWNLOAD_MB
+    max_image_pixels: int = 1 << 26  # SEGGPT_MAX_IMAGE_PIXELS (67 M)
+    cache_mb: float = 1024.0  # SEGGPT_CACHE_MB: reference images and masks kept in memory per worker
+    min_area: int = 10  # SEGGPT_MIN_AREA: smaller predicted parts are dropped (pixels)
+    polygon_tolerance: float = 1.0  # SEGGPT_POLYGON_TOLERANCE: polygon simplification (pixels)
+    max_request_mb: float = 256.0  # SEGGPT_MAX_REQUEST_MB: largest /predict or /webhook body
+    state_dir: str | None = None  # shared state of the gunicorn workers (set by `seggpt labelstudio serve`)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        values = dict(
+            label_studio_url=_env("LABEL_STUDIO_URL"),
+            api_key=_env("LABEL_STUDIO_API_KEY"),
+            model=_env("SEGGPT_MODEL", DEFAULT_MODEL),
+            device=_env("SEGGPT_DEVICE"),
+            dtype=_env("SEGGPT_DTYPE"),
+            basic_auth_user=_env("BASIC_AUTH_USER"),
+            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            max_prompts=_env_int("SEGGPT_MAX_PROMPTS", 4),
+            batch_size=_env_int("SEGGPT_BATCH_SIZE", 8),
+            seg_type=_env("SEGGPT_SEG_TYPE", "instance"),
+            predict_timeout=_env_float("SEGGPT_PREDICT_TIMEOUT", 90.0),
+            max_references=_env_int("SEGGPT_MAX_REFERENCES", 256),
+            refresh_seconds=_env_float("SEGGPT_REFRESH_SECONDS", 10.0),
+            max_download_mb=_env_float("SEGGPT_MAX_DOWNLOAD_MB", 100.0),
+            max_image_pixels=_env_int("SEGGPT_MAX_IMAGE_PIXELS", 1 << 26),
+            cache_mb=_env_float("SEGGPT_CACHE_MB", 1024.0),
+            min_area=_env_int("SEGGPT_MIN_AREA", 10),
+            polygon_tolerance=_env_float("SEGGPT_POLYGON_TOLERANCE", 1.0),
+            max_request_mb=_env_float("SEGGPT_MAX_REQUEST_MB", 256.0),
+            state_dir=_env("SEGGPT_STATE_DIR"),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        problems = []
+        if self.max_prompts < 1:
+            problems.append(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.seg_type not in ("instance", "semantic"):
+            problems.append(f"seg_type must be 'instance' or 'semantic', got {self.seg_type!r}")
+        if self.predict_timeout <= 0:
+            problems.append(f"predict_timeout must be > 0 seconds, got {self.predict_timeout}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            problems.append("basic auth needs both a user and a password (BASIC_AUTH_USER and BASIC_AUTH_PASS)")
+        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
+            problems.append(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def public(self) -> dict:
+        """The settings without secrets (for logs and /health)."""
+        values = asdict(self)
+        for secret in ("api_key", "basic_auth_pass"):
+            values[secret] = "***" if values[secret] else None
+        return values

@@ -1,0 +1,669 @@
+"""The FiftyOne operator against a real MongoDB (FiftyOne's bundled mongod, in a temporary folder).
+
+Dataset: 16 tiles (128x128, the demo model's input size) of the shipped stardist nuclei image, written
+as 8-bit PNGs, with ground truth as a Segmentation (1 = nucleus) and as Detections with instance masks.
+Two tiles are the prompts (tag "prompt", fields `labels` / `instances`). The plugin is installed with the
+real `seggpt fiftyone install` into a temporary FIFTYONE_PLUGINS_DIR and found there by FiftyOne.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
+SEGGPT = Path(sys.executable).with_name("seggpt")
+URI = "@seggpt/seggpt/propagate_labels"
+TILE = 128
+PROMPT_TILES = (0, 5)  # two tiles with different nuclei counts
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def import_fiftyone():
+    """Import fiftyone with the standard library's metadata finder in place.
+
+    napari's pytest plugin imports `importlib_metadata`, which removes `find_distributions` from the
+    standard library's PathFinder so that its own finder answers; its metadata objects raise KeyError for
+    a missing field where the standard library returns None, and `eta` (a fiftyone dependency) reads the
+    absent 'author' field of its own metadata at import. Restore the standard finder for the import only.
+    """
+    from importlib.machinery import PathFinder
+
+    patched = not hasattr(PathFinder, "find_distributions")
+    if patched:
+        import importlib.metadata as stdlib_metadata
+
+        PathFinder.find_distributions = staticmethod(stdlib_metadata.MetadataPathFinder.find_distributions)
+    try:
+        import fiftyone
+        import fiftyone.operators  # noqa: F401
+        import fiftyone.utils.eval  # noqa: F401
+    finally:
+        if patched:
+            del PathFinder.find_distributions
+    return fiftyone
+
+
+@pytest.fixture(scope="module")
+def fo_env(tmp_path_factory):
+    """A private database and plugins folder, the plugin installed by the real CLI; yields the folder."""
+    import importlib.util
+
+    if importlib.util.find_spec("fiftyone") is None:
+        pytest.skip("fiftyone is not installed (the `fiftyone` extra)")
+    root = tmp_path_factory.mktemp("fiftyone")
+    env = {"FIFTYONE_DATABASE_DIR": str(root / "db"), "FIFTYONE_PLUGINS_DIR": str(root / "plugins"),
+           "FIFTYONE_DO_NOT_TRACK": "true", "FIFTYONE_SHOW_PROGRESS_BARS": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if "fiftyone" in sys.modules:  # imported by another test module: its config was read already
+        import fiftyone.core.odm.database as fodb
+
+        if getattr(fodb, "_client", None) is not None:
+            pytest.skip("fiftyone is already connected to another database in this process")
+    install = subprocess.run([str(SEGGPT), "fiftyone", "install"], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=60)
+    assert install.returncode == 0, install.stderr
+    fo = import_fiftyone()
+
+    fo.config.database_dir = env["FIFTYONE_DATABASE_DIR"]
+    fo.config.plugins_dir = env["FIFTYONE_PLUGINS_DIR"]
+    fo.config.show_progress_bars = False
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tiles(fo_env):
+    """[(png path, 8-bit image, instance mask)] for the 16 tiles."""
+    import tifffile
+    from PIL import Image
+
+    image = tifffile.imread(SAMPLES / "nuclei2d.tif").astype(np.float32)
+    mask = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
+    lo, hi = np.percentile(image, (0.5, 99.8))
+    image8 = np.clip((image - lo) / (hi - lo) * 255 + 0.5, 0, 255).astype(np.uint8)
+    folder = fo_env / "tiles"
+    folder.mkdir()
+    out = []
+    for y in range(0, 512, TILE):
+        for x in range(0, 512, TILE):
+            path = folder / f"tile_{y:03d}_{x:03d}.png"
+            Image.fromarray(image8[y:y + TILE, x:x + TILE]).save(path)
+            out.append((str(path), image8[y:y + TILE, x:x + TILE], mask[y:y + TILE, x:x + TILE]))
+    return out
+
+
+def detections_of(instance_mask, label="nucleus"):
+    import fiftyone as fo
+
+    return fo.Detections(detections=[fo.Detection.from_mask(instance_mask == i, label=label)
+                                     for i in np.unique(instance_mask) if i != 0])
+
+
+@pytest.fixture(scope="module")
+def base(tiles):
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    samples = []
+    for k, (path, _, instances) in enumerate(tiles):
+        sample = fo.Sample(filepath=path, gt=fo.Segmentation(mask=(instances > 0).astype(np.uint8)),
+                           gt_instances=detections_of(instances))
+        if k in PROMPT_TILES:
+            sample.tags.append("prompt")
+            sample["labels"] = fo.Segmentation(mask=(instances > 0).astype(np.uint8))
+            sample["instances"] = detections_of(instances)
+        samples.append(sample)
+    dataset.add_samples(samples, progress=False)
+    dataset.mask_targets = {"gt": {0: "background", 1: "nucleus"}, "labels": {0: "background", 1: "nucleus"}}
+    dataset.classes = {"instances": ["nucleus"], "gt_instances": ["nucleus"]}
+    dataset.save()
+    return dataset
+
+
+@pytest.fixture
+def dataset(base):
+    clone = base.clone()
+    yield clone
+    clone.delete()
+
+
+def run(view, params, delegate=False, **ctx):
+    import fiftyone.operators as foo
+
+    return foo.execute_operator(URI, dict(view=view, params=params, **ctx), request_delegation=delegate)
+
+
+def demo(**params):
+    return {"model": "demo", "device": "cpu", "max_prompts": 1, **params}
+
+
+def image_of(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def prompt_ids(dataset):
+    return dataset.match_tags("prompt").values("id")
+
+
+def direct_iou(dataset, ids, pred_field, gt_field, classes=(0, 1)):
+    """Per-class IoU and mIoU pooled over the samples, from the masks themselves."""
+    view = dataset.select(ids)
+    inter, union = {c: 0 for c in classes}, {c: 0 for c in classes}
+    for pred, gt in zip(view.values(pred_field), view.values(gt_field)):
+        p, g = pred.get_mask(), gt.get_mask()
+        for c in classes:
+            inter[c] += int(np.sum((p == c) & (g == c)))
+            union[c] += int(np.sum((p == c) | (g == c)))
+    iou = {c: inter[c] / union[c] for c in classes if union[c]}
+    return iou, float(np.mean(list(iou.values())))
+
+
+def plugin_module(name="propagate"):
+    """A module of the plugin as FiftyOne loaded it (from the plugins folder, under its own name)."""
+    import fiftyone.operators as foo
+
+    package = type(foo.get_operator(URI)).__module__.rsplit(".", 1)[0]
+    return sys.modules[f"{package}.{name}"]
+
+
+def requests(result, operator=None):
+    return [r for r in result.executor.to_json()["requests"] if operator is None or r["operator_uri"] == operator]
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def test_plugin_found_in_plugins_dir_after_cli_install(fo_env):
+    link = fo_env / "plugins" / "seggpt"
+    assert link.is_symlink() and link.resolve() == (ROOT / "fiftyone_op").resolve()
+    code = ("import fiftyone.plugins as fop, fiftyone.operators as foo\n"
+            "names = [p.name for p in fop.list_plugins()]\n"
+            f"op = foo.get_operator('{URI}')\n"
+            "print(names, op.uri, op.config.label, op.config.allow_delegated_execution)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FIFTYONE_PLUGINS_DIR": str(fo_env / "plugins")})
+    assert out.returncode == 0, out.stderr
+    assert "@seggpt/seggpt" in out.stdout and URI in out.stdout and "Propagate labels with SegGPT True" in out.stdout
+
+    import fiftyone.operators as foo
+
+    assert foo.get_operator(URI).config.execute_as_generator
+
+
+# --------------------------------------------------------------------------------- immediate execution
+
+
+@pytest.fixture(scope="module")
+def immediate(base, tiles):
+    """One immediate run over the whole dataset: prompts by tag, 2 prompts per target, evaluated."""
+    dataset = base.clone()
+    before = {i: lab.get_mask().copy() for i, lab in zip(prompt_ids(dataset), dataset.select(prompt_ids(dataset))
+                                                         .values("labels"))}
+    result = run(dataset.view(), demo(label_field="labels", output_field="pred", prompt_tag="prompt",
+                                      max_prompts=2, gt_field="gt", batch_size=4))
+    dataset.reload()
+    return dataset, result, before
+
+
+def test_immediate_every_target_gets_a_mask_of_its_image_size(immediate):
+    dataset, result, _ = immediate
+    assert result.error is None
+    targets = dataset.match_tags("prompt", bool=False)
+    assert targets.count("pred") == len(targets) == 14
+    for path, pred, gt in zip(*targets.values(["filepath", "pred", "gt"])):
+        mask = pred.get_mask()
+        assert mask.shape == image_of(path).shape[:2] == (TILE, TILE)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    # not garbage: the demo model finds the nuclei (foreground IoU well above chance)
+    iou, _ = direct_iou(dataset, targets.values("id"), "pred", "gt")
+    assert iou[1] > 0.5, iou
+    confidence = targets.values("pred_confidence")
+    assert all(0.0 <= c <= 1.0 for c in confidence) and len(set(confidence)) > 1
+    prompts = set(prompt_ids(dataset))
+    assert all(sorted(p) == sorted(prompts) for p in targets.values("pred.prompt_ids"))  # 2 prompts, both used
+
+
+def test_immediate_carries_mask_targets_and_leaves_prompts_alone(immediate):
+    dataset, _, before = immediate
+    assert dataset.mask_targets["pred"] == {0: "background", 1: "nucleus"}
+    prompts = dataset.select(list(before))
+    assert prompts.count("pred") == 0 and prompts.count("pred_confidence") == 0
+    for sample_id, label in zip(prompts.values("id"), prompts.values("labels")):
+        np.testing.assert_array_equal(label.get_mask(), before[sample_id])
+
+
+def test_immediate_reports_progress_and_reloads(immediate):
+    _, result, _ = immediate
+    progress = [r["params"] for r in requests(result, "set_progress")]
+    fractions = [p["progress"] for p in progress]
+    assert len(progress) >= 4 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("Predicted 14/14" in p["label"] for p in progress)
+    notes = requests(result, "notify")
+    last = notes[-1]["params"]
+    assert last["variant"] == "success" and "14 samples written to 'pred'" in last["message"]
+    assert requests(result)[-1]["operator_uri"] == "reload_dataset"
+
+
+def test_immediate_evaluation_matches_direct_computation(immediate):
+    dataset, result, _ = immediate
+    ids = dataset.match_tags("prompt", bool=False).values("id")
+    iou, miou = direct_iou(dataset, ids, "pred", "gt")
+    assert "pred_eval" in dataset.list_evaluations()
+    results = dataset.load_evaluation_results("pred_eval")
+    matrix = np.asarray(results.confusion_matrix(classes=results.classes))
+    from_matrix = np.diag(matrix) / (matrix.sum(0) + matrix.sum(1) - np.diag(matrix))
+    np.testing.assert_allclose(from_matrix, [iou[0], iou[1]], rtol=1e-12)
+    message = requests(result, "notify")[-1]["params"]["message"]
+    assert f"mIoU {miou:.3f} on 14 samples" in message
+    # the per-sample fields of the stored evaluation
+    accuracy = dataset.select(ids).values("pred_eval_accuracy")
+    assert len(accuracy) == 14 and all(0 < a <= 1 for a in accuracy)
+
+
+def test_skip_existing(immediate):
+    dataset, _, _ = immediate
+    targets = dataset.match_tags("prompt", bool=False)
+    cleared = targets.values("id")[:2]
+    kept = targets.exclude(cleared)
+    kept_labels = dict(zip(kept.values("id"), kept.values("pred._id")))
+    dataset.select(cleared).set_field("pred", None).save("pred")
+    result = run(dataset.view(), demo(label_field="labels", output_field="pred", prompt_tag="prompt"))
+    assert any("Predicted 2/2" in r["params"]["label"] for r in requests(result, "set_progress"))
+    assert dataset.count("pred") == 14
+    assert dict(zip(kept.values("id"), kept.values("pred._id"))) == kept_labels  # untouched
+    # skip_existing=False on a view predicts again
+    one = kept.limit(1)
+    before = one.values("pred._id")
+    run(one, demo(label_field="labels", output_field="pred", prompt_tag="prompt", skip_existing=False))
+    assert one.values("pred._id") != before and kept.skip(1).values("pred._id") == list(kept_labels.values())[1:]
+
+
+# --------------------------------------------------------------------------------- delegated execution
+
+
+def test_delegated_run_with_progress_and_evaluation(dataset, monkeypatch):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    import fiftyone.operators as foo
+
+    view = dataset.limit(8)  # 2 prompts in it (tiles 0 and 5), 6 targets
+    propagate = foo.get_operator(URI)  # the Python API: __call__ over execute_operator
+    queued = propagate(view, "labels", "pred", prompt_tag="prompt", gt_field="gt", model="demo", device="cpu",
+                       max_prompts=1, delegate=True)
+    assert queued.delegated and not dataset.has_field("pred")
+    op_id = queued.result["id"]
+
+    reported = []
+    original = DelegatedOperationService.set_progress
+
+    def record(self, doc_id, progress):
+        reported.append((doc_id, progress.progress, progress.label))
+        return original(self, doc_id, progress)
+
+    monkeypatch.setattr(DelegatedOperationService, "set_progress", record)
+    service = DelegatedOperationService()
+    service.execute_queued_operations(dataset_name=dataset.name)
+    doc = service.get(op_id)
+    assert doc.run_state == ExecutionRunState.COMPLETED, doc.result
+    summary = doc.result.result
+    dataset.reload()
+
+    targets = view.exclude(prompt_ids(dataset)).values("id")
+    assert summary["targets"] == len(targets) == 6 and dataset.count("pred") == 6
+    assert set(dataset.exists("pred").values("id")) == set(targets)
+    fractions = [p for i, p, _ in reported if i == doc.id]
+    assert len(fractions) >= 4 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert doc.status.progress == 1.0 and "Done" in doc.status.label
+    assert "mean_confidence" in str(doc.metadata["outputs_schema"])  # resolve_output ran for the App
+    iou, miou = direct_iou(dataset, targets, "pred", "gt")
+    evaluation = summary["evaluation"]
+    assert evaluation["samples"] == 6 and evaluation["eval_key"] == "pred_eval"
+    assert evaluation["miou"] == pytest.approx(miou, rel=1e-12) == summary["miou"]
+    assert evaluation["iou"] == pytest.approx({"background": iou[0], "nucleus": iou[1]}, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- sharding
+
+
+def _shard_ids(service, ops):
+    import fiftyone as fo
+    from fiftyone.core.view import DatasetView
+
+    from bson import ObjectId
+
+    out = []
+    for op_id in ops:
+        request = service.get(ObjectId(op_id)).context.request_params
+        dataset = fo.load_dataset(request["dataset_name"])
+        out.append(DatasetView._build(dataset, request["view"]).values("id"))
+    return out
+
+
+@pytest.mark.parametrize("delegate", [False, True], ids=["queued-now", "queued-by-a-delegated-run"])
+def test_two_shards_cover_the_view_exactly_once(dataset, delegate):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    view = dataset.skip(4).limit(8)  # tile 5 is a prompt: 7 targets
+    targets = view.exclude(prompt_ids(dataset)).values("id")
+    params = demo(label_field="labels", output_field="pred", prompt_tag="prompt", num_shards=2)
+    result = run(view, params, delegate=delegate)
+    service = DelegatedOperationService()
+    if delegate:
+        assert not dataset.has_field("pred")
+        service.execute_queued_operations(dataset_name=dataset.name)  # the parent queues the shards
+        parent = service.get(result.result["id"])
+        assert parent.run_state == ExecutionRunState.COMPLETED, parent.result
+        summary = parent.result.result
+    else:
+        message = requests(result, "notify")[-1]["params"]["message"]
+        assert "queued 2 delegated operations for 7 samples" in message
+        shards = service.list_operations(dataset_name=dataset.name, run_state=ExecutionRunState.QUEUED)
+        summary = {"shards": [str(op.id) for op in shards]}
+    assert len(summary["shards"]) == 2
+    parts = _shard_ids(service, summary["shards"])
+    assert sorted(len(p) for p in parts) == [3, 4]
+    assert set(parts[0]).isdisjoint(parts[1]) and sorted(parts[0] + parts[1]) == sorted(targets)
+    dataset.reload()
+    assert dataset.has_field("pred") and dataset.count("pred") == 0  # declared once, before the workers
+    assert dataset.mask_targets["pred"] == dataset.mask_targets["labels"]
+
+    service.execute_queued_operations(dataset_name=dataset.name)
+    from bson import ObjectId
+
+    for op_id in summary["shards"]:
+        doc = service.get(ObjectId(op_id))
+        assert doc.run_state == ExecutionRunState.COMPLETED, doc.result
+        assert doc.result.result["targets"] in (3, 4)
+    dataset.reload()
+    assert sorted(dataset.exists("pred").values("id")) == sorted(targets)
+    for path, pred in zip(*dataset.select(targets).values(["filepath", "pred"])):
+        assert pred.get_mask().shape == image_of(path).shape[:2]
+
+
+# ------------------------------------------------------------------------------- prompts and targets
+
+
+def test_selection_is_the_prompts_unless_it_is_the_target(dataset):
+    from fiftyone.operators.constants import ViewTarget
+
+    prompt = prompt_ids(dataset)[0]  # tile 0; tile 5 has labels too but is not selected
+    view = dataset.limit(3)
+    result = run(view, demo(label_field="labels", output_field="pred"), selected=[prompt])
+    assert any("Predicted 2/2" in r["params"]["label"] for r in requests(result, "set_progress"))
+    assert sorted(dataset.exists("pred").values("id")) == sorted(view.skip(1).values("id"))
+    # the selection as the target: the prompts are every sample with labels
+    chosen = dataset.skip(3).limit(1).values("id")
+    run(dataset.view(), {**demo(label_field="labels", output_field="pred2"),
+                         "view_target": ViewTarget.SELECTED_SAMPLES}, selected=chosen)
+    assert dataset.exists("pred2").values("id") == chosen
+
+
+def test_each_target_uses_its_most_similar_prompts(dataset):
+    import fiftyone as fo
+
+    prompts = dataset.match_tags("prompt")
+    twins = [fo.Sample(filepath=path) for path in prompts.values("filepath")]  # same images, unlabelled
+    twin_ids = dataset.add_samples(twins, progress=False)
+    run(dataset.select(twin_ids), demo(label_field="labels", output_field="pred", prompt_tag="prompt",
+                                        max_prompts=1))
+    used = dataset.select(twin_ids, ordered=True).values("pred.prompt_ids")
+    assert used == [[i] for i in prompts.values("id")]
+
+
+# ---------------------------------------------------------------------------------- masks on disk
+
+
+def test_masks_on_disk_under_mask_dir(dataset, tmp_path):
+    view = dataset.limit(4)
+    run(view, demo(label_field="labels", output_field="pred", prompt_tag="prompt", mask_dir=str(tmp_path)))
+    targets = view.exclude(prompt_ids(dataset))
+    for sample_id, path, pred in zip(*targets.values(["id", "filepath", "pred"])):
+        assert pred.mask is None and pred.mask_path == str(tmp_path / "pred" / f"{sample_id}.png")
+        assert image_of(pred.mask_path).shape == image_of(path).shape[:2]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(f"{i}.png" for i in targets.values("id"))
+
+
+def test_rgb_masks_stay_rgb(dataset):
+    import fiftyone as fo
+
+    color = (255, 109, 4)
+    for sample in dataset.match_tags("prompt"):
+        mask = np.zeros(sample["labels"].mask.shape + (3,), np.uint8)
+        mask[sample["labels"].mask > 0] = color
+        sample["labels_rgb"] = fo.Segmentation(mask=mask)
+        sample.save()
+    dataset.mask_targets["labels_rgb"] = {"#ff6d04": "nucleus"}
+    dataset.save()
+    view = dataset.limit(3)
+    run(view, demo(label_field="labels_rgb", output_field="pred_rgb", prompt_tag="prompt"))
+    assert dataset.mask_targets["pred_rgb"] == {"#ff6d04": "nucleus"}
+    inter = union = 0
+    for path, pred, gt in zip(*view.exclude(prompt_ids(dataset)).values(["filepath", "pred_rgb", "gt"])):
+        mask = pred.get_mask()
+        assert mask.shape == image_of(path).shape[:2] + (3,) and mask.dtype == np.uint8
+        colors = {tuple(c) for c in np.unique(mask.reshape(-1, 3), axis=0)}
+        assert colors == {(0, 0, 0), color}
+        fg, truth = np.all(mask == color, axis=-1), gt.get_mask() > 0
+        inter, union = inter + (fg & truth).sum(), union + (fg | truth).sum()
+    assert inter / union > 0.5
+
+
+# ------------------------------------------------------------------------------------------ Detections
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["inline", "mask_dir"])
+def test_detections_in_detections_out(dataset, tmp_path, on_disk):
+    view = dataset.limit(4)
+    params = demo(label_field="instances", output_field="pred_instances", prompt_tag="prompt",
+                  embedding_type="instance")
+    if on_disk:
+        params["mask_dir"] = str(tmp_path)
+    run(view, params)
+    assert dataset.get_field("pred_instances").document_type.__name__ == "Detections"
+    assert dataset.classes["pred_instances"] == ["nucleus"]
+    targets = view.exclude(prompt_ids(dataset))
+    found, inter, union = 0, 0, 0
+    for sample_id, path, dets, gt in zip(*targets.values(["id", "filepath", "pred_instances", "gt"])):
+        height, width = image_of(path).shape[:2]
+        canvas = np.zeros((height, width), np.uint8)
+        for det in dets.detections:
+            assert det.label == "nucleus" and 0 < det.confidence <= 1
+            x, y, w, h = det.bounding_box
+            assert 0 <= x and 0 <= y and x + w <= 1 + 1e-9 and y + h <= 1 + 1e-9
+            mask = det.get_mask()
+            assert mask.shape == (round(h * height), round(w * width))
+            if on_disk:
+                assert det.mask is None and det.mask_path.startswith(str(tmp_path / "pred_instances" / sample_id))
+            det.to_segmentation(mask=canvas, target=1)
+        found += len(dets.detections)
+        fg = gt.get_mask() > 0
+        inter += (canvas.astype(bool) & fg).sum()
+        union += (canvas.astype(bool) | fg).sum()
+    assert found >= 10 and inter / union > 0.4
+
+
+def test_detections_codec_round_trip(tiles):
+    """Instance encoding of prompts and decoding of a painting are inverse (no model involved)."""
+    from seggpt_plugins.engine import Prediction
+
+    from fiftyone_op.propagate import DetectionsCodec
+
+    codec = DetectionsCodec("instances", "instance")
+    prompts = [detections_of(t[2]) for t in tiles[:3]]
+    label = prompts[1]
+    label.detections[0].label = "mitosis"
+    codec.prepare(prompts)
+    assert codec.instance_ids and codec.classes == ["mitosis", "nucleus"]
+    assert codec.widths.tolist() == [1, max(len(p.detections) for p in prompts)]
+    encoded = codec.encode(label, TILE, TILE, "prompt")
+    ids = [int(i) for i in np.unique(encoded) if i]
+    assert len(ids) == len(label.detections)  # every object its own id
+    assert sorted(codec.class_of(i) for i in ids) == sorted(d.label for d in label.detections)
+
+    pred = Prediction(labels=encoded, scores=np.full(encoded.shape, 0.5, np.float32), painting=None)
+    staged, meta = codec.decode(pred)
+    decoded = codec.label(staged, meta, None)
+    assert len(decoded.detections) == len(label.detections)
+    for det in decoded.detections:
+        region = det.to_segmentation(frame_size=(TILE, TILE), target=1).mask.astype(bool)
+        under = np.unique(encoded[region])
+        assert len(under) == 1 and codec.class_of(int(under[0])) == det.label
+        assert det.confidence == pytest.approx(0.5)
+    targets = {1: "nucleus", 2: "mitosis"}
+    np.testing.assert_array_equal(decoded.to_segmentation(frame_size=(TILE, TILE), mask_targets=targets).mask,
+                                  label.to_segmentation(frame_size=(TILE, TILE), mask_targets=targets).mask)
+
+    semantic = DetectionsCodec("instances", "semantic")
+    semantic.prepare(prompts)
+    assert not semantic.instance_ids and set(np.unique(semantic.encode(label, TILE, TILE, "p"))) == {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _fails(view, params, *expected):
+    import fiftyone.operators.executor as foe
+
+    with pytest.raises(foe.ExecutionError) as info:
+        run(view, params)
+    for text in expected:
+        assert text in str(info.value), str(info.value)[-800:]
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"label_field": "nope"}, ["Path: label_field. Reason: the dataset has no field 'nope'"]),
+    ({"label_field": "filepath"}, ["'filepath' holds StringField; expected Segmentation, or Detections"]),
+    ({"label_field": "labels", "output_field": "labels"}, ["must differ from label_field"]),
+    ({"label_field": "labels", "output_field": "gt_instances"}, ["exists and holds Detections"]),
+    ({"label_field": "labels", "prompt_tag": "nobody"}, ["no sample of the dataset is tagged 'nobody'"]),
+    ({"label_field": "labels", "embedding_type": "panoptic"}, ["Path: embedding_type. Reason: must be one of"]),
+    ({"label_field": "labels", "max_prompts": 0}, ["Path: max_prompts. Reason: must be >= 1, got 0"]),
+    ({"label_field": "labels", "mask_dir": "relative/dir"}, ["Path: mask_dir. Reason: must be an absolute path"]),
+    ({"label_field": "instances", "gt_field": "gt"}, ["evaluation uses evaluate_segmentations"]),
+    ({"label_field": "labels", "gt_field": "gt_instances"}, ["'gt_instances' holds Detections; evaluation needs"]),
+])
+def test_bad_parameters_are_refused_with_a_clear_message(base, params, expected):
+    _fails(base.view(), demo(**{"output_field": "out", **params}), *expected)
+    assert not base.has_field("out") and not base.has_field("out_confidence")
+
+
+def test_form_marks_bad_fields_for_the_app(base):
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    op = foo.get_operator(URI)
+    ctx = ExecutionContext(request_params={"dataset_name": base.name, "params": {
+        "label_field": "filepath", "output_field": "out"}})
+    form = op.resolve_input(ctx).type.properties
+    assert form["label_field"].invalid and "expected Segmentation" in form["label_field"].error_message
+    ctx = ExecutionContext(request_params={"dataset_name": base.name, "params": {
+        "label_field": "labels", "output_field": "out", "prompt_tag": "prompt", "num_shards": 2}})
+    form = op.resolve_input(ctx).type.properties
+    assert not any(p.invalid for p in form.values())
+    assert form["plan"].view.label == "2 prompt samples (samples tagged 'prompt') -> 14 target samples in 2 shards"
+    assert op.resolve_execution_options(ctx).default_choice_to_delegated
+
+
+def test_no_prompts_and_prompts_without_masks(dataset):
+    import fiftyone as fo
+
+    fresh = fo.Dataset()
+    fresh.add_samples([fo.Sample(filepath=s.filepath) for s in dataset.limit(2)], progress=False)
+    fresh.add_sample_field("labels", fo.EmbeddedDocumentField, embedded_doc_type=fo.Segmentation)
+    _fails(fresh.view(), demo(label_field="labels", output_field="out"),
+           "no prompt samples: no samples with 'labels' filled")
+    fresh.delete()
+
+    dataset.skip(2).limit(1).tag_samples("prompt")  # tagged, but no labels
+    _fails(dataset.view(), demo(label_field="labels", output_field="out", prompt_tag="prompt"),
+           "1 of the 3 prompt samples (samples tagged 'prompt') have no 'labels' label")
+    dataset.skip(2).limit(1).untag_samples("prompt")
+
+    boxes = dataset.match_tags("prompt").limit(1)  # Detections without instance masks
+    for sample in boxes:
+        sample["boxes"] = fo.Detections(detections=[fo.Detection(label="nucleus", bounding_box=[.1, .1, .2, .2])])
+        sample.save()
+    _fails(dataset.view(), demo(label_field="boxes", output_field="out"), "has no instance mask")
+    assert not dataset.has_field("out")
+
+
+def test_unreadable_media_leaves_no_partial_field(dataset, tmp_path, monkeypatch):
+    """The bad image comes after a first chunk was predicted and staged: nothing reaches the dataset."""
+    plugin = plugin_module()
+    monkeypatch.setattr(plugin, "READ_CHUNK", 2)
+    view = dataset.limit(6)  # targets: tiles 1, 2, 3, 4 (batch 1: chunks of 2)
+    broken = view.skip(4).first()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    broken.filepath = str(bad)
+    broken.save()
+    mask_dir = tmp_path / "masks"
+    import fiftyone.operators.executor as foe
+
+    with pytest.raises(foe.ExecutionError) as info:
+        run(view, demo(label_field="labels", output_field="out", prompt_tag="prompt", batch_size=1,
+                       mask_dir=str(mask_dir)))
+    assert f"sample {broken.id} ({bad}): " in str(info.value) and "not a readable image file" in str(info.value)
+    dataset.reload()
+    assert not dataset.has_field("out") and not dataset.has_field("out_confidence")
+    assert list((mask_dir / "out").iterdir()) == []  # the staged masks were removed
+
+
+def test_failed_commit_is_undone(dataset, monkeypatch):
+    """A database failure after some chunks were written: the written values and new fields are removed."""
+    plugin = plugin_module()
+    monkeypatch.setattr(plugin, "COMMIT_CHUNK", 1)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(plugin, "_declare_targets", fail)
+    import fiftyone.operators.executor as foe
+
+    with pytest.raises(foe.ExecutionError, match="the database went away"):
+        run(dataset.limit(4), demo(label_field="labels", output_field="out", prompt_tag="prompt"))
+    dataset.reload()
+    assert not dataset.has_field("out") and not dataset.has_field("out_confidence")
+
+
+def test_shard_split_is_exact():
+    from fiftyone_op.propagate import split
+
+    for n in range(0, 30):
+        for shards in range(1, 6):
+            parts = split(list(range(n)), shards)
+            assert sum(parts, []) == list(range(n))
+            assert all(parts) and len(parts) == max(1, min(shards, n)) if n else parts == []
+            if n:
+                assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_most_similar_prompts_first(tiles):
+    from fiftyone_op.propagate import describe, most_similar
+
+    pool = np.stack([describe(np.repeat(t[1][..., None], 3, -1)) for t in tiles])
+    for k, t in enumerate(tiles):
+        assert most_similar(describe(np.repeat(t[1][..., None], 3, -1)), pool, 1) == (k,)
+    assert most_similar(pool[0], pool, 99) == tuple(range(len(tiles)))
+    flipped = np.repeat(tiles[3][1][::-1, ::-1, None], 3, -1)
+    assert len(most_similar(describe(flipped), pool, 3)) == 3

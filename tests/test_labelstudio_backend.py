@@ -1,0 +1,820 @@
+"""Label Studio ML backend, unit level: configs, RLE and polygons, downloads, and every endpoint via Flask's client.
+
+The Label Studio API the backend reads (task listing, token refresh, uploads) is played here by a small
+HTTP server on 127.0.0.1 that answers in Label Studio 1.23's formats (checked against the real server;
+test_labelstudio_e2e.py runs the real one). Images are real: tiles of the stardist nuclei sample.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flask")
+pytest.importorskip("label_studio_sdk")
+
+from label_studio_sdk.converter.brush import decode_rle, mask2rle  # noqa: E402
+
+from labelstudio_backend.backend import RequestError, Services, check_params, parse_project_id  # noqa: E402
+from labelstudio_backend.labeling import (ConfigError, annotation_to_mask, mask_to_polygons,  # noqa: E402
+                                          parse_label_config, prediction_to_results)
+from labelstudio_backend.media import LabelStudioAuth, MediaError, MediaFetcher, decode_image  # noqa: E402
+from labelstudio_backend.server import create_app  # noqa: E402
+from labelstudio_backend.settings import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+JWT_SECRET = "fake-label-studio-secret-of-32-bytes-or-more"
+
+BRUSH_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Nucleus" background="#ff0000"/>
+    <Label value="Debris" background="#0000ff"/>
+  </BrushLabels>
+</View>"""
+POLYGON_CONFIG = """<View>
+  <Image name="img" value="$picture"/>
+  <PolygonLabels name="outline" toName="img" strokeWidth="2">
+    <Label value="Nucleus"/>
+  </PolygonLabels>
+</View>"""
+BOTH_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Nucleus"/>
+    <Label value="Edge"/>
+  </BrushLabels>
+  <PolygonLabels name="poly" toName="image">
+    <Label value="Edge"/>
+    <Label value="Debris"/>
+  </PolygonLabels>
+  <Choices name="quality" toName="image"><Choice value="good"/></Choices>
+</View>"""
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiles(nuclei2d):
+    """16 real 128x128 tiles (8-bit, one intensity scaling for all) with their nuclei masks."""
+    image, mask = nuclei2d
+    low, high = float(image.min()), float(np.percentile(image, 99.8))
+    image8 = np.clip((image.astype(np.float64) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+    out = []
+    for r in range(0, 512, 128):
+        for c in range(0, 512, 128):
+            gray = image8[r:r + 128, c:c + 128]
+            out.append({"name": f"tile_{r}_{c}.png", "png": _png(gray), "gray": gray,
+                        "labels": mask[r:r + 128, c:c + 128], "nuclei": mask[r:r + 128, c:c + 128] > 0})
+    return out
+
+
+def brush_region(binary: np.ndarray, label: str, from_name="tag", to_name="image") -> dict:
+    h, w = binary.shape
+    return {"id": "r" + label, "from_name": from_name, "to_name": to_name, "type": "brushlabels",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(binary.astype(np.uint8) * 255), "brushlabels": [label]}}
+
+
+def decode_brush(region: dict) -> np.ndarray:
+    h, w = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+
+
+def iou(a, b) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# ---------------------------------------------------------------------------------- fake Label Studio
+
+
+class FakeLabelStudio:
+    """The few Label Studio endpoints the backend calls, in Label Studio 1.23's formats, on 127.0.0.1."""
+
+    def __init__(self):
+        from flask import Flask, abort, jsonify, redirect, request
+
+        import jwt
+
+        self.tasks: dict[int, dict] = {}
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.refreshes = 0
+        self.listings = 0
+        self.other_url = None
+        app = Flask("fake_label_studio")
+        self.app = app
+
+        def authorized() -> bool:
+            header = request.headers.get("Authorization", "")
+            if header == f"Token {LEGACY_TOKEN}":
+                return True
+            if header.startswith("Bearer "):
+                try:
+                    claims = jwt.decode(header[7:], JWT_SECRET, algorithms=["HS256"])
+                except jwt.InvalidTokenError:
+                    return False
+                return claims.get("token_type") == "access"
+            return False
+
+        @app.before_request
+        def record():
+            self.requests.append((request.full_path, request.headers.get("Authorization")))
+
+        @app.post("/api/token/refresh/")
+        def refresh():
+            try:
+                claims = jwt.decode((request.get_json() or {}).get("refresh", ""), JWT_SECRET, algorithms=["HS256"])
+            except jwt.InvalidTokenError:
+                return jsonify({"detail": "Token is invalid"}), 401
+            if claims.get("token_type") != "refresh":
+                return jsonify({"detail": "Token has wrong type"}), 401
+            self.refreshes += 1
+            access = jwt.encode({"token_type": "access", "exp": int(time.time()) + 300, "user_id": "1"}, JWT_SECRET,
+                                algorithm="HS256")
+            return jsonify({"access": access})
+
+        @app.get("/api/tasks/")
+        def list_tasks():
+            if not authorized():
+                return jsonify({"detail": "Authentication credentials were not provided."}), 401
+            project = int(request.args["project"])
+            query = json.loads(request.args.get("query") or "{}")
+            tasks = [t for t in self.tasks.values() if t["project"] == project]
+            for item in (query.get("filters") or {}).get("items", []):
+                assert item["filter"] == "filter:tasks:total_annotations" and item["operator"] == "greater"
+                tasks = [t for t in tasks if len(t["annotations"]) > item["value"]]
+            selected = query.get("selectedItems")
+            if selected and not selected.get("all"):
+                tasks = [t for t in tasks if t["id"] in selected.get("included", [])]
+            page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
+            self.listings += page == 1
+            chunk = tasks[(page - 1) * size: page * size]
+            if page > 1 and not chunk:
+                return jsonify({"status_code": 404, "detail": "Invalid page."}), 404
+            return jsonify({"total_annotations": sum(len(t["annotations"]) for t in tasks), "total_predictions": 0,
+                            "total": len(tasks), "tasks": chunk})
+
+        @app.get("/data/upload/<path:name>")
+        def upload(name):
+            if not authorized():
+                return jsonify({"detail": "Authentication credentials were not provided."}), 401
+            if name not in self.files:
+                abort(404)
+            return self.files[name], 200, {"Content-Type": "image/png"}
+
+        @app.get("/public/<path:name>")
+        def public(name):  # a plain web server: no key needed (and none must be sent)
+            if name not in self.files:
+                abort(404)
+            return self.files[name], 200, {"Content-Type": "image/png"}
+
+        @app.get("/data/upload/away/<path:name>")
+        def away(name):  # Label Studio redirecting to another host (as presigned cloud URLs do)
+            return redirect(f"{self.other_url}/public/{name}", 302)
+
+        @app.get("/data/upload/page.html")
+        def html():
+            return "<html>login</html>", 200, {"Content-Type": "text/html"}
+
+    def start(self):
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join(5)
+
+    def add_task(self, project: int, tile: dict, key="image", annotation_result=None, task_id=None) -> dict:
+        task_id = task_id or (max(self.tasks, default=0) + 1)
+        self.files[f"{project}/{tile['name']}"] = tile["png"]
+        task = {"id": task_id, "project": project, "data": {key: f"/data/upload/{project}/{tile['name']}"},
+                "annotations": [], "predictions": [], "meta": {}, "is_labeled": False}
+        self.tasks[task_id] = task
+        if annotation_result is not None:
+            self.annotate(task_id, annotation_result)
+        return task
+
+    def annotate(self, task_id: int, result: list, **extra) -> dict:
+        annotation = {"id": 1000 + sum(len(t["annotations"]) for t in self.tasks.values()), "result": result,
+                      "was_cancelled": False, "ground_truth": False, "task": task_id,
+                      "project": self.tasks[task_id]["project"],
+                      "created_at": f"2026-01-01T00:00:{len(self.requests) % 60:02d}Z",
+                      "updated_at": f"2026-01-01T00:{len(self.requests) % 60:02d}:00Z"}
+        annotation.update(extra)
+        self.tasks[task_id]["annotations"].append(annotation)
+        self.tasks[task_id]["is_labeled"] = True
+        return annotation
+
+
+def _make_pat(token_type="refresh", exp_s=3600) -> str:
+    import jwt
+
+    return jwt.encode({"token_type": token_type, "exp": int(time.time()) + exp_s, "user_id": "1"}, JWT_SECRET,
+                      algorithm="HS256")
+
+
+@pytest.fixture
+def fake_ls():
+    server = FakeLabelStudio().start()
+    other = FakeLabelStudio().start()
+    server.other_url = other.url
+    server.other = other
+    yield server
+    server.stop()
+    other.stop()
+
+
+# ----------------------------------------------------------------------------------------- the app
+
+
+@pytest.fixture
+def make_client(demo_model):
+    """A Flask test client around a fresh backend (fresh caches and project state) sharing the demo model."""
+
+    def make(**overrides):
+        values = dict(max_prompts=2, batch_size=4, refresh_seconds=0.0, device="cpu")
+        values.update(overrides)
+        settings = Settings(**values)
+        settings.check()
+        services = Services(settings, model=demo_model)
+        app = create_app(settings, services, load_model=False)
+        client = app.test_client()
+        client.services = services
+        return client
+
+    return make
+
+
+def predict_body(tasks, config=BRUSH_CONFIG, project="7.1700000000"):
+    return {"tasks": tasks, "project": project, "label_config": config,
+            "params": {"login": None, "password": None, "context": None}}
+
+
+def setup_body(config=BRUSH_CONFIG, project="7.1700000000", extra_params=None):
+    return {"project": project, "schema": config, "hostname": "http://localhost:8080",
+            "access_token": "creator-token", "extra_params": extra_params}
+
+
+# ------------------------------------------------------------------------------------ labeling configs
+
+
+def test_configs_are_read_into_views_with_ids_over_all_labels():
+    brush = parse_label_config(BRUSH_CONFIG)
+    (view,) = brush.views
+    assert (view.image_name, view.value_key, view.labels) == ("image", "image", ("Nucleus", "Debris"))
+    assert view.label_ids == {"Nucleus": 1, "Debris": 2}
+    (polygon,) = parse_label_config(POLYGON_CONFIG).views
+    assert (polygon.value_key, polygon.controls[0].kind, polygon.labels) == ("picture", "polygonlabels", ("Nucleus",))
+    (both,) = parse_label_config(BOTH_CONFIG).views
+    assert both.labels == ("Nucleus", "Edge", "Debris")  # Choices ignored, shared label once
+    assert both.control_for("Edge").name == "tag" and both.control_for("Edge", "polygonlabels").name == "poly"
+    assert both.control_for("Debris").name == "poly"
+    assert parse_label_config(BRUSH_CONFIG).key != parse_label_config(BOTH_CONFIG).key
+
+
+@pytest.mark.parametrize("config, message", [
+    ("", "missing or empty"),
+    ("<View><Image name='i' value='$i'/>", "not a valid"),
+    ("<View><Text name='t' value='$t'/><Choices name='c' toName='t'><Choice value='a'/></Choices></View>",
+     "no <BrushLabels> or <PolygonLabels>"),
+    ("<View><Image name='i' value='$i'/><BrushLabels name='b' toName='i'></BrushLabels></View>", "no <Label>"),
+    ("<View><Image name='i' value='i.png'/><BrushLabels name='b' toName='i'><Label value='x'/></BrushLabels></View>",
+     "must name a task field"),
+])
+def test_unusable_configs_are_refused_with_the_reason(config, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_label_config(config)
+
+
+# ------------------------------------------------------------------------------- RLE and polygons
+
+
+def test_brush_masks_round_trip_through_the_sdk_rle(tiles):
+    (view,) = parse_label_config(BRUSH_CONFIG).views
+    nuclei = tiles[5]["nuclei"]
+    debris = np.zeros_like(nuclei)
+    debris[100:120, 3:40] = True
+    labels = np.where(nuclei, 1, 0) + np.where(debris & ~nuclei, 2, 0)
+    scores = np.linspace(0.2, 1.0, labels.size, dtype=np.float32).reshape(labels.shape)
+    regions = prediction_to_results(labels.astype(np.uint8), scores, view, min_area=0)
+    assert [r["value"]["brushlabels"] for r in regions] == [["Nucleus"], ["Debris"]]
+    for region, expected in zip(regions, (labels == 1, labels == 2)):
+        assert region["type"] == "brushlabels" and region["from_name"] == "tag" and region["to_name"] == "image"
+        assert (region["original_width"], region["original_height"]) == (128, 128)
+        assert np.array_equal(decode_brush(region), expected)  # exact, with the SDK's own decoder
+        assert region["score"] == pytest.approx(float(scores[expected].mean()), abs=1e-4)
+    # and back: an annotation with those regions is the same label mask
+    assert np.array_equal(annotation_to_mask(regions, view, labels.shape), labels)
+
+
+def test_annotation_masks_are_resized_to_the_image_and_unknown_labels_skipped(tiles):
+    (view,) = parse_label_config(BRUSH_CONFIG).views
+    small = np.zeros((64, 64), bool)
+    small[10:30, 20:40] = True
+    regions = [brush_region(small, "Nucleus"), brush_region(~small, "NotInConfig")]
+    mask = annotation_to_mask(regions, view, (128, 128))
+    assert mask.shape == (128, 128) and set(np.unique(mask)) == {0, 1}
+    assert np.array_equal(mask[20:60, 40:80], np.ones((40, 40), np.uint8))
+    assert mask.sum() == 40 * 40
+
+
+def test_polygons_round_trip_in_percent_coordinates(tiles):
+    (view,) = parse_label_config(POLYGON_CONFIG).views
+    nuclei = tiles[6]["nuclei"]
+    scores = np.full(nuclei.shape, 0.75, np.float32)
+    regions = prediction_to_results(nuclei.astype(np.uint8), scores, view, min_area=10, tolerance=0.5)
+    parts = [p for p in mask_to_polygons(nuclei, tolerance=0.5, min_area=10)]
+    assert len(regions) == len(parts) > 3
+    for region in regions:
+        assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == ["Nucleus"]
+        points = np.asarray(region["value"]["points"])
+        assert points.shape[1] == 2 and len(points) >= 3 and region["value"]["closed"] is True
+        assert points.min() >= 0 and points.max() <= 100
+        assert region["score"] == pytest.approx(0.75)
+    back = annotation_to_mask(regions, view, nuclei.shape) > 0
+    kept = np.zeros_like(nuclei)
+    import cv2
+
+    count, parts_map, stats, _ = cv2.connectedComponentsWithStats(nuclei.astype(np.uint8), connectivity=8)
+    for k in range(1, count):
+        if stats[k, cv2.CC_STAT_AREA] >= 10:
+            kept |= parts_map == k
+    assert iou(back, kept) > 0.9  # simplified outlines, holes not kept
+    # a square is exact: its outline through the boundary pixel centres fills the same pixels
+    square = np.zeros((50, 80), bool)
+    square[10:30, 20:61] = True
+    (region,) = prediction_to_results(square.astype(np.uint8), np.ones(square.shape, np.float32), view)
+    assert len(region["value"]["points"]) == 4
+    assert np.array_equal(annotation_to_mask([region], view, square.shape) > 0, square)
+
+
+def test_both_kinds_of_control_each_label_goes_to_one_control():
+    (view,) = parse_label_config(BOTH_CONFIG).views
+    labels = np.zeros((60, 60), np.uint8)
+    labels[5:20, 5:20] = 1  # Nucleus: brush only
+    labels[30:50, 5:20] = 2  # Edge: both; brush preferred by default
+    labels[30:50, 30:50] = 3  # Debris: polygon only
+    scores = np.ones(labels.shape, np.float32)
+    by_type = {(r["from_name"], r["type"], r["value"][r["type"]][0]) for r in prediction_to_results(labels, scores, view)}
+    assert by_type == {("tag", "brushlabels", "Nucleus"), ("tag", "brushlabels", "Edge"),
+                       ("poly", "polygonlabels", "Debris")}
+    polygons = prediction_to_results(labels, scores, view, prefer="polygonlabels")
+    assert {(r["from_name"], r["value"][r["type"]][0]) for r in polygons} == {
+        ("tag", "Nucleus"), ("poly", "Edge"), ("poly", "Debris")}
+
+
+# ----------------------------------------------------------------------------------------- downloads
+
+
+def test_urls_are_resolved_only_to_label_studio_or_the_tasks_own_host():
+    fetcher = MediaFetcher("http://ls.example:8080", LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=1 << 20)
+    assert fetcher.resolve("/data/upload/3/a.png") == ("http://ls.example:8080/data/upload/3/a.png", True)
+    assert fetcher.resolve("upload/3/a.png") == ("http://ls.example:8080/data/upload/3/a.png", True)
+    assert fetcher.resolve("/data/local-files/?d=images/a.png")[1] is True
+    url, keyed = fetcher.resolve("s3://bucket/dir/a.png", task_id=12)
+    assert keyed and url.startswith("http://ls.example:8080/tasks/12/presign/?fileuri=")
+    assert base64.urlsafe_b64decode(url.split("fileuri=")[1]).decode() == "s3://bucket/dir/a.png"
+    assert fetcher.resolve("http://ls.example:8080/data/upload/3/a.png")[1] is True
+    assert fetcher.resolve("http://ls.example:8080/api/users/")[1] is False  # not a media path: no key
+    assert fetcher.resolve("https://ls.example:8080/data/upload/3/a.png")[1] is False  # another origin
+    assert fetcher.resolve("https://images.example.org/a.png") == ("https://images.example.org/a.png", False)
+    for bad in ["/etc/passwd", "file:///etc/passwd", "../../etc/passwd", "/data/upload/../../../etc/passwd",
+                "/data/upload/%2e%2e/%2e%2e/etc/passwd", "/data/local-files/?d=../../etc/passwd", "//evil.org/x.png",
+                "C:\\images\\a.png", "images/a.png", "data:image/png;base64,AAAA", "ftp://host/a.png", "", None, 12,
+                "http://evil.org/../a.png"]:
+        with pytest.raises(MediaError):
+            fetcher.resolve(bad, task_id=1)
+    with pytest.raises(MediaError, match="LABEL_STUDIO_URL"):
+        MediaFetcher(None, None, max_bytes=1, max_pixels=1).resolve("/data/upload/1/a.png")
+
+
+def test_downloads_with_a_legacy_token_never_send_it_elsewhere(fake_ls, tiles):
+    fake_ls.files["1/a.png"] = tiles[0]["png"]
+    fake_ls.other.files["b.png"] = tiles[1]["png"]
+    fake_ls.other.files["1/a.png"] = tiles[0]["png"]
+    fetcher = MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=1 << 20)
+    assert np.array_equal(fetcher.fetch_image("/data/upload/1/a.png"), tiles[0]["gray"])
+    assert fake_ls.requests[-1] == ("/data/upload/1/a.png?", f"Token {LEGACY_TOKEN}")
+    assert np.array_equal(fetcher.fetch_image(f"{fake_ls.other.url}/public/b.png"), tiles[1]["gray"])
+    # redirected from Label Studio to another host: the key stays behind
+    assert np.array_equal(fetcher.fetch_image("/data/upload/away/1/a.png"), tiles[0]["gray"])
+    assert fake_ls.other.requests and all(auth is None for _, auth in fake_ls.other.requests)
+    with pytest.raises(MediaError, match="text/html"):
+        fetcher.fetch_image("/data/upload/page.html")
+    with pytest.raises(MediaError, match="404"):
+        fetcher.fetch_image("/data/upload/1/missing.png")
+    with pytest.raises(MediaError, match="refused.*LABEL_STUDIO_API_KEY"):
+        MediaFetcher(fake_ls.url, "wrong-token", max_bytes=1 << 20, max_pixels=1 << 20).fetch_image("/data/upload/1/a.png")
+    with pytest.raises(MediaError, match="no API key"):
+        MediaFetcher(fake_ls.url, None, max_bytes=1 << 20, max_pixels=1 << 20).fetch_image("/data/upload/1/a.png")
+
+
+def test_personal_access_tokens_are_exchanged_for_access_tokens(fake_ls, tiles):
+    fake_ls.files["1/a.png"] = tiles[0]["png"]
+    pat = _make_pat()
+    fetcher = MediaFetcher(fake_ls.url, pat, max_bytes=1 << 20, max_pixels=1 << 20)
+    assert fetcher.auth.kind == "pat"
+    for _ in range(3):
+        assert np.array_equal(fetcher.fetch_image("/data/upload/1/a.png"), tiles[0]["gray"])
+    assert fake_ls.refreshes == 1  # cached until it nearly expires
+    sent = [auth for path, auth in fake_ls.requests if path.startswith("/data/upload")]
+    assert all(a.startswith("Bearer ") and a != f"Bearer {pat}" for a in sent)
+    fetcher.auth._expires = time.time()  # about to expire: refreshed before use
+    fetcher.fetch_image("/data/upload/1/a.png")
+    assert fake_ls.refreshes == 2
+    fetcher.auth._access = _make_pat("access", exp_s=3600)[:-4] + "AAAA"  # rejected by the server: refresh, retry
+    assert np.array_equal(fetcher.fetch_image("/data/upload/1/a.png"), tiles[0]["gray"])
+    assert fake_ls.refreshes == 3
+    assert LabelStudioAuth("http://x", LEGACY_TOKEN, None).kind == "legacy"
+    with pytest.raises(MediaError, match="refused the personal access token"):
+        LabelStudioAuth(fake_ls.url, _make_pat()[:-3] + "abc", fetcher._session).header()
+
+
+def test_size_limits_are_enforced(fake_ls, tiles):
+    fake_ls.files["1/a.png"] = tiles[0]["png"]
+    with pytest.raises(MediaError, match="limit"):
+        MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1000, max_pixels=1 << 20).fetch_image("/data/upload/1/a.png")
+    with pytest.raises(MediaError, match="pixels is more than the limit"):
+        MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=100).fetch_image("/data/upload/1/a.png")
+    with pytest.raises(MediaError, match="not a readable image"):
+        decode_image(b"GIF89a but not really", 1 << 20)
+
+
+# ------------------------------------------------------------------------------------------- endpoints
+
+
+def test_health_and_metrics(make_client):
+    client = make_client()
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json["status"] == "UP"
+    assert response.json["model_version"].startswith("demo-")
+    metrics = client.get("/metrics").json
+    assert metrics["model_status"] == "UP" and metrics["counters"]["requests_health"] == 1
+
+
+def test_setup_returns_a_model_version_and_checks_extra_params(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    response = client.post("/setup", json=setup_body(extra_params=None))
+    assert response.status_code == 200, response.json
+    assert response.json["model_version"].endswith("norefs")
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    with_ref = client.post("/setup", json=setup_body(extra_params=json.dumps({"max_prompts": 3}))).json["model_version"]
+    assert with_ref != response.json["model_version"] and "-r1-" in with_ref
+    same = client.post("/setup", json=setup_body(extra_params={"max_prompts": 3})).json["model_version"]
+    assert same == with_ref  # a JSON string or an object: the same params
+    other = client.post("/setup", json=setup_body(extra_params={"max_prompts": 2})).json["model_version"]
+    assert other != with_ref  # other params, other predictions
+    for extra, message in [('{"max_prompts": 0}', "max_prompts"), ("{nope", "not valid JSON"),
+                           ({"reference_task_ids": "1,2"}, "reference_task_ids"), ({"colour": 1}, "unknown key"),
+                           ([1, 2], "JSON object"), ({"seg_type": "panoptic"}, "seg_type")]:
+        response = client.post("/setup", json=setup_body(extra_params=extra))
+        assert response.status_code == 400 and message in response.json["error"], (extra, response.json)
+    response = client.post("/setup", json=setup_body(project="../1"))
+    assert response.status_code == 400 and "project" in response.json["error"]
+    response = client.post("/setup", json=setup_body(config="<View><Text name='t' value='$t'/></View>"))
+    assert response.status_code == 422 and "BrushLabels" in response.json["error"]
+
+
+def test_predict_brush_from_the_projects_annotated_tasks(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    references = [fake_ls.add_task(7, tiles[k], annotation_result=[brush_region(tiles[k]["nuclei"], "Nucleus")])
+                  for k in (0, 2)]
+    targets = [fake_ls.add_task(7, tiles[k]) for k in (5, 6, 9)]
+    fake_ls.add_task(8, tiles[1], annotation_result=[brush_region(tiles[1]["nuclei"], "Nucleus")])  # another project
+    version = client.post("/setup", json=setup_body()).json["model_version"]
+    assert "-r2-" in version
+    tasks = targets + references
+    response = client.post("/predict", json=predict_body(tasks))
+    assert response.status_code == 200, response.json
+    results = response.json["results"]
+    assert len(results) == len(tasks) and response.json["model_version"] == version
+    ious = []
+    for task, item, k in zip(tasks, results, (5, 6, 9, 0, 2)):
+        assert item["model_version"] == version and 0 < item["score"] <= 1
+        (region,) = item["result"]  # one region: only Nucleus is in the references
+        assert region["value"]["brushlabels"] == ["Nucleus"] and region["from_name"] == "tag"
+        mask = decode_brush(region)
+        assert mask.shape == tiles[k]["nuclei"].shape
+        ious.append(iou(mask, tiles[k]["nuclei"]))
+    assert np.mean(ious) > 0.35, ious  # real nuclei found, not noise (the demo model reaches about 0.5-0.7)
+    # the references were listed and downloaded once for the whole batch, and cached
+    stats = client.get("/metrics").json
+    assert stats["image_cache"]["items"] == 2 and stats["counters"]["tasks_predicted"] == len(tasks)
+    downloads = [p for p, _ in fake_ls.requests if p.startswith("/data/upload/7/tile_0_0")]
+    client.post("/predict", json=predict_body(targets[:1]))
+    assert [p for p, _ in fake_ls.requests if p.startswith("/data/upload/7/tile_0_0")] == downloads
+
+
+def test_predict_several_labels_keep_their_names_and_the_chosen_references(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, max_prompts=1)
+    # "Nucleus" for nuclei, "Debris" for a fixed block: both labels in every reference
+    block = np.zeros((128, 128), bool)
+    block[:24, :24] = True
+
+    def regions(k):
+        return [brush_region(tiles[k]["nuclei"] & ~block, "Nucleus"), brush_region(block, "Debris")]
+
+    for k in (0, 3, 12):
+        fake_ls.add_task(7, tiles[k], annotation_result=regions(k))
+    targets = [fake_ls.add_task(7, tiles[k]) for k in (5, 10)]
+    client.post("/setup", json=setup_body(extra_params={"reference_task_ids": [1, 2]}))
+    response = client.post("/predict", json=predict_body(targets))
+    assert response.status_code == 200, response.json
+    for item in response.json["results"]:
+        names = {r["value"]["brushlabels"][0] for r in item["result"]}
+        assert names <= {"Nucleus", "Debris"} and "Nucleus" in names
+        assert all(0 <= r["score"] <= 1 for r in item["result"])
+    assert "-r2-" in response.json["model_version"]  # reference_task_ids: only tasks 1 and 2
+
+
+def test_predict_polygons_and_both_controls(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    outline = [{"from_name": "outline", "to_name": "img", "type": "polygonlabels", "original_width": 128,
+                "original_height": 128, "image_rotation": 0, "value": r["value"]}
+               for r in prediction_to_results(tiles[0]["nuclei"].astype(np.uint8), np.ones((128, 128), np.float32),
+                                              parse_label_config(POLYGON_CONFIG).views[0])]
+    fake_ls.add_task(7, tiles[0], key="picture", annotation_result=outline)
+    target = fake_ls.add_task(7, tiles[5], key="picture")
+    response = client.post("/predict", json=predict_body([target], POLYGON_CONFIG))
+    assert response.status_code == 200, response.json
+    (item,) = response.json["results"]
+    assert len(item["result"]) > 3
+    view = parse_label_config(POLYGON_CONFIG).views[0]
+    assert all(r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["Nucleus"] for r in item["result"])
+    assert iou(annotation_to_mask(item["result"], view, (128, 128)) > 0, tiles[5]["nuclei"]) > 0.3
+
+    both = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    ref = fake_ls.add_task(9, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Edge")])
+    target = fake_ls.add_task(9, tiles[5])
+    both.post("/setup", json=setup_body(BOTH_CONFIG, project="9.1"))
+    (item, own) = both.post("/predict", json=predict_body([target, ref], BOTH_CONFIG, project="9.1")).json["results"]
+    assert {r["from_name"] for r in item["result"]} == {"tag"} and own["result"] == []  # leave-one-out
+    both.post("/setup", json=setup_body(BOTH_CONFIG, project="9.1", extra_params={"prefer": "polygon"}))
+    (item, _) = both.post("/predict", json=predict_body([target, ref], BOTH_CONFIG, project="9.1")).json["results"]
+    assert {r["from_name"] for r in item["result"]} == {"poly"}
+
+
+def test_no_annotated_task_gives_empty_results_and_says_why(make_client, fake_ls, tiles, caplog):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    tasks = [fake_ls.add_task(7, tiles[k]) for k in (1, 2)]
+    caplog.set_level(logging.INFO, logger="labelstudio_backend")
+    response = client.post("/predict", json=predict_body(tasks))
+    assert response.status_code == 200
+    assert response.json["results"] == [{"result": [], "score": 0.0, "model_version": response.json["model_version"]}] * 2
+    assert "no annotated task yet" in caplog.text and "Annotate at least one task" in caplog.text
+
+
+def test_webhooks_keep_the_references_up_to_date(make_client, tiles):
+    """Without API access the references are what webhooks brought; images from the task's own host."""
+    other = FakeLabelStudio().start()
+    try:
+        for k in (0, 2, 5):
+            other.files[tiles[k]["name"]] = tiles[k]["png"]
+        client = make_client()
+        task = lambda i, k: {"id": i, "project": 7, "data": {"image": f"{other.url}/public/{tiles[k]['name']}"}}  # noqa
+        target = task(3, 5)
+        first = client.post("/predict", json=predict_body([target])).json
+        assert first["results"][0]["result"] == []
+        annotation = {"id": 50, "task": 1, "project": 7, "result": [brush_region(tiles[0]["nuclei"], "Nucleus")],
+                      "was_cancelled": False, "ground_truth": False, "updated_at": "2026-01-01T00:00:00Z"}
+        payload = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": task(1, 0),
+                   "project": {"id": 7, "label_config": BRUSH_CONFIG}}
+        response = client.post("/webhook", json=payload)
+        assert response.status_code == 201 and "1 reference" in response.json["references"]
+        second = client.post("/predict", json=predict_body([target])).json
+        assert second["model_version"] != first["model_version"] and "-r1-" in second["model_version"]
+        (region,) = second["results"][0]["result"]
+        assert iou(decode_brush(region), tiles[5]["nuclei"]) > 0.3
+        updated = dict(annotation, updated_at="2026-01-02T00:00:00Z",
+                       result=[brush_region(tiles[0]["nuclei"][::-1], "Nucleus")])
+        client.post("/webhook", json=dict(payload, action="ANNOTATION_UPDATED", annotation=updated))
+        third = client.post("/predict", json=predict_body([target])).json
+        assert third["model_version"] not in (first["model_version"], second["model_version"])
+        response = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 50}],
+                                                 "project": {"id": 7}})
+        assert response.status_code == 201 and "1 reference(s) removed" in response.json["references"]
+        assert client.post("/predict", json=predict_body([target])).json["model_version"] == first["model_version"]
+        assert client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": []}).status_code == 200
+        for bad in [{"annotation": {}}, {"action": ""}, {"action": "ANNOTATION_CREATED", "annotation": {}}]:
+            response = client.post("/webhook", json=bad)
+            assert response.status_code == 400 and response.json["error"]
+        # the task's own host never saw a key
+        assert all(auth is None for _, auth in other.requests)
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (None, 400, "must be JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"tasks": [], "project": "7.1", "label_config": BRUSH_CONFIG}, 400, "non-empty list"),
+    ({"tasks": {"id": 1}, "project": "7.1", "label_config": BRUSH_CONFIG}, 400, "non-empty list"),
+    ({"tasks": [1, 2], "project": "7.1", "label_config": BRUSH_CONFIG}, 400, "task object"),
+    ({"tasks": [{"id": 1, "data": {}}], "project": "7.1"}, 400, "label_config"),
+    ({"tasks": [{"id": 1, "data": {}}], "project": "seven", "label_config": BRUSH_CONFIG}, 400, "project"),
+    ({"tasks": [{"id": 1, "data": {}}], "project": "7.1", "label_config": "<View>"}, 422, "not a valid"),
+    ({"tasks": [{"id": 1, "data": {}}], "project": "7.1",
+      "label_config": "<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices>"
+                      "</View>"}, 422, "BrushLabels"),
+])
+def test_bad_predict_requests_get_4xx_with_a_message(make_client, body, status, message):
+    client = make_client()
+    if body is None:
+        response = client.post("/predict", data="tasks=1", content_type="application/x-www-form-urlencoded")
+    else:
+        response = client.post("/predict", json=body)
+    assert response.status_code == status and message in response.json["error"], response.json
+
+
+def test_unknown_routes_and_methods_answer_json(make_client):
+    client = make_client()
+    assert client.get("/nope").status_code == 404 and client.get("/nope").json["error"]
+    assert client.get("/predict").status_code == 405 and client.get("/predict").json["error"]
+
+
+def test_bad_task_images_do_not_sink_the_batch(make_client, fake_ls, tiles, caplog):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    good = fake_ls.add_task(7, tiles[5])
+    caplog.set_level(logging.WARNING, logger="labelstudio_backend")
+    tasks = [{"id": 90, "data": {"image": "/etc/passwd"}}, good, {"id": 91, "data": {"picture": "x"}},
+             {"id": 92, "data": {"image": "/data/upload/7/missing.png"}}]
+    results = client.post("/predict", json=predict_body(tasks)).json["results"]
+    assert len(results) == 4 and results[0] == [] and results[2] == [] and results[3] == []
+    assert results[1]["result"] and results[1]["result"][0]["value"]["brushlabels"] == ["Nucleus"]
+    assert "task 90 gets no prediction" in caplog.text and "no 'image' field" in caplog.text
+
+
+def test_a_call_stays_inside_its_time_budget(make_client, fake_ls, tiles, caplog):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, batch_size=1, predict_timeout=3.0,
+                         refresh_seconds=1e6)
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    tasks = [fake_ls.add_task(7, tiles[k % 16]) for k in range(1, 80)]
+    assert client.post("/predict", json=predict_body(tasks[:1])).status_code == 200  # references listed and cached
+    caplog.set_level(logging.WARNING, logger="labelstudio_backend")
+    started = time.monotonic()
+    results = client.post("/predict", json=predict_body(tasks)).json["results"]
+    assert time.monotonic() - started < 10  # the budget plus at most about one batch
+    done = [r for r in results if isinstance(r, dict)]
+    assert len(results) == len(tasks) and 0 < len(done) < len(tasks)
+    assert all(r == [] for r in results[len(done):])  # the rest: no prediction now, done by the next retrieval
+    assert "Retrieve predictions" in caplog.text and "ML_TIMEOUT_PREDICT" in caplog.text
+
+
+def test_basic_auth(make_client):
+    client = make_client(basic_auth_user="ls", basic_auth_pass="s3cret")
+    response = client.get("/health")
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Basic")
+    assert "basic auth" in response.json["error"]
+    good = {"Authorization": "Basic " + base64.b64encode(b"ls:s3cret").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"ls:wrong").decode()}
+    assert client.get("/health", headers=good).status_code == 200
+    assert client.get("/health", headers=bad).status_code == 401
+    assert client.post("/predict", json={}, headers={"Authorization": "Basic !!"}).status_code == 401
+
+
+def test_train_and_versions_endpoints(make_client):
+    client = make_client()
+    assert client.post("/train", json={"project": "7.1"}).status_code == 201
+    assert client.get("/versions", json={"project": "7.1"}).json["versions"][0].endswith("norefs")
+
+
+def test_model_loading_is_reported_by_health(demo_model):
+    settings = Settings(model="no/such-model-anywhere", device="cpu")
+    services = Services(settings)
+    client = create_app(settings, services, load_model=True).test_client()
+    deadline = time.monotonic() + 60
+    while client.get("/health").status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    response = client.get("/health")
+    assert response.status_code == 500 and response.json["status"] == "ERROR" and response.json["error"]
+    response = client.post("/predict", json=predict_body([{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]))
+    assert response.status_code == 503 and "failed to load" in response.json["error"]
+
+
+def test_params_and_project_ids():
+    assert parse_project_id("12.1700000000") == 12 and parse_project_id(5) == 5
+    for bad in ("", "x", None, True, "1;2"):
+        with pytest.raises(RequestError):
+            parse_project_id(bad)
+    assert check_params('{"reference_task_ids": [3, 1, 3], "max_prompts": 2}') == {"reference_task_ids": [1, 3],
+                                                                                  "max_prompts": 2}
+    assert check_params(None) == {} and check_params("") == {}
+
+
+def test_settings_read_the_environment(monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "abc")
+    monkeypatch.setenv("SEGGPT_MODEL", "some/model")
+    monkeypatch.setenv("BASIC_AUTH_USER", "u")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "p")
+    settings = Settings.from_env(model="flag/model")
+    assert (settings.label_studio_url, settings.api_key, settings.model) == ("http://ls:8080", "abc", "flag/model")
+    assert settings.public()["api_key"] == "***" and "abc" not in repr(settings)
+    monkeypatch.setenv("BASIC_AUTH_PASS", "")
+    with pytest.raises(ValueError, match="both a user and a password"):
+        Settings.from_env()
+    monkeypatch.setenv("LABEL_STUDIO_URL", "ls:8080")
+    with pytest.raises(ValueError, match="http"):
+        Settings.from_env(basic_auth_pass="p")
+
+
+def test_cli_is_light_and_registered():
+    code = ("import sys, argparse, labelstudio_backend.cli as c; "
+            "p = argparse.ArgumentParser(); c.register(p.add_subparsers(dest='command')); "
+            "a = p.parse_args(['labelstudio', 'serve', '--port', '9191']); "
+            "heavy = [m for m in ('flask', 'torch', 'label_studio_sdk', 'gunicorn') if m in sys.modules]; "
+            "print(a.port, a.host, a.workers, a.handler.__name__, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["9191", "127.0.0.1", "1", "cmd_serve", "[]"]
+    seggpt = Path(sys.executable).with_name("seggpt")
+    if seggpt.exists():
+        started = time.monotonic()
+        out = subprocess.run([str(seggpt), "labelstudio", "serve", "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "--label-studio-url" in out.stdout and "LABEL_STUDIO_API_KEY" in out.stdout
+        assert time.monotonic() - started < 10
+
+
+def test_workers_share_project_settings_and_webhook_generations(make_client, fake_ls, tiles, tmp_path):
+    """Two workers (two apps on one state directory): /setup and /webhook reach one, /predict the other."""
+    a = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, state_dir=str(tmp_path),
+                    refresh_seconds=1e6)
+    b = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, state_dir=str(tmp_path),
+                    refresh_seconds=1e6)
+    for k in (0, 2):
+        fake_ls.add_task(7, tiles[k], annotation_result=[brush_region(tiles[k]["nuclei"], "Nucleus")])
+    target = fake_ls.add_task(7, tiles[5])
+    assert a.post("/setup", json=setup_body(extra_params={"reference_task_ids": [1]})).status_code == 200
+    first = b.post("/predict", json=predict_body([target])).json
+    assert "-r1-" in first["model_version"]  # B uses the reference_task_ids that A's /setup stored
+    listings = fake_ls.listings
+    assert b.post("/predict", json=predict_body([target])).json["model_version"] == first["model_version"]
+    assert fake_ls.listings == listings  # a fresh listing is reused
+    a.post("/setup", json=setup_body(extra_params=None))
+    fake_ls.annotate(3, [brush_region(tiles[5]["nuclei"], "Nucleus")])
+    hook = {"action": "ANNOTATION_CREATED", "project": {"id": 7}, "task": fake_ls.tasks[3],
+            "annotation": fake_ls.tasks[3]["annotations"][0]}
+    assert a.post("/webhook", json=hook).status_code == 201
+    second = b.post("/predict", json=predict_body([target])).json
+    assert fake_ls.listings > listings and "-r3-" in second["model_version"]
+    assert second["results"][0]["result"]  # task 3 is a reference now, predicted from the other two
+
+
+def test_unauthenticated_webhooks_only_trigger_a_new_listing(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, basic_auth_user="u",
+                         basic_auth_pass="p", refresh_seconds=1e6)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
+    target = fake_ls.add_task(7, tiles[5])
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    before = client.post("/predict", json=predict_body([target]), headers=auth).json["model_version"]
+    forged = {"action": "ANNOTATION_CREATED", "project": {"id": 7},
+              "task": {"id": 99, "data": {"image": "http://127.0.0.1:9/x.png"}},
+              "annotation": {"id": 5, "task": 99, "result": [brush_region(tiles[1]["nuclei"], "Nucleus")]}}
+    response = client.post("/webhook", json=forged)  # as Label Studio's own ML webhook: no credentials
+    assert response.status_code == 201 and "payload not used" in response.json["references"]
+    listings = fake_ls.listings
+    after = client.post("/predict", json=predict_body([target]), headers=auth).json["model_version"]
+    assert fake_ls.listings == listings + 1 and after == before  # listed again; the forged task is not a reference
+    response = client.post("/webhook", json=forged, headers=auth)
+    assert response.status_code == 201 and "1 reference" in response.json["references"]
+
+
+def test_model_version_names_the_model_and_changes_with_it(demo_model, model64):
+    demo = Services(Settings(model="demo"), model=demo_model).model_tag
+    other = Services(Settings(model="demo"), model=model64).model_tag
+    assert demo.startswith("demo-") and other != demo
+    assert Services(Settings(model="demo"), model=demo_model).model_tag == demo  # stable for the same weights
+
+
+def test_oversized_requests_are_refused(make_client):
+    client = make_client(max_request_mb=0.01)
+    response = client.post("/predict", data=json.dumps({"tasks": ["x" * 20000]}), content_type="application/json")
+    assert response.status_code == 413 and "SEGGPT_MAX_REQUEST_MB" in response.json["error"]

@@ -1,0 +1,349 @@
+"""Label Studio ML backend against the REAL Label Studio 1.23.2 and a real `seggpt labelstudio serve` process.
+
+Label Studio is installed into its own venv, cached at .cache/label-studio-venv (its pins clash with ours;
+the first run installs it, which takes a few minutes), started on 127.0.0.1 with a temporary data directory,
+and stopped afterwards, as is the backend. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("label_studio_sdk")
+requests = pytest.importorskip("requests")
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+LS_VERSION = "1.23.2"
+LS_VENV = REPO / ".cache" / "label-studio-venv"
+LS_MARKER = LS_VENV / f".installed-label-studio-{LS_VERSION}"
+TOKEN = "5eb2c1d04e0a4c6f9d1f2a3b4c5d6e7f80912a3b"  # the admin's legacy token (--user-token)
+BASIC = ("label-studio", "backend-secret-1")
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Nucleus" background="#e6194b"/>
+    <Label value="Debris" background="#3cb44b"/>
+  </BrushLabels>
+</View>"""
+TILES = [(0, 0), (0, 256), (128, 128), (128, 384), (256, 0), (256, 256), (384, 128)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # the session we started: the server and its children
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float, what: str, **kwargs):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with code {process.returncode} before it was ready; log tail:\n{_tail(log)}")
+        try:
+            response = requests.get(url, timeout=3, **kwargs)
+            if response.status_code == 200:
+                return response
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}"
+        time.sleep(1)
+    pytest.fail(f"{what} not ready after {timeout:.0f} s at {url} (last answer: {last}); log tail:\n{_tail(log)}")
+
+
+# ------------------------------------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="module")
+def label_studio_bin():
+    """label-studio 1.23.2 in its own venv, installed on first use and cached (a lock guards parallel runs)."""
+    LS_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(LS_VENV.parent / "label-studio-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not LS_MARKER.exists():
+            if not (LS_VENV / "bin" / "python").exists():
+                subprocess.run([sys.executable, "-m", "venv", str(LS_VENV)], check=True, timeout=300)
+            install = subprocess.run([str(LS_VENV / "bin" / "pip"), "install", "-q", f"label-studio=={LS_VERSION}"],
+                                     capture_output=True, text=True, timeout=1800)
+            if install.returncode != 0:
+                pytest.fail(f"pip install label-studio=={LS_VERSION} failed:\n{install.stderr[-3000:]}")
+            LS_MARKER.write_text(f"label-studio=={LS_VERSION}\n")
+    return LS_VENV / "bin" / "label-studio"
+
+
+@pytest.fixture(scope="module")
+def label_studio(label_studio_bin, tmp_path_factory):
+    data = tmp_path_factory.mktemp("label-studio-data")
+    log = data / "label-studio.log"
+    port = _free_port()
+    env = dict(os.environ, SSRF_PROTECTION_ENABLED="false", ML_BLOCK_LOCAL_IP="false", LATEST_VERSION_CHECK="false",
+               COLLECT_ANALYTICS="false", LABEL_STUDIO_BASE_DATA_DIR=str(data), ML_TIMEOUT_PREDICT="100",
+               PYTHONUNBUFFERED="1")
+    cmd = [str(label_studio_bin), "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port),
+           "--data-dir", str(data), "--username", "admin@example.com", "--password", "e2e-password-1",
+           "--user-token", TOKEN, "--enable-legacy-api-token"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=data, env=env,
+                                   start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(f"{url}/health", process, log, 420, "Label Studio")
+        _wait_for(f"{url}/api/projects/", process, log, 60, "Label Studio's API",
+                  headers={"Authorization": f"Token {TOKEN}"})
+        yield {"url": url, "log": log, "process": process}
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    """`seggpt labelstudio serve` as Label Studio would reach it: its own process, basic auth, on loopback."""
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    port = _free_port()
+    seggpt = Path(sys.executable).with_name("seggpt")
+    command = [str(seggpt)] if seggpt.exists() else [sys.executable, "-m", "seggpt_plugins.cli"]
+    command += ["labelstudio", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--threads", "4", "--max-prompts", "2", "--batch-size", "8"]
+    env = dict(os.environ, LABEL_STUDIO_URL=label_studio["url"], LABEL_STUDIO_API_KEY=TOKEN, SEGGPT_MODEL="demo",
+               SEGGPT_DEVICE="cpu", BASIC_AUTH_USER=BASIC[0], BASIC_AUTH_PASS=BASIC[1], HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                   start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        health = _wait_for(f"{url}/health", process, log, 240, "the SegGPT backend", auth=BASIC)
+        assert health.json()["status"] == "UP"
+        assert requests.get(f"{url}/health", timeout=5).status_code == 401  # basic auth is on
+        maps = Path(f"/proc/{process.pid}/maps")
+        if maps.exists():  # the gunicorn master never loads torch: the model is made in the worker, after fork
+            assert "libtorch" not in maps.read_text()
+            workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            assert workers and all("libtorch" in Path(f"/proc/{w}/maps").read_text() for w in workers)
+        yield {"url": url, "log": log, "process": process}
+    finally:
+        _stop(process, grace=30)
+
+
+@pytest.fixture(scope="module")
+def tiles(nuclei2d):
+    """Real 128x128 tiles of the stardist nuclei image as 8-bit PNGs, with their nuclei masks."""
+    from PIL import Image
+
+    image, mask = nuclei2d
+    low, high = float(image.min()), float(np.percentile(image, 99.8))
+    image8 = np.clip((image.astype(np.float64) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+    out = {}
+    for r, c in TILES:
+        png = io.BytesIO()
+        Image.fromarray(image8[r:r + 128, c:c + 128]).save(png, format="PNG")
+        out[f"tile_{r}_{c}.png"] = {"png": png.getvalue(), "nuclei": mask[r:r + 128, c:c + 128] > 0}
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, tiles):
+    """A BrushLabels project with the tiles imported as uploads; {task id: tile name}."""
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=label_studio["url"], api_key=TOKEN)
+    created = ls.projects.create(title="SegGPT end to end", label_config=CONFIG)
+    files = {f"file{k}": (name, tile["png"], "image/png") for k, (name, tile) in enumerate(tiles.items())}
+    response = requests.post(f"{label_studio['url']}/api/projects/{created.id}/import", files=files,
+                             headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    assert response.status_code == 201, response.text
+    tasks = list(ls.tasks.list(project=created.id))
+    assert len(tasks) == len(tiles)
+    names = {t.id: next(n for n in tiles if t.data["image"].endswith(n)) for t in tasks}
+    return {"ls": ls, "id": created.id, "names": names, "tasks": tasks}
+
+
+def _brush(binary: np.ndarray, label: str) -> dict:
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": binary.shape[1],
+            "original_height": binary.shape[0], "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(binary.astype(np.uint8) * 255), "brushlabels": [label]}}
+
+
+def _decode(region: dict) -> np.ndarray:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    h, w = region["original_height"], region["original_width"]
+    return decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+
+
+def _iou(a, b) -> float:
+    return float(np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1))
+
+
+def _metrics(backend) -> dict:
+    return requests.get(f"{backend['url']}/metrics", auth=BASIC, timeout=10).json()
+
+
+def _ensure_annotated(project, tiles) -> None:
+    """At least one annotated task (each test can run on its own)."""
+    ls, first = project["ls"], min(project["names"])
+    if not ls.annotations.list(id=first):
+        ls.annotations.create(id=first, result=[_brush(tiles[project["names"][first]]["nuclei"], "Nucleus")])
+
+
+def _predictions(ls, task_id: int, version: str) -> list:
+    return [p for p in ls.predictions.list(task=task_id) if p.model_version == version]
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+def test_retrieve_predictions_in_label_studio(label_studio, backend, project, tiles):
+    ls, project_id, names = project["ls"], project["id"], project["names"]
+    task_ids = sorted(names)
+    first, second = task_ids[0], task_ids[1]
+    # a person annotates one task: the nuclei of its tile as "Nucleus"
+    ls.annotations.create(id=first, result=[_brush(tiles[names[first]]["nuclei"], "Nucleus")], lead_time=12.5)
+    # connect the backend as in Settings > Model (basic auth, extra params as a JSON string)
+    ml = ls.ml.create(project=project_id, url=backend["url"], title="SegGPT", auth_method="BASIC_AUTH",
+                      basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1], extra_params=json.dumps({"max_prompts": 2}))
+    ml = ls.ml.get(id=ml.id)
+    assert ml.state == "CO", f"backend state {ml.state}: {ml.error_message}\n{_tail(backend['log'])}"
+    version = ml.model_version
+    assert version.startswith("seggpt-demo-") and "-r1-" in version, version
+
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
+    ious = []
+    for task_id in task_ids[1:]:
+        predictions = _predictions(ls, task_id, version)
+        assert len(predictions) == 1, (f"task {task_id}: {len(predictions)} predictions of {version}; backend log:\n"
+                                       f"{_tail(backend['log'])}\nLabel Studio log:\n{_tail(label_studio['log'], 30)}")
+        (region,) = predictions[0].result
+        assert region["type"] == "brushlabels" and region["from_name"] == "tag" and region["to_name"] == "image"
+        assert region["value"]["brushlabels"] == ["Nucleus"] and 0 < region["score"] <= 1
+        mask = _decode(region)
+        assert mask.shape == (128, 128) == (region["original_height"], region["original_width"])
+        ious.append(_iou(mask, tiles[names[task_id]]["nuclei"]))
+        assert 0 < predictions[0].score <= 1
+    assert np.mean(ious) > 0.3, f"mean IoU {np.mean(ious):.3f} against the true nuclei: {np.round(ious, 3)}"
+    # the annotated task is not predicted from itself: an empty prediction of this version
+    (own,) = _predictions(ls, first, version)
+    assert own.result == []
+
+    # a second annotation reaches the backend by webhook and changes the model version
+    ls.annotations.create(id=second, result=[_brush(tiles[names[second]]["nuclei"], "Nucleus")])
+    deadline = time.monotonic() + 20
+    while _metrics(backend)["counters"].get("webhook_ANNOTATION_CREATED", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _metrics(backend)["counters"].get("webhook_ANNOTATION_CREATED", 0) >= 1, _tail(backend["log"])
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
+    new_version = ls.ml.get(id=ml.id).model_version
+    assert new_version != version and "-r2-" in new_version
+    for task_id in task_ids[2:]:
+        (prediction,) = _predictions(ls, task_id, new_version)
+        assert prediction.result and _decode(prediction.result[0]).shape == (128, 128)
+    assert "no prediction" not in backend["log"].read_text()
+
+
+def test_personal_access_token_against_the_real_server(label_studio, project, tiles):
+    """A PAT (JWT refresh token) is exchanged at /api/token/refresh/ and reads tasks and uploads."""
+    from labelstudio_backend.media import MediaError, MediaFetcher
+    from labelstudio_backend.references import ReferenceStore
+
+    _ensure_annotated(project, tiles)
+    ls = project["ls"]
+    pat = ls.tokens.create().token
+    fetcher = MediaFetcher(label_studio["url"], pat, max_bytes=1 << 24, max_pixels=1 << 24)
+    assert fetcher.auth.kind == "pat"
+    task = project["tasks"][0]
+    image = fetcher.fetch_image(task.data["image"], task.id)
+    legacy = MediaFetcher(label_studio["url"], TOKEN, max_bytes=1 << 24, max_pixels=1 << 24)
+    assert image.shape[:2] == (128, 128) and np.array_equal(image, legacy.fetch_image(task.data["image"], task.id))
+    refs = ReferenceStore().list_annotated(project["id"], label_studio["url"], pat)
+    assert refs and set(refs) <= set(project["names"])
+    assert all(ref.result and ref.result[0]["type"] == "brushlabels" for ref in refs.values())
+    with pytest.raises(MediaError, match="personal access token"):
+        MediaFetcher(label_studio["url"], pat[:-4] + "AAAA", max_bytes=1 << 24,
+                     max_pixels=1 << 24).fetch_image(task.data["image"], task.id)
+
+
+def test_twenty_concurrent_predict_calls(backend, project, tiles):
+    """Load: 20 /predict calls at once on loopback all answer correctly; the process stays up."""
+    _ensure_annotated(project, tiles)
+    tasks = [t.model_dump(mode="json") for t in project["tasks"]]
+    names = project["names"]
+
+    def call(k: int):
+        chosen = [tasks[(k + j) % len(tasks)] for j in range(3)]
+        body = {"tasks": chosen, "project": f"{project['id']}.1700000000", "label_config": CONFIG,
+                "params": {"login": None, "password": None, "context": None}}
+        started = time.monotonic()
+        response = requests.post(f"{backend['url']}/predict", json=body, auth=BASIC, timeout=180)
+        return chosen, response, time.monotonic() - started
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        outcomes = list(pool.map(call, range(20)))
+    wall = time.monotonic() - started
+    for chosen, response, _ in outcomes:
+        assert response.status_code == 200, response.text[:500]
+        results = response.json()["results"]
+        assert len(results) == len(chosen)
+        for task, item in zip(chosen, results):
+            assert isinstance(item, dict) and item["model_version"] == response.json()["model_version"]
+            for region in item["result"]:
+                assert region["value"]["brushlabels"][0] in ("Nucleus", "Debris")
+                assert _decode(region).shape == (128, 128)
+            if item["result"]:
+                assert _iou(_decode(item["result"][0]), tiles[names[task["id"]]]["nuclei"]) > 0.05
+        assert sum(bool(item["result"]) for item in results) >= 2  # at most one task is its own only reference
+    assert backend["process"].poll() is None, _tail(backend["log"])
+    health = requests.get(f"{backend['url']}/health", auth=BASIC, timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    counters = _metrics(backend)["counters"]
+    assert counters.get("requests_predict", 0) >= 20 and not counters.get("errors_500")
+    slowest = max(seconds for _, _, seconds in outcomes)
+    print(f"20 concurrent /predict calls (3 tasks each): {wall:.1f} s wall, slowest call {slowest:.1f} s")
+
+
+def test_backend_stops_cleanly(backend):
+    """SIGTERM to the gunicorn master stops the workers too (the fixture does the same at the end)."""
+    process = backend["process"]
+    assert process.poll() is None
+    _stop(process, grace=30)
+    assert process.returncode == 0, _tail(backend["log"])
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{backend['url']}/health", auth=BASIC, timeout=3)
