@@ -143,7 +143,7 @@ def main():
 
     reference = Reference(net.to(device), device)
     ours_dtype = torch.bfloat16 if cuda else torch.float32
-    kernels = args.kernels or (["sdpa", "flex", "folded"] if cuda else ["sdpa"])
+    kernels = args.kernels or (["folded", "sdpa"] if cuda else ["chunked", "sdpa"])
 
     # 1. kernel choice for our path (T=8 or 1, P=1)
     t_small = 8 if cuda else 1

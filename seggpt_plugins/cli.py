@@ -249,7 +249,8 @@ def cmd_demo(args) -> int:
         panels.append(overlay(scale_to_uint8(crop(image, rc), intensity)[..., None].repeat(3, -1), prediction.labels,
                               colors))
         ious.append(iou_per_label(prediction.labels, (crop(truth, rc) > 0).astype(np.uint8), [1]).get(1, 0.0))
-    gap = np.full((tile, 4, 3), 255, np.uint8)
+    gap = np.full((2 * tile, 6, 3), 255, np.uint8)
+    panels = [p.repeat(2, axis=0).repeat(2, axis=1) for p in panels]  # 2x, nearest: small tiles read better
     strip = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
     out = Path(args.out)
     path = write_png(out / "demo_overlay.png", strip, overwrite=args.overwrite)

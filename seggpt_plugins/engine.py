@@ -155,7 +155,7 @@ class SegGPT:
         self.source = source
         self.input_size = half_size(net.config)  # (h, w) of one half
         if attention == "auto":
-            attention = "folded" if self.device.type == "cuda" else "sdpa"
+            attention = "folded" if self.device.type == "cuda" else "chunked"
         if attention not in ATTENTION_KERNELS:
             raise InputError(f"attention must be 'auto' or one of {ATTENTION_KERNELS}, got {attention!r}")
         self.attention = attention

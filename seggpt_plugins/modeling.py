@@ -22,7 +22,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ATTENTION_KERNELS = ("eager", "sdpa", "folded", "flex")
+ATTENTION_KERNELS = ("eager", "sdpa", "folded", "flex", "chunked")
 
 
 def half_size(config) -> tuple[int, int]:
@@ -62,12 +62,20 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
     kernel "sdpa":   scaled_dot_product_attention with the relative-position bias as an additive mask.
     kernel "folded": the bias folded into the dot product, so fused kernels never build an N x N bias:
                      q' = [q d^-0.5, q.Rh(row), q.Rw(col)], k' = [k, onehot(key row), onehot(key col)].
+    kernel "flex":   FlexAttention with the bias as a score_mod (compiled; CUDA).
+    kernel "chunked": one head at a time, matrix products with the bias added in place (fastest on CPU:
+                     the N x N scores of one head stay the only large buffer).
     """
-    batch, grid_h, grid_w, _ = hidden.shape
+    return attention.proj(attend(attention, attention.qkv(hidden), kernel))
+
+
+def attend(attention, qkv: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """The attention core, before the output projection: qkv (B, Hp, Wp, 3C) -> (B, Hp, Wp, C)."""
+    batch, grid_h, grid_w, _ = qkv.shape
     heads = attention.num_attention_heads
     tokens = grid_h * grid_w
     # qkv: (3, B, heads, N, d)
-    qkv = attention.qkv(hidden).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
     query, key, value = qkv.unbind(0)
     head_dim = query.shape[-1]
 
@@ -83,6 +91,8 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
             out = _folded_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, attention.scale)
         elif kernel == "flex":
             out = _flex_attention(query, key, value, rel_h, rel_w, grid_w, attention.scale)
+        elif kernel == "chunked":
+            out = _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, attention.scale)
         else:
             # bias: (B, heads, N, N) = rel_h over key rows + rel_w over key columns
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
@@ -94,8 +104,24 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
             else:
                 raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     # out: (B, heads, N, d) -> (B, Hp, Wp, C)
-    out = out.permute(0, 2, 1, 3).reshape(batch, grid_h, grid_w, heads * head_dim)
-    return attention.proj(out)
+    return out.permute(0, 2, 1, 3).reshape(batch, grid_h, grid_w, heads * head_dim)
+
+
+def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale, heads_per_chunk: int = 1):
+    """softmax(q k^T * scale + rel_h + rel_w) v, a few heads at a time, bias added in place."""
+    batch, heads, tokens, head_dim = query.shape
+    q = (query * scale).reshape(batch * heads, tokens, head_dim)
+    k = key.reshape(batch * heads, tokens, head_dim).transpose(1, 2)
+    v = value.reshape(batch * heads, tokens, head_dim)
+    rel_h = rel_h.reshape(batch * heads, tokens, grid_h, 1)
+    rel_w = rel_w.reshape(batch * heads, tokens, 1, grid_w)
+    out = []
+    for start in range(0, batch * heads, heads_per_chunk):
+        part = slice(start, start + heads_per_chunk)
+        scores = torch.bmm(q[part], k[part])  # (c, N, N)
+        scores.view(-1, tokens, grid_h, grid_w).add_(rel_h[part]).add_(rel_w[part])
+        out.append(torch.bmm(torch.softmax(scores, dim=-1), v[part]))
+    return torch.cat(out).reshape(batch, heads, tokens, head_dim)
 
 
 _compiled_flex = None
@@ -154,66 +180,83 @@ def embed(net, image_canvas: torch.Tensor, mask_canvas: torch.Tensor, seg_type: 
     return embeddings(image_canvas, mask_canvas, bool_masked_pos=bool_masked_pos, embedding_type=seg_type)
 
 
-def _group_mean(target_half: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Average rows of (B, ...) that share a group id, and put the mean back on every row of the group."""
-    flat = target_half.reshape(target_half.shape[0], -1)
+def _group_mean(rows: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(B, ...) -> (num_groups, ...): the mean of the rows of each group."""
+    flat = rows.reshape(rows.shape[0], -1)
     sums = flat.new_zeros(num_groups, flat.shape[1]).index_add_(0, group, flat)
     counts = torch.bincount(group, minlength=num_groups).clamp_min(1).to(flat.dtype)
-    return (sums / counts[:, None])[group].reshape(target_half.shape)
+    return (sums / counts[:, None]).reshape(num_groups, *rows.shape[1:])
 
 
-def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa",
-           ensemble: bool | None = None) -> list[torch.Tensor]:
+def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa") -> list[torch.Tensor]:
     """Run the encoder blocks with Painter's ensemble schedule.
 
-    hidden: (2N, Hp, Wp, C) from `embed`; owner: (N,) long, target index of each prompt row.
-    Every target owns at least one row, so "some target has several prompts" is simply N > T.
-    Returns the normalised features after each of config.intermediate_hidden_state_indices, each (N, Hp, Wp, C).
+    hidden: (2N, Hp, Wp, C) from `embed` (image stream rows, then mask stream rows); owner: (N,) long,
+    the target of each prompt row (every target owns at least one row).
+
+    Under the ensemble the target half is the same on every prompt row of a target (it starts equal
+    and every block averages it over those rows), so it is carried once per target and stream: layer
+    norms, QKV, projection and MLP of the target half run once per target, not once per prompt. Only
+    attention runs per prompt row, on the full canvas [prompt half; its target's half]; its output on
+    the target half is averaged over the target's prompts (the ensemble; with one prompt, nothing).
+
+    Returns the normalised features after each of config.intermediate_hidden_state_indices, each
+    (T, Hp/2 + 1, Wp, C): the last patch row of each target's first prompt (context for the decoder's
+    3x3 convolution), then the target half.
     """
     config = net.config
     encoder = net.model.encoder
-    if ensemble is None:  # some target has several prompts (pass it in to avoid a device sync)
-        ensemble = owner.shape[0] > num_targets
-    stream_group = torch.cat([owner, owner + num_targets])  # (2N,): one group per (stream, target)
+    rows, half = owner.shape[0], hidden.shape[1] // 2
+    first = torch.full((num_targets,), rows, dtype=torch.long, device=owner.device)
+    first = first.scatter_reduce(0, owner, torch.arange(rows, device=owner.device), "amin")  # (T,)
+    group = torch.cat([owner, owner + num_targets])  # (2N,): row -> (stream, target)
+    prompt = hidden[:, :half]  # (2N, Hp/2, Wp, C)
+    target = hidden[torch.cat([first, first + rows]), half:]  # (2T, Hp/2, Wp, C)
+    final = max(config.intermediate_hidden_state_indices)
+    merged = False
     features = []
-    for index, layer in enumerate(encoder.layers):
-        attended = attention_forward(layer.attention, layer.layernorm_before(hidden), kernel)
-        if ensemble:
-            half = attended.shape[1] // 2
-            prompt_half, target_half = attended[:, :half], attended[:, half:]
-            if index <= config.merge_index:
-                target_half = _group_mean(target_half, stream_group, 2 * num_targets)
+    for index, layer in enumerate(encoder.layers[:final + 1]):
+        attention = layer.attention
+        qkv_target = attention.qkv(layer.layernorm_before(target))
+        qkv = torch.cat([attention.qkv(layer.layernorm_before(prompt)), qkv_target[group]], dim=1)
+        attended = attend(attention, qkv, kernel)  # (R, Hp, Wp, C), R prompt rows
+        prompt = prompt + layer.drop_path(attention.proj(attended[:, :half]))
+        target_attended = _group_mean(attended[:, half:], group, target.shape[0])  # the ensemble
+        target = target + layer.drop_path(attention.proj(target_attended))
+        target = target + layer.drop_path(layer.mlp(layer.layernorm_after(target)))
+        if index < final:
+            prompt = prompt + layer.drop_path(layer.mlp(layer.layernorm_after(prompt)))
+            context = None
+        else:  # the last block: of the prompt half only the decoder's context row is still needed
+            context = prompt[first if merged else torch.cat([first, first + rows]), -1:]
+            context = context + layer.drop_path(layer.mlp(layer.layernorm_after(context)))
+        if index == config.merge_index:  # merge image and mask streams
+            if context is None:
+                prompt = (prompt[:rows] + prompt[rows:]) * 0.5
             else:
-                target_half = _group_mean(target_half, owner, num_targets)
-            attended = torch.cat([prompt_half, target_half], dim=1)
-        hidden = hidden + layer.drop_path(attended)
-        hidden = hidden + layer.drop_path(layer.mlp(layer.layernorm_after(hidden)))
-        if index == config.merge_index:
-            rows = hidden.shape[0] // 2
-            hidden = (hidden[:rows] + hidden[rows:]) * 0.5  # merge image and mask streams: (N, Hp, Wp, C)
+                context = (context[:num_targets] + context[num_targets:]) * 0.5
+            target = (target[:num_targets] + target[num_targets:]) * 0.5
+            group, merged = owner, True
         if index in config.intermediate_hidden_state_indices:
-            features.append(encoder.layernorm(hidden))
+            context = prompt[first, -1:] if context is None else context
+            features.append(encoder.layernorm(torch.cat([context, target], dim=1)))
     return features
 
 
 # ------------------------------------------------------------------------------------------ decoder
 
 
-def decode_target_half(net, features: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """Decode the target half of the given rows: (T,) row indices -> (T, 3, h, w) normalised painting.
+def decode(net, features: list[torch.Tensor]) -> torch.Tensor:
+    """Features (T, Hp/2 + 1, Wp, C) x 4 -> (T, 3, h, w) normalised paintings of the target halves.
 
     The decoder's 3x3 convolution looks one pixel across the prompt/target boundary, so one patch row
-    of the prompt half is decoded with it and cropped off afterwards: the result equals decoding the
-    whole canvas and keeping the bottom half.
+    of the prompt half is decoded with the target half and cropped off afterwards: the result equals
+    decoding the whole canvas and keeping the bottom half.
     """
     decoder = net.decoder
-    patch = decoder.patch_size
-    grid_h = features[0].shape[1]
-    start = grid_h // 2 - 1
-    # stacked: (T, Hp/2 + 1, Wp, 4C)
-    stacked = torch.cat([f[rows, start:] for f in features], dim=-1)
+    stacked = torch.cat(features, dim=-1)  # (T, Hp/2 + 1, Wp, 4C)
     pixels = decoder._reshape_hidden_states(decoder.decoder_embed(stacked))  # (T, D, (Hp/2+1)p, Wp p)
-    return decoder.decoder_pred(pixels)[:, :, patch:]
+    return decoder.decoder_pred(pixels)[:, :, decoder.patch_size:]
 
 
 def paint(net, targets: torch.Tensor, prompt_images: torch.Tensor, prompt_masks: torch.Tensor,
@@ -223,12 +266,7 @@ def paint(net, targets: torch.Tensor, prompt_images: torch.Tensor, prompt_masks:
     targets: (T, 3, h, w); prompt_images, prompt_masks: (N, 3, h, w); owner: (N,) long in 0..T-1;
     all normalised. Returns (T, 3, h, w) normalised paintings of the targets.
     """
-    num_targets = targets.shape[0]
     image_canvas = torch.cat([prompt_images, targets[owner]], dim=2)  # (N, 3, 2h, w)
     mask_canvas = torch.cat([prompt_masks, prompt_masks], dim=2)  # target half hidden by the mask token
     hidden = embed(net, image_canvas, mask_canvas, seg_type)
-    features = encode(net, hidden, owner, num_targets, kernel)
-    # after the ensemble every prompt row of a target carries the same target half: decode the first
-    first_rows = torch.full((num_targets,), owner.shape[0], dtype=torch.long, device=owner.device)
-    first_rows = first_rows.scatter_reduce(0, owner, torch.arange(owner.shape[0], device=owner.device), "amin")
-    return decode_target_half(net, features, first_rows)
+    return decode(net, encode(net, hidden, owner, targets.shape[0], kernel))

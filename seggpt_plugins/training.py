@@ -327,7 +327,7 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
                                                       indent=1, default=str))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    kernel = "folded" if device.type == "cuda" else "sdpa"
+    kernel = "folded" if device.type == "cuda" else "chunked"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

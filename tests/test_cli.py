@@ -88,7 +88,7 @@ def test_demo_command(tmp_path):
     result = seggpt("demo", "--out", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
     overlay = np.asarray(Image.open(tmp_path / "demo" / "demo_overlay.png"))
-    assert overlay.shape[0] == 128 and overlay.shape[2] == 3
+    assert overlay.shape[0] == 256 and overlay.shape[2] == 3
     assert "IoU against ground truth" in result.stdout
     assert seggpt("demo", "--out", tmp_path / "demo").returncode == 2  # no silent overwrite
     assert seggpt("demo", "--out", tmp_path / "demo", "--overwrite").returncode == 0

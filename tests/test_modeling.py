@@ -49,7 +49,7 @@ def painter_reference(net, target, prompt_images, prompt_masks, seg_type="instan
     return painting[:1, :, painting.shape[2] // 2:]
 
 
-@pytest.mark.parametrize("kernel", modeling.ATTENTION_KERNELS[:3])
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "folded", "chunked"])
 def test_one_prompt_painting_equals_transformers(net448, kernel):
     target, prompt, mask = randn(1, 3, 448, 448, seed=1), randn(1, 3, 448, 448, seed=2), randn(1, 3, 448, 448, seed=3)
     with torch.no_grad():
@@ -131,14 +131,20 @@ def test_prompt_order_within_interleaved_rows(net64):
     torch.testing.assert_close(grouped, interleaved, rtol=1e-4, atol=1e-5)
 
 
-def test_decoding_target_half_equals_full_decode(net64):
-    t, p, m = randn(1, 3, 64, 64, seed=50), randn(1, 3, 64, 64, seed=51), randn(1, 3, 64, 64, seed=52)
+@pytest.mark.parametrize("merge_index, indices", [(0, [0, 1, 2, 3]), (3, [3]), (1, [1, 3])])
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_schedule_shapes_equal_painter_reference(merge_index, indices, prompts):
+    """Other merge blocks and feature blocks, including a merge block that is also the last feature block."""
+    from .conftest import random_net
+
+    net = random_net(seed=7, num_hidden_layers=4, merge_index=merge_index, intermediate_hidden_state_indices=indices,
+                     image_size=[128, 64], patch_size=8, pretrain_image_size=64)
+    target = randn(1, 3, 64, 64, seed=80)
+    images, masks = randn(prompts, 3, 64, 64, seed=81), randn(prompts, 3, 64, 64, seed=82)
     with torch.no_grad():
-        hidden = modeling.embed(net64, torch.cat([p, t], 2), torch.cat([m, m], 2), "instance")
-        features = modeling.encode(net64, hidden, torch.zeros(1, dtype=torch.long), 1)
-        full = net64.decoder(torch.cat(features, -1))[:, :, 64:]
-        half = modeling.decode_target_half(net64, features, torch.tensor([0]))
-    torch.testing.assert_close(half, full, rtol=1e-5, atol=1e-6)
+        expected = painter_reference(net, target, images, masks)
+        ours = modeling.paint(net, target, images, masks, torch.zeros(prompts, dtype=torch.long))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=2e-5)
 
 
 def test_semantic_and_instance_type_tokens_differ(net64):
