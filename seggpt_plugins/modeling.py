@@ -184,7 +184,7 @@ def _group_mean(rows: torch.Tensor, group: torch.Tensor, num_groups: int) -> tor
     """(B, ...) -> (num_groups, ...): the mean of the rows of each group."""
     flat = rows.reshape(rows.shape[0], -1)
     sums = flat.new_zeros(num_groups, flat.shape[1]).index_add_(0, group, flat)
-    counts = torch.bincount(group, minlength=num_groups).clamp_min(1).to(flat.dtype)
+    counts = flat.new_zeros(num_groups).index_add_(0, group, flat.new_ones(group.shape[0])).clamp_min(1)  # no host sync
     return (sums / counts[:, None]).reshape(num_groups, *rows.shape[1:])
 
 
