@@ -139,6 +139,7 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--budget", type=float, default=300, help="seconds; later sections are skipped past it")
     parser.add_argument("--kernels", nargs="+", default=None, help="attention kernels to try for our path")
+    parser.add_argument("--compile", default=None, help="torch.compile mode for our path (reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="a small random config (checks the script only)")
     args = parser.parse_args()
@@ -183,7 +184,7 @@ def main():
     tgt, pim, pms = inputs(t_small, 1)
     best, best_rate = None, 0.0
     for kernel in kernels:
-        model = SegGPT(net, device=device, dtype=ours_dtype, attention=kernel)
+        model = SegGPT(net, device=device, dtype=ours_dtype, attention=kernel, compile=args.compile)
         try:
             seconds = timed(lambda: model.segment(tgt, pim, pms, batch_size=t_small), device, 3 if cuda else 1)
         except Exception as exc:
@@ -194,8 +195,8 @@ def main():
         if rate > best_rate:
             best, best_rate = kernel, rate
         net.float()
-    report["kernel"] = best
-    ours = SegGPT(net, device=device, dtype=ours_dtype, attention=best)
+    report.update(kernel=best, compile=args.compile)
+    ours = SegGPT(net, device=device, dtype=ours_dtype, attention=best, compile=args.compile)
 
     # 2. reference vs ours over sizes
     sizes = [(1, 1), (8, 1), (32, 1), (8, 4), (8, 8), (32, 8)] if cuda else [(1, 1), (2, 1), (1, 4)]

@@ -24,6 +24,7 @@ from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
 
 SEG_TYPES = ("instance", "semantic")
+COMPILE_MODES = (None, "default", "max-autotune", "reduce-overhead")
 TUNED_PROMPT_SUFFIX = ".safetensors"
 SNAP_CHUNK_PIXELS = 1 << 22  # snap at most 4 M pixels at a time (bounds memory on huge targets)
 
@@ -143,9 +144,13 @@ def _group_by(items, key) -> dict:
 class SegGPT:
     """In-context segmentation with SegGPT: example images and masks define the task."""
 
-    def __init__(self, net, device=None, dtype=None, attention: str = "auto", source: str | None = None):
+    def __init__(self, net, device=None, dtype=None, attention: str = "auto", source: str | None = None,
+                 compile: str | None = None):
+        """compile: None, or a torch.compile mode for the forward ("default", "max-autotune",
+        "reduce-overhead" = CUDA graphs too). Each new batch shape compiles once."""
         import torch
 
+        from . import modeling
         from .loading import pick_device, pick_dtype
         from .modeling import ATTENTION_KERNELS, half_size
 
@@ -159,15 +164,20 @@ class SegGPT:
         if attention not in ATTENTION_KERNELS:
             raise InputError(f"attention must be 'auto' or one of {ATTENTION_KERNELS}, got {attention!r}")
         self.attention = attention
+        if compile not in COMPILE_MODES:
+            raise InputError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        self.compile = compile
+        self._forward = modeling.paint if compile is None else torch.compile(modeling.paint, mode=compile, dynamic=False)
         self._torch = torch
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = "BAAI/seggpt-vit-large", device=None, dtype=None,
-                        attention: str = "auto") -> "SegGPT":
+                        attention: str = "auto", compile: str | None = None) -> "SegGPT":
         """Load from a hub id, a transformers directory, a Painter .pth checkpoint, or "demo"."""
         from .loading import load_network
 
-        return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source))
+        return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source),
+                   compile=compile)
 
     def __repr__(self) -> str:
         return f"SegGPT(source={self.source!r}, device={self.device}, dtype={self.dtype}, input={self.input_size})"
@@ -268,7 +278,7 @@ class SegGPT:
         if seg_type not in SEG_TYPES:
             raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
         with self._torch.inference_mode():
-            out = modeling.paint(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention)
+            out = self._forward(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention)
             return modeling.denormalize(out.float())
 
     def _paint_batch(self, targets, prompt_sets: list[PromptSet], seg_type: str):

@@ -201,3 +201,14 @@ def test_more_prompts_than_the_annotated_slices_is_fine(model64, rng):
         warnings.simplefilter("error")
         preds = list(model64.propagate(stack, annotations=masks, max_prompts=1, memory=0))
     assert sorted(p.index for p in preds) == [1, 2, 3, 4]
+
+
+def test_compiled_forward_equals_eager(net64, pair, rng):
+    targets = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    eager = SegGPT(net64, device="cpu").segment(targets, [pair[0]] * 2, [pair[1]] * 2)
+    compiled = SegGPT(net64, device="cpu", compile="default").segment(targets, [pair[0]] * 2, [pair[1]] * 2)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_allclose(a.painting.astype(int), b.painting.astype(int), atol=1)
+        assert (a.labels != b.labels).mean() < 0.01  # only near-ties may flip
+    with pytest.raises(InputError, match="compile must be one of"):
+        SegGPT(net64, device="cpu", compile="fast")
