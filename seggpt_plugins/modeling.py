@@ -107,8 +107,8 @@ def attend(attention, qkv: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
     return out.permute(0, 2, 1, 3).reshape(batch, grid_h, grid_w, heads * head_dim)
 
 
-def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale, heads_per_chunk: int = 1):
-    """softmax(q k^T * scale + rel_h + rel_w) v, a few heads at a time, bias added in place."""
+def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale):
+    """softmax(q k^T * scale + rel_h + rel_w) v, one head at a time, bias added in place."""
     batch, heads, tokens, head_dim = query.shape
     q = (query * scale).reshape(batch * heads, tokens, head_dim)
     k = key.reshape(batch * heads, tokens, head_dim).transpose(1, 2)
@@ -116,11 +116,11 @@ def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale, h
     rel_h = rel_h.reshape(batch * heads, tokens, grid_h, 1)
     rel_w = rel_w.reshape(batch * heads, tokens, 1, grid_w)
     out = []
-    for start in range(0, batch * heads, heads_per_chunk):
-        part = slice(start, start + heads_per_chunk)
-        scores = torch.bmm(q[part], k[part])  # (c, N, N)
-        scores.view(-1, tokens, grid_h, grid_w).add_(rel_h[part]).add_(rel_w[part])
-        out.append(torch.bmm(torch.softmax(scores, dim=-1), v[part]))
+    for i in range(batch * heads):
+        head = slice(i, i + 1)
+        scores = torch.bmm(q[head], k[head])  # (1, N, N)
+        scores.view(-1, tokens, grid_h, grid_w).add_(rel_h[head]).add_(rel_w[head])
+        out.append(torch.bmm(torch.softmax(scores, dim=-1), v[head]))
     return torch.cat(out).reshape(batch, heads, tokens, head_dim)
 
 

@@ -13,28 +13,17 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 
 def pytest_configure(config):
-    """Import fiftyone (if installed) before napari's pytest plugin runs tests.
-
-    napari's plugin imports `importlib_metadata`, which takes `find_distributions` off the standard
-    library's PathFinder; its metadata objects raise KeyError for missing fields, and fiftyone's
-    dependency `eta` reads the absent 'author' field at import. Importing with the standard finder
-    restored keeps every test module free to import fiftyone.
-    """
+    """Import fiftyone's `eta` (if installed) before napari's pytest plugin runs tests, with the standard
+    metadata finder in place (see tests/_metadata.py), so every test module is free to import fiftyone."""
     import importlib.util
-    from importlib.machinery import PathFinder
+
+    from ._metadata import standard_metadata_finder
 
     if importlib.util.find_spec("fiftyone") is None:
         return
-    patched = not hasattr(PathFinder, "find_distributions")
-    if patched:
-        import importlib.metadata as stdlib_metadata
-
-        PathFinder.find_distributions = staticmethod(stdlib_metadata.MetadataPathFinder.find_distributions)
-    try:
+    with standard_metadata_finder():
         import eta  # noqa: F401  (the import that reads package metadata; fiftyone itself loads on use)
-    finally:
-        if patched:
-            del PathFinder.find_distributions
+
 
 SAMPLES = Path(__file__).resolve().parents[1] / "seggpt_plugins" / "demo" / "samples"
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ._metadata import standard_metadata_finder
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,27 +32,11 @@ PROMPT_TILES = (0, 5)  # two tiles with different nuclei counts
 
 
 def import_fiftyone():
-    """Import fiftyone with the standard library's metadata finder in place.
-
-    napari's pytest plugin imports `importlib_metadata`, which removes `find_distributions` from the
-    standard library's PathFinder so that its own finder answers; its metadata objects raise KeyError for
-    a missing field where the standard library returns None, and `eta` (a fiftyone dependency) reads the
-    absent 'author' field of its own metadata at import. Restore the standard finder for the import only.
-    """
-    from importlib.machinery import PathFinder
-
-    patched = not hasattr(PathFinder, "find_distributions")
-    if patched:
-        import importlib.metadata as stdlib_metadata
-
-        PathFinder.find_distributions = staticmethod(stdlib_metadata.MetadataPathFinder.find_distributions)
-    try:
+    """Import fiftyone with the standard library's metadata finder in place (see tests/_metadata.py)."""
+    with standard_metadata_finder():
         import fiftyone
         import fiftyone.operators  # noqa: F401
         import fiftyone.utils.eval  # noqa: F401
-    finally:
-        if patched:
-            del PathFinder.find_distributions
     return fiftyone
 
 

@@ -87,14 +87,19 @@ def test_public_segment_painting_matches_transformers_pipeline(net448, rng):
     assert np.abs(pred.painting.astype(float) - expected).max() <= 0.5 + 1e-3
 
 
+def assert_equals_painter_reference(net, size, prompts, seed):
+    """One target with `prompts` prompts: our paint() against painter_reference() on random inputs."""
+    target = randn(1, 3, size, size, seed=seed)
+    images, masks = randn(prompts, 3, size, size, seed=seed + 1), randn(prompts, 3, size, size, seed=seed + 2)
+    with torch.no_grad():
+        expected = painter_reference(net, target, images, masks)
+        ours = modeling.paint(net, target, images, masks, torch.zeros(prompts, dtype=torch.long))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("prompts", [2, 3])
 def test_feature_ensemble_equals_painter_schedule(net448, prompts):
-    target = randn(1, 3, 448, 448, seed=10)
-    images, masks = randn(prompts, 3, 448, 448, seed=11), randn(prompts, 3, 448, 448, seed=12)
-    with torch.no_grad():
-        expected = painter_reference(net448, target, images, masks)
-        ours = modeling.paint(net448, target, images, masks, torch.zeros(prompts, dtype=torch.long))
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=2e-5)
+    assert_equals_painter_reference(net448, 448, prompts, seed=10)
 
 
 def test_ensemble_differs_from_transformers_feature_ensemble(net448):
@@ -139,12 +144,7 @@ def test_schedule_shapes_equal_painter_reference(merge_index, indices, prompts):
 
     net = random_net(seed=7, num_hidden_layers=4, merge_index=merge_index, intermediate_hidden_state_indices=indices,
                      image_size=[128, 64], patch_size=8, pretrain_image_size=64)
-    target = randn(1, 3, 64, 64, seed=80)
-    images, masks = randn(prompts, 3, 64, 64, seed=81), randn(prompts, 3, 64, 64, seed=82)
-    with torch.no_grad():
-        expected = painter_reference(net, target, images, masks)
-        ours = modeling.paint(net, target, images, masks, torch.zeros(prompts, dtype=torch.long))
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=2e-5)
+    assert_equals_painter_reference(net, 64, prompts, seed=80)
 
 
 def test_semantic_and_instance_type_tokens_differ(net64):
