@@ -450,7 +450,7 @@ class DetectionsCodec:
         import fiftyone as fo
         from scipy import ndimage
 
-        from seggpt_plugins.images import write_png
+        from seggpt_plugins.io import write_png
 
         height, width = staged.shape
         detections = []
@@ -658,7 +658,7 @@ class _Staging:
         return self.root / f"{sample_id}.png"
 
     def write(self, sample_id: str, arr: np.ndarray) -> None:
-        from seggpt_plugins.images import write_png
+        from seggpt_plugins.io import write_png
 
         write_png(self.path(sample_id), arr, overwrite=True)
 

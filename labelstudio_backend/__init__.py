@@ -2,7 +2,7 @@
 
     seggpt labelstudio serve --port 9090          # gunicorn; see docs/labelstudio.md
 
-    from labelstudio_backend import create_app     # the Flask app (e.g. for another WSGI server)
+    from seggpt_plugins.labelstudio import create_app     # the Flask app (e.g. for another WSGI server)
     app = create_app()                             # settings from the environment
 
 Importing this package is cheap: Flask, the SDK and torch load on first use.

@@ -27,7 +27,7 @@ from .references import ByteLRU, Reference, ReferenceStore, embed, most_similar
 from .settings import Settings
 from .state import MemoryState, SqliteState
 
-log = logging.getLogger("labelstudio_backend")
+log = logging.getLogger("seggpt_plugins.labelstudio")
 
 SETUP_LISTING_TIMEOUT_S = 2.0  # Label Studio gives /setup 3 s (ML_TIMEOUT_SETUP)
 DOWNLOAD_THREADS = 8

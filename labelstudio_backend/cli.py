@@ -94,10 +94,10 @@ def cmd_serve(args) -> int:
         return 2
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("labelstudio_backend").setLevel(level)
+    logging.getLogger("seggpt_plugins.labelstudio").setLevel(level)
     if level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio API call otherwise
-    log = logging.getLogger("labelstudio_backend")
+    log = logging.getLogger("seggpt_plugins.labelstudio")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.basic_auth_user:
         log.warning("listening on %s without basic auth: anyone who reaches this port can use the backend "
                     "(set BASIC_AUTH_USER and BASIC_AUTH_PASS)", args.host)

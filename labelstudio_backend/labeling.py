@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-log = logging.getLogger("labelstudio_backend")
+log = logging.getLogger("seggpt_plugins.labelstudio")
 
 BRUSH = "brushlabels"
 POLYGON = "polygonlabels"

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 
-log = logging.getLogger("labelstudio_backend")
+log = logging.getLogger("seggpt_plugins.labelstudio")
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 LABEL_STUDIO_PREFIXES = ("/data/", "/storage-data/", "/tasks/")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger("labelstudio_backend")
+log = logging.getLogger("seggpt_plugins.labelstudio")
 
 ANNOTATED_FILTER = {"conjunction": "and", "items": [
     {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}

@@ -28,7 +28,7 @@ from .backend import (ConfigError, ModelNotReady, RequestError, SegGPTBackend, S
                       parse_project_id)
 from .settings import Settings
 
-log = logging.getLogger("labelstudio_backend")
+log = logging.getLogger("seggpt_plugins.labelstudio")
 
 ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
                      "TASKS_DELETED", "PROJECT_UPDATED", "START_TRAINING"}

@@ -110,8 +110,8 @@ def _plugin_entry_points():
     return sorted(entry_points(group="seggpt_plugins.cli"), key=lambda e: e.name)
 
 
-def _train_args(p: argparse.ArgumentParser, data_required: bool = False) -> None:
-    p.add_argument("--data", required=data_required, default=None,
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
                    help="folder with images/ and masks/ (default for train: procedurally generated tasks)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, model/, eval.json")
     p.add_argument("--steps", type=int, default=1000)
@@ -153,7 +153,8 @@ def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .errors import InputError
-    from .images import display_colors, overlay, to_rgb8, write_png, write_tiff
+    from .images import display_colors, overlay, to_rgb8
+    from .io import write_png, write_tiff
 
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
@@ -190,7 +191,8 @@ def cmd_propagate(args) -> int:
     from tqdm import tqdm
 
     from .errors import InputError
-    from .images import label_dtype, read_image, to_mask, write_tiff
+    from .images import label_dtype, read_image, to_mask
+    from .io import write_tiff
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -226,7 +228,8 @@ def cmd_propagate(args) -> int:
 def cmd_demo(args) -> int:
     import numpy as np
 
-    from .images import display_colors, overlay, read_image, scale_to_uint8, write_png
+    from .images import display_colors, overlay, read_image, scale_to_uint8
+    from .io import write_png
     from .training import iou_per_label
 
     image = read_image(DEMO_SAMPLES / "nuclei2d.tif")

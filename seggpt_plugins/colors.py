@@ -13,11 +13,9 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import InputError
+from .vocabulary import MAX_CLASSES
 
-#: The most classes one prompt set can hold: beyond it two colours would sit closer than MIN_SEPARATION.
-MAX_CLASSES = 124
 MIN_SEPARATION = 51.0  # Euclidean RGB distance between the two closest colours at MAX_CLASSES
-BACKGROUND = (0, 0, 0)
 
 
 @lru_cache(maxsize=1)
@@ -73,7 +71,7 @@ class ColorCode:
         return cls(np.arange(1, len(colors) + 1, dtype=np.int64), colors)
 
     @classmethod
-    def from_masks(cls, masks, names=None) -> "ColorCode":
+    def from_masks(cls, masks) -> "ColorCode":
         """The code for a set of prompt masks: all label masks, or all RGB colour masks."""
         masks = list(masks)
         kinds = {m.ndim for m in masks}

@@ -10,11 +10,9 @@ shared by every target that uses them.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -22,10 +20,10 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
+from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
+from .vocabulary import AUTO_MODEL, SEG_TYPES
 
-SEG_TYPES = ("instance", "semantic")
 COMPILE_MODES = (None, "default", "max-autotune", "reduce-overhead")
-TUNED_PROMPT_SUFFIX = ".safetensors"
 SNAP_CHUNK_PIXELS = 1 << 22  # snap at most 4 M pixels at a time (bounds memory on huge targets)
 
 
@@ -39,7 +37,7 @@ class Prediction:
 
     labels: np.ndarray  # (H, W) integer label ids (the prompt's own ids; 0 = background)
     scores: np.ndarray  # (H, W) float32 in [0, 1]: how clearly each pixel snapped to its colour
-    painting: np.ndarray  # (H, W, 3) uint8: the model's raw RGB painting, resized
+    painting: np.ndarray | None = None  # (H, W, 3) uint8: the model's raw RGB painting, resized (on request)
     index: int = 0  # which target (segment) or frame (propagate) this is
     colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # label id -> prompt colour
 
@@ -48,70 +46,6 @@ class Prediction:
         """Mean score over the pixels predicted as foreground (1.0 when there are none)."""
         foreground = self.labels != 0
         return float(self.scores[foreground].mean()) if foreground.any() else 1.0
-
-
-@dataclass
-class TunedPrompt:
-    """A learned in-context prompt (image and mask canvases at model size) used in place of an example pair."""
-
-    image: Any  # (3, h, w) float tensor, normalised
-    mask: Any  # (3, h, w) float tensor, normalised
-    code: ColorCode
-    seg_type: str = "instance"
-
-    def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {"ids": json.dumps(self.code.ids.tolist()), "colors": json.dumps(self.code.colors.tolist()),
-                "seg_type": self.seg_type, "format": "seggpt-tuned-prompt/1"}
-        tmp = path.with_name(f".{path.name}.part")
-        save_file({"image": self.image.detach().float().cpu().contiguous(),
-                   "mask": self.mask.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TunedPrompt":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != "seggpt-tuned-prompt/1":
-                    raise InputError(f"{path}: not a tuned prompt file (written by `seggpt tune-prompt`)")
-                image, mask = f.get_tensor("image"), f.get_tensor("mask")
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{path}: cannot read a tuned prompt ({exc})") from None
-        code = ColorCode(np.asarray(json.loads(meta["ids"]), np.int64),
-                         np.asarray(json.loads(meta["colors"]), np.uint8).reshape(-1, 3))
-        return cls(image, mask, code, meta.get("seg_type", "instance"))
-
-
-@dataclass
-class PromptSet:
-    """Prepared prompts for one or more targets: model-size tensors on the device and their colour code."""
-
-    images: Any  # (P, 3, h, w) normalised, model dtype
-    masks: Any  # (P, 3, h, w) normalised, model dtype
-    code: ColorCode
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
-def _is_tuned(obj) -> bool:
-    return isinstance(obj, TunedPrompt) or (
-        isinstance(obj, (str, os.PathLike)) and str(obj).endswith(TUNED_PROMPT_SUFFIX)
-    )
-
-
-def _as_list(obj) -> list:
-    if obj is None:
-        return []
-    return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
 
 def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
@@ -171,11 +105,13 @@ class SegGPT:
         self._torch = torch
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = "BAAI/seggpt-vit-large", device=None, dtype=None,
+    def from_pretrained(cls, source: str | os.PathLike = AUTO_MODEL, device=None, dtype=None,
                         attention: str = "auto", compile: str | None = None) -> "SegGPT":
-        """Load from a hub id, a transformers directory, a Painter .pth checkpoint, or "demo"."""
-        from .loading import load_network
+        """Load from a hub id, a transformers directory, a Painter .pth checkpoint, "demo", or "auto"
+        (the default: see loading.resolve_source)."""
+        from .loading import load_network, resolve_source
 
+        source = resolve_source(source)
         return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source),
                    compile=compile)
 
@@ -184,12 +120,9 @@ class SegGPT:
 
     # ------------------------------------------------------------------------------- preprocessing
 
-    def _to_model(self, rgb8: np.ndarray, nearest: bool = False):
-        """(H, W, 3) uint8 -> (3, h, w) normalised tensor on the device, in the model dtype."""
-        return self._to_model_batch([rgb8], nearest)[0]
-
-    def _to_model_batch(self, rgbs: list[np.ndarray], nearest: bool = False):
-        """Images (H, W, 3) uint8 of any sizes -> (B, 3, h, w) normalised, in the model dtype.
+    def encode_images(self, rgbs: list[np.ndarray], nearest: bool = False):
+        """Images (H, W, 3) uint8 of any sizes -> (B, 3, h, w) normalised on the device, in the model dtype
+        (nearest: resize without blending, for colour masks).
 
         Images of one size travel together: one page-locked host buffer, one copy, one resize.
         """
@@ -217,12 +150,16 @@ class SegGPT:
 
     def prepare_prompts(self, prompt_images, prompt_masks=None, intensity_range=None, label_ids=None,
                         code: ColorCode | None = None) -> PromptSet:
-        """Read, check, colour and resize a list of example pairs (or tuned prompts) once."""
-        images, masks = _as_list(prompt_images), _as_list(prompt_masks)
+        """Read, check, colour and resize a list of example pairs (or tuned prompts) once.
+
+        The PromptSet can be passed to `segment`/`iter_segment` again and again in place of the pairs.
+        code: the colour code to use (default: one made for these masks and `label_ids`).
+        """
+        images, masks = as_list(prompt_images), as_list(prompt_masks)
         if not images:
             raise InputError("no prompts given: pass at least one example image with its mask")
-        tuned = [TunedPrompt.load(p) if not isinstance(p, TunedPrompt) else p for p in images if _is_tuned(p)]
-        plain = [p for p in images if not _is_tuned(p)]
+        tuned = [TunedPrompt.load(p) if not isinstance(p, TunedPrompt) else p for p in images if is_tuned(p)]
+        plain = [p for p in images if not is_tuned(p)]
         if len(masks) != len(plain):
             raise InputError(f"got {len(plain)} prompt images but {len(masks)} prompt masks; give one mask per image")
         pairs = []
@@ -238,12 +175,12 @@ class SegGPT:
                               EmptyPromptWarning, stacklevel=3)
             pairs.append((rgb, mask_arr, name))
         if code is None:
-            code = self._code_for(tuned, [m for _, m, _ in pairs], label_ids)
+            code = self.color_code(tuned, [m for _, m, _ in pairs], label_ids)
         prompt_images_t = [t.image.to(self.device, self.dtype) for t in tuned]
         prompt_masks_t = [t.mask.to(self.device, self.dtype) for t in tuned]
         if pairs:
-            prompt_images_t += list(self._to_model_batch([rgb for rgb, _, _ in pairs]))
-            prompt_masks_t += list(self._to_model_batch([code.encode(m, name=f"{name} mask") for _, m, name in pairs],
+            prompt_images_t += list(self.encode_images([rgb for rgb, _, _ in pairs]))
+            prompt_masks_t += list(self.encode_images([code.encode(m, name=f"{name} mask") for _, m, name in pairs],
                                                         nearest=True))
         for t in tuned:
             if tuple(t.image.shape[-2:]) != self.input_size:
@@ -252,7 +189,8 @@ class SegGPT:
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code)
 
     @staticmethod
-    def _code_for(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids) -> ColorCode:
+    def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:
+        """The colour code for a prompt set: the tuned prompts' own, else one over the masks' ids (or `label_ids`)."""
         if tuned:
             code = tuned[0].code
             for t in tuned[1:]:
@@ -281,8 +219,8 @@ class SegGPT:
             out = self._forward(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention)
             return modeling.denormalize(out.float())
 
-    def _paint_batch(self, targets, prompt_sets: list[PromptSet], seg_type: str):
-        """targets: (T, 3, h, w) tensor (or list of (3, h, w)); prompt_sets: one PromptSet per target."""
+    def paint_targets(self, targets, prompt_sets: list[PromptSet], seg_type: str):
+        """Encoded targets (T, 3, h, w) (or a list of (3, h, w)) with one PromptSet each -> (T, 3, h, w) paintings."""
         torch = self._torch
         owner = torch.cat([torch.full((len(s),), j, dtype=torch.long) for j, s in enumerate(prompt_sets)])
         if all(s is prompt_sets[0] for s in prompt_sets):
@@ -294,8 +232,8 @@ class SegGPT:
         targets = targets if torch.is_tensor(targets) else torch.stack(targets)
         return self.paint(targets, images, masks, owner.to(self.device), seg_type)
 
-    def _finish(self, paintings, sizes: list[tuple[int, int]], codes: list[ColorCode],
-                indices: list[int]) -> list[Prediction]:
+    def to_predictions(self, paintings, sizes: list[tuple[int, int]], codes: list[ColorCode], indices: list[int],
+                       with_painting: bool = False) -> list[Prediction]:
         """(T, 3, h, w) paintings in 0..255 -> one Prediction per target at its own size (H, W).
 
         Each pixel's distance to each prompt colour is computed at model resolution (uncertain pixels
@@ -303,7 +241,8 @@ class SegGPT:
         the nearest colour wins. Snapping a resized RGB painting instead lets a blend of two colours at a
         boundary snap to a third colour, leaving 1-pixel fringes.
         Targets of one size and colour code are processed together, in row chunks that bound memory,
-        and come back to the host in one copy per array, as small dtypes.
+        and come back to the host in one copy per array, as small dtypes. The painting itself is resized
+        and returned only `with_painting`.
         """
         import torch.nn.functional as F
 
@@ -325,57 +264,70 @@ class SegGPT:
                 index, score = decide(_resize_rows(distances, size, start, stop))
                 index_parts.append(index.to(torch.uint8))  # at most MAX_CLASSES + 1 = 125 colours
                 score_parts.append(score)
-                paint_parts.append(_resize_rows(group, size, start, stop).round().clamp_(0, 255).to(torch.uint8))
+                if with_painting:
+                    paint_parts.append(_resize_rows(group, size, start, stop).round().clamp_(0, 255).to(torch.uint8))
             index_map = torch.cat(index_parts, 1).cpu().numpy()
             score_map = torch.cat(score_parts, 1).cpu().numpy()
-            painted = torch.cat(paint_parts, 2).permute(0, 2, 3, 1).cpu().numpy()
+            painted = torch.cat(paint_parts, 2).permute(0, 2, 3, 1).cpu().numpy() if with_painting else None
             ids = code.all_ids.astype(label_dtype(int(code.ids.max()) if len(code) else 0))
             for k, j in enumerate(members):
-                results[j] = Prediction(labels=ids[index_map[k]], scores=score_map[k], painting=painted[k],
+                results[j] = Prediction(labels=ids[index_map[k]], scores=score_map[k],
+                                        painting=painted[k] if with_painting else None,
                                         index=indices[j], colors=code.as_dict())
         return results
 
     # ------------------------------------------------------------------------------------- segment
 
     def segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
-                seg_type: str = "instance", intensity_range=None, label_ids=None) -> list[Prediction]:
+                seg_type: str = "instance", intensity_range=None, label_ids=None,
+                with_painting: bool = False) -> list[Prediction]:
         """Segment one or many target images from example pairs; returns one Prediction per target.
 
         prompt_images/prompt_masks: one pair, a list of pairs shared by all targets, or a list of such
         lists, one per target. A tuned prompt (TunedPrompt or its .safetensors path) can stand in for a
-        pair (its mask entry is left out). Several prompts for a target use Painter's feature ensemble.
+        pair (its mask entry is left out). A PromptSet from `prepare_prompts` (or a list of them, one per
+        target) stands for prepared pairs: prepare once, segment many times. Several prompts for a target
+        use Painter's feature ensemble. with_painting: also return the model's raw RGB painting.
         """
         return list(self.iter_segment(images, prompt_images, prompt_masks, batch_size=batch_size,
-                                      seg_type=seg_type, intensity_range=intensity_range, label_ids=label_ids))
+                                      seg_type=seg_type, intensity_range=intensity_range, label_ids=label_ids,
+                                      with_painting=with_painting))
 
     def iter_segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
-                     seg_type: str = "instance", intensity_range=None, label_ids=None) -> Iterator[Prediction]:
+                     seg_type: str = "instance", intensity_range=None, label_ids=None,
+                     with_painting: bool = False) -> Iterator[Prediction]:
         """As `segment`, yielding each Prediction as soon as its batch is done (for progress and cancel)."""
-        targets = _as_list(images) if not isinstance(images, np.ndarray) else [images]
+        targets = as_list(images) if not isinstance(images, np.ndarray) else [images]
         if not targets:
             raise InputError("no target images given")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if seg_type not in SEG_TYPES:
+            raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
         prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids)
         for start in range(0, len(targets), batch_size):
             chunk = range(start, min(start + batch_size, len(targets)))
             rgbs = [to_rgb8(targets[i], intensity_range, name=f"target {i}" + (
                 f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")) for i in chunk]
-            paintings = self._paint_batch(self._to_model_batch(rgbs), [prompt_sets[i] for i in chunk], seg_type)
-            yield from self._finish(paintings, [rgb.shape[:2] for rgb in rgbs],
-                                    [prompt_sets[i].code for i in chunk], list(chunk))
+            paintings = self.paint_targets(self.encode_images(rgbs), [prompt_sets[i] for i in chunk], seg_type)
+            yield from self.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs],
+                                           [prompt_sets[i].code for i in chunk], list(chunk), with_painting)
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids):
-        images = _as_list(prompt_images)
-        per_target = bool(images) and isinstance(images[0], (list, tuple))
+        """One PromptSet per target, each distinct set prepared once."""
+        if isinstance(prompt_images, PromptSet):
+            return [prompt_images] * num_targets
+        images = as_list(prompt_images)
+        per_target = bool(images) and isinstance(images[0], (list, tuple, PromptSet))
         if not per_target:
             shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids)
             return [shared] * num_targets
-        masks = _as_list(prompt_masks) or [None] * len(images)
+        masks = as_list(prompt_masks) or [None] * len(images)
         if len(images) != num_targets or len(masks) != num_targets:
             raise InputError(f"per-target prompts: got {len(images)} prompt lists and {len(masks)} mask lists "
                              f"for {num_targets} targets")
-        return [self.prepare_prompts(i, m, intensity_range, label_ids) for i, m in zip(images, masks)]
+        return [i if isinstance(i, PromptSet) else self.prepare_prompts(i, m, intensity_range, label_ids)
+                for i, m in zip(images, masks)]
 
     # ----------------------------------------------------------------------------------- propagate
 

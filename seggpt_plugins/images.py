@@ -1,12 +1,13 @@
-"""Image I/O: reading images and masks, intensity scaling to 8-bit RGB, atomic writes, overlays.
+"""Reading images and masks (files, bytes, arrays), intensity scaling to 8-bit RGB, label maps, overlays.
 
-Everything here works on numpy arrays; nothing imports torch.
+Images are read as a viewer shows them: EXIF orientation applied, palette (mode P) images as RGB.
+Masks keep what they store: palette indices are label ids. Writing is in `io`. Numpy and Pillow only.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,11 @@ def _check_pixels(shape: tuple[int, ...], name: str) -> None:
         )
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as it is stored: (H, W), (H, W, C) or, for TIFF stacks, (Z, H, W[, C])."""
+def read_image(path: str | os.PathLike, as_mask: bool = False) -> np.ndarray:
+    """Read an image file: (H, W), (H, W, C) or, for TIFF stacks, (Z, H, W[, C]); EXIF orientation applied.
+
+    as_mask: keep palette indices (label ids) instead of converting a palette image to RGB.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -50,41 +54,60 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise
         except Exception as exc:  # tifffile raises many types for broken files
             raise InputError(f"{path}: not a readable TIFF image ({exc})") from None
-    from PIL import Image
+    return _decode(path, str(path), MAX_PIXELS, as_mask)
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None, as_mask: bool = False) -> np.ndarray:
+    """Image file bytes (PNG, JPEG, TIFF page, ...) -> array, as `read_image` reads a file.
+
+    Refused with InputError before decoding when the header announces more than `max_pixels` pixels.
+    """
+    return _decode(io.BytesIO(data), name, MAX_PIXELS if max_pixels is None else int(max_pixels), as_mask)
+
+
+def _decode(source, name: str, max_pixels: int, as_mask: bool) -> np.ndarray:
+    from PIL import Image, ImageOps
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            with Image.open(path) as img:
-                _check_pixels((img.height, img.width), str(path))
-                return pil_to_array(img)
+            Image.MAX_IMAGE_PIXELS = max(MAX_PIXELS, max_pixels)
+            with Image.open(source) as img:
+                if img.width * img.height > max_pixels:
+                    raise InputError(f"{name}: {img.width}x{img.height} = {img.width * img.height} pixels is more "
+                                     f"than the limit of {max_pixels} (refused as a possible decompression bomb; "
+                                     "raise SEGGPT_MAX_PIXELS to allow it)")
+                img.load()
+                return pil_to_array(ImageOps.exif_transpose(img), as_mask)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+        raise InputError(f"{name}: refused as a possible decompression bomb ({exc})") from None
     except Exception as exc:
-        raise InputError(f"{path}: not a readable image file ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{name}: not a readable image file ({type(exc).__name__}: {exc})") from None
 
 
-def pil_to_array(img) -> np.ndarray:
-    """A PIL image as an array, keeping 16-bit and float data and palette indices."""
+def pil_to_array(img, as_mask: bool = False) -> np.ndarray:
+    """A PIL image as an array, keeping 16-bit and float data; palette images as RGB (images) or as their
+    indices (masks, `as_mask`: the indices are the label ids)."""
     if img.mode in ("1",):
         return np.asarray(img, dtype=np.uint8)
-    if img.mode == "P":
-        return np.asarray(img)  # palette indices: a label map
+    if img.mode in ("P", "PA"):
+        if as_mask:
+            return np.asarray(img.convert("P") if img.mode == "PA" else img)
+        return np.asarray(img.convert("RGB"))
     if img.mode in ("L", "I", "F", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L"):
         arr = np.asarray(img)
         return arr[..., 0] if img.mode == "LA" else arr
     return np.asarray(img.convert("RGB"))
 
 
-def as_array(obj: Any, name: str = "image") -> np.ndarray:
+def as_array(obj: Any, name: str = "image", as_mask: bool = False) -> np.ndarray:
     """Numpy array from a path, a PIL image, an array-like (numpy, dask, zarr, torch on CPU)."""
     if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj)
+        return read_image(obj, as_mask)
     if type(obj).__module__.startswith("PIL."):
-        return pil_to_array(obj)
+        return pil_to_array(obj, as_mask)
     try:
         arr = np.asarray(obj)
     except Exception as exc:
@@ -143,7 +166,7 @@ def to_rgb8(obj: Any, intensity_range: tuple[float, float] | None = None, name: 
 
 def to_mask(obj: Any, name: str = "mask") -> np.ndarray:
     """A prompt mask as (H, W) integer labels or (H, W, 3) uint8 colours."""
-    arr = as_array(obj, name)
+    arr = as_array(obj, name, as_mask=True)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] == 4:
@@ -169,23 +192,7 @@ def to_mask(obj: Any, name: str = "mask") -> np.ndarray:
     raise InputError(f"{name}: expected a label mask (H, W) or a colour mask (H, W, 3), got shape {tuple(arr.shape)}")
 
 
-# --------------------------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: Path, write, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: exists; pass --overwrite (overwrite=True) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+# ------------------------------------------------------------------------------------------ label maps
 
 
 def label_dtype(max_id: int):
@@ -196,26 +203,16 @@ def label_dtype(max_id: int):
     return np.int64
 
 
-def write_png(path, arr: np.ndarray, overwrite: bool = False) -> Path:
-    """Write uint8/uint16 gray or RGB as PNG, atomically (temp name, then rename)."""
-    from PIL import Image
-
-    arr = np.asarray(arr)
-    if arr.ndim == 2 and arr.dtype not in (np.uint8, np.uint16):
-        if arr.size and arr.max() > 65535:
-            raise InputError(f"{path}: label ids above 65535 do not fit a PNG; write a TIFF instead")
-        arr = arr.astype(label_dtype(int(arr.max()) if arr.size else 0))
-    img = Image.fromarray(arr)
-    return _atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"), overwrite)
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (H, W) or colour mask (H, W, C): values are kept exactly."""
+    if mask.shape[:2] == (height, width):
+        return mask
+    rows = np.minimum((np.arange(height) + 0.5) * mask.shape[0] / height, mask.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(width) + 0.5) * mask.shape[1] / width, mask.shape[1] - 1).astype(int)
+    return mask[rows][:, cols]
 
 
-def write_tiff(path, arr: np.ndarray, overwrite: bool = False) -> Path:
-    """Write an array as a zlib-compressed TIFF, atomically."""
-    import tifffile
-
-    return _atomic_write(
-        Path(path), lambda tmp: tifffile.imwrite(tmp, np.asarray(arr), compression="zlib"), overwrite
-    )
+# ---------------------------------------------------------------------------------------------- display
 
 
 def display_colors(ids) -> dict[int, tuple[int, int, int]]:

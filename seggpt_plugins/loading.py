@@ -1,19 +1,23 @@
 """Loading SegGPT weights: hub ids, transformers directories, original Painter checkpoints, the demo model.
 
 Everything resolves to transformers' `SegGptForImageSegmentation`; `convert` writes a Painter `.pth`
-as a transformers directory.
+as a transformers directory. The default source "auto" follows one rule everywhere (`resolve_source`),
+and `get_model` keeps one loaded model per process for the adapters (loading ViT-L takes seconds).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
+import warnings
 from pathlib import Path
 
 from .errors import ModelSourceError
+from .vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV
 
-DEFAULT_MODEL = "BAAI/seggpt-vit-large"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before calling this machine offline
 CHECKPOINT_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
 
 # Original Painter (baaivision/Painter, SegGPT) parameter names -> transformers' SegGptForImageSegmentation.
@@ -78,13 +82,114 @@ def pick_dtype(dtype, device):
     return getattr(torch, name)
 
 
+# ------------------------------------------------------------------------------------------ sources
+
+
+class DefaultModelWarning(UserWarning):
+    """The default model fell back to the demo model (the real weights are not in the local cache)."""
+
+
+def resolve_source(source: str | os.PathLike | None = AUTO_MODEL) -> str:
+    """The model a source names. "auto" (or None, or empty) is the one rule for a default everywhere:
+    $SEGGPT_MODEL when set, else the hub weights (BAAI/seggpt-vit-large) when they are in the local
+    Hugging Face cache, else the demo model, with a DefaultModelWarning that says how to get the real
+    weights. A `config.json` path stands for its transformers directory."""
+    text = str(source).strip() if source is not None else ""
+    if text in ("", AUTO_MODEL):
+        configured = os.environ.get(MODEL_ENV, "").strip()
+        if configured and configured != AUTO_MODEL:
+            return resolve_source(configured)
+        if _hub_cached(HUB_MODEL):
+            return HUB_MODEL
+        warnings.warn(f"using the small demo model: the real weights ({HUB_MODEL}) are not in the Hugging Face "
+                      f"cache. Get them with `hf download {HUB_MODEL}`, or name a model with --model or "
+                      f"${MODEL_ENV}", DefaultModelWarning, stacklevel=2)
+        return DEMO_MODEL
+    path = Path(text).expanduser()
+    if path.name == "config.json" and path.is_file():
+        return str(path.parent)
+    return text
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub answers a TCP connection within `timeout` seconds (DNS included)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    parts = urlsplit(constants.ENDPOINT)
+    result: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+# ------------------------------------------------------------------------------------- model cache
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple, object] = {}
+
+
+def _cache_key(source, device, dtype) -> tuple:
+    return resolve_source(source), str(device or "auto"), str(dtype or "auto")
+
+
+def cached(source=AUTO_MODEL, device=None, dtype=None):
+    """The model `get_model` holds for these arguments, or None if it must be loaded first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DefaultModelWarning)
+        return _cache.get(_cache_key(source, device, dtype))
+
+
+def get_model(source=AUTO_MODEL, device=None, dtype=None):
+    """A SegGPT for (source, device, dtype), loaded once per process and shared by every caller. Only the
+    latest model stays loaded (ViT-L weighs 1.5 GB): asking for another one frees the previous one."""
+    key = _cache_key(source, device, dtype)
+    with _cache_lock:
+        model = _cache.get(key)
+        if model is None:
+            from .engine import SegGPT
+
+            _cache.clear()
+            model = _cache[key] = SegGPT.from_pretrained(key[0], device=None if key[1] == "auto" else key[1],
+                                                         dtype=None if key[2] == "auto" else key[2])
+        return model
+
+
+def clear() -> None:
+    """Forget the cached model (its memory is freed once no caller holds it)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 # ----------------------------------------------------------------------------------------- loading
 
 
-def load_network(source: str | os.PathLike = DEFAULT_MODEL):
+def load_network(source: str | os.PathLike = HUB_MODEL):
     """transformers' SegGptForImageSegmentation (eval mode, float32, CPU) from any supported source."""
     source = str(source)
-    if source == "demo":
+    if source == DEMO_MODEL:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise ModelSourceError(f"the demo model is missing from this installation ({DEMO_MODEL_DIR})")
         return _from_directory(DEMO_MODEL_DIR)
@@ -115,14 +220,20 @@ def _from_directory(path: Path):
 
 
 def _from_hub(repo_id: str):
+    """From the local Hugging Face cache when the weights are there; else from the hub, unless it does not
+    answer within a few seconds (then the error comes at once, not after a minute of retries)."""
     from transformers import SegGptForImageSegmentation
 
     try:
-        net = SegGptForImageSegmentation.from_pretrained(repo_id)
+        if _hub_cached(repo_id) or not _hub_reachable():
+            net = SegGptForImageSegmentation.from_pretrained(repo_id, local_files_only=True)
+        else:
+            net = SegGptForImageSegmentation.from_pretrained(repo_id)
     except Exception as exc:
         from huggingface_hub import constants
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "connect" in str(exc).lower()
+        offline = (constants.HF_HUB_OFFLINE or not _hub_cached(repo_id) and "local_files_only" in str(exc)
+                   or "connect" in str(exc).lower() or "offline" in str(exc).lower())
         reason = (
             "this machine is offline (or HF_HUB_OFFLINE is set) and the weights are not in the Hugging Face cache"
             if offline

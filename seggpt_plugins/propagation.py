@@ -14,7 +14,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import InputError
-from .images import robust_range, to_mask
+from .images import robust_range, to_mask, to_rgb8
+from .prompts import PromptSet, as_list, is_tuned, nearest
+from .vocabulary import SEG_TYPES
 
 
 @dataclass
@@ -59,33 +61,37 @@ def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, f
 def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
               annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
               seg_type: str = "instance", intensity_range=None, label_ids=None) -> Iterator:
-    """See SegGPT.propagate."""
-    import torch
-
-    from .engine import PromptSet, _as_list, _is_tuned
-
+    """See SegGPT.propagate. Drives the model through its public steps only (encode_images, paint_targets,
+    to_predictions), so this module does not import the engine."""
     num_frames = len(frames)
     if num_frames == 0:
         raise InputError("no frames given")
     if memory < 0 or batch_size < 1 or (max_prompts is not None and max_prompts < 1):
         raise InputError(f"memory must be >= 0, batch_size and max_prompts >= 1 (got {memory}, {batch_size}, "
                          f"{max_prompts})")
+    if seg_type not in SEG_TYPES:
+        raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
     annotations = {int(k): v for k, v in (annotations or {}).items()}
     bad = [k for k in annotations if not 0 <= k < num_frames]
     if bad:
-        raise InputError(f"annotated frame indices {bad} are outside the stack of {num_frames} frames")
-    if not annotations and not _as_list(prompt_images):
+        raise InputError(f"annotated frame indices {bad} are outside the stack of {num_frames} frames "
+                         f"(0..{num_frames - 1})")
+    if not annotations and not as_list(prompt_images):
         raise InputError("no prompts given: pass example pairs (prompt_images, prompt_masks) or annotations")
     if intensity_range is None:
         intensity_range = stack_intensity_range(frames)
 
     annotation_masks = {i: to_mask(m, name=f"annotation of frame {i}") for i, m in sorted(annotations.items())}
-    external_images = _as_list(prompt_images)
-    external_masks = [to_mask(m, name=f"prompt {k} mask") for k, m in enumerate(_as_list(prompt_masks))]
-    tuned = [p for p in external_images if _is_tuned(p)]
+    frame_shape = np.asarray(frames[0]).shape[:2]
+    for i, mask in annotation_masks.items():
+        if mask.shape[:2] != frame_shape:
+            raise InputError(f"annotation of frame {i}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the "
+                             f"frame size {frame_shape[1]}x{frame_shape[0]} (width x height)")
+    external_images = as_list(prompt_images)
+    external_masks = [to_mask(m, name=f"prompt {k} mask") for k, m in enumerate(as_list(prompt_masks))]
     code = None
-    if not tuned:
-        code = model._code_for([], external_masks + list(annotation_masks.values()), label_ids)
+    if not any(is_tuned(p) for p in external_images):
+        code = model.color_code([], external_masks + list(annotation_masks.values()), label_ids)
     external = model.prepare_prompts(external_images, external_masks, intensity_range, code=code) \
         if external_images else None
     code = external.code if external is not None else code
@@ -94,16 +100,10 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
 
     runs = plan_runs(num_frames, annotated)
     for run in runs:
-        nearest = sorted(annotated, key=lambda i: (abs(i - run.origin), i)) if run.origin is not None else []
-        sets = ([external] if external is not None else []) + [annotated[i] for i in nearest]
-        images = torch.cat([s.images for s in sets])
-        masks = torch.cat([s.masks for s in sets])
-        if max_prompts is not None:
-            images, masks = images[:max_prompts], masks[:max_prompts]
-        run.fixed = PromptSet(images, masks, code)
-        run.memory = deque(maxlen=memory) if memory else deque(maxlen=0)
-
-    from .images import to_rgb8
+        nearby = nearest(annotated, run.origin, None) if run.origin is not None else []
+        sets = ([external] if external is not None else []) + [annotated[i] for i in nearby]
+        run.fixed = PromptSet.concat(sets).first(max_prompts)
+        run.memory = deque(maxlen=memory)
 
     while True:
         active = [run for run in runs if not run.done]
@@ -113,20 +113,21 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             chunk = active[start:start + batch_size]
             indices = [run.frames[run.position] for run in chunk]
             rgbs = [to_rgb8(frames[i], intensity_range, name=f"frame {i}") for i in indices]
-            targets = model._to_model_batch(rgbs)
-            sets = []
-            for run in chunk:
-                if run.memory:
-                    images = torch.cat([run.fixed.images, torch.stack([m[0] for m in run.memory])])
-                    masks = torch.cat([run.fixed.masks, torch.stack([m[1] for m in run.memory])])
-                    sets.append(PromptSet(images, masks, code))
-                else:
-                    sets.append(run.fixed)
-            paintings = model._paint_batch(targets, sets, seg_type)
-            predictions = model._finish(paintings, [rgb.shape[:2] for rgb in rgbs], [code] * len(chunk), indices)
+            targets = model.encode_images(rgbs)
+            sets = [run.fixed.extended(*_stacked(run.memory)) if run.memory else run.fixed for run in chunk]
+            paintings = model.paint_targets(targets, sets, seg_type)
+            predictions = model.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs], [code] * len(chunk),
+                                               indices)
             for j, (run, prediction) in enumerate(zip(chunk, predictions)):
                 if run.memory.maxlen:
-                    colour_mask = code.encode(prediction.labels)
-                    run.memory.append((targets[j], model._to_model(colour_mask, nearest=True)))
+                    colour_mask = model.encode_images([code.encode(prediction.labels)], nearest=True)[0]
+                    run.memory.append((targets[j], colour_mask))
                 run.position += 1
                 yield prediction
+
+
+def _stacked(memory: deque):
+    """The memory's (image, mask) pairs as two (M, 3, h, w) tensors."""
+    import torch
+
+    return torch.stack([m[0] for m in memory]), torch.stack([m[1] for m in memory])

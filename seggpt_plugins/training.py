@@ -18,7 +18,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -56,7 +56,6 @@ class TrainSettings:
     stop_after: int | None = None  # stop at this step (the schedule still spans `steps`)
     variant: str = "v1"  # generated-task variant (synthetic.VARIANTS)
     trainable: str = "all"  # all | decoder | last:N (decoder + last N blocks)
-    extra: dict = field(default_factory=dict)
 
 
 def make_config(name_or_path: str | dict = "demo", **overrides):
@@ -496,7 +495,7 @@ def tune_prompt(model, data, steps: int = 200, lr: float = 0.05, batch_size: int
 
     from . import modeling
     from .colors import ColorCode
-    from .engine import TunedPrompt
+    from .prompts import TunedPrompt
 
     samples = data if isinstance(data, PairedSamples) else PairedSamples.from_folder(data, model.input_size[0])
     code = ColorCode.for_ids(samples.ids)

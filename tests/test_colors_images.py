@@ -11,7 +11,8 @@ from PIL import Image
 
 from seggpt_plugins import InputError
 from seggpt_plugins.colors import MAX_CLASSES, MIN_SEPARATION, ColorCode, palette, snap
-from seggpt_plugins.images import (read_image, scale_to_uint8, to_mask, to_rgb8, write_png, write_tiff)
+from seggpt_plugins.images import read_image, scale_to_uint8, to_mask, to_rgb8
+from seggpt_plugins.io import write_png, write_tiff
 
 
 def test_palette_separation_and_limit():
@@ -164,7 +165,7 @@ def test_atomic_writes_refuse_overwrite_and_leave_no_partial(tmp_path):
     def explode(_):
         raise Boom
 
-    from seggpt_plugins.images import _atomic_write
+    from seggpt_plugins.io import atomic_write as _atomic_write
 
     with pytest.raises(Boom):
         _atomic_write(tmp_path / "y.tif", explode, overwrite=False)

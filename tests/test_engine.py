@@ -22,7 +22,7 @@ def pair(rng):
 
 def test_predictions_have_target_size_dtypes_and_prompt_ids(model64, pair, rng):
     targets = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8), rng.integers(0, 65535, (120, 40), dtype=np.uint16)]
-    preds = model64.segment(targets, *pair)
+    preds = model64.segment(targets, *pair, with_painting=True)
     assert len(preds) == 2 and all(isinstance(p, Prediction) for p in preds)
     for pred, target in zip(preds, targets):
         assert pred.labels.shape == target.shape[:2] and pred.scores.shape == target.shape[:2]
@@ -36,7 +36,8 @@ def test_predictions_have_target_size_dtypes_and_prompt_ids(model64, pair, rng):
 
 def test_labels_are_the_nearest_prompt_colour_of_the_painting(demo_model, nuclei2d):
     image, truth = nuclei2d
-    pred = demo_model.segment(image[128:256, :128], image[:128, :128], (truth[:128, :128] > 0) * 3)[0]
+    pred = demo_model.segment(image[128:256, :128], image[:128, :128], (truth[:128, :128] > 0) * 3,
+                              with_painting=True)[0]
     code = ColorCode.for_ids([3])
     distance = np.linalg.norm(pred.painting[..., None, :].astype(float) - code.all_colors[None, None].astype(float), axis=-1)
     clear = pred.scores > 0.05  # the uint8 painting is rounded: only near-ties may differ
@@ -205,8 +206,9 @@ def test_more_prompts_than_the_annotated_slices_is_fine(model64, rng):
 
 def test_compiled_forward_equals_eager(net64, pair, rng):
     targets = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    eager = SegGPT(net64, device="cpu").segment(targets, [pair[0]] * 2, [pair[1]] * 2)
-    compiled = SegGPT(net64, device="cpu", compile="default").segment(targets, [pair[0]] * 2, [pair[1]] * 2)
+    eager = SegGPT(net64, device="cpu").segment(targets, [pair[0]] * 2, [pair[1]] * 2, with_painting=True)
+    compiled = SegGPT(net64, device="cpu", compile="default").segment(targets, [pair[0]] * 2, [pair[1]] * 2,
+                                                                      with_painting=True)
     for a, b in zip(eager, compiled):
         np.testing.assert_allclose(a.painting.astype(int), b.painting.astype(int), atol=1)
         assert (a.labels != b.labels).mean() < 0.01  # only near-ties may flip

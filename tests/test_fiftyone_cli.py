@@ -57,7 +57,7 @@ def test_copy_install_and_uninstall(tmp_path):
 
 def test_cli_module_stays_light():
     """`seggpt --help` imports every adapter's cli module: it must not pull fiftyone or torch in."""
-    code = ("import sys, fiftyone_op.cli, fiftyone_op\n"
+    code = ("import sys, seggpt_plugins.fiftyone.cli, seggpt_plugins.fiftyone\n"
             "heavy = [m for m in ('fiftyone', 'torch', 'transformers', 'numpy') if m in sys.modules]\n"
             "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -492,7 +492,7 @@ def test_detections_codec_round_trip(tiles):
     """Instance encoding of prompts and decoding of a painting are inverse (no model involved)."""
     from seggpt_plugins.engine import Prediction
 
-    from fiftyone_op.propagate import DetectionsCodec
+    from seggpt_plugins.fiftyone.propagate import DetectionsCodec
 
     codec = DetectionsCodec("instances", "instance")
     prompts = [detections_of(t[2]) for t in tiles[:3]]
@@ -633,7 +633,7 @@ def test_failed_commit_is_undone(dataset, monkeypatch):
 
 
 def test_shard_split_is_exact():
-    from fiftyone_op.propagate import split
+    from seggpt_plugins.fiftyone.propagate import split
 
     for n in range(0, 30):
         for shards in range(1, 6):
@@ -645,7 +645,7 @@ def test_shard_split_is_exact():
 
 
 def test_most_similar_prompts_first(tiles):
-    from fiftyone_op.propagate import describe, most_similar
+    from seggpt_plugins.fiftyone.propagate import describe, most_similar
 
     pool = np.stack([describe(np.repeat(t[1][..., None], 3, -1)) for t in tiles])
     for k, t in enumerate(tiles):

@@ -25,12 +25,12 @@ pytest.importorskip("label_studio_sdk")
 
 from label_studio_sdk.converter.brush import decode_rle, mask2rle  # noqa: E402
 
-from labelstudio_backend.backend import RequestError, Services, check_params, parse_project_id  # noqa: E402
-from labelstudio_backend.labeling import (ConfigError, annotation_to_mask, mask_to_polygons,  # noqa: E402
+from seggpt_plugins.labelstudio.backend import RequestError, Services, check_params, parse_project_id  # noqa: E402
+from seggpt_plugins.labelstudio.labeling import (ConfigError, annotation_to_mask, mask_to_polygons,  # noqa: E402
                                           parse_label_config, prediction_to_results)
-from labelstudio_backend.media import LabelStudioAuth, MediaError, MediaFetcher, decode_image  # noqa: E402
-from labelstudio_backend.server import create_app  # noqa: E402
-from labelstudio_backend.settings import Settings  # noqa: E402
+from seggpt_plugins.labelstudio.media import LabelStudioAuth, MediaError, MediaFetcher, decode_image  # noqa: E402
+from seggpt_plugins.labelstudio.server import create_app  # noqa: E402
+from seggpt_plugins.labelstudio.settings import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -584,7 +584,7 @@ def test_predict_polygons_and_both_controls(make_client, fake_ls, tiles):
 def test_no_annotated_task_gives_empty_results_and_says_why(make_client, fake_ls, tiles, caplog):
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
     tasks = [fake_ls.add_task(7, tiles[k]) for k in (1, 2)]
-    caplog.set_level(logging.INFO, logger="labelstudio_backend")
+    caplog.set_level(logging.INFO, logger="seggpt_plugins.labelstudio")
     response = client.post("/predict", json=predict_body(tasks))
     assert response.status_code == 200
     assert response.json["results"] == [{"result": [], "score": 0.0, "model_version": response.json["model_version"]}] * 2
@@ -663,7 +663,7 @@ def test_bad_task_images_do_not_sink_the_batch(make_client, fake_ls, tiles, capl
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
     fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
     good = fake_ls.add_task(7, tiles[5])
-    caplog.set_level(logging.WARNING, logger="labelstudio_backend")
+    caplog.set_level(logging.WARNING, logger="seggpt_plugins.labelstudio")
     tasks = [{"id": 90, "data": {"image": "/etc/passwd"}}, good, {"id": 91, "data": {"picture": "x"}},
              {"id": 92, "data": {"image": "/data/upload/7/missing.png"}}]
     results = client.post("/predict", json=predict_body(tasks)).json["results"]
@@ -678,7 +678,7 @@ def test_a_call_stays_inside_its_time_budget(make_client, fake_ls, tiles, caplog
     fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
     tasks = [fake_ls.add_task(7, tiles[k % 16]) for k in range(1, 80)]
     assert client.post("/predict", json=predict_body(tasks[:1])).status_code == 200  # references listed and cached
-    caplog.set_level(logging.WARNING, logger="labelstudio_backend")
+    caplog.set_level(logging.WARNING, logger="seggpt_plugins.labelstudio")
     started = time.monotonic()
     results = client.post("/predict", json=predict_body(tasks)).json["results"]
     assert time.monotonic() - started < 10  # the budget plus at most about one batch
@@ -747,7 +747,7 @@ def test_settings_read_the_environment(monkeypatch):
 
 
 def test_cli_is_light_and_registered():
-    code = ("import sys, argparse, labelstudio_backend.cli as c; "
+    code = ("import sys, argparse, seggpt_plugins.labelstudio.cli as c; "
             "p = argparse.ArgumentParser(); c.register(p.add_subparsers(dest='command')); "
             "a = p.parse_args(['labelstudio', 'serve', '--port', '9191']); "
             "heavy = [m for m in ('flask', 'torch', 'label_studio_sdk', 'gunicorn') if m in sys.modules]; "

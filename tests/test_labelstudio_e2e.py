@@ -280,8 +280,8 @@ def test_retrieve_predictions_in_label_studio(label_studio, backend, project, ti
 
 def test_personal_access_token_against_the_real_server(label_studio, project, tiles):
     """A PAT (JWT refresh token) is exchanged at /api/token/refresh/ and reads tasks and uploads."""
-    from labelstudio_backend.media import MediaError, MediaFetcher
-    from labelstudio_backend.references import ReferenceStore
+    from seggpt_plugins.labelstudio.media import MediaError, MediaFetcher
+    from seggpt_plugins.labelstudio.references import ReferenceStore
 
     _ensure_annotated(project, tiles)
     ls = project["ls"]

@@ -52,7 +52,7 @@ def paint_once(model):
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[8:40, 8:40] = 1
-    return model.segment(image, image, mask)[0].painting
+    return model.segment(image, image, mask, with_painting=True)[0].painting
 
 
 @pytest.fixture(scope="module")

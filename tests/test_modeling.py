@@ -76,7 +76,7 @@ def test_public_segment_painting_matches_transformers_pipeline(net448, rng):
     image, prompt = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
     mask = np.zeros((448, 448), np.uint8)
     mask[100:300, 50:200] = 4
-    pred = model.segment(image, prompt, mask)[0]
+    pred = model.segment(image, prompt, mask, with_painting=True)[0]
     colour = np.zeros((448, 448, 3), np.uint8)
     colour[mask == 4] = pred.colors[4]
     to_input = lambda a: modeling.normalize(torch.from_numpy(a).permute(2, 0, 1)[None].float())  # noqa: E731

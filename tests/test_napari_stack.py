@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_plugin._stack import PlaneStack, accept_indices, annotated_planes, nearest, spread
+from seggpt_plugins.napari._stack import PlaneStack, accept_indices, annotated_planes, nearest, spread
 
 
 def test_plane_stack_reads_one_plane_along_the_chosen_axis():

@@ -61,8 +61,9 @@ def test_saved_model_reloads_with_identical_predictions(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mask = (rng.random((32, 32)) > 0.7).astype(np.uint8)
-    in_memory = SegGPT(net, device="cpu").segment(image, image, mask)[0]
-    reloaded = SegGPT.from_pretrained(tmp_path / "run" / "model", device="cpu").segment(image, image, mask)[0]
+    in_memory = SegGPT(net, device="cpu").segment(image, image, mask, with_painting=True)[0]
+    reloaded = SegGPT.from_pretrained(tmp_path / "run" / "model", device="cpu").segment(image, image, mask,
+                                                                                       with_painting=True)[0]
     assert np.array_equal(in_memory.painting, reloaded.painting) and np.array_equal(in_memory.labels, reloaded.labels)
 
 

@@ -1,0 +1,25 @@
+"""The words every part of the project shares: segmentation types, model names, class limits.
+
+Spelled once here; the core, the CLI and the three adapters import them. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+#: SegGPT's type token: "instance" (Painter's default: colours are objects) or "semantic" (colours are classes).
+SEG_TYPES = ("instance", "semantic")
+
+#: The real weights (370 M parameters, MIT) on the Hugging Face hub.
+HUB_MODEL = "BAAI/seggpt-vit-large"
+
+#: The small model that ships inside the package (trained on generated tasks only).
+DEMO_MODEL = "demo"
+
+#: The default model of every command and adapter (see loading.resolve_source): $SEGGPT_MODEL when set,
+#: else HUB_MODEL when its weights are in the local Hugging Face cache, else DEMO_MODEL (with a notice).
+AUTO_MODEL = "auto"
+
+#: The most classes one prompt set can hold: beyond it two prompt colours would sit closer than 51 RGB units.
+MAX_CLASSES = 124
+
+#: Where a user (or a deployment) names the model for every entry point at once.
+MODEL_ENV = "SEGGPT_MODEL"
