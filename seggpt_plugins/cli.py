@@ -11,20 +11,24 @@ import sys
 import time
 from pathlib import Path
 
+from .vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV, SEG_TYPES
+
 DEMO_SAMPLES = Path(__file__).parent / "demo" / "samples"
+LABELS_SUFFIX = "_labels"  # output names never equal an input's name
 
 
-def _common(parser: argparse.ArgumentParser, model_default: str = "BAAI/seggpt-vit-large") -> None:
+def _common(parser: argparse.ArgumentParser, model_default: str = AUTO_MODEL) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=model_default,
-                       help="hub id, transformers directory, Painter .pth checkpoint, or 'demo' (default: %(default)s)")
+                       help=f"hub id, transformers directory, Painter .pth checkpoint, 'demo', or 'auto' (default: "
+                            f"%(default)s; auto = ${MODEL_ENV}, else {HUB_MODEL} when cached, else demo)")
     group.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)")
     group.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (default: %(default)s)")
 
 
 def _inference(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seg-type", choices=["instance", "semantic"], default="instance",
+    parser.add_argument("--seg-type", choices=list(SEG_TYPES), default="instance",
                         help="SegGPT's type token (default: %(default)s, as Painter)")
     parser.add_argument("--intensity-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="map this intensity range to 0..255 (default: robust percentiles for non-8-bit images)")
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole pipeline offline on sample images that ship with the package")
     p.add_argument("--out", default="seggpt-demo", help="output folder (default: %(default)s)")
-    _common(p, model_default="demo")
+    _common(p, model_default=DEMO_MODEL)
     _inference(p)
 
     p = sub.add_parser("segment", help="segment target images from example image/mask pairs")
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an example image and its mask (label map, or RGB colour mask); repeat for more")
     p.add_argument("--tuned-prompt", action="append", default=[], metavar="FILE",
                    help="a prompt learned by `seggpt tune-prompt` (in place of an example pair)")
-    p.add_argument("--out", required=True, help="output folder: one label PNG per target")
+    p.add_argument("--out", required=True, help=f"output folder: one label PNG per target (<name>{LABELS_SUFFIX}.png)")
     p.add_argument("--overlay", action="store_true", help="also write a colour overlay PNG per target")
     p.add_argument("--scores", action="store_true", help="also write the confidence map as a float TIFF")
     _common(p)
@@ -87,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seg-type", choices=["instance", "semantic"], default="semantic")
+    p.add_argument("--seg-type", choices=list(SEG_TYPES), default="semantic")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("evaluate", help="mIoU of a model on held-out generated tasks")
     p.add_argument("--prompts", type=int, nargs="+", default=[1, 3])
     p.add_argument("--tasks", type=int, default=96)
-    _common(p, model_default="demo")
+    _common(p, model_default=DEMO_MODEL)
 
     for entry_point in _plugin_entry_points():
         try:
@@ -148,41 +152,61 @@ def _intensity(args):
     return tuple(args.intensity_range) if args.intensity_range else None
 
 
+def _check_numbers(args, **limits) -> None:
+    """Whole-number options against their lower bounds, before any work (InputError names the flag)."""
+    from .errors import InputError
+
+    for name, low in limits.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _require_files(paths) -> None:
+    """Every input file exists (checked before the model loads; reading them tells what else is wrong)."""
+    from .errors import InputError
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: is not a file")
+
+
 def cmd_segment(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
     from .errors import InputError
     from .images import display_colors, overlay, to_rgb8
-    from .io import write_png, write_tiff
+    from .io import OutputSet
 
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
+    _check_numbers(args, batch_size=1)
     out = Path(args.out)
-    outputs = [out / f"{Path(t).stem}.png" for t in args.targets]
-    if len(set(outputs)) != len(outputs):
-        raise InputError("two targets share a file name stem; their outputs would collide")
-    if not args.overwrite:
-        existing = [str(p) for p in outputs if p.exists()]
-        if existing:
-            raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; --out names the output folder")
+    inputs = [*args.targets, *(p for pair in args.prompt for p in pair), *args.tuned_prompt]
+    _require_files(inputs)
+    stems = [Path(t).stem for t in args.targets]
+    labels = [out / f"{stem}{LABELS_SUFFIX}.png" for stem in stems]
+    overlays = [out / f"{stem}_overlay.png" for stem in stems] if args.overlay else []
+    scores = [out / f"{stem}_scores.tif" for stem in stems] if args.scores else []
+    outputs = OutputSet(labels + overlays + scores, inputs=inputs, overwrite=args.overwrite)
     model = _load(args)
     prompt_images = [image for image, _ in args.prompt] + list(args.tuned_prompt)
     prompt_masks = [mask for _, mask in args.prompt]
     predictions = model.iter_segment(args.targets, prompt_images, prompt_masks, batch_size=args.batch_size,
                                      seg_type=args.seg_type, intensity_range=_intensity(args))
-    for prediction in tqdm(predictions, total=len(args.targets), desc="segmenting", unit="image"):
-        target = args.targets[prediction.index]
-        write_png(outputs[prediction.index], prediction.labels, overwrite=args.overwrite)
-        if args.overlay:
-            image = to_rgb8(target, _intensity(args))
-            write_png(out / f"{Path(target).stem}_overlay.png",
-                      overlay(image, prediction.labels, display_colors(prediction.colors)),
-                      overwrite=args.overwrite)
-        if args.scores:
-            write_tiff(out / f"{Path(target).stem}_scores.tif", prediction.scores.astype(np.float32),
-                       overwrite=args.overwrite)
-    print(f"wrote {len(outputs)} label images to {out}")
+    with outputs:
+        for prediction in tqdm(predictions, total=len(args.targets), desc="segmenting", unit="image"):
+            i = prediction.index
+            outputs.write_png(labels[i], prediction.labels)
+            if args.overlay:
+                image = to_rgb8(args.targets[i], _intensity(args))
+                outputs.write_png(overlays[i], overlay(image, prediction.labels, display_colors(prediction.colors)))
+            if args.scores:
+                outputs.write_tiff(scores[i], prediction.scores.astype(np.float32))
+    print(f"wrote {len(labels)} label images to {out}")
     return 0
 
 
@@ -192,36 +216,47 @@ def cmd_propagate(args) -> int:
 
     from .errors import InputError
     from .images import label_dtype, read_image, to_mask
-    from .io import write_tiff
+    from .io import OutputSet
 
+    _check_numbers(args, batch_size=1, memory=0, max_prompts=1)
+    inputs = [args.stack, *(m for _, m in args.prompt_slice), *(p for pair in args.prompt for p in pair)]
+    _require_files(inputs)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+    outputs = OutputSet([out], inputs=inputs, overwrite=args.overwrite)
+    if not args.prompt_slice and not args.prompt:
+        raise InputError("give at least one --prompt-slice Z MASK or --prompt IMAGE MASK")
     stack = read_image(args.stack)
     if stack.ndim not in (3, 4) or (stack.ndim == 4 and stack.shape[-1] not in (3, 4)):
         raise InputError(f"{args.stack}: expected a stack (Z, Y, X) or (Z, Y, X, C), got shape {stack.shape}")
+    depth, height, width = stack.shape[:3]
     annotations = {}
     for z, mask in args.prompt_slice:
         try:
             z = int(z)
         except ValueError:
             raise InputError(f"--prompt-slice: slice index must be an integer, got {z!r}") from None
-        annotations[z] = to_mask(mask, name=f"--prompt-slice {z} {mask}")
-    if not annotations and not args.prompt:
-        raise InputError("give at least one --prompt-slice Z MASK or --prompt IMAGE MASK")
+        if not 0 <= z < depth:
+            raise InputError(f"--prompt-slice {z}: {args.stack} has {depth} slices (0..{depth - 1})")
+        annotation = to_mask(mask, name=f"--prompt-slice {z} {mask}")
+        if annotation.ndim != 2 or annotation.shape != (height, width):
+            raise InputError(f"--prompt-slice {z} {mask}: a label mask of {width}x{height} (width x height) is "
+                             f"needed, like the slices of {args.stack}; got shape {annotation.shape}")
+        annotations[z] = annotation
+    prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
     model = _load(args)
-    ids = [np.unique(m) for m in annotations.values()] + [np.unique(to_mask(m)) for _, m in args.prompt]
+    ids = [np.unique(m) for m in [*annotations.values(), *prompt_masks]]
     labels = np.zeros(stack.shape[:3], dtype=label_dtype(int(max(i.max() for i in ids))))
     for z, mask in annotations.items():
         labels[z] = mask
-    predictions = model.propagate(stack, [i for i, _ in args.prompt], [m for _, m in args.prompt],
+    predictions = model.propagate(stack, [i for i, _ in args.prompt], prompt_masks,
                                   annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
                                   batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=_intensity(args))
-    todo = stack.shape[0] - len(annotations)
+    todo = depth - len(annotations)
     for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
         labels[prediction.index] = prediction.labels
-    write_tiff(out, labels, overwrite=args.overwrite)
-    print(f"wrote {out} ({labels.shape[0]} slices, {todo} predicted)")
+    with outputs:
+        outputs.write_tiff(out, labels)
+    print(f"wrote {out} ({depth} slices, {todo} predicted)")
     return 0
 
 
@@ -229,14 +264,19 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     from .images import display_colors, overlay, read_image, scale_to_uint8
-    from .io import write_png
+    from .io import OutputSet
     from .training import iou_per_label
 
+    _check_numbers(args, batch_size=1)
     image = read_image(DEMO_SAMPLES / "nuclei2d.tif")
     truth = read_image(DEMO_SAMPLES / "nuclei2d_mask.tif")
     tile = 128
     tiles = [(r, c) for r in range(0, image.shape[0], tile) for c in range(0, image.shape[1], tile)]
     prompt_tile, target_tiles = tiles[0], tiles[5:9]
+    out = Path(args.out)
+    overlay_path = out / "demo_overlay.png"
+    label_paths = [out / f"tile_{r}_{c}_labels.png" for r, c in target_tiles]
+    outputs = OutputSet([overlay_path, *label_paths], overwrite=args.overwrite)
     crop = lambda a, rc: a[rc[0]:rc[0] + tile, rc[1]:rc[1] + tile]  # noqa: E731
     intensity = tuple(args.intensity_range) if args.intensity_range else (float(image.min()), float(np.percentile(image, 99.8)))
     model = _load(args)
@@ -255,14 +295,14 @@ def cmd_demo(args) -> int:
     gap = np.full((2 * tile, 6, 3), 255, np.uint8)
     panels = [p.repeat(2, axis=0).repeat(2, axis=1) for p in panels]  # 2x, nearest: small tiles read better
     strip = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
-    out = Path(args.out)
-    path = write_png(out / "demo_overlay.png", strip, overwrite=args.overwrite)
-    for rc, prediction in zip(target_tiles, predictions):
-        write_png(out / f"tile_{rc[0]}_{rc[1]}_labels.png", prediction.labels, overwrite=args.overwrite)
+    with outputs:
+        outputs.write_png(overlay_path, strip)
+        for path, prediction in zip(label_paths, predictions):
+            outputs.write_png(path, prediction.labels)
     print(f"prompt: tile {prompt_tile} of the stardist nuclei image with its mask; targets: tiles {target_tiles}")
     print(f"segmented {len(predictions)} tiles in {seconds:.2f} s on {model.device}; "
           f"IoU against ground truth: {', '.join(f'{v:.3f}' for v in ious)} (mean {np.mean(ious):.3f})")
-    print(f"wrote {path} (left: the prompt with its mask; then each target with SegGPT's prediction)")
+    print(f"wrote {overlay_path} (left: the prompt with its mask; then each target with SegGPT's prediction)")
     return 0
 
 
@@ -356,7 +396,18 @@ COMMANDS = {"demo": cmd_demo, "segment": cmd_segment, "propagate": cmd_propagate
             "train": cmd_train, "finetune": cmd_finetune, "tune-prompt": cmd_tune_prompt, "evaluate": cmd_evaluate}
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one line each (`seggpt: warning: ...`), without the source line Python adds."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"seggpt: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
+    _one_line_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -375,6 +426,10 @@ def main(argv=None) -> int:
     except SegGPTError as exc:
         print(f"seggpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk filled up, a folder vanished, ...: what failed, in one line
+        print(f"seggpt {args.command}: error: {exc.strerror or exc}"
+              + (f": {exc.filename}" if getattr(exc, "filename", None) else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"seggpt {args.command}: interrupted", file=sys.stderr)
         return 130

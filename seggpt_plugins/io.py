@@ -120,3 +120,81 @@ def unwritable(folder) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{folder}: cannot write there ({probe} is not writable)"
     return None
+
+
+STAGING_PREFIX = ".seggpt-staging-"
+
+
+class OutputSet:
+    """A run's output files, written all together or not at all.
+
+        outputs = OutputSet(paths, inputs=..., overwrite=...)   # checked at once (check_outputs)
+        with outputs:
+            outputs.write_png(path, labels)                       # into a hidden staging folder
+        # leaving the block moves every file into place; an error (or Ctrl-C) removes the staging
+
+    Staging folders of runs that were killed (their process is gone) are removed by the next run.
+    """
+
+    def __init__(self, paths: Iterable, inputs: Iterable = (), overwrite: bool = False):
+        self.paths = check_outputs(paths, inputs, overwrite)
+        self.overwrite = overwrite
+        self._staged: dict[Path, Path] = {}
+        self._folders: dict[Path, Path] = {}
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def _stage(self, path) -> Path:
+        path = Path(path)
+        if path not in self.paths:
+            raise ValueError(f"{path} is not one of this run's declared outputs")
+        folder = self._folders.get(path.parent)
+        if folder is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(path.parent)
+            folder = self._folders[path.parent] = Path(
+                tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=path.parent))
+        staged = self._staged[path] = folder / path.name
+        return staged
+
+    def write_png(self, path, arr) -> Path:
+        return write_png(self._stage(path), arr, overwrite=True)
+
+    def write_tiff(self, path, arr) -> Path:
+        return write_tiff(self._stage(path), arr, overwrite=True)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        import shutil
+
+        try:
+            if kind is None:
+                for final, staged in self._staged.items():
+                    if final.exists() and not self.overwrite:  # appeared during the run
+                        raise InputError(f"{final}: appeared while this run was working; nothing was written")
+                for final, staged in self._staged.items():
+                    os.replace(staged, final)
+        finally:
+            for folder in self._folders.values():
+                shutil.rmtree(folder, ignore_errors=True)
+        return False
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Remove staging folders left in `folder` by runs whose process no longer exists."""
+    import shutil
+
+    for staging in folder.glob(f"{STAGING_PREFIX}*"):
+        pid = staging.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -209,11 +209,29 @@ def load_network(source: str | os.PathLike = HUB_MODEL):
     return _from_hub(source)
 
 
+class _quiet_loading:
+    """No "Loading weights" progress bar (one per call otherwise); the previous setting is put back."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.was_enabled = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self.was_enabled:
+            logging.enable_progress_bar()
+        return False
+
+
 def _from_directory(path: Path):
     from transformers import SegGptForImageSegmentation
 
     try:
-        net = SegGptForImageSegmentation.from_pretrained(path, local_files_only=True)
+        with _quiet_loading():
+            net = SegGptForImageSegmentation.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ModelSourceError(f"{path}: could not load a SegGPT model from this directory ({exc})") from None
     return net.float().eval()
@@ -225,10 +243,11 @@ def _from_hub(repo_id: str):
     from transformers import SegGptForImageSegmentation
 
     try:
-        if _hub_cached(repo_id) or not _hub_reachable():
-            net = SegGptForImageSegmentation.from_pretrained(repo_id, local_files_only=True)
-        else:
-            net = SegGptForImageSegmentation.from_pretrained(repo_id)
+        with _quiet_loading():
+            if _hub_cached(repo_id) or not _hub_reachable():
+                net = SegGptForImageSegmentation.from_pretrained(repo_id, local_files_only=True)
+            else:
+                net = SegGptForImageSegmentation.from_pretrained(repo_id)
     except Exception as exc:
         from huggingface_hub import constants
 

@@ -44,7 +44,7 @@ def test_segment_writes_label_pngs_and_overlays(tiles):
                     paths["a"], paths["b"], "--out", out, "--overlay", "--scores")
     assert result.returncode == 0, result.stderr
     for name in ("a", "b"):
-        labels = np.asarray(Image.open(out / f"{name}.png"))
+        labels = np.asarray(Image.open(out / f"{name}_labels.png"))
         truth = np.asarray(Image.open(folder / f"{name}_mask.png"))
         assert labels.shape == (128, 128) and set(np.unique(labels)) <= {0, 2}
         iou = np.logical_and(labels > 0, truth > 0).sum() / np.logical_or(labels > 0, truth > 0).sum()
