@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv/ if missing, installs
-# torch first (the CPU build; see REFERENCE.md: a bare `torch` requirement pulls GBs of CUDA packages),
+# torch first (the CPU build; see docs/reference.md: a bare `torch` requirement pulls GBs of CUDA packages),
 # then the project with the extras it needs, then runs.
 PYTHON ?= python3
 VENV := .venv

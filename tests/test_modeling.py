@@ -12,7 +12,7 @@ def randn(*shape, seed=0):
 
 
 def painter_reference(net, target, prompt_images, prompt_masks, seg_type="instance"):
-    """Painter's SegGPT forward for ONE target and P prompts, written from the description in REFERENCE.md.
+    """Painter's SegGPT forward for ONE target and P prompts, written from the description in docs/reference.md.
 
     Canvas: prompt image over target image; mask canvas: prompt mask over prompt mask, bottom half
     replaced by the mask token. Image and mask streams run as one batch of 2P; after attention in
