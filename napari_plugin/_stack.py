@@ -82,20 +82,6 @@ def annotated_planes(stack: PlaneStack) -> list[int]:
     return [i for i in range(len(stack)) if np.any(stack[i])]
 
 
-def spread(indices: Sequence[int], count: int) -> list[int]:
-    """At most `count` of `indices`, evenly spread over them (keeps the first and last)."""
-    indices = sorted(indices)
-    if len(indices) <= count:
-        return indices
-    picks = np.unique(np.linspace(0, len(indices) - 1, count).round().astype(int))
-    return [indices[k] for k in picks]
-
-
-def nearest(indices: Sequence[int], target: int, count: int) -> list[int]:
-    """The `count` indices closest to `target` (ties: the lower first)."""
-    return sorted(indices, key=lambda i: (abs(i - target), i))[:count]
-
-
 def accept_indices(result: np.ndarray, dest: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
     """What Accept writes: the result's labelled pixels in every plane where `dest` is still empty.
 

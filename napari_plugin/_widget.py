@@ -1,9 +1,13 @@
 """The SegGPT dock widget: label one slice (or a few), let SegGPT propose the rest, fix, accept.
 
-All model work runs in a napari `thread_worker` (a generator that yields one result per slice), so the
-viewer stays responsive, the progress bar advances slice by slice, and Cancel stops the run after
-the batch in flight. Results go to a Labels layer "<image> SegGPT" with the example's own label ids
-and colours; the user's Labels layer is only changed by "Accept", in one undoable step.
+Each action (segment the current slice, propagate, segment another image layer) builds an `_Action`:
+what the model does, how many results it yields and where they go. `_run` starts every action the
+same way: in a napari `thread_worker` (a generator that yields one result per slice), so the viewer
+stays responsive, the progress bar advances slice by slice, and Cancel stops the run after the batch
+in flight. Results go to a Labels layer "<image> SegGPT" with the example's own label ids and
+colours; the user's Labels layer is only changed by "Accept", in one undoable step.
+
+The controls and their layout are in `_form.py`; the plane bookkeeping (pure numpy) in `_stack.py`.
 """
 
 from __future__ import annotations
@@ -12,37 +16,20 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    Label,
-    LineEdit,
-    ProgressBar,
-    PushButton,
-    RadioButtons,
-    Select,
-    SpinBox,
-)
+from magicgui.widgets import Container
 from napari.layers import Image, Labels
-from psygnal import Signal
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal
 
-from . import _models
-from ._stack import (
-    SUPPORTED_NDIM,
-    PlaneStack,
-    accept_indices,
-    annotated_planes,
-    level0,
-    nearest,
-    spatial_shape,
-    spread,
-)
+from seggpt_plugins import loading
+from seggpt_plugins.prompts import nearest, spread
+
+from ._form import build_form
+from ._stack import SUPPORTED_NDIM, PlaneStack, accept_indices, annotated_planes, level0, spatial_shape
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +37,8 @@ RESULT_SUFFIX = " SegGPT"
 CONFIDENCE_SUFFIX = " SegGPT confidence"
 META_KEY = "seggpt"  # layer.metadata key marking the layers this widget makes
 REFRESH_SECONDS = 0.3  # redraw the result layer at most this often while a run writes into it
+
+PlaneKey = tuple  # index of one plane in a layer (its leading axes; () for a 2D layer)
 
 
 class UserError(Exception):
@@ -66,30 +55,35 @@ def _intensity_range(layer) -> tuple[float, float]:
     return lo, hi
 
 
-def _job(source: str, device: str, run: Callable[[Any], Iterator]):
-    """Worker body (runs in a thread): load the model once, then yield one result per slice."""
+def _load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator]):
+    """Worker body (runs in a thread): load the model once, then yield one result per slice.
+
+    Yields messages for `SegGPTWidget._on_yielded`: ("loading", resolved source), ("running", device),
+    ("result", plane key, Prediction) per slice, or ("error", message) for a SegGPTError.
+    """
     from seggpt_plugins import SegGPTError
 
     try:
-        if _models.cached(source, device) is None:
-            yield ("loading", _models.resolve_source(source))
-        model = _models.get_model(source, device)
+        model = loading.cached(model_source, device)
+        if model is None:
+            resolved = loading.resolve_source(model_source)  # what "auto" stands for here
+            yield ("loading", resolved)
+            model = loading.get_model(resolved, device)
         yield ("running", str(model.device))
-        for key, prediction in run(model):
+        for key, prediction in work(model):
             yield ("result", key, prediction)
     except SegGPTError as exc:  # bad input or an unusable model source: a message, not a traceback
         yield ("error", str(exc))
 
 
 @dataclass
-class _Source:
-    """The image + example labels the actions work on, and the line of planes to process."""
+class _Inputs:
+    """The image + example labels the actions read, and the line of planes to go through."""
 
     image: Image
     labels: Labels
-    leading: int
-    axis: int | None
-    position: tuple[int, ...]
+    axis: int | None  # the leading axis to go through; None for a 2D image
+    position: tuple[int, ...]  # the slider position, one index per leading axis
     images: PlaneStack
     masks: PlaneStack
 
@@ -99,18 +93,36 @@ class _Source:
 
 
 @dataclass
-class _Run:
-    kind: str
-    total: int
+class _Action:
+    """One model run, ready to start: what the worker does, how many results, where they go."""
+
+    name: str  # what the run is ("propagate", ...): the log and `last_run["kind"]`
+    what: str  # for the status line: "Starting: <what>…"
+    total: int  # results `work` yields
+    image: Image  # results go to '<image> SegGPT', of this layer's shape and placement
+    examples: Labels  # the result layer takes this layer's label dtype and colours
+    work: Callable[[Any], Iterator[tuple[PlaneKey, Any]]]  # model -> (plane key, Prediction) per result
+    untouched: Sequence[PlaneKey] = ()  # planes cleared in the output layers: the user's annotated ones
+
+
+@dataclass
+class _RunState:
+    """A run in progress, as the UI thread sees it through the worker's messages."""
+
+    action: _Action
     result: Labels
     confidence: Image | None
     started: float = field(default_factory=time.monotonic)
-    running_since: float | None = None
+    running_since: float | None = None  # when the model was ready
     done: int = 0
     cancelled: bool = False
     error: str | None = None
     last_refresh: float = 0.0
-    keys: list = field(default_factory=list)
+    keys: list = field(default_factory=list)  # the planes written, in order
+
+    @property
+    def total(self) -> int:
+        return self.action.total
 
 
 class SegGPTWidget(Container):
@@ -122,81 +134,13 @@ class SegGPTWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self._worker = None
-        self._run: _Run | None = None
+        self._active: _RunState | None = None
         self.last_run: dict | None = None  # summary of the last finished run (for scripts and tests)
         self._deselected: set[int] = set()
         self._slice_items: list = []
-        self._hooked_labels: Labels | None = None
+        self._watched_labels: Labels | None = None  # its painting refreshes the list of annotated slices
         self._closed = False
-
-        # ---- inputs
-        self._image = ComboBox(label="Image", choices=self._image_choices,
-                               tooltip="The image to segment (2D, ZYX, TYX or TZYX; grey or RGB).")
-        self._labels = ComboBox(label="Examples", choices=self._labels_choices,
-                                tooltip="Labels layer holding your example annotation: every slice with any "
-                                        "label is an example (prompt) for SegGPT.")
-        self._axis = ComboBox(label="Stack axis", choices=self._axis_choices,
-                              tooltip="Axis to go through (for 4D TZYX: T or Z; the other stays at the "
-                                      "current slider position).")
-        self._slices = Select(label="Annotated", choices=[], allow_multiple=True,
-                              tooltip="Slices found with labels. Deselect one to leave it out of the prompts.")
-        self._slices.native.setMaximumHeight(96)
-        self._slices_info = Label(value="")
-        # ---- actions
-        self._segment_btn = PushButton(text="Segment current slice",
-                                       tooltip="Segment the slice shown, from the nearest annotated slices.")
-        self._propagate_btn = PushButton(text="Propagate through stack",
-                                         tooltip="Segment every slice that is not annotated, going outward in "
-                                                 "both directions from the annotated slices.")
-        self._target = ComboBox(label="Target image", choices=self._image_choices,
-                                tooltip="Another image layer to segment with the examples above.")
-        self._other_btn = PushButton(text="Segment another image layer",
-                                     tooltip="Prompts from the image + examples above, targets: every plane "
-                                             "of the target image.")
-        self._progress = ProgressBar(min=0, max=1, value=0)
-        self._cancel_btn = PushButton(text="Cancel", enabled=False,
-                                      tooltip="Stop after the batch in flight; results so far are kept.")
-        self._status = Label(value="Ready.")
-        self._accept_btn = PushButton(text="Accept into example layer",
-                                      tooltip="Copy '<image> SegGPT' into the Labels layer chosen under "
-                                              "'Examples', only in slices that are still empty there. "
-                                              "One undo step takes it back.")
-        # ---- settings
-        self._model = LineEdit(value="demo", tooltip="'demo' (small model shipped with the package), a hub "
-                                                     "id such as BAAI/seggpt-vit-large, a transformers "
-                                                     "directory or a Painter .pth checkpoint.")
-        self._browse_btn = PushButton(text="Browse…")
-        self._device = ComboBox(label="Device", choices=list(_models.DEVICES), value="auto",
-                                tooltip="auto: CUDA, then Apple MPS, then CPU.")
-        self._num_prompts = SpinBox(label="Prompts", min=1, max=32, value=3,
-                                    tooltip="How many annotated slices are shown to the model for each "
-                                            "target (the nearest ones).")
-        self._memory = SpinBox(label="Memory", min=0, max=32, value=4,
-                               tooltip="Propagation: how many recent predictions join the prompts "
-                                       "(Painter's video memory; 0 = annotated slices only).")
-        self._mode = RadioButtons(label="Mode", choices=["instance", "semantic"], value="instance",
-                                  orientation="horizontal",
-                                  tooltip="SegGPT's task token: instance (objects) or semantic (classes).")
-        self._batch = SpinBox(label="Batch size", min=1, max=256, value=8,
-                              tooltip="Slices per model call (more: faster on a GPU, more memory).")
-        self._confidence = CheckBox(text="Confidence layer", value=False,
-                                    tooltip="Also write '<image> SegGPT confidence' (0..1 per pixel).")
-
-        progress_row = Container(layout="horizontal", labels=False, label="Progress",
-                                 widgets=[self._progress, self._cancel_btn])
-        progress_row.margins = (0, 0, 0, 0)
-        model_row = Container(layout="horizontal", labels=False, label="Model",
-                              widgets=[self._model, self._browse_btn])
-        model_row.margins = (0, 0, 0, 0)
-        self.extend([
-            self._image, self._labels, self._axis, self._slices, self._slices_info,
-            self._segment_btn, self._propagate_btn, self._target, self._other_btn,
-            progress_row, self._status, self._accept_btn,
-            Label(value="<b>Settings</b>"), model_row, self._device, self._num_prompts, self._memory,
-            self._mode, self._batch, self._confidence,
-        ])
-        self._status.native.setWordWrap(True)
-        self._slices_info.native.setWordWrap(True)
+        build_form(self)  # self._image, self._labels, ... self._confidence
 
         from qtpy.QtCore import QTimer
 
@@ -204,7 +148,12 @@ class SegGPTWidget(Container):
         self._refresh_timer.setSingleShot(True)
         self._refresh_timer.setInterval(250)
         self._refresh_timer.timeout.connect(self._refresh_annotated)
+        self._connect()
+        self.reset_choices()
+        self._on_image_changed()
+        self._on_labels_changed()  # watch the initial choice's painting
 
+    def _connect(self):
         self._image.changed.connect(self._on_image_changed)
         self._labels.changed.connect(self._on_labels_changed)
         self._axis.changed.connect(self._refresh_annotated)
@@ -215,17 +164,18 @@ class SegGPTWidget(Container):
         self._cancel_btn.changed.connect(self.cancel)
         self._accept_btn.changed.connect(self.accept)
         self._browse_btn.changed.connect(self._browse)
-
-        layers = self.viewer.layers.events
-        for event in (layers.inserted, layers.removed, layers.moved, layers.reordered):
-            event.connect(self._on_layers_changed)
-        self.viewer.dims.events.current_step.connect(self._on_step)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._on_layers_changed)
+        for event, handler in self._viewer_hooks():
+            event.connect(handler)
         self.native.destroyed.connect(self._on_destroyed)
-        self.reset_choices()
-        self._on_image_changed()
-        self._on_labels_changed()  # hook the initial choice's paint events
+
+    def _viewer_hooks(self) -> list:
+        """(viewer event, handler) pairs the widget listens to while its dock is open."""
+        layers = self.viewer.layers.events
+        hooks = [(event, self._on_layers_changed)
+                 for event in (layers.inserted, layers.removed, layers.moved, layers.reordered)]
+        hooks.append((self.viewer.dims.events.current_step, self._on_step))
+        hooks += [(layer.events.name, self._on_layers_changed) for layer in self.viewer.layers]
+        return hooks
 
     def _set_status(self, text: str):
         self._status.value = text
@@ -302,13 +252,7 @@ class SegGPTWidget(Container):
                 return
 
     def _on_labels_changed(self, _value=None):
-        if self._hooked_labels is not None:
-            for event in (self._hooked_labels.events.paint, self._hooked_labels.events.data):
-                event.disconnect(self._schedule_refresh)
-        self._hooked_labels = self._labels.value
-        if self._hooked_labels is not None:
-            self._hooked_labels.events.paint.connect(self._schedule_refresh)
-            self._hooked_labels.events.data.connect(self._schedule_refresh)
+        self._watch_labels(self._labels.value)
         self._deselected = set()
         self._refresh_annotated()
 
@@ -323,8 +267,16 @@ class SegGPTWidget(Container):
         if not self._closed:
             self._refresh_timer.start()
 
+    def _watch_labels(self, labels: Labels | None):
+        """Refresh the slice list when `labels` is painted (None: stop watching the current layer)."""
+        old, self._watched_labels = self._watched_labels, labels
+        for layer, hook in ((old, "disconnect"), (labels, "connect")):
+            if layer is not None:
+                for event in (layer.events.paint, layer.events.data):
+                    getattr(event, hook)(self._schedule_refresh)
+
     def _on_slices_changed(self, value):
-        offered = {v for v in self._slices.choices}
+        offered = set(self._slices.choices)
         self._deselected = (self._deselected - offered) | (offered - set(value or []))
 
     def _on_destroyed(self, *_):
@@ -332,19 +284,13 @@ class SegGPTWidget(Container):
         self._closed = True
         if self._worker is not None:
             self._worker.quit()
-        layers = self.viewer.layers.events
-        for event in (layers.inserted, layers.removed, layers.moved, layers.reordered):
-            event.disconnect(self._on_layers_changed)
-        self.viewer.dims.events.current_step.disconnect(self._on_step)
-        for layer in self.viewer.layers:
-            layer.events.name.disconnect(self._on_layers_changed)
-        if self._hooked_labels is not None:
-            self._hooked_labels.events.paint.disconnect(self._schedule_refresh)
-            self._hooked_labels.events.data.disconnect(self._schedule_refresh)
+        for event, handler in self._viewer_hooks():
+            event.disconnect(handler)
+        self._watch_labels(None)
 
     # ------------------------------------------------------------------------- input checking
 
-    def _source(self) -> _Source:
+    def _read_inputs(self) -> _Inputs:
         image = self._image.value
         if image is None:
             raise UserError("No image layer: open or add an image, then choose it under 'Image'.")
@@ -367,7 +313,7 @@ class SegGPTWidget(Container):
         if leading:
             axis = self._axis.value if self._axis.value is not None else leading - 1
         position = self._position(image, shape)
-        return _Source(image, labels, leading, axis, position,
+        return _Inputs(image, labels, axis, position,
                        PlaneStack(level0(image.data), leading, axis, position),
                        PlaneStack(level0(labels.data), leading, axis, position))
 
@@ -380,31 +326,31 @@ class SegGPTWidget(Container):
         point = np.nan_to_num(point)
         return tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(point, shape[:leading]))
 
-    def _annotated(self, src: _Source) -> list[int]:
+    def _annotated(self, inputs: _Inputs) -> list[int]:
         """Annotated planes of the example line, minus those the user deselected."""
-        found = annotated_planes(src.masks)
+        found = annotated_planes(inputs.masks)
         chosen = [i for i in found if i not in self._deselected]
         if not found:
-            where = "" if src.axis is None else f" along {self._axis_name(src)}"
-            raise UserError(f"No annotation: Labels '{src.labels.name}' is empty{where}. Paint the objects on "
+            where = "" if inputs.axis is None else f" along {self._axis_name(inputs)}"
+            raise UserError(f"No annotation: Labels '{inputs.labels.name}' is empty{where}. Paint the objects on "
                             "at least one slice: that slice is the example SegGPT copies.")
         if not chosen:
             raise UserError("All annotated slices are deselected under 'Annotated': select at least one.")
         return chosen
 
-    def _axis_name(self, src: _Source) -> str:
+    def _axis_name(self, inputs: _Inputs) -> str:
         for name, value in self._axis_choices():
-            if value == src.axis:
+            if value == inputs.axis:
                 return name
-        return f"axis {src.axis}"
+        return f"axis {inputs.axis}"
 
     def _refresh_annotated(self, _value=None):
         """Update the list of annotated slices (runs when layers change or the user paints)."""
         if self._closed:
             return
         try:
-            src = self._source()
-            found = annotated_planes(src.masks)
+            inputs = self._read_inputs()
+            found = annotated_planes(inputs.masks)
         except UserError as exc:
             self._set_slice_choices([])
             self._slices_info.value = str(exc)
@@ -413,16 +359,16 @@ class SegGPTWidget(Container):
             self._set_slice_choices([])
             self._slices_info.value = f"Cannot read the labels: {exc}"
             return
-        if src.axis is None:
+        if inputs.axis is None:
             self._set_slice_choices([("whole image", 0)] if found else [])
             self._slices_info.value = ("2D image: use it as the example for 'Segment another image layer'."
                                        if found else "No labels yet: paint an example.")
             return
-        name = self._axis_name(src).split(" (")[0]
+        name = self._axis_name(inputs).split(" (")[0]
         self._set_slice_choices([(f"slice {i}" if name.startswith("axis") else f"{name} = {i}", i) for i in found])
         if found:
-            self._slices_info.value = (f"{len(found)} of {len(src.masks)} slices annotated; "
-                                       f"{len(src.masks) - len(found)} to propagate.")
+            self._slices_info.value = (f"{len(found)} of {len(inputs.masks)} slices annotated; "
+                                       f"{len(inputs.masks) - len(found)} to propagate.")
         else:
             self._slices_info.value = f"No labels along {name} yet: paint the objects on one slice."
 
@@ -442,131 +388,105 @@ class SegGPTWidget(Container):
 
     # -------------------------------------------------------------------------------- actions
 
-    def _report(self, exc: Exception):
-        self._set_status(str(exc))
-        show_error(str(exc))
-
-    def _busy(self) -> bool:
-        if self._worker is not None:
-            show_warning("SegGPT is still running: wait for it or press Cancel.")
-            return True
-        return False
-
     def segment_current(self, _=None):
         """Segment the slice at the current slider position from the nearest annotated slices."""
-        if self._busy():
-            return
-        try:
-            src = self._source()
-            if src.axis is None:
-                raise UserError(f"'{src.image.name}' is a single 2D image, which is the example itself. Use "
-                                "'Segment another image layer' to segment other images from it.")
-            annotated = self._annotated(src)
-            current = src.current
-            prompts = nearest([i for i in annotated if i != current], current, self._num_prompts.value)
-            if not prompts:
-                raise UserError(f"Slice {current} is the only annotated slice: it is the example. Move the "
-                                "slider to another slice, or use 'Propagate through stack'.")
-            prompt_images = [src.images[i] for i in prompts]
-            prompt_masks = [np.array(src.masks[i]) for i in prompts]
-            result, confidence = self._output_layers(src.image, src.labels)
-            key = src.images.key(current)
-            seg_type, batch = self._mode.value, self._batch.value
-            intensity = _intensity_range(src.image)
-            images = src.images
-
-            def run(model):
-                for pred in model.iter_segment(images[current], prompt_images, prompt_masks, batch_size=batch,
-                                               seg_type=seg_type, intensity_range=intensity):
-                    yield key, pred
-
-            self._start("segment current slice", 1, run, result, confidence,
-                        f"slice {current} from slices {', '.join(map(str, prompts))}")
-        except UserError as exc:
-            self._report(exc)
+        self._run(self._current_slice_action)
 
     def propagate(self, _=None):
         """Segment every slice that is not annotated, outward from the annotated slices (core propagate)."""
-        if self._busy():
-            return
-        try:
-            src = self._source()
-            if src.axis is None:
-                raise UserError(f"'{src.image.name}' is a 2D image: there is no stack to propagate through. "
-                                "Use 'Segment another image layer' to segment other images from it.")
-            annotated = self._annotated(src)
-            annotations = {i: np.array(src.masks[i]) for i in annotated}
-            total = len(src.images) - len(annotations)
-            if total == 0:
-                show_info("Every slice is annotated: nothing to propagate.")
-                return
-            result, confidence = self._output_layers(src.image, src.labels)
-            for i in annotated:  # the annotated slices are the user's: no output there
-                result.data[src.images.key(i)] = 0
-                if confidence is not None:
-                    confidence.data[src.images.key(i)] = 0
-            images = src.images
-            options = dict(memory=self._memory.value, max_prompts=self._num_prompts.value,
-                           batch_size=self._batch.value, seg_type=self._mode.value,
-                           intensity_range=_intensity_range(src.image))
-
-            def run(model):
-                for pred in model.propagate(images, annotations=annotations, **options):
-                    yield images.key(pred.index), pred
-
-            self._start("propagate", total, run, result, confidence,
-                        f"{total} slices from {len(annotations)} annotated")
-        except UserError as exc:
-            self._report(exc)
+        self._run(self._propagate_action)
 
     def segment_other(self, _=None):
         """Prompts from the chosen image + examples; targets: every plane of the target image layer."""
-        if self._busy():
-            return
-        try:
-            from seggpt_plugins.images import to_rgb8
+        self._run(self._other_image_action)
 
-            src = self._source()
-            target = self._target.value
-            if target is None:
-                raise UserError("Choose the image to segment under 'Target image'.")
-            shape = spatial_shape(target)
-            if len(shape) not in SUPPORTED_NDIM:
-                raise UserError(f"Unsupported dimensions: target '{target.name}' has shape {_fmt_shape(shape)}. "
-                                "SegGPT handles 2D (YX), 3D (ZYX or TYX) and 4D (TZYX) images, grey or RGB.")
-            annotated = self._annotated(src)
-            prompts = spread(annotated, self._num_prompts.value)
-            # each layer is scaled by its own contrast limits, so prompts and targets look as shown
-            prompt_images = [to_rgb8(src.images[i], _intensity_range(src.image), name=f"example slice {i}")
-                             for i in prompts]
-            prompt_masks = [np.array(src.masks[i]) for i in prompts]
-            data = level0(target.data)
-            keys = list(np.ndindex(*shape[:-2]))
-            if target is src.image:  # the same image: leave its annotated planes alone
-                label_data = level0(src.labels.data)
-                keys = [k for k in keys if not np.any(np.asarray(label_data[k]))]
-                if not keys:
-                    raise UserError(f"Every plane of '{target.name}' is annotated: nothing to segment.")
-            result, confidence = self._output_layers(target, src.labels)
-            intensity = _intensity_range(target)
-            seg_type, batch = self._mode.value, self._batch.value
+    def _model_options(self, layer) -> dict:
+        """The settings every model call takes; `layer`'s contrast limits scale its planes."""
+        return dict(batch_size=self._batch.value, seg_type=self._mode.value, intensity_range=_intensity_range(layer))
 
-            def run(model):
-                for start in range(0, len(keys), batch):
-                    chunk = keys[start:start + batch]
-                    rgbs = [to_rgb8(np.asarray(data[k]), intensity, name=f"{target.name} plane {k}") for k in chunk]
-                    for pred in model.iter_segment(rgbs, prompt_images, prompt_masks, batch_size=batch,
-                                                   seg_type=seg_type):
-                        yield chunk[pred.index], pred
+    def _current_slice_action(self) -> _Action:
+        inputs = self._read_inputs()
+        if inputs.axis is None:
+            raise UserError(f"'{inputs.image.name}' is a single 2D image, which is the example itself. Use "
+                            "'Segment another image layer' to segment other images from it.")
+        annotated = self._annotated(inputs)
+        current = inputs.current
+        prompts = nearest([i for i in annotated if i != current], current, self._num_prompts.value)
+        if not prompts:
+            raise UserError(f"Slice {current} is the only annotated slice: it is the example. Move the "
+                            "slider to another slice, or use 'Propagate through stack'.")
+        prompt_images = [inputs.images[i] for i in prompts]
+        prompt_masks = [np.array(inputs.masks[i]) for i in prompts]
+        planes, key = inputs.images, inputs.images.key(current)
+        options = self._model_options(inputs.image)
 
-            self._start("segment another image", len(keys), run, result, confidence,
-                        f"'{target.name}' ({len(keys)} planes) from {len(prompts)} examples")
-        except UserError as exc:
-            self._report(exc)
+        def work(model):
+            for pred in model.iter_segment(planes[current], prompt_images, prompt_masks, **options):
+                yield key, pred
+
+        return _Action("segment current slice", f"slice {current} from slices {', '.join(map(str, prompts))}",
+                       1, inputs.image, inputs.labels, work)
+
+    def _propagate_action(self) -> _Action | None:
+        inputs = self._read_inputs()
+        if inputs.axis is None:
+            raise UserError(f"'{inputs.image.name}' is a 2D image: there is no stack to propagate through. "
+                            "Use 'Segment another image layer' to segment other images from it.")
+        annotated = self._annotated(inputs)
+        annotations = {i: np.array(inputs.masks[i]) for i in annotated}
+        total = len(inputs.images) - len(annotations)
+        if total == 0:
+            show_info("Every slice is annotated: nothing to propagate.")
+            return None
+        planes = inputs.images
+        options = dict(self._model_options(inputs.image), memory=self._memory.value,
+                       max_prompts=self._num_prompts.value)
+
+        def work(model):
+            for pred in model.propagate(planes, annotations=annotations, **options):
+                yield planes.key(pred.index), pred
+
+        return _Action("propagate", f"{total} slices from {len(annotations)} annotated", total, inputs.image,
+                       inputs.labels, work, untouched=[planes.key(i) for i in annotated])
+
+    def _other_image_action(self) -> _Action:
+        inputs = self._read_inputs()
+        target = self._target.value
+        if target is None:
+            raise UserError("Choose the image to segment under 'Target image'.")
+        shape = spatial_shape(target)
+        if len(shape) not in SUPPORTED_NDIM:
+            raise UserError(f"Unsupported dimensions: target '{target.name}' has shape {_fmt_shape(shape)}. "
+                            "SegGPT handles 2D (YX), 3D (ZYX or TYX) and 4D (TZYX) images, grey or RGB.")
+        prompts = spread(self._annotated(inputs), self._num_prompts.value)
+        prompt_images = [inputs.images[i] for i in prompts]
+        prompt_masks = [np.array(inputs.masks[i]) for i in prompts]
+        data = level0(target.data)
+        keys = list(np.ndindex(*shape[:-2]))
+        if target is inputs.image:  # the same image: leave its annotated planes alone
+            label_data = level0(inputs.labels.data)
+            keys = [k for k in keys if not np.any(np.asarray(label_data[k]))]
+            if not keys:
+                raise UserError(f"Every plane of '{target.name}' is annotated: nothing to segment.")
+        # each layer is scaled by its own contrast limits, so examples and targets look as shown
+        example_range = _intensity_range(inputs.image)
+        options = self._model_options(target)
+        batch = options["batch_size"]
+
+        def work(model):
+            examples = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range)
+            for start in range(0, len(keys), batch):  # read one batch of planes at a time (dask, zarr)
+                chunk = keys[start:start + batch]
+                for pred in model.iter_segment([np.asarray(data[k]) for k in chunk], examples, **options):
+                    yield chunk[pred.index], pred
+
+        return _Action("segment another image", f"'{target.name}' ({len(keys)} planes) from {len(prompts)} examples",
+                       len(keys), target, inputs.labels, work)
 
     def cancel(self, _=None):
-        if self._worker is not None and self._run is not None:
-            self._run.cancelled = True
+        """Stop the run after the batch in flight; the results so far stay in the result layer."""
+        if self._worker is not None and self._active is not None:
+            self._active.cancelled = True
             self._set_status("Cancelling: finishing the batch in flight…")
             self._cancel_btn.enabled = False
             self._worker.quit()
@@ -613,7 +533,7 @@ class SegGPTWidget(Container):
             self.native, "SegGPT weights", "",
             "SegGPT weights (*.pth *.pt *.bin *.safetensors config.json);;All files (*)")
         if path:
-            self._model.value = _models.resolve_source(path)
+            self._model.value = loading.resolve_source(path)  # a config.json stands for its folder
 
     # ------------------------------------------------------------------------------ output layers
 
@@ -649,24 +569,50 @@ class SegGPTWidget(Container):
             return layer
         if META_KEY in layer.metadata:  # our own layer from an earlier run of another shape: replace it
             self.viewer.layers.remove(layer)
-        else:  # a user layer that happens to have the name: keep it, the new layer gets a suffix
-            pass
+        # (a user layer that happens to have the name stays: the new layer gets a suffix)
         return None
 
-    # -------------------------------------------------------------------------------- the worker
 
-    def _start(self, kind: str, total: int, run, result: Labels, confidence: Image | None, what: str):
-        source, device = self._model.value, self._device.value
-        self._run = _Run(kind=kind, total=total, result=result, confidence=confidence)
-        worker = thread_worker(_job, start_thread=False)(source, device, run)
+    # -------------------------------------------------------------------------------- the runner
+
+    def _report(self, exc: Exception):
+        self._set_status(str(exc))
+        show_error(str(exc))
+
+    def _busy(self) -> bool:
+        if self._worker is not None:
+            show_warning("SegGPT is still running: wait for it or press Cancel.")
+            return True
+        return False
+
+    def _run(self, build: Callable[[], _Action | None]):
+        """Start an action: `build` checks the input (UserError: a message) and returns the action, or
+        None when there is nothing to do; its results go to the output layers, from a worker thread."""
+        if self._busy():
+            return
+        try:
+            action = build()
+        except UserError as exc:
+            self._report(exc)
+            return
+        if action is None:
+            return
+        result, confidence = self._output_layers(action.image, action.examples)
+        for key in action.untouched:
+            result.data[key] = 0
+            if confidence is not None:
+                confidence.data[key] = 0
+        self._active = _RunState(action, result, confidence)
+        worker = thread_worker(_load_and_work, start_thread=False)(self._model.value, self._device.value,
+                                                                   action.work)
         worker.yielded.connect(self._on_yielded)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._set_running(True)
-        self._progress.max = max(total, 1)
+        self._progress.max = max(action.total, 1)
         self._progress.value = 0
-        self._set_status(f"Starting: {what}…")
-        log.info("SegGPT %s: %s", kind, what)
+        self._set_status(f"Starting: {action.what}…")
+        log.info("SegGPT %s: %s", action.name, action.what)
         worker.start()
 
     def _set_running(self, running: bool):
@@ -674,29 +620,29 @@ class SegGPTWidget(Container):
             button.enabled = not running
         self._cancel_btn.enabled = running
 
-    def _on_yielded(self, item):
-        run = self._run
+    def _on_yielded(self, message):
+        run = self._active
         if run is None or self._closed:
             return
-        kind = item[0]
+        kind = message[0]
         if kind == "loading":
             self._progress.max = 0  # busy indicator while the model loads
-            self._set_status(f"Loading model '{item[1]}' (first run only)…")
+            self._set_status(f"Loading model '{message[1]}' (first run only)…")
         elif kind == "running":
             self._progress.max = max(run.total, 1)
             self._progress.value = 0
             run.running_since = time.monotonic()
             if not run.cancelled:
-                self._set_status(f"Running on {item[1]}: 0 / {run.total} slices")
+                self._set_status(f"Running on {message[1]}: 0 / {run.total} slices")
         elif kind == "result":
-            _, key, pred = item
-            self._store(run, key, pred)
+            _, key, pred = message
+            self._write_result(run, key, pred)
         elif kind == "error":
-            run.error = item[1]
-            self._set_status(f"Failed: {item[1]}")
-            show_error(item[1])
+            run.error = message[1]
+            self._set_status(f"Failed: {message[1]}")
+            show_error(message[1])
 
-    def _store(self, run: _Run, key, pred):
+    def _write_result(self, run: _RunState, key: PlaneKey, pred):
         run.result.data[key] = pred.labels
         if run.confidence is not None:
             run.confidence.data[key] = pred.scores
@@ -714,19 +660,20 @@ class SegGPTWidget(Container):
         now = time.monotonic()
         if now - run.last_refresh >= REFRESH_SECONDS:
             run.last_refresh = now
-            run.result.refresh()
-            if run.confidence is not None:
-                run.confidence.refresh()
+            self._refresh_outputs(run)
 
-    def _on_finished(self):
-        run, self._worker, self._run = self._run, None, None
-        if run is None or self._closed:
-            return
+    def _refresh_outputs(self, run: _RunState):
         run.result.refresh()
         if run.confidence is not None:
             run.confidence.refresh()
+
+    def _on_finished(self):
+        run, self._worker, self._active = self._active, None, None
+        if run is None or self._closed:
+            return
+        self._refresh_outputs(run)
         seconds = time.monotonic() - run.started
-        self.last_run = dict(kind=run.kind, done=run.done, total=run.total, cancelled=run.cancelled,
+        self.last_run = dict(kind=run.action.name, done=run.done, total=run.total, cancelled=run.cancelled,
                              error=run.error, seconds=seconds, result=run.result.name, keys=list(run.keys))
         self._set_running(False)
         if run.error is not None:

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from seggpt_plugins.napari._stack import PlaneStack, accept_indices, annotated_planes, nearest, spread
+from seggpt_plugins.napari._stack import PlaneStack, accept_indices, annotated_planes
+from seggpt_plugins.prompts import nearest, spread
 
 
 def test_plane_stack_reads_one_plane_along_the_chosen_axis():
