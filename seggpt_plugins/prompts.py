@@ -82,14 +82,14 @@ class TunedPrompt:
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
 
+        from .io import atomic_write
+
         path = Path(path)
         meta = {"ids": json.dumps(self.code.ids.tolist()), "colors": json.dumps(self.code.colors.tolist()),
                 "seg_type": self.seg_type, "format": TUNED_PROMPT_FORMAT}
-        tmp = path.with_name(f".{path.name}.part")
-        save_file({"image": self.image.detach().float().cpu().contiguous(),
-                   "mask": self.mask.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        tensors = {"image": self.image.detach().float().cpu().contiguous(),
+                   "mask": self.mask.detach().float().cpu().contiguous()}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TunedPrompt":

@@ -243,9 +243,9 @@ def _lr_at(step, settings: TrainSettings):
 def _atomic_torch_save(obj, path: Path):
     import torch
 
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 class _StopRequested:
