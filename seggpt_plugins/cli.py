@@ -35,6 +35,25 @@ def _inference(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
 
 
+def _export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--output", choices=["labels", "instances", "panoptic"], default="labels",
+                       help="labels: class ids; instances: one id per object" + (" (kept through the stack)" if stack
+                            else "") + "; panoptic: objects of 'thing' classes, regions of 'stuff' classes "
+                       "(default: %(default)s)")
+    group.add_argument("--format", nargs="+", dest="formats", default=None, metavar="FORMAT",
+                       help="png, tiff, coco (COCO instances JSON with RLE masks), panoptic (COCO panoptic PNG + "
+                            "JSON); several at once (default: " + ("tiff" if stack else "png") + ")")
+    group.add_argument("--label-names", default=None, metavar="FILE",
+                       help="class names for the export: JSON/YAML {id: name} or text lines `ID NAME [thing|stuff]`")
+    group.add_argument("--min-area", type=int, default=16,
+                       help="objects: parts smaller than this (pixels) join a neighbour or are dropped (default: 16)")
+    group.add_argument("--split-touching", action="store_true",
+                       help="objects: separate touching objects (watershed on the distance transform)")
+    group.add_argument("--review", action="store_true",
+                       help="also write review.jsonl: one row per image (classes, objects, confidence, model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seggpt", description="In-context segmentation with SegGPT.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -46,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _inference(p)
 
     p = sub.add_parser("segment", help="segment target images from example image/mask pairs")
-    p.add_argument("targets", nargs="+", metavar="TARGET", help="target image files")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="target image files, folders (searched recursively; the output tree mirrors them) or "
+                        "globs such as 'data/**/*.png'")
     p.add_argument("--prompt", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
                    help="an example image and its mask (label map, or RGB colour mask); repeat for more")
     p.add_argument("--tuned-prompt", action="append", default=[], metavar="FILE",
@@ -54,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=f"output folder: one label PNG per target (<name>{LABELS_SUFFIX}.png)")
     p.add_argument("--overlay", action="store_true", help="also write a colour overlay PNG per target")
     p.add_argument("--scores", action="store_true", help="also write the confidence map as a float TIFF")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave out targets whose outputs exist (resume an interrupted run)")
     _common(p)
     _inference(p)
+    _export(p)
 
     p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack")
     p.add_argument("stack", help="a TIFF stack (Z, Y, X) or (Z, Y, X, C)")
@@ -68,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many fixed prompts per slice")
     _common(p)
     _inference(p)
+    _export(p, stack=True)
 
     p = sub.add_parser("convert", help="write an original Painter checkpoint as a transformers directory")
     p.add_argument("checkpoint", help="e.g. seggpt_vit_large.pth")
@@ -171,42 +196,115 @@ def _require_files(paths) -> None:
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: is not a file")
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+
+
+def _expand_targets(targets: list[str]) -> list[tuple[Path, str]]:
+    """(file, output stem) per target: files as they are; folders searched recursively and globs expanded,
+    their files' stems relative to the folder (or the glob's fixed part), so the output tree mirrors them."""
+    import glob
+
+    from .errors import InputError
+
+    found: list[tuple[Path, str]] = []
+    for target in targets:
+        path = Path(target)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not files:
+                raise InputError(f"{path}: a folder with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += [(f, str(f.relative_to(path).with_suffix(""))) for f in files]
+        elif glob.has_magic(target):
+            files = sorted(Path(p) for p in glob.glob(target, recursive=True) if Path(p).is_file())
+            if not files:
+                raise InputError(f"{target}: matches no file")
+            root = Path(target.split("*")[0].split("?")[0].split("[")[0])
+            root = root if str(target).endswith(("/", "*")) and root.is_dir() else root.parent
+            found += [(f, str(f.relative_to(root).with_suffix("")) if f.is_relative_to(root) else f.stem)
+                      for f in files]
+        else:
+            found.append((path, path.stem))
+    return found
+
+
+def _export_options(args, default_format: str):
+    from .export import ExportOptions, load_label_names
+
+    options = ExportOptions(output=args.output, formats=tuple(args.formats or [default_format]),
+                            min_area=args.min_area, split_touching=args.split_touching, review=args.review,
+                            names=load_label_names(args.label_names) if args.label_names else None)
+    options.check(args.seg_type)
+    return options
+
+
+def _prompt_ids(masks) -> list[int]:
+    """The label ids of the prompt masks (colour masks: 1..K in sorted colour order, as the model labels them)."""
+    import numpy as np
+
+    from .colors import ColorCode
+
+    return [int(i) for i in ColorCode.from_masks(masks).ids] if masks else []
+
+
 def cmd_segment(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
     from .errors import InputError
-    from .images import display_colors, overlay, to_rgb8
+    from .export import Exporter, categories_for
+    from .images import display_colors, overlay, to_mask, to_rgb8
     from .io import OutputSet
 
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
     _check_numbers(args, batch_size=1)
+    options = _export_options(args, "png")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out names the output folder")
-    inputs = [*args.targets, *(p for pair in args.prompt for p in pair), *args.tuned_prompt]
-    _require_files(inputs)
-    stems = [Path(t).stem for t in args.targets]
-    labels = [out / f"{stem}{LABELS_SUFFIX}.png" for stem in stems]
+    prompt_files = [*(p for pair in args.prompt for p in pair), *args.tuned_prompt]
+    _require_files(prompt_files)
+    targets = _expand_targets(args.targets)
+    _require_files([f for f, _ in targets])
+    exporter = Exporter(out, [stem for _, stem in targets], options)
+    if args.skip_existing:
+        if options.review or {"coco", "panoptic"} & set(options.formats):
+            raise InputError("--skip-existing resumes per-image files; a run-wide file (--format coco/panoptic, "
+                             "--review) covers every target: run those without --skip-existing")
+        keep = [i for i in range(len(targets)) if not all(exporter.map_path(i, f).exists()
+                                                            for f in options.formats)]
+        print(f"skipping {len(targets) - len(keep)} target(s) whose outputs exist", file=sys.stderr)
+        targets = [targets[i] for i in keep]
+        exporter = Exporter(out, [stem for _, stem in targets], options)
+        if not targets:
+            return 0
+    stems = exporter.stems
     overlays = [out / f"{stem}_overlay.png" for stem in stems] if args.overlay else []
     scores = [out / f"{stem}_scores.tif" for stem in stems] if args.scores else []
-    outputs = OutputSet(labels + overlays + scores, inputs=inputs, overwrite=args.overwrite)
+    files = [f for f, _ in targets]
+    outputs = OutputSet(exporter.paths() + overlays + scores, inputs=[*files, *prompt_files], overwrite=args.overwrite)
+    prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
+    if options.objects:
+        categories_for(_prompt_ids(prompt_masks), options.names)  # names checked before the model loads
     model = _load(args)
-    prompt_images = [image for image, _ in args.prompt] + list(args.tuned_prompt)
-    prompt_masks = [mask for _, mask in args.prompt]
-    predictions = model.iter_segment(args.targets, prompt_images, prompt_masks, batch_size=args.batch_size,
-                                     seg_type=args.seg_type, intensity_range=_intensity(args))
+    prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
+                                    _intensity(args))
+    categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
+    predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
+                                     intensity_range=_intensity(args))
     with outputs:
-        for prediction in tqdm(predictions, total=len(args.targets), desc="segmenting", unit="image"):
+        exporter.open(outputs, categories)
+        for prediction in tqdm(predictions, total=len(files), desc="segmenting", unit="image"):
             i = prediction.index
-            outputs.write_png(labels[i], prediction.labels)
+            exporter.write(i, prediction, str(files[i]), model=model.source, prompts=len(prompts))
             if args.overlay:
-                image = to_rgb8(args.targets[i], _intensity(args))
+                image = to_rgb8(files[i], _intensity(args))
                 outputs.write_png(overlays[i], overlay(image, prediction.labels, display_colors(prediction.colors)))
             if args.scores:
                 outputs.write_tiff(scores[i], prediction.scores.astype(np.float32))
-    print(f"wrote {len(labels)} label images to {out}")
+        exporter.close()
+    print(f"wrote the {options.output} of {len(files)} image(s) to {out} ({', '.join(options.formats)})")
     return 0
 
 
@@ -215,14 +313,21 @@ def cmd_propagate(args) -> int:
     from tqdm import tqdm
 
     from .errors import InputError
+    from .export import CocoWriter, ReviewTable, categories_for
     from .images import label_dtype, read_image, to_mask
     from .io import OutputSet
 
     _check_numbers(args, batch_size=1, memory=0, max_prompts=1)
+    options = _export_options(args, "tiff")
+    if not set(options.formats) <= {"tiff", "coco"} or options.output == "panoptic":
+        raise InputError("propagate writes a TIFF stack (--format tiff) and, with --output instances, COCO "
+                         "(--format coco); --output panoptic and PNG are for `seggpt segment`")
     inputs = [args.stack, *(m for _, m in args.prompt_slice), *(p for pair in args.prompt for p in pair)]
     _require_files(inputs)
     out = Path(args.out)
-    outputs = OutputSet([out], inputs=inputs, overwrite=args.overwrite)
+    extra = {"coco": out.with_name(f"{out.stem}_coco.json"), "review": out.with_name(f"{out.stem}_review.jsonl")}
+    outputs = OutputSet([out] + [extra["coco"]] * ("coco" in options.formats) + [extra["review"]] * options.review,
+                        inputs=inputs, overwrite=args.overwrite)
     if not args.prompt_slice and not args.prompt:
         raise InputError("give at least one --prompt-slice Z MASK or --prompt IMAGE MASK")
     stack = read_image(args.stack)
@@ -243,6 +348,8 @@ def cmd_propagate(args) -> int:
                              f"needed, like the slices of {args.stack}; got shape {annotation.shape}")
         annotations[z] = annotation
     prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
+    categories = categories_for(_prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
+        if options.objects else {}
     model = _load(args)
     ids = [np.unique(m) for m in [*annotations.values(), *prompt_masks]]
     labels = np.zeros(stack.shape[:3], dtype=label_dtype(int(max(i.max() for i in ids))))
@@ -252,12 +359,62 @@ def cmd_propagate(args) -> int:
                                   annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
                                   batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=_intensity(args))
     todo = depth - len(annotations)
+    found = {}
     for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
         labels[prediction.index] = prediction.labels
+        if options.objects or options.review:
+            found[prediction.index] = prediction
     with outputs:
-        outputs.write_tiff(out, labels)
-    print(f"wrote {out} ({depth} slices, {todo} predicted)")
+        picture = labels
+        if options.objects:
+            picture, objects = _tracked_instances(found, annotations, depth, options)
+        if "tiff" in options.formats:
+            outputs.write_tiff(out, picture)
+        if "coco" in options.formats:
+            coco = CocoWriter(outputs.stage(extra["coco"]), categories)
+            for z in range(depth):
+                coco.add(f"{Path(args.stack).name}#z{z}", objects[z])
+            coco.close()
+        if options.review:
+            review = ReviewTable(outputs.stage(extra["review"]))
+            for z, prediction in sorted(found.items()):
+                foreground = prediction.labels != 0
+                review.add(path=f"{args.stack}#z{z}", slice=z, classes=[int(c) for c in np.unique(prediction.labels)
+                                                                          if c], model=model.source,
+                           instances=len(objects[z]) if options.objects else None,
+                           confidence=round(float(prediction.scores[foreground].mean()), 4) if foreground.any()
+                           else None)
+            review.close()
+    print(f"wrote {out} ({depth} slices, {todo} predicted; {options.output})")
     return 0
+
+
+def _tracked_instances(predictions: dict, annotations: dict, depth: int, options):
+    """Objects of every slice with ids kept through the stack: the annotated slices' own objects (their ids
+    when each id is one object, else numbered after the ids already used), the predicted slices'
+    objects matched outward from them (instances.track_stack). Returns (id stack, {slice: Instances})."""
+    import numpy as np
+
+    from .instances import Instances, find_instances, track_stack
+
+    annotated, used = {}, 0
+    for z, mask in sorted(annotations.items()):
+        objects = find_instances(mask, min_area=1)
+        if len(objects) == len(np.unique(mask[mask > 0])):  # each id is one object already: the user's ids stay
+            objects = Instances.of_map(mask)
+        else:  # ids are classes: its objects numbered after the ids used so far
+            objects = objects.shifted(used)
+        used = max(used, int(objects.map.max()))
+        annotated[z] = objects
+    found = {z: find_instances(p.labels, p.scores, min_area=options.min_area, split_touching=options.split_touching)
+             for z, p in predictions.items()}
+    tracked = track_stack(found, {z: o.map for z, o in annotated.items()}, depth)
+    tracked.update(annotated)
+    top = max((int(o.map.max()) for o in tracked.values()), default=0)
+    stack = np.zeros((depth, *next(iter(tracked.values())).map.shape), np.uint16 if top < 65536 else np.uint32)
+    for z, objects in tracked.items():
+        stack[z] = objects.map
+    return stack, tracked
 
 
 def cmd_demo(args) -> int:

@@ -47,6 +47,15 @@ class Prediction:
         foreground = self.labels != 0
         return float(self.scores[foreground].mean()) if foreground.any() else 1.0
 
+    def instances(self, min_area: int = 16, split_touching: bool = False, object_radius: float | None = None,
+                  classes: dict[int, int] | None = None):
+        """One id per object (instances.find_instances): an `Instances` with the id map and, per object, its
+        class (the label id it was painted with, or `classes[id]`), area, box and mean score."""
+        from .instances import find_instances
+
+        return find_instances(self.labels, self.scores, min_area=min_area, split_touching=split_touching,
+                              object_radius=object_radius, classes=classes)
+
 
 def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
     """Rows start..stop of a bilinear resize of (B, C, h, w) maps to `size`, as F.interpolate(align_corners=False)

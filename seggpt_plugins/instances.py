@@ -75,3 +75,235 @@ def split_instances(labels: np.ndarray, scores: np.ndarray | None = None, min_ar
             instances.append(Instance(len(instances) + 1, int(class_id), area, box, score))
             out[box][inside] = len(instances)
     return (out.astype(np.uint16) if len(instances) <= np.iinfo(np.uint16).max else out), instances
+
+
+# ----------------------------------------------------------------------------------------- objects
+
+
+@dataclass
+class Instances:
+    """One id per object: `map` (H, W) holds 0 (background) or the id 1..N of the object at each pixel."""
+
+    map: np.ndarray
+    objects: list[Instance]
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def shifted(self, offset: int) -> "Instances":
+        """The same objects with ids offset..: keeps ids apart from those used elsewhere."""
+        top = int(self.map.max()) + offset if self.map.size else offset
+        dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
+        moved = np.where(self.map > 0, self.map.astype(np.int64) + offset, 0).astype(dtype)
+        return Instances(moved, [Instance(o.id + offset, o.class_id, o.area, o.box, o.score) for o in self.objects])
+
+    @classmethod
+    def of_map(cls, id_map: np.ndarray, scores: np.ndarray | None = None) -> "Instances":
+        """The objects of a map whose ids already are objects (ids kept; each id is its own class)."""
+        from scipy import ndimage
+
+        id_map = np.asarray(id_map)
+        objects = []
+        for object_id, box in enumerate(ndimage.find_objects(id_map.astype(np.int64)), 1):
+            if box is None:
+                continue
+            inside = id_map[box] == object_id
+            score = float(scores[box][inside].mean()) if scores is not None else 1.0
+            objects.append(Instance(object_id, object_id, int(inside.sum()), box, score))
+        return cls(id_map, objects)
+
+    def class_map(self) -> np.ndarray:
+        """(H, W) class ids (0 = background)."""
+        lut = np.zeros(max((o.id for o in self.objects), default=0) + 1, np.int64)
+        for o in self.objects:
+            lut[o.id] = o.class_id
+        return lut[self.map]
+
+
+def find_instances(labels: np.ndarray, scores: np.ndarray | None = None, *, min_area: int = 16,
+                   split_touching: bool = False, object_radius: float | None = None,
+                   classes: dict[int, int] | None = None, max_instances: int | None = None) -> Instances:
+    """Objects in a label map: connected parts of each label (8-connectivity), then, with `split_touching`,
+    touching objects separated by a watershed on the distance transform (scikit-image), each part split
+    where it has several distance maxima at least `object_radius / 2` apart (default radius: from the
+    median part area). Parts smaller than `min_area` pixels join the object they share most border with
+    (fragments of one object painted in two colours), or are dropped when they touch none.
+
+    classes: {label id: class id} when several label ids stand for one class (e.g. a prompt whose ids are
+    objects, not classes); default: each label id is its own class. Ids are numbered 1..N in reading order
+    of each object's first pixel: a prompt's own ids are never reused for other objects by position.
+    """
+    labels = np.asarray(labels)
+    parts = np.zeros(labels.shape, np.int64)
+    part_class: list[int] = [0]
+    for label_id in np.unique(labels):
+        if label_id == 0:
+            continue
+        components, count = connected_components(labels == label_id)
+        inside = components > 0
+        parts[inside] = components[inside] + len(part_class) - 1
+        class_id = int(classes.get(int(label_id), label_id)) if classes else int(label_id)
+        part_class.extend([class_id] * count)
+    part_class = np.asarray(part_class, np.int64)
+    areas = np.bincount(parts.ravel(), minlength=len(part_class))
+    parts = _absorb_fragments(parts, areas, min_area)
+    if split_touching and parts.any():
+        parts, part_class = _split_touching(parts, part_class, object_radius)
+    return _renumber(parts, part_class, scores, max_instances)
+
+
+def _absorb_fragments(parts: np.ndarray, areas: np.ndarray, min_area: int) -> np.ndarray:
+    """Parts under `min_area` take the id of the large part they share most border with, else 0."""
+    from scipy import ndimage
+
+    small = np.flatnonzero((areas < min_area) & (np.arange(len(areas)) > 0) & (areas > 0))
+    if not len(small):
+        return parts
+    large = np.where(areas >= min_area, np.arange(len(areas)), 0)
+    large[0] = 0
+    keep = large[parts]  # only the large parts (0 elsewhere)
+    grown = ndimage.grey_dilation(keep, footprint=np.ones((3, 3), bool))  # a large neighbour's id at borders
+    out = keep.copy()
+    boxes = ndimage.find_objects(parts)
+    for part_id in small:
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[part_id - 1])
+        inside = parts[box] == part_id
+        neighbours = grown[box][inside]
+        neighbours = neighbours[neighbours > 0]
+        if neighbours.size:
+            out[box][inside] = np.bincount(neighbours).argmax()
+    return out
+
+
+def _split_touching(parts: np.ndarray, part_class: np.ndarray, radius: float | None):
+    """Watershed split of every part that has several well separated distance maxima."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    areas = np.bincount(parts.ravel())[1:]
+    if radius is None:
+        radius = float(np.sqrt(np.median(areas[areas > 0]) / np.pi)) if np.any(areas > 0) else 1.0
+    min_distance = max(1, int(round(radius / 2)))
+    out = parts.copy()
+    classes = list(part_class)
+    for part_id, box in enumerate(ndimage.find_objects(parts), 1):
+        if box is None:
+            continue
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
+        inside = parts[box] == part_id
+        distance = ndimage.distance_transform_edt(inside)
+        peaks = peak_local_max(distance, min_distance=min_distance, threshold_abs=max(1.0, radius / 3),
+                               labels=inside.astype(np.int32), exclude_border=False)
+        if len(peaks) < 2:
+            continue
+        markers = np.zeros(inside.shape, np.int64)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        pieces = watershed(-distance, markers, mask=inside)
+        region = out[box]
+        for k in range(2, len(peaks) + 1):  # piece 1 keeps the part's id, the others get new ones
+            classes.append(part_class[part_id])
+            region[pieces == k] = len(classes) - 1
+    return out, np.asarray(classes, np.int64)
+
+
+def _renumber(parts: np.ndarray, part_class: np.ndarray, scores, max_instances) -> Instances:
+    """Ids 1..N in reading order of each object's first pixel, with their class, area, box and score."""
+    from scipy import ndimage
+
+    flat = parts.ravel()
+    present, first = np.unique(flat, return_index=True)
+    order = [int(p) for p in present[np.argsort(first)] if p != 0]
+    if max_instances is not None and len(order) > max_instances:
+        raise ValueError(f"{len(order)} objects in one image, more than {max_instances}")
+    lut = np.zeros(int(parts.max()) + 1 if parts.size else 1, np.int64)
+    lut[order] = np.arange(1, len(order) + 1)
+    dtype = np.uint16 if len(order) <= np.iinfo(np.uint16).max else np.uint32
+    out = lut[parts].astype(dtype)
+    objects = []
+    for new_id, box in enumerate(ndimage.find_objects(out), 1):
+        if box is None:
+            continue
+        inside = out[box] == new_id
+        score = float(scores[box][inside].mean()) if scores is not None else 1.0
+        objects.append(Instance(new_id, int(part_class[order[new_id - 1]]), int(inside.sum()), box, score))
+    return Instances(out, objects)
+
+
+# ------------------------------------------------------------------------------------------ identity
+
+
+def match_objects(previous: np.ndarray, current: np.ndarray, min_iou: float = 0.1) -> dict[int, int]:
+    """{current id: previous id} for the objects of two instance maps of one scene, by the Hungarian
+    assignment (scipy) that maximises the summed IoU; pairs under `min_iou` are not matched."""
+    from scipy.optimize import linear_sum_assignment
+
+    prev_ids, prev_index = np.unique(previous, return_inverse=True)
+    cur_ids, cur_index = np.unique(current, return_inverse=True)
+    overlap = np.bincount(prev_index.ravel() * len(cur_ids) + cur_index.ravel(),
+                          minlength=len(prev_ids) * len(cur_ids)).reshape(len(prev_ids), len(cur_ids))
+    union = overlap.sum(1)[:, None] + overlap.sum(0)[None, :] - overlap
+    iou = overlap / np.maximum(union, 1)
+    rows = np.flatnonzero(prev_ids != 0)
+    cols = np.flatnonzero(cur_ids != 0)
+    if not len(rows) or not len(cols):
+        return {}
+    sub = iou[np.ix_(rows, cols)]
+    r, c = linear_sum_assignment(-sub)
+    return {int(cur_ids[cols[j]]): int(prev_ids[rows[i]]) for i, j in zip(r, c) if sub[i, j] >= min_iou}
+
+
+class IdentityTracker:
+    """Object ids that stay with their objects through a stack or a video.
+
+    Each frame's objects take the id of the object they overlap most in the frame before (`match_objects`);
+    objects that match nothing get new ids, counted on from the highest id ever seen: ids are never recycled.
+    """
+
+    def __init__(self, min_iou: float = 0.1):
+        self.min_iou = min_iou
+        self.next_id = 1
+
+    def seen(self, ids) -> None:
+        """Ids used elsewhere (e.g. in the annotated frames) are never given to new objects."""
+        ids = [int(i) for i in np.asarray(ids).ravel() if int(i) > 0]
+        if ids:
+            self.next_id = max(self.next_id, max(ids) + 1)
+
+    def follow(self, instances: Instances, previous: np.ndarray | None) -> Instances:
+        """`instances` with their ids replaced by the ids of the objects they continue in `previous`."""
+        matched = match_objects(previous, instances.map, self.min_iou) if previous is not None else {}
+        mapping = {}
+        for obj in instances.objects:
+            if obj.id in matched:
+                mapping[obj.id] = matched[obj.id]
+            else:
+                mapping[obj.id] = self.next_id
+                self.next_id += 1
+        self.seen(list(mapping.values()))
+        top = max(mapping.values(), default=0)
+        lut = np.zeros(int(instances.map.max()) + 1 if instances.map.size else 1, np.int64)
+        for old, new in mapping.items():
+            lut[old] = new
+        dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
+        objects = [Instance(mapping[o.id], o.class_id, o.area, o.box, o.score) for o in instances.objects]
+        return Instances(lut[instances.map].astype(dtype), sorted(objects, key=lambda o: o.id))
+
+
+def track_stack(instances: dict[int, Instances], annotated: dict[int, np.ndarray], num_frames: int,
+                min_iou: float = 0.1) -> dict[int, Instances]:
+    """Stable ids through a stack: from each annotated frame (whose instance maps give the first ids)
+    outward, as `propagation.plan_runs` visits the frames, each frame matched to the one before it in
+    its run. `instances`: the predicted frames' objects; returns them with tracked ids."""
+    from .propagation import plan_runs
+
+    tracker = IdentityTracker(min_iou)
+    for frame_map in annotated.values():
+        tracker.seen(np.unique(frame_map))
+    out = {}
+    for run in plan_runs(num_frames, list(annotated)):
+        previous = annotated.get(run.origin) if run.origin is not None else None
+        for frame in run.frames:
+            out[frame] = tracker.follow(instances[frame], previous)
+            previous = out[frame].map
+    return out

@@ -145,7 +145,9 @@ class OutputSet:
     def __enter__(self) -> "OutputSet":
         return self
 
-    def _stage(self, path) -> Path:
+    def stage(self, path) -> Path:
+        """Where to write declared output `path` now (a file in the hidden staging folder); it is moved
+        into place when the block ends without an error."""
         path = Path(path)
         if path not in self.paths:
             raise ValueError(f"{path} is not one of this run's declared outputs")
@@ -155,14 +157,14 @@ class OutputSet:
             _remove_stale_staging(path.parent)
             folder = self._folders[path.parent] = Path(
                 tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=path.parent))
-        staged = self._staged[path] = folder / path.name
+        staged = self._staged[path] = folder / f"{len(self._staged)}-{path.name}"
         return staged
 
     def write_png(self, path, arr) -> Path:
-        return write_png(self._stage(path), arr, overwrite=True)
+        return write_png(self.stage(path), arr, overwrite=True)
 
     def write_tiff(self, path, arr) -> Path:
-        return write_tiff(self._stage(path), arr, overwrite=True)
+        return write_tiff(self.stage(path), arr, overwrite=True)
 
     def __exit__(self, kind, error, traceback) -> bool:
         import shutil

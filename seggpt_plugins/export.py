@@ -1,0 +1,396 @@
+"""Exporting labelled images: class names, COCO instances (RLE), COCO panoptic, and a review table.
+
+Writers stream: each image's entries go to disk as they come, and the final file is assembled and
+renamed into place at the end (inside an `io.OutputSet`, so a failed run leaves no file at all), so
+a folder of 100k images never holds its COCO file in memory.
+
+    names = load_label_names("names.json")                  # {id: Category}
+    with outputs:
+        coco = CocoWriter(outputs.stage(out / "coco.json"), names)
+        coco.add("a.png", instances)                        # objects.Instances
+        coco.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .instances import Instances
+
+FORMATS = ("png", "tiff", "coco", "panoptic")
+OUTPUTS = ("labels", "instances", "panoptic")
+
+
+@dataclass(frozen=True)
+class Category:
+    id: int
+    name: str
+    thing: bool = True  # things get one id per object; stuff stays one region per class (panoptic)
+
+
+def load_label_names(path) -> dict[int, Category]:
+    """Class names from a file: JSON or YAML ({"1": "nucleus"} or {"1": {"name": "sky", "thing": false}}),
+    or text, one class a line: `ID NAME [thing|stuff]`. InputError names the file and line at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (--label-names)")
+    text = path.read_text(errors="replace")
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                try:
+                    import yaml
+                except ImportError:
+                    raise InputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or give JSON or "
+                                     "text") from None
+                data = yaml.safe_load(text)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{path}: not valid {path.suffix[1:].upper()} ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a mapping of label id to name, e.g. {{\"1\": \"nucleus\"}}")
+        entries = [(key, value, f"key {key!r}") for key, value in data.items()]
+    else:
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            words = line.split("#")[0].split()
+            if not words:
+                continue
+            if len(words) < 2 or len(words) > 3:
+                raise InputError(f"{path}, line {number}: expected `ID NAME [thing|stuff]`, got {line.strip()!r}")
+            kind = words[2] if len(words) == 3 else "thing"
+            entries.append((words[0], {"name": words[1], "thing": kind}, f"line {number}"))
+    names: dict[int, Category] = {}
+    for key, value, where in entries:
+        try:
+            label_id = int(key)
+        except (TypeError, ValueError):
+            raise InputError(f"{path}, {where}: label ids are whole numbers > 0, got {key!r}") from None
+        if label_id <= 0:
+            raise InputError(f"{path}, {where}: label ids are whole numbers > 0 (0 is background), got {label_id}")
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"].strip():
+            raise InputError(f"{path}, {where}: expected a name, or {{\"name\": ..., \"thing\": true|false}}")
+        thing = value.get("thing", True)
+        if isinstance(thing, str):
+            if thing.lower() not in ("thing", "stuff", "true", "false"):
+                raise InputError(f"{path}, {where}: the kind is 'thing' or 'stuff', got {thing!r}")
+            thing = thing.lower() in ("thing", "true")
+        names[label_id] = Category(label_id, value["name"].strip(), bool(thing))
+    if not names:
+        raise InputError(f"{path}: names no class")
+    return names
+
+
+def categories_for(ids, names: dict[int, Category] | None) -> dict[int, Category]:
+    """A category per label id: the given names (which must cover every id) or `class <id>`."""
+    ids = sorted(int(i) for i in ids if int(i) != 0)
+    if names:
+        missing = [i for i in ids if i not in names]
+        if missing:
+            raise InputError(f"--label-names names no class for label id(s) {missing[:10]} found in the prompts")
+        return {i: names[i] for i in ids}
+    return {i: Category(i, f"class {i}") for i in ids}
+
+
+def check_ids_fit(fmt: str, top_id: int, where: str) -> None:
+    """InputError when label or instance ids up to `top_id` cannot be stored in format `fmt`."""
+    if fmt == "png" and top_id > 65535:
+        raise InputError(f"{where}: ids up to {top_id} do not fit a 16-bit PNG; use --format tiff")
+
+
+def _rle(binary: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _box(box: tuple[slice, slice]) -> list[float]:
+    rows, cols = box
+    return [float(cols.start), float(rows.start), float(cols.stop - cols.start), float(rows.stop - rows.start)]
+
+
+class _JsonArrays:
+    """Items of several JSON arrays streamed to temporary files, assembled into one JSON object at the end."""
+
+    def __init__(self, path, arrays: tuple[str, ...]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._files = {name: tempfile.TemporaryFile("w+", dir=self.path.parent) for name in arrays}
+        self._counts = {name: 0 for name in arrays}
+
+    def append(self, array: str, item: dict) -> None:
+        file = self._files[array]
+        if self._counts[array]:
+            file.write(",\n")
+        file.write(json.dumps(item, separators=(",", ":")))
+        self._counts[array] += 1
+
+    def close(self, head: dict) -> Path:
+        with open(self.path, "w") as out:
+            out.write(json.dumps(head)[:-1] + (", " if head else ""))
+            for k, (name, file) in enumerate(self._files.items()):
+                file.seek(0)
+                out.write(("" if k == 0 else ", ") + json.dumps(name) + ": [\n")
+                while chunk := file.read(1 << 20):
+                    out.write(chunk)
+                out.write("\n]")
+                file.close()
+            out.write("}\n")
+        return self.path
+
+
+class CocoWriter:
+    """COCO instance segmentation JSON (RLE masks, areas and boxes from pycocotools), written as it goes."""
+
+    def __init__(self, path, categories: dict[int, Category], description: str = "seggpt-plugins"):
+        self._arrays = _JsonArrays(path, ("images", "annotations"))
+        self.categories = categories
+        self.description = description
+        self._images = 0
+        self._annotations = 0
+
+    def add(self, file_name: str, instances: Instances) -> int:
+        """One image and its objects (`Instance.class_id` must be a category id); returns the image id."""
+        from pycocotools import mask as mask_utils
+
+        self._images += 1
+        height, width = instances.map.shape
+        self._arrays.append("images", {"id": self._images, "file_name": file_name, "height": height, "width": width})
+        for obj in instances.objects:
+            if obj.class_id not in self.categories:
+                raise InputError(f"{file_name}: object of class {obj.class_id}, which has no category")
+            rle = _rle(instances.map == obj.id)
+            self._annotations += 1
+            self._arrays.append("annotations", {
+                "id": self._annotations, "image_id": self._images, "category_id": obj.class_id,
+                "segmentation": rle, "area": float(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0, "score": round(obj.score, 4)})
+        return self._images
+
+    def close(self) -> Path:
+        head = {"info": {"description": self.description},
+                "categories": [{"id": c.id, "name": c.name, "supercategory": ""} for c in self.categories.values()]}
+        return self._arrays.close(head)
+
+
+def panoptic_segments(labels: np.ndarray, instances: Instances, categories: dict[int, Category]):
+    """(segment id map (H, W) uint32, segments_info): things as their objects, stuff as one region a class."""
+    from scipy import ndimage
+
+    segments = np.zeros(labels.shape, np.uint32)
+    info = []
+    for obj in instances.objects:
+        category = categories.get(obj.class_id)
+        if category is None or not category.thing:
+            continue
+        inside = instances.map == obj.id
+        segments[inside] = len(info) + 1
+        info.append({"id": len(info) + 1, "category_id": obj.class_id, "area": int(inside.sum()),
+                     "bbox": _box(obj.box), "iscrowd": 0})
+    for category in categories.values():
+        if category.thing:
+            continue
+        inside = labels == category.id
+        if not inside.any():
+            continue
+        segments[inside] = len(info) + 1
+        box = ndimage.find_objects(inside.astype(np.uint8))[0]
+        info.append({"id": len(info) + 1, "category_id": category.id, "area": int(inside.sum()),
+                     "bbox": _box(box), "iscrowd": 0})
+    return segments, info
+
+
+def segment_ids_to_rgb(segments: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG encoding: id = R + 256 G + 256^2 B."""
+    segments = segments.astype(np.uint32)
+    return np.stack([segments & 255, (segments >> 8) & 255, (segments >> 16) & 255], -1).astype(np.uint8)
+
+
+def rgb_to_segment_ids(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.uint32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+class PanopticWriter:
+    """COCO panoptic JSON; the segment PNGs are written by the caller (`segment_ids_to_rgb`)."""
+
+    def __init__(self, path, categories: dict[int, Category]):
+        self._arrays = _JsonArrays(path, ("images", "annotations"))
+        self.categories = categories
+        self._images = 0
+
+    def add(self, file_name: str, png_name: str, shape: tuple[int, int], segments_info: list[dict]) -> int:
+        self._images += 1
+        self._arrays.append("images", {"id": self._images, "file_name": file_name, "height": int(shape[0]),
+                                       "width": int(shape[1])})
+        self._arrays.append("annotations", {"image_id": self._images, "file_name": png_name,
+                                            "segments_info": segments_info})
+        return self._images
+
+    def close(self) -> Path:
+        head = {"info": {"description": "seggpt-plugins"},
+                "categories": [{"id": c.id, "name": c.name, "isthing": int(c.thing), "supercategory": ""}
+                               for c in self.categories.values()]}
+        return self._arrays.close(head)
+
+
+class ReviewTable:
+    """One JSON line per image, to sort a review queue by (least confident first, most objects, ...)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w")
+
+    def add(self, **row) -> None:
+        self._file.write(json.dumps(row, default=_plain) + "\n")
+
+    def close(self) -> Path:
+        self._file.close()
+        return self.path
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, os.PathLike)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# ------------------------------------------------------------------------------------- a run's outputs
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What a run writes: the kind of map (`output`), the formats, and how objects are found."""
+
+    output: str = "labels"  # labels (class ids) | instances (one id per object) | panoptic
+    formats: tuple[str, ...] = ("png",)
+    min_area: int = 16  # objects: smaller parts join a neighbour or are dropped
+    split_touching: bool = False  # objects: watershed split of touching objects
+    review: bool = False  # review.jsonl: one row per image
+    names: dict | None = None  # {label id: Category} from --label-names
+
+    def check(self, seg_type: str) -> None:
+        """InputError for combinations that cannot work, before any model work."""
+        if self.output not in OUTPUTS:
+            raise InputError(f"--output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise InputError(f"--format takes {', '.join(FORMATS)}, got {' '.join(self.formats) or 'nothing'}")
+        if self.output != "labels" and seg_type != "instance":
+            raise InputError(f"--output {self.output} needs objects, which SegGPT paints with --seg-type instance; "
+                             "a semantic request gives classes only (use --output labels)")
+        if "coco" in self.formats and self.output == "labels":
+            raise InputError("--format coco writes objects: use it with --output instances (or panoptic)")
+        if "panoptic" in self.formats and self.output != "panoptic":
+            raise InputError("--format panoptic writes COCO panoptic: use it with --output panoptic")
+        if self.min_area < 0:
+            raise InputError(f"--min-area must be >= 0, got {self.min_area}")
+
+    @property
+    def objects(self) -> bool:
+        return self.output != "labels"
+
+
+class Exporter:
+    """The files of one run and how each prediction is written into them (inside an io.OutputSet).
+
+        exporter = Exporter(out_dir, stems, options)      # stems: output names relative to out_dir
+        outputs = OutputSet(exporter.paths(), inputs, overwrite)
+        with outputs:
+            exporter.open(outputs, categories)
+            exporter.write(i, prediction)                 # or write_instances for tracked objects
+            exporter.close()
+    """
+
+    def __init__(self, out_dir, stems: list[str], options: ExportOptions):
+        self.out = Path(out_dir)
+        self.stems = list(stems)
+        self.options = options
+        self._coco = self._panoptic = self._review = None
+        self._outputs = None
+
+    def map_path(self, i: int, fmt: str) -> Path:
+        suffix = {"labels": "_labels", "instances": "_instances", "panoptic": "_panoptic"}[self.options.output]
+        return self.out / f"{self.stems[i]}{suffix}.{'png' if fmt == 'png' else 'tif'}"
+
+    def paths(self) -> list[Path]:
+        paths = []
+        for i in range(len(self.stems)):
+            paths += [self.map_path(i, f) for f in self.options.formats if f in ("png", "tiff")]
+            if "panoptic" in self.options.formats and "png" not in self.options.formats:
+                paths.append(self.map_path(i, "png"))
+        if "coco" in self.options.formats:
+            paths.append(self.out / "coco.json")
+        if "panoptic" in self.options.formats:
+            paths.append(self.out / "panoptic.json")
+        if self.options.review:
+            paths.append(self.out / "review.jsonl")
+        return paths
+
+    def open(self, outputs, categories: dict[int, Category]) -> None:
+        self._outputs, self.categories = outputs, categories
+        if "coco" in self.options.formats:
+            self._coco = CocoWriter(outputs.stage(self.out / "coco.json"), categories)
+        if "panoptic" in self.options.formats:
+            self._panoptic = PanopticWriter(outputs.stage(self.out / "panoptic.json"), categories)
+        if self.options.review:
+            self._review = ReviewTable(outputs.stage(self.out / "review.jsonl"))
+
+    def instances_of(self, prediction) -> Instances:
+        from .instances import find_instances
+
+        return find_instances(prediction.labels, prediction.scores, min_area=self.options.min_area,
+                              split_touching=self.options.split_touching)
+
+    def write(self, i: int, prediction, source: str, instances: Instances | None = None, **review) -> None:
+        """Write target i's maps and entries; `instances` (e.g. tracked through a stack) or found here."""
+        if self.options.objects and instances is None:
+            instances = self.instances_of(prediction)
+        if self.options.output == "labels":
+            picture = prediction.labels
+        elif self.options.output == "instances":
+            picture = instances.map
+        else:
+            segments, segments_info = panoptic_segments(prediction.labels, instances, self.categories)
+            picture = segments
+        for fmt in self.options.formats:
+            if fmt in ("png", "tiff"):
+                path = self.map_path(i, fmt)
+                check_ids_fit(fmt, int(picture.max()) if picture.size else 0, str(path))
+                data = segment_ids_to_rgb(picture) if self.options.output == "panoptic" and fmt == "png" else picture
+                (self._outputs.write_png if fmt == "png" else self._outputs.write_tiff)(path, data)
+        if self._panoptic is not None:
+            png = self.map_path(i, "png")
+            if "png" not in self.options.formats:
+                self._outputs.write_png(png, segment_ids_to_rgb(picture))
+            self._panoptic.add(source, str(png.relative_to(self.out)), picture.shape, segments_info)
+        if self._coco is not None:
+            self._coco.add(source, instances)
+        if self._review is not None:
+            foreground = prediction.labels != 0
+            self._review.add(path=source, classes=sorted(int(c) for c in np.unique(prediction.labels) if c),
+                             instances=len(instances) if instances is not None else None,
+                             confidence=round(float(prediction.scores[foreground].mean()), 4)
+                             if foreground.any() else None, **review)
+
+    def close(self) -> None:
+        for writer in (self._coco, self._panoptic, self._review):
+            if writer is not None:
+                writer.close()
