@@ -390,26 +390,16 @@ def cmd_propagate(args) -> int:
 
 
 def _tracked_instances(predictions: dict, annotations: dict, depth: int, options):
-    """Objects of every slice with ids kept through the stack: the annotated slices' own objects (their ids
-    when each id is one object, else numbered after the ids already used), the predicted slices'
-    objects matched outward from them (instances.track_stack). Returns (id stack, {slice: Instances})."""
+    """Objects of every slice with ids kept through the stack (instances.track_stack, from the annotated
+    slices' own objects). Returns (id stack, {slice: Instances})."""
     import numpy as np
 
-    from .instances import Instances, find_instances, track_stack
+    from .instances import annotated_objects, find_instances, track_stack
 
-    annotated, used = {}, 0
-    for z, mask in sorted(annotations.items()):
-        objects = find_instances(mask, min_area=1)
-        if len(objects) == len(np.unique(mask[mask > 0])):  # each id is one object already: the user's ids stay
-            objects = Instances.of_map(mask)
-        else:  # ids are classes: its objects numbered after the ids used so far
-            objects = objects.shifted(used)
-        used = max(used, int(objects.map.max()))
-        annotated[z] = objects
+    annotated = annotated_objects(annotations)
     found = {z: find_instances(p.labels, p.scores, min_area=options.min_area, split_touching=options.split_touching)
              for z, p in predictions.items()}
-    tracked = track_stack(found, {z: o.map for z, o in annotated.items()}, depth)
-    tracked.update(annotated)
+    tracked = {**track_stack(found, annotated, depth), **annotated}
     top = max((int(o.map.max()) for o in tracked.values()), default=0)
     stack = np.zeros((depth, *next(iter(tracked.values())).map.shape), np.uint16 if top < 65536 else np.uint32)
     for z, objects in tracked.items():

@@ -290,20 +290,63 @@ class IdentityTracker:
         return Instances(lut[instances.map].astype(dtype), sorted(objects, key=lambda o: o.id))
 
 
-def track_stack(instances: dict[int, Instances], annotated: dict[int, np.ndarray], num_frames: int,
-                min_iou: float = 0.1) -> dict[int, Instances]:
-    """Stable ids through a stack: from each annotated frame (whose instance maps give the first ids)
-    outward, as `propagation.plan_runs` visits the frames, each frame matched to the one before it in
-    its run. `instances`: the predicted frames' objects; returns them with tracked ids."""
-    from .propagation import plan_runs
+class StackTracker:
+    """Stable ids through a stack, one frame at a time as `SegGPT.propagate` yields them: from each annotated
+    frame outward (as `propagation.plan_runs` visits the frames), each frame's objects matched to those of
+    the frame before it in its run. `annotated`: {frame: Instances} of the annotated frames (see
+    `annotated_objects`); their ids are kept and never given to other objects."""
 
-    tracker = IdentityTracker(min_iou)
-    for frame_map in annotated.values():
-        tracker.seen(np.unique(frame_map))
-    out = {}
-    for run in plan_runs(num_frames, list(annotated)):
-        previous = annotated.get(run.origin) if run.origin is not None else None
-        for frame in run.frames:
-            out[frame] = tracker.follow(instances[frame], previous)
-            previous = out[frame].map
+    def __init__(self, num_frames: int, annotated: dict[int, Instances], min_iou: float = 0.1):
+        from .propagation import plan_runs
+
+        self.before: dict[int, int | None] = {}
+        for run in plan_runs(num_frames, list(annotated)):
+            previous = run.origin
+            for frame in run.frames:
+                self.before[frame] = previous
+                previous = frame
+        self.maps = {frame: objects.map for frame, objects in annotated.items()}
+        self.tracker = IdentityTracker(min_iou)
+        for objects in annotated.values():
+            self.tracker.seen([o.id for o in objects.objects])
+
+    def follow(self, frame: int, instances: Instances) -> Instances:
+        """`instances` of `frame` with the ids of the objects they continue (the frame before it in its run
+        must have been followed already: propagate's order guarantees it)."""
+        before = self.before.get(frame)
+        tracked = self.tracker.follow(instances, self.maps.get(before) if before is not None else None)
+        self.maps[frame] = tracked.map
+        return tracked
+
+
+def annotated_objects(annotations: dict[int, np.ndarray]) -> dict[int, Instances]:
+    """The objects of annotated frames: a frame whose ids each mark one connected object keeps the user's
+    ids; in a frame whose ids are classes (several objects share one), objects are numbered after every id
+    used so far, so that no two objects of the stack share an id."""
+    out, used = {}, 0
+    for frame, mask in sorted(annotations.items()):
+        mask = np.asarray(mask)
+        found = find_instances(mask, min_area=1)
+        if len(found) == len(np.unique(mask[mask > 0])):
+            found = Instances.of_map(mask)
+        else:
+            found = found.shifted(used)
+        used = max(used, int(found.map.max()) if found.map.size else 0)
+        out[frame] = found
     return out
+
+
+def track_stack(instances: dict[int, Instances], annotated: dict[int, Instances], num_frames: int,
+                min_iou: float = 0.1) -> dict[int, Instances]:
+    """`StackTracker` over a whole stack: the predicted frames' objects (`instances`) with tracked ids."""
+    tracker = StackTracker(num_frames, annotated, min_iou)
+    ordered = sorted(instances, key=lambda f: _distance_from_origin(tracker, f))
+    return {frame: tracker.follow(frame, instances[frame]) for frame in ordered}
+
+
+def _distance_from_origin(tracker: StackTracker, frame: int) -> int:
+    steps = 0
+    while tracker.before.get(frame) is not None and frame not in tracker.maps:
+        frame = tracker.before[frame]
+        steps += 1
+    return steps

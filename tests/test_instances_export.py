@@ -12,7 +12,7 @@ from PIL import Image
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.export import (Category, CocoWriter, PanopticWriter, check_ids_fit, load_label_names,
                                    panoptic_segments, rgb_to_segment_ids, segment_ids_to_rgb)
-from seggpt_plugins.instances import Instances, find_instances, match_objects, track_stack
+from seggpt_plugins.instances import annotated_objects, find_instances, match_objects, track_stack
 
 
 def discs(shape, centres, radius):
@@ -61,7 +61,7 @@ def test_identity_is_kept_through_a_moving_sequence():
     top, bottom = discs((64, 96), [(20, 10), (45, 85)], 6)
     annotated[top], annotated[bottom] = 7, 9
     found = {t: find_instances(frames[t], min_area=4) for t in range(1, 10)}
-    tracked = track_stack(found, {0: annotated}, 10)
+    tracked = track_stack(found, annotated_objects({0: annotated}), 10)
     for t in range(1, 10):
         assert tracked[t].map[20, 10 + 5 * t] == 7 and tracked[t].map[45, 85 - 5 * t] == 9
     newcomer = {int(tracked[t].map[10, 80]) for t in range(5, 10)}
