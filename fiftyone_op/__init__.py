@@ -1,13 +1,19 @@
 """FiftyOne adapter of seggpt-plugins: this folder is both a FiftyOne plugin (`fiftyone.yml` + `register`)
-and a Python package (`seggpt_plugins.fiftyone.cli` adds `seggpt fiftyone install`).
+and the Python package `seggpt_plugins.fiftyone` (`seggpt_plugins.fiftyone.cli` adds `seggpt fiftyone install`).
 
-FiftyOne imports this file as a module from the plugin folder; nothing heavy is imported here, so that
-`seggpt --help` (which imports `seggpt_plugins.fiftyone.cli`) stays instant.
+FiftyOne imports this file as a module of its own name from the plugin folder; `register` imports the
+operator by its canonical, absolute name, so every module of the adapter is loaded once per process (one
+model cache, one set of constants), whether FiftyOne or Python imported it first. Nothing heavy is
+imported here, so that `seggpt --help` (which imports `seggpt_plugins.fiftyone.cli`) stays instant.
+
+Modules: `operators` (the App form, execution modes, sharding), `plan` (checks, prompts and targets),
+`options`, `fields`, `codecs` (labels <-> label maps), `segment` (prediction), `commit` (staging and the
+crash-safe commit), `evaluation`, `cli`.
 """
 
 
 def register(p):
     """Called by FiftyOne with its plugin context."""
-    from .operators import PropagateLabels
+    from seggpt_plugins.fiftyone.operators import PropagateLabels
 
     p.register(PropagateLabels)

@@ -1,7 +1,9 @@
 """The FiftyOne operator `@seggpt/seggpt/propagate_labels`: the App form, execution modes and sharding.
 
-The work itself (checks, prompt choice, prediction, commit, evaluation) is in `propagate.py`. (Not named
-`operator.py`: that would shadow the standard library module for code run from this folder.)
+The work itself is in the other modules: `plan.py` (checks, prompts and targets: one plan for the form and
+the run), `segment.py` (prediction), `commit.py` (staging and commit), `evaluation.py`. (Not named
+`operator.py`: that would shadow the standard library module for code run from this folder.) Every module
+is imported as `seggpt_plugins.fiftyone.*`, whatever name FiftyOne gave the plugin folder.
 
 From Python:
 
@@ -20,8 +22,13 @@ import fiftyone.operators.types as types
 from fiftyone.operators.constants import ViewTarget
 
 from seggpt_plugins.errors import SegGPTError
+from seggpt_plugins.vocabulary import AUTO_MODEL
 
-from . import propagate as prop
+from seggpt_plugins.fiftyone.commit import declare_output
+from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, label_fields
+from seggpt_plugins.fiftyone.options import CONFIDENCE_SUFFIX, Options, ParamError
+from seggpt_plugins.fiftyone.plan import make_plan, split
+from seggpt_plugins.fiftyone.segment import segment_view
 
 URI = "@seggpt/seggpt/propagate_labels"
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
@@ -60,7 +67,7 @@ class PropagateLabels(foo.Operator):
             default_target = ViewTarget.CURRENT_VIEW if ctx.has_custom_view else ViewTarget.DATASET
         target = inputs.view_target(ctx, action_description="Propagate labels to", default_target=default_target)
 
-        fields = prop.label_fields(dataset)
+        fields = label_fields(dataset)
         if not fields:
             inputs.view("no_fields", types.Error(
                 label="Nothing to learn from",
@@ -99,31 +106,35 @@ class PropagateLabels(foo.Operator):
 
         field("output_field", inputs.str, required=True, default=f"{label_field}_seggpt", label="Output field",
               description=f"Predictions go here ({kind or 'same type as the label field'}); the per-sample "
-                          f"confidence goes to <output field>{prop.CONFIDENCE_SUFFIX}")
+                          f"confidence goes to <output field>{CONFIDENCE_SUFFIX}")
         field("max_prompts", inputs.int, min=1, default=4, label="Prompts per target",
               description="Each target uses this many prompt samples, the most similar to it first")
         kinds = types.RadioGroup()
         kinds.add_choice("semantic", label="semantic", description="colours are classes")
         kinds.add_choice("instance", label="instance", description="colours are objects (SegGPT's default)")
         field("embedding_type", inputs.enum, values=kinds.values(), view=kinds,
-              default="instance" if kind == prop.DETECTIONS else "semantic", label="Segmentation type",
+              default="instance" if kind == DETECTIONS else "semantic", label="Segmentation type",
               description="SegGPT's type token")
         field("batch_size", inputs.int, min=1, default=8, label="Batch size",
               description="Targets per forward pass")
-        field("model", inputs.str, default=prop.DEFAULT_MODEL, label="Model",
-              description="Hugging Face hub id, local transformers folder, Painter .pth checkpoint, or 'demo'")
+        field("model", inputs.str, default=AUTO_MODEL, label="Model",
+              description="Hugging Face hub id, local transformers folder, Painter .pth checkpoint, 'demo', or "
+                          "'auto' ($SEGGPT_MODEL, else the hub weights when cached here, else the demo model)")
         field("device", inputs.str, default="auto", label="Device",
               description="auto (cuda, then mps, then cpu), cuda, cuda:1, cpu, ...")
         field("mask_dir", inputs.str, required=False, label="Store masks on disk in",
               description="Absolute folder for mask PNGs (mask_path; <folder>/<output field>/<sample id>.png). "
                           "Empty: masks inline in the database (fine for small views)")
         field("skip_existing", inputs.bool, default=True, label="Skip samples that already have the output field")
+        field("overwrite_field", inputs.bool, default=False, label="Write into an existing field not made by SegGPT",
+              description="Off: an output field that exists and was not written by this operator (human labels, "
+                          "say) is refused")
         field("num_shards", inputs.int, min=1, default=1, label="Shards",
               description="Above 1: queue this many delegated operations, each on a part of the targets, for "
                           "parallel `fiftyone delegated launch` workers sharing this database")
         gt_choices = types.Dropdown(label="Ground truth")
         for name, field_type in fields.items():
-            if field_type == prop.SEGMENTATION:
+            if field_type == SEGMENTATION:
                 gt_choices.add_choice(name, label=name)
         field("gt_field", inputs.str, required=False, view=gt_choices, label="Evaluate against",
               description="Optional Segmentation ground truth: evaluate_segmentations on the targets, mIoU")
@@ -137,30 +148,32 @@ class PropagateLabels(foo.Operator):
 
     def _validate(self, ctx):
         """(errors by parameter, a one-line plan, source kind) for the form; never raises for bad input."""
-        errors, summary, kind = {}, None, None
         try:
-            opts = prop.Options.from_params(ctx.params)
-        except prop.ParamError as exc:
+            plan = self._plan(ctx)
+        except ParamError as exc:  # "required": a form still being filled in, not an error to show
             return {k: v for k, v in exc.errors.items() if v != "required"}, None, None
-        try:
-            kind = prop.check(ctx.dataset, opts, shard=SHARD_PARAM in ctx.params)
-            prompts = self._prompts(ctx, opts)
-            targets = prop.target_view(ctx.target_view(), prompts, opts).count()
-            summary = (f"{_count(len(prompts), 'prompt sample')} ({self._prompt_source(ctx, opts)}) -> "
-                       f"{_count(targets, 'target sample')}"
-                       + (f" in {_count(min(opts.num_shards, targets), 'shard')}" if opts.num_shards > 1 else ""))
-            if not targets:
-                summary += " (nothing to do" + (": all have the output field)" if opts.skip_existing else ")")
-        except prop.ParamError as exc:
-            errors.update(exc.errors)
-        return errors, summary, kind
+        opts = plan.opts
+        targets = plan.targets.count()
+        summary = (f"{_count(len(plan.prompts), 'prompt sample')} ({plan.prompt_source}) -> "
+                   f"{_count(targets, 'target sample')}"
+                   + (f" in {_count(min(opts.num_shards, targets), 'shard')}" if opts.num_shards > 1 else ""))
+        if not targets:
+            summary += " (nothing to do" + (": all have the output field)" if opts.skip_existing else ")")
+        return {}, summary, plan.kind
+
+    def _plan(self, ctx):
+        """The run's plan (options, kind, prompts, targets, how the prompts were chosen): one for the form and
+        the run. ParamError names the parameters at fault."""
+        fixed = ctx.params.get(PROMPTS_PARAM)  # a shard: the prompts chosen when it was queued
+        return make_plan(ctx.dataset, ctx.params, ctx.target_view(), selected=self._selection(ctx),
+                         fixed_prompts=fixed, shard=SHARD_PARAM in ctx.params)
 
     def resolve_execution_options(self, ctx):
         from fiftyone.operators.executor import ExecutionOptions
 
         many = False
         try:
-            opts = prop.Options.from_params(ctx.params)
+            opts = Options.from_params(ctx.params)
             many = opts.num_shards > 1 or len(ctx.target_view()) > IMMEDIATE_LIMIT
         except Exception:  # a form still being filled in
             pass
@@ -189,21 +202,18 @@ class PropagateLabels(foo.Operator):
 
     def _run(self, ctx):
         try:
-            opts = prop.Options.from_params(ctx.params)
-            dataset = ctx.dataset
+            plan = self._plan(ctx)
+            opts, dataset = plan.opts, ctx.dataset
             shard = ctx.params.get(SHARD_PARAM)
-            kind = prop.check(dataset, opts, shard=shard is not None)
-            prompts = self._prompts(ctx, opts)
-            view = ctx.target_view()
-            targets = prop.target_view(view, prompts, opts).values("id")
+            targets = plan.target_ids()
             if shard is None and opts.num_shards > 1 and len(targets) > 1:
-                summary = self._queue_shards(ctx, opts, kind, prompts, targets)
+                summary = self._queue_shards(ctx, plan, targets)
                 message = (f"SegGPT: queued {len(summary['shards'])} delegated operations for {len(targets)} "
                            "samples; run `fiftyone delegated launch` on one or more workers")
             else:
-                eval_ids = view.exclude(prompts).values("id") if opts.gt_field else None
-                steps = prop.propagate(dataset, opts, prompts, targets, kind=kind, declare=shard is None,
-                                       eval_ids=eval_ids, eval_key=opts.eval_key if shard is None else None)
+                eval_ids = ctx.target_view().exclude(plan.prompts).values("id") if opts.gt_field else None
+                steps = segment_view(dataset, opts, plan.prompts, targets, kind=plan.kind, declare=shard is None,
+                                     eval_ids=eval_ids, eval_key=opts.eval_key if shard is None else None)
                 summary = yield from _relay(ctx, steps)
                 message = _describe(summary, shard)
         except SegGPTError as exc:
@@ -215,30 +225,22 @@ class PropagateLabels(foo.Operator):
             yield ctx.ops.reload_dataset()
         return summary
 
-    def _prompt_source(self, ctx, opts):
-        return prop.prompt_view(ctx.dataset, opts, self._selection(ctx, opts))[1]
-
-    def _selection(self, ctx, opts):
-        """The App's selection are the prompts unless a tag names them or the selection is the target."""
+    def _selection(self, ctx):
+        """The App's selection are the prompts (unless a tag names them: see plan.prompt_view) when the
+        selection is not the target."""
         target = ctx.request_params.get("view_target") or ctx.params.get("view_target")
-        if opts.prompt_tag or target == ViewTarget.SELECTED_SAMPLES:
+        if target == ViewTarget.SELECTED_SAMPLES:
             return []
         return list(ctx.selected)
 
-    def _prompts(self, ctx, opts):
-        fixed = ctx.params.get(PROMPTS_PARAM)
-        if fixed is not None:  # a shard: the prompts chosen when it was queued
-            return prop.check_prompts(ctx.dataset, opts, list(fixed), "the prompts chosen for this shard")
-        return prop.prompt_ids(ctx.dataset, opts, self._selection(ctx, opts))
-
-    def _queue_shards(self, ctx, opts, kind, prompts, targets):
+    def _queue_shards(self, ctx, plan, targets):
         """Queue one delegated operation per part of the targets; each selects its samples by id, so the
         parts cover the targets exactly once whatever happens to the view meanwhile."""
         from fiftyone.operators.delegated import DelegatedOperationService
 
-        dataset = ctx.dataset
-        prop.declare_output(dataset, opts, kind)
-        parts = prop.split(targets, opts.num_shards)
+        dataset, opts, prompts = ctx.dataset, plan.opts, plan.prompts
+        declare_output(dataset, opts, plan.kind)
+        parts = split(targets, opts.num_shards)
         service = DelegatedOperationService()
         ops = []
         for index, ids in enumerate(parts):
@@ -259,9 +261,9 @@ class PropagateLabels(foo.Operator):
     # ----------------------------------------------------------------------------------------- Python
 
     def __call__(self, sample_collection, label_field, output_field=None, *, prompt_tag=None, max_prompts=4,
-                 embedding_type=None, batch_size=8, model=prop.DEFAULT_MODEL, device=None, mask_dir=None,
-                 skip_existing=True, num_shards=1, gt_field=None, view_target=None, selected=None,
-                 delegate=False):
+                 embedding_type=None, batch_size=8, model=AUTO_MODEL, device=None, mask_dir=None,
+                 skip_existing=True, num_shards=1, gt_field=None, overwrite_field=False, view_target=None,
+                 selected=None, delegate=False):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does).
 
         view_target: a `fiftyone.operators.constants.ViewTarget` value (default: the given collection);
@@ -271,7 +273,7 @@ class PropagateLabels(foo.Operator):
         params = dict(label_field=label_field, output_field=output_field, prompt_tag=prompt_tag,
                       max_prompts=max_prompts, embedding_type=embedding_type, batch_size=batch_size, model=model,
                       device=device, mask_dir=mask_dir, skip_existing=skip_existing, num_shards=num_shards,
-                      gt_field=gt_field)
+                      gt_field=gt_field, overwrite_field=overwrite_field)
         params = {k: v for k, v in params.items() if v is not None}
         if view_target is not None:
             params["view_target"] = view_target

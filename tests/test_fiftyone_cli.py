@@ -47,7 +47,9 @@ def test_copy_install_and_uninstall(tmp_path):
     done = seggpt("fiftyone", "install", "--copy", plugins_dir=tmp_path)
     assert done.returncode == 0, done.stderr
     copy = tmp_path / "seggpt"
-    assert not copy.is_symlink() and {"fiftyone.yml", "__init__.py", "operators.py", "propagate.py"} <= {
+    modules = {"__init__.py", "operators.py", "options.py", "fields.py", "plan.py", "codecs.py", "segment.py",
+               "commit.py", "evaluation.py", "cli.py"}
+    assert not copy.is_symlink() and {"fiftyone.yml", *modules} <= {
         p.name for p in copy.iterdir()}
     assert not (copy / "__pycache__").exists()
     gone = seggpt("fiftyone", "uninstall", plugins_dir=tmp_path)

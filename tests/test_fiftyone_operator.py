@@ -162,7 +162,7 @@ def direct_iou(dataset, ids, pred_field, gt_field, classes=(0, 1)):
     return iou, float(np.mean(list(iou.values())))
 
 
-def plugin_module(name="propagate"):
+def plugin_module(name="segment"):
     """A module of the plugin as FiftyOne loaded it (from the plugins folder, under its own name)."""
     import fiftyone.operators as foo
 
@@ -192,6 +192,20 @@ def test_plugin_found_in_plugins_dir_after_cli_install(fo_env):
     import fiftyone.operators as foo
 
     assert foo.get_operator(URI).config.execute_as_generator
+
+
+def test_plugin_modules_are_loaded_once(dataset):
+    """FiftyOne imports the plugin folder under a name of its own; the adapter's modules must still be
+    loaded once (one model cache), as `seggpt_plugins.fiftyone.*`."""
+    import fiftyone.operators as foo
+
+    result = run(dataset.limit(3), demo(label_field="labels", output_field="pred", prompt_tag="prompt"))
+    assert result.error is None and dataset.count("pred") == 2
+    operators = (ROOT / "fiftyone_op" / "operators.py").resolve()
+    loaded = [name for name, module in list(sys.modules.items())
+              if getattr(module, "__file__", None) and Path(module.__file__).resolve() == operators]
+    assert loaded == ["seggpt_plugins.fiftyone.operators"], loaded
+    assert type(foo.get_operator(URI)).__module__ == "seggpt_plugins.fiftyone.operators"
 
 
 # --------------------------------------------------------------------------------- immediate execution
@@ -492,7 +506,7 @@ def test_detections_codec_round_trip(tiles):
     """Instance encoding of prompts and decoding of a painting are inverse (no model involved)."""
     from seggpt_plugins.engine import Prediction
 
-    from seggpt_plugins.fiftyone.propagate import DetectionsCodec
+    from seggpt_plugins.fiftyone.codecs import DetectionsCodec
 
     codec = DetectionsCodec("instances", "instance")
     prompts = [detections_of(t[2]) for t in tiles[:3]]
@@ -617,7 +631,7 @@ def test_unreadable_media_leaves_no_partial_field(dataset, tmp_path, monkeypatch
 
 def test_failed_commit_is_undone(dataset, monkeypatch):
     """A database failure after some chunks were written: the written values and new fields are removed."""
-    plugin = plugin_module()
+    plugin = plugin_module("commit")
     monkeypatch.setattr(plugin, "COMMIT_CHUNK", 1)
 
     def fail(*args, **kwargs):
@@ -633,7 +647,7 @@ def test_failed_commit_is_undone(dataset, monkeypatch):
 
 
 def test_shard_split_is_exact():
-    from seggpt_plugins.fiftyone.propagate import split
+    from seggpt_plugins.fiftyone.plan import split
 
     for n in range(0, 30):
         for shards in range(1, 6):
@@ -645,7 +659,7 @@ def test_shard_split_is_exact():
 
 
 def test_most_similar_prompts_first(tiles):
-    from seggpt_plugins.fiftyone.propagate import describe, most_similar
+    from seggpt_plugins.prompts import describe, most_similar
 
     pool = np.stack([describe(np.repeat(t[1][..., None], 3, -1)) for t in tiles])
     for k, t in enumerate(tiles):
@@ -653,3 +667,185 @@ def test_most_similar_prompts_first(tiles):
     assert most_similar(pool[0], pool, 99) == tuple(range(len(tiles)))
     flipped = np.repeat(tiles[3][1][::-1, ::-1, None], 3, -1)
     assert len(most_similar(describe(flipped), pool, 3)) == 3
+
+
+# ------------------------------------------------------------------------------ commit: kills and recovery
+
+KILL_SCRIPT = """
+import json, sys
+import fiftyone as fo, fiftyone.operators as foo
+dataset = fo.load_dataset(sys.argv[1])
+ids = json.loads(sys.argv[3])
+view = dataset.select(ids) if ids else dataset.view()
+foo.execute_operator("{uri}", dict(view=view, params=json.loads(sys.argv[2])))
+"""
+
+
+def _kill_during_commit(dataset, params, step, tmp_path, ids=()):
+    """Run the operator on the dataset (or these samples) in another process, SIGKILL it when its commit
+    reaches `step`."""
+    import json
+    import signal
+    import time
+
+    marker = tmp_path / f"at-{step}"
+    env = {**os.environ, "SEGGPT_FIFTYONE_PAUSE_AT": f"{step}:{marker}"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(uri=URI), dataset.name, json.dumps(params),
+                             json.dumps(list(ids))],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not reach '{step}': {proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    dataset.reload()
+
+
+def _journal(dataset):
+    from fiftyone.core.odm import get_db_conn
+
+    from seggpt_plugins.fiftyone import commit
+
+    db = get_db_conn()
+    entries = list(db[commit.JOURNAL].find({"dataset_id": str(dataset._doc.id)}))
+    pending = db[commit.PENDING].count_documents({"run": {"$in": [e["_id"] for e in entries]}})
+    return entries, pending
+
+
+def test_kill_while_staging_leaves_the_old_state_and_is_undone(dataset, tmp_path):
+    """Killed while its values were being staged: the dataset has the old state (no new field, no value),
+    and the next run on the dataset removes the staged values, the staging folder and the empty fields."""
+    params = demo(label_field="labels", output_field="out", prompt_tag="prompt", batch_size=4)
+    _kill_during_commit(dataset, params, "staging", tmp_path)
+    assert dataset.count("out") == 0 if dataset.has_field("out") else True
+    assert not dataset.has_field("out_confidence") or dataset.count("out_confidence") == 0
+    entries, pending = _journal(dataset)
+    assert len(entries) == 1 and entries[0]["state"] == "staging" and pending == 14
+    staging = Path(entries[0]["staging"])
+    assert staging.is_dir() and any(staging.iterdir())  # the killed run's staged PNGs
+
+    # any later run on the dataset (here one with nothing to do) recovers first
+    run(dataset.limit(1), demo(label_field="labels", output_field="other", prompt_tag="prompt"))
+    dataset.reload()
+    assert _journal(dataset) == ([], 0) and not staging.exists()
+    assert not dataset.has_field("out") and not dataset.has_field("out_confidence")
+
+
+def test_kill_after_the_move_is_finished_by_the_next_run(dataset, tmp_path):
+    """Existing predictions are replaced (skip_existing off, masks on disk); the run is killed after the
+    one database command that moves labels and confidences, before the mask files are moved: every sample
+    has its new label with its new confidence, and the next run moves the files and cleans up."""
+    view = dataset.limit(6)
+    masks = tmp_path / "masks"
+    run(view, demo(label_field="labels", output_field="pred", prompt_tag="prompt", mask_dir=str(masks)))
+    targets = view.exclude(prompt_ids(dataset))
+    old_ids = targets.values("pred._id")
+    old_files = {p: Path(p).read_bytes() for p in targets.values("pred.mask_path")}
+    old_confidence = targets.values("pred_confidence")
+    (masks / "pred" / ".staging-leftover").mkdir()  # a staging folder of no known run (e.g. an old version)
+
+    params = demo(label_field="labels", output_field="pred", prompt_tag="prompt", mask_dir=str(masks),
+                  skip_existing=False, max_prompts=2)
+    _kill_during_commit(dataset, params, "moved", tmp_path, ids=view.values("id"))
+    new = dict(zip(targets.values("id"), zip(targets.values("pred._id"), targets.values("pred_confidence"),
+                                             targets.values("pred.prompt_ids"))))
+    assert len(new) == 4 and all(label_id not in old_ids and len(used) == 2 and conf is not None
+                                 for label_id, conf, used in new.values())
+    assert [c for _, c, _ in new.values()] != old_confidence  # both changed in the same update
+    entries, pending = _journal(dataset)
+    assert len(entries) == 1 and entries[0]["state"] == "moving"
+    staging = Path(entries[0]["staging"])
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f"{i}.png" for i in new)  # not moved yet
+
+    run(dataset.limit(1), demo(label_field="labels", output_field="pred", prompt_tag="prompt", mask_dir=str(masks)))
+    dataset.reload()
+    assert _journal(dataset) == ([], 0) and not staging.exists()
+    assert sorted(p.name for p in (masks / "pred").iterdir()) == sorted(f"{i}.png" for i in new)  # no leftovers
+    assert dict(zip(targets.values("id"), zip(targets.values("pred._id"), targets.values("pred_confidence"),
+                                              targets.values("pred.prompt_ids")))) == new
+    changed = [Path(p).read_bytes() != old_files[p] for p in targets.values("pred.mask_path")]
+    assert any(changed)  # the new masks (2 prompts instead of 1) are in place
+    for path, pred in zip(*targets.values(["filepath", "pred"])):
+        assert pred.get_mask().shape == image_of(path).shape[:2]
+
+
+# ------------------------------------------------------------------------- fields that are not ours
+
+def test_output_field_not_written_by_the_operator_is_refused(dataset):
+    view = dataset.limit(3)
+    before = {i: m.get_mask().copy() for i, m in zip(view.values("id"), view.values("gt"))}
+    _fails(view, demo(label_field="labels", output_field="gt", prompt_tag="prompt", skip_existing=False),
+           "'gt' exists and was not written by this operator", "overwrite_field")
+    for sample_id, label in zip(view.values("id"), view.values("gt")):
+        np.testing.assert_array_equal(label.get_mask(), before[sample_id])
+    # fields the operator creates carry its mark, so later runs may write into them
+    run(view, demo(label_field="labels", output_field="pred", prompt_tag="prompt"))
+    assert dataset.get_field("pred").info["written_by"] == URI == dataset.get_field("pred_confidence").info[
+        "written_by"]
+    run(view, demo(label_field="labels", output_field="pred", prompt_tag="prompt", skip_existing=False))
+    # explicitly allowed: written, and marked as the operator's from then on
+    result = run(view, demo(label_field="labels", output_field="gt", prompt_tag="prompt", skip_existing=False,
+                            overwrite_field=True))
+    assert result.error is None
+    used = view.skip(1).values("gt.prompt_ids")  # predictions now (tile 0 is a prompt: left alone)
+    assert len(used) == 2 and all(len(u) == 1 and u[0] in prompt_ids(dataset) for u in used)
+    assert dataset.get_field("gt").info["written_by"] == URI
+
+
+def test_missing_prompt_mask_file_is_named_before_model_work(dataset, tmp_path, monkeypatch):
+    import fiftyone as fo
+
+    from seggpt_plugins.fiftyone import segment
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(segment, "get_model", no_model)
+    sample = dataset.match_tags("prompt").first()
+    path = tmp_path / "prompt_mask.png"
+    from PIL import Image
+
+    Image.fromarray(sample["labels"].get_mask()).save(path)
+    sample["labels"] = fo.Segmentation(mask_path=str(path))
+    sample.save()
+    path.unlink()
+    _fails(dataset.view(), demo(label_field="labels", output_field="out", prompt_tag="prompt"),
+           "Path: label_field", f"prompt sample {sample.id}", str(path), "'labels'")
+    assert not dataset.has_field("out")
+
+
+# ----------------------------------------------------------------------------- palette and EXIF images
+
+def test_palette_and_exif_rotated_images_are_read_as_shown(dataset, tiles, tmp_path):
+    """A palette PNG is segmented as its RGB version; an EXIF-rotated JPEG gives a mask of the rotated
+    (displayed) size, equal to the prediction for the upright pixels."""
+    import fiftyone as fo
+    from PIL import Image, ImageOps
+
+    grey = tiles[3][1][:, :96]  # 128 x 96: not square, so a rotation changes the shape
+    palette = Image.fromarray(np.stack([grey, 255 - grey, grey // 2], -1)).quantize(64)
+    palette.save(tmp_path / "palette.png")
+    palette.convert("RGB").save(tmp_path / "palette_rgb.png")
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.fromarray(np.ascontiguousarray(np.rot90(grey))).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "rotated.jpg") as img:
+        stored = img.size
+        shown = ImageOps.exif_transpose(img).convert("RGB")
+    shown.save(tmp_path / "upright.png")
+    assert stored[::-1] == shown.size
+
+    names = ["palette.png", "palette_rgb.png", "rotated.jpg", "upright.png"]
+    ids = dataset.add_samples([fo.Sample(filepath=str(tmp_path / n)) for n in names], progress=False)
+    run(dataset.select(ids), demo(label_field="labels", output_field="pred", prompt_tag="prompt"))
+    preds = dict(zip(names, dataset.select(ids, ordered=True).values("pred")))
+    pal, pal_rgb = preds["palette.png"].get_mask(), preds["palette_rgb.png"].get_mask()
+    assert pal.shape == (128, 96)
+    np.testing.assert_array_equal(pal, pal_rgb)
+    rotated, upright = preds["rotated.jpg"].get_mask(), preds["upright.png"].get_mask()
+    assert rotated.shape == (shown.height, shown.width) != (stored[1], stored[0])
+    np.testing.assert_array_equal(rotated, upright)

@@ -1,0 +1,145 @@
+"""Sample fields: which kinds SegGPT reads and writes, the checks of a run's fields, and the mark that says
+a field was written by this operator (only such fields are written into without `overwrite_field`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seggpt_plugins.io import unwritable
+
+from seggpt_plugins.fiftyone.options import Options, ParamError
+
+SEGMENTATION, DETECTIONS = "Segmentation", "Detections"
+RESERVED_FIELDS = {"id", "_id", "filepath", "tags", "metadata", "created_at", "last_modified_at", "media_type",
+                   "frames", "group"}
+OWNER = "@seggpt/seggpt/propagate_labels"  # the mark in the `info` of the fields this operator creates
+OWNER_KEY = "written_by"
+
+
+def field_kind(dataset, name: str) -> str | None:
+    """SEGMENTATION, DETECTIONS, or None (missing or another type) for a top-level sample field."""
+    import fiftyone as fo
+
+    field = dataset.get_field(name) if name else None
+    doc_type = getattr(field, "document_type", None)
+    if isinstance(field, fo.EmbeddedDocumentField) and isinstance(doc_type, type):
+        if issubclass(doc_type, fo.Segmentation):
+            return SEGMENTATION
+        if issubclass(doc_type, fo.Detections):
+            return DETECTIONS
+    return None
+
+
+def label_fields(dataset) -> dict[str, str]:
+    """Top-level fields SegGPT can learn from: {name: SEGMENTATION | DETECTIONS}."""
+    import fiftyone as fo
+
+    schema = dataset.get_field_schema(embedded_doc_type=[fo.Segmentation, fo.Detections])
+    return {name: field_kind(dataset, name) for name in sorted(schema)}
+
+
+def type_name(dataset, name: str) -> str:
+    field = dataset.get_field(name)
+    doc_type = getattr(field, "document_type", None)
+    return doc_type.__name__ if isinstance(doc_type, type) else type(field).__name__
+
+
+# ----------------------------------------------------------------------------------------- ownership
+
+
+def owner_info() -> dict:
+    return {OWNER_KEY: OWNER}
+
+
+def is_ours(dataset, name: str) -> bool:
+    """Whether the field carries this operator's mark (it was created, or adopted, by a run of it)."""
+    info = getattr(dataset.get_field(name), "info", None)
+    return isinstance(info, dict) and info.get(OWNER_KEY) == OWNER
+
+
+def adopt(dataset, names) -> None:
+    """Mark existing fields as written by this operator (after a run with overwrite_field wrote them)."""
+    for name in names:
+        if dataset.has_field(name) and not is_ours(dataset, name):
+            field = dataset.get_field(name)
+            field.info = {**(field.info or {}), **owner_info()}
+            field.save()
+
+
+def declare_fields(dataset, opts: Options, kind: str) -> list[str]:
+    """Add the output and confidence fields (marked as ours) where missing; returns those it added."""
+    import fiftyone as fo
+
+    added = []
+    if not dataset.has_field(opts.output_field):
+        dataset.add_sample_field(opts.output_field, fo.EmbeddedDocumentField,
+                                 embedded_doc_type=fo.Segmentation if kind == SEGMENTATION else fo.Detections,
+                                 info=owner_info())
+        added.append(opts.output_field)
+    if not dataset.has_field(opts.confidence_field):
+        dataset.add_sample_field(opts.confidence_field, fo.FloatField, info=owner_info())
+        added.append(opts.confidence_field)
+    return added
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+
+def check(dataset, opts: Options, shard: bool = False) -> str:
+    """Check fields and paths against the dataset; returns the source kind; ParamError on bad input."""
+    import fiftyone as fo
+
+    errors: dict[str, str] = {}
+    if dataset.media_type != "image":
+        errors["view_target"] = f"SegGPT propagates image labels; this dataset holds {dataset.media_type} samples"
+    kind = None
+    if not dataset.has_field(opts.label_field):
+        errors["label_field"] = f"the dataset has no field '{opts.label_field}'"
+    else:
+        kind = field_kind(dataset, opts.label_field)
+        if kind is None:
+            errors["label_field"] = (f"'{opts.label_field}' holds {type_name(dataset, opts.label_field)}; expected "
+                                     "Segmentation, or Detections with instance masks")
+
+    out = opts.output_field
+    if not out or "." in out or out.startswith("_") or out in RESERVED_FIELDS or not out.replace("_", "a").isalnum():
+        errors["output_field"] = (f"'{out}' is not a usable field name (letters, digits and underscores, not "
+                                  "starting with an underscore, not a built-in field)")
+    elif out == opts.label_field:
+        errors["output_field"] = "must differ from label_field: the prompts' labels are never overwritten"
+    elif out == opts.gt_field:
+        errors["output_field"] = "must differ from gt_field"
+    elif dataset.has_field(out) and kind is not None and field_kind(dataset, out) != kind:
+        errors["output_field"] = (f"'{out}' exists and holds {type_name(dataset, out)}, but the predictions are "
+                                  f"{kind}; choose another output field")
+    elif dataset.has_field(opts.confidence_field) and not isinstance(dataset.get_field(opts.confidence_field),
+                                                                     fo.FloatField):
+        errors["output_field"] = (f"'{opts.confidence_field}' (where the per-sample confidence goes) exists and is "
+                                  f"not a float field; choose another output field")
+    elif not opts.overwrite_field:
+        foreign = [f for f in (out, opts.confidence_field) if dataset.has_field(f) and not is_ours(dataset, f)]
+        if foreign:
+            errors["output_field"] = (f"'{foreign[0]}' exists and was not written by this operator (it may hold "
+                                      "human labels); choose another output field, or set overwrite_field=true "
+                                      "to write into it anyway")
+
+    if opts.gt_field is not None:
+        if not dataset.has_field(opts.gt_field):
+            errors["gt_field"] = f"the dataset has no field '{opts.gt_field}'"
+        elif kind == DETECTIONS:
+            errors["gt_field"] = ("evaluation uses evaluate_segmentations, which compares Segmentation fields; the "
+                                  "predictions here are Detections (use evaluate_detections(use_masks=True) instead)")
+        elif field_kind(dataset, opts.gt_field) != SEGMENTATION:
+            errors["gt_field"] = (f"'{opts.gt_field}' holds {type_name(dataset, opts.gt_field)}; evaluation needs a "
+                                  "Segmentation field")
+
+    if opts.prompt_tag is not None and not shard and opts.prompt_tag not in dataset.distinct("tags"):
+        errors["prompt_tag"] = f"no sample of the dataset is tagged '{opts.prompt_tag}'"
+    if opts.mask_dir is not None:
+        problem = unwritable(Path(opts.mask_dir))
+        if problem:
+            errors["mask_dir"] = problem
+    if errors:
+        raise ParamError(errors)
+    return kind

@@ -1,0 +1,111 @@
+"""The operator's parameters as the rest of the adapter reads them: `Options` and `ParamError`.
+
+    opts = Options.from_params({"label_field": "ground_truth", "output_field": "seggpt", ...})
+
+`ParamError` maps each parameter name to what is wrong with it, so the App form can mark the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from seggpt_plugins.errors import InputError
+from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
+
+CONFIDENCE_SUFFIX = "_confidence"  # per-sample mean score, to sort the review queue by
+EVAL_SUFFIX = "_eval"  # evaluation key of a run with gt_field (not in shard runs: see evaluation.evaluate)
+
+
+class ParamError(InputError):
+    """Bad operator parameters: `errors` maps each parameter name to what is wrong with it."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = dict(errors)
+        super().__init__("; ".join(f"{name}: {msg}" for name, msg in self.errors.items()))
+
+
+@dataclass
+class Options:
+    label_field: str
+    output_field: str
+    prompt_tag: str | None = None
+    max_prompts: int = 4
+    embedding_type: str | None = None  # SegGPT's type token; None: semantic for Segmentation, instance for Detections
+    batch_size: int = 8
+    model: str = AUTO_MODEL
+    device: str | None = None
+    mask_dir: str | None = None
+    skip_existing: bool = True
+    num_shards: int = 1
+    gt_field: str | None = None
+    overwrite_field: bool = False  # write into an existing output field that this operator did not create
+
+    @property
+    def confidence_field(self) -> str:
+        return self.output_field + CONFIDENCE_SUFFIX
+
+    @property
+    def eval_key(self) -> str:
+        return self.output_field + EVAL_SUFFIX
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Options":
+        """Parse the operator's params (types as the App or a script sends them); ParamError if unusable."""
+        errors: dict[str, str] = {}
+
+        def text(name, required=False, default=None):
+            value = params.get(name, default)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                if required:
+                    errors[name] = "required"
+                return default
+            if not isinstance(value, str):
+                errors[name] = f"expected a string, got {type(value).__name__}"
+                return None
+            return value.strip()
+
+        def integer(name, default, low=1):
+            value = params.get(name, default)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+                errors[name] = f"expected a whole number, got {value!r}"
+                return default
+            if value < low:
+                errors[name] = f"must be >= {low}, got {int(value)}"
+                return default
+            return int(value)
+
+        def boolean(name, default):
+            value = params.get(name, default)
+            if value is None:
+                return default
+            if not isinstance(value, bool):
+                errors[name] = f"expected true or false, got {value!r}"
+                return default
+            return value
+
+        label_field = text("label_field", required=True)
+        output_field = text("output_field") or (f"{label_field}_seggpt" if label_field else None)
+        embedding_type = text("embedding_type")
+        if embedding_type is not None and embedding_type not in SEG_TYPES:
+            errors["embedding_type"] = f"must be one of {SEG_TYPES}, got {embedding_type!r}"
+        device = text("device")
+        if device is not None and device.lower() == "auto":
+            device = None
+        mask_dir = text("mask_dir")
+        if mask_dir is not None:
+            mask_dir = os.path.expanduser(mask_dir)
+            if not os.path.isabs(mask_dir):
+                errors["mask_dir"] = (f"must be an absolute path that the App and every worker can reach, got "
+                                      f"{mask_dir!r}")
+        opts = cls(label_field=label_field, output_field=output_field, prompt_tag=text("prompt_tag"),
+                   max_prompts=integer("max_prompts", 4), embedding_type=embedding_type,
+                   batch_size=integer("batch_size", 8), model=text("model") or AUTO_MODEL, device=device,
+                   mask_dir=mask_dir, skip_existing=boolean("skip_existing", True),
+                   num_shards=integer("num_shards", 1), gt_field=text("gt_field"),
+                   overwrite_field=boolean("overwrite_field", False))
+        if errors:
+            raise ParamError(errors)
+        return opts

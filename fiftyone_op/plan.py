@@ -1,0 +1,118 @@
+"""What a run will do, worked out once for the App form and for the run itself.
+
+    plan = make_plan(dataset, params, view, selected=[...])   # ParamError naming the parameter at fault
+    plan.kind, plan.prompts, plan.prompt_source, plan.targets  # targets: a view (count it, or take its ids)
+
+Prompts are the tagged samples, else the selection, else every sample whose label field is filled (always
+from the whole dataset); targets are the target view minus the prompts (minus samples that already have the
+output field, with skip_existing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, check, field_kind
+from seggpt_plugins.fiftyone.options import Options, ParamError
+
+
+@dataclass
+class Plan:
+    opts: Options
+    kind: str  # SEGMENTATION or DETECTIONS: what the label field holds and the output gets
+    prompts: list[str]  # prompt sample ids
+    prompt_source: str  # how the prompts were chosen, for people
+    targets: object  # the view of the samples to predict
+
+    def target_ids(self) -> list[str]:
+        return self.targets.values("id")
+
+
+def make_plan(dataset, params: dict, view, selected=(), fixed_prompts=None, shard: bool = False) -> Plan:
+    """Parse and check the params, choose the prompts and the targets; ParamError on bad input.
+
+    view: the target view; selected: sample ids that are the prompts when no tag names them;
+    fixed_prompts: the prompt ids chosen when a shard was queued (shard runs: then `selected` is unused).
+    """
+    opts = Options.from_params(params)
+    kind = check(dataset, opts, shard=shard)
+    if fixed_prompts is not None:
+        how = "the prompts chosen for this shard"
+        prompts = check_prompts(dataset, opts, list(fixed_prompts), how)
+    else:
+        prompt_samples, how = prompt_view(dataset, opts, selected)
+        prompts = check_prompts(dataset, opts, prompt_samples.values("id"), how)
+    return Plan(opts, kind, prompts, how, target_view(view, prompts, opts))
+
+
+def prompt_view(dataset, opts: Options, selected=()):
+    """The prompt samples and how they were chosen: tagged samples, else the selection, else every sample
+    whose label field is filled. Prompts come from the whole dataset, whatever the target view."""
+    if opts.prompt_tag is not None:
+        return dataset.match_tags(opts.prompt_tag), f"samples tagged '{opts.prompt_tag}'"
+    if selected:
+        return dataset.select(list(selected)), "selected samples"
+    return dataset.exists(opts.label_field), f"samples with '{opts.label_field}' filled"
+
+
+def prompt_ids(dataset, opts: Options, selected=()) -> list[str]:
+    """Ids of the prompt samples; ParamError when there are none or some have no label."""
+    view, how = prompt_view(dataset, opts, selected)
+    return check_prompts(dataset, opts, view.values("id"), how)
+
+
+def check_prompts(dataset, opts: Options, ids: list[str], how: str) -> list[str]:
+    """The prompt ids if every one exists and has a label whose mask files exist; ParamError otherwise."""
+    where = "prompt_tag" if opts.prompt_tag else "label_field"
+    if not ids:
+        raise ParamError({where: f"no prompt samples: no {how}. Label a few samples in '{opts.label_field}' and tag "
+                                 "or select them"})
+    present = dataset.select(ids)
+    if len(present) != len(set(ids)):
+        raise ParamError({where: f"{len(set(ids)) - len(present)} of the {len(ids)} prompt samples ({how}) no longer "
+                                 "exist in the dataset"})
+    missing = present.exists(opts.label_field, False).values("id")
+    if missing:
+        raise ParamError({where: f"{len(missing)} of the {len(ids)} prompt samples ({how}) have no "
+                                 f"'{opts.label_field}' label to learn from, e.g. {', '.join(missing[:3])}"})
+    gone = missing_mask_files(dataset, opts.label_field, ids)
+    if gone:
+        sample_id, path = gone[0]
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        raise ParamError({"label_field": f"prompt sample {sample_id}: the mask file {path} of its "
+                                         f"'{opts.label_field}' label does not exist{more}"})
+    return list(ids)
+
+
+def missing_mask_files(dataset, label_field: str, ids: list[str]) -> list[tuple[str, str]]:
+    """(sample id, mask_path) of the prompts' masks stored on disk whose file is gone (a cheap stat each)."""
+    kind = field_kind(dataset, label_field)
+    if kind not in (SEGMENTATION, DETECTIONS):
+        return []
+    view = dataset.select(ids, ordered=True)
+    path = f"{label_field}.mask_path" if kind == SEGMENTATION else f"{label_field}.detections.mask_path"
+    gone = []
+    for sample_id, paths in zip(view.values("id"), view.values(path)):
+        for mask_path in (paths or []) if kind == DETECTIONS else [paths]:
+            if mask_path and not os.path.isfile(mask_path):
+                gone.append((sample_id, mask_path))
+    return gone
+
+
+def target_view(view, prompts, opts: Options):
+    """The samples to predict: the target view minus the prompts (and minus samples that already have the
+    output field, with skip_existing)."""
+    view = view.exclude(list(prompts))
+    if opts.skip_existing and view.has_field(opts.output_field):
+        view = view.exists(opts.output_field, False)
+    return view
+
+
+def split(ids: list, num_shards: int) -> list[list]:
+    """Contiguous, near-equal, non-empty parts (fewer than num_shards when there are fewer ids)."""
+    num = max(1, min(num_shards, len(ids)))
+    bounds = np.linspace(0, len(ids), num + 1).round().astype(int)
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
