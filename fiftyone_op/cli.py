@@ -51,11 +51,16 @@ def plugins_dir(explicit: str | None = None) -> Path:
     env = os.environ.get("FIFTYONE_PLUGINS_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    import fiftyone as fo  # reads ~/.fiftyone/config.json (and fiftyone's default)
+    from seggpt_plugins.errors import InputError
 
+    try:
+        import fiftyone as fo  # reads ~/.fiftyone/config.json (and fiftyone's default)
+    except ImportError:
+        raise InputError("FiftyOne is not installed here: install the extra (pip install -e '.[fiftyone]' in a "
+                         "clone of seggpt-plugins), or name the folder with --plugins-dir or "
+                         "FIFTYONE_PLUGINS_DIR") from None
     if not fo.config.plugins_dir:
-        raise SystemExit("seggpt fiftyone: FiftyOne has no plugins_dir configured; pass --plugins-dir or set "
-                         "FIFTYONE_PLUGINS_DIR")
+        raise InputError("FiftyOne has no plugins_dir configured; pass --plugins-dir or set FIFTYONE_PLUGINS_DIR")
     return Path(fo.config.plugins_dir).expanduser().resolve()
 
 

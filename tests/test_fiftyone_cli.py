@@ -68,3 +68,14 @@ def test_cli_module_stays_light():
     assert helped.returncode == 0 and "install" in helped.stdout and "uninstall" in helped.stdout
     bare = seggpt("fiftyone")
     assert bare.returncode == 2 and "install" in bare.stdout
+
+
+def test_install_without_fiftyone_is_one_line():
+    """`seggpt fiftyone install` where FiftyOne is missing: a one-line error naming the fix, no traceback."""
+    code = ("import sys; sys.modules['fiftyone'] = None\n"
+            "from seggpt_plugins.cli import main\n"
+            "sys.exit(main(['fiftyone', 'install']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FIFTYONE_PLUGINS_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "FiftyOne is not installed" in out.stderr
