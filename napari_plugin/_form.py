@@ -86,13 +86,17 @@ def build_form(w: Container) -> None:
                        tooltip="Slices per model call (more: faster on a GPU, more memory).")
     w._confidence = CheckBox(text="Confidence layer", value=False,
                              tooltip="Also write '<image> SegGPT confidence' (0..1 per pixel).")
+    w._objects = CheckBox(text="One id per object", value=False,
+                          tooltip="Instances: every object (e.g. each nucleus) gets its own id: connected parts, "
+                                  "touching objects split by a watershed. Through a stack each object keeps "
+                                  "its id (the annotated slice's own ids when each marks one object).")
 
     w.extend([
         w._image, w._labels, w._axis, w._slices, w._slices_info,
         w._segment_btn, w._propagate_btn, w._target, w._other_btn,
         _row("Progress", w._progress, w._cancel_btn), w._status, w._accept_btn,
         Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn), w._device, w._num_prompts,
-        w._memory, w._mode, w._batch, w._confidence,
+        w._memory, w._mode, w._batch, w._confidence, w._objects,
     ])
     w._status.native.setWordWrap(True)
     w._slices_info.native.setWordWrap(True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -26,6 +26,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from seggpt_plugins import loading
+from seggpt_plugins.instances import StackTracker, annotated_objects
 from seggpt_plugins.prompts import nearest, spread
 
 from ._form import build_form
@@ -103,6 +104,7 @@ class _Action:
     examples: Labels  # the result layer takes this layer's label dtype and colours
     work: Callable[[Any], Iterator[tuple[PlaneKey, Any]]]  # model -> (plane key, Prediction) per result
     untouched: Sequence[PlaneKey] = ()  # planes cleared in the output layers: the user's annotated ones
+    objects: bool = False  # results hold one id per object (their own colours, a wide dtype)
 
 
 @dataclass
@@ -425,7 +427,7 @@ class SegGPTWidget(Container):
                 yield key, pred
 
         return _Action("segment current slice", f"slice {current} from slices {', '.join(map(str, prompts))}",
-                       1, inputs.image, inputs.labels, work)
+                       1, inputs.image, inputs.labels, self._as_objects(work), objects=self._objects.value)
 
     def _propagate_action(self) -> _Action | None:
         inputs = self._read_inputs()
@@ -446,8 +448,12 @@ class SegGPTWidget(Container):
             for pred in model.propagate(planes, annotations=annotations, **options):
                 yield planes.key(pred.index), pred
 
+        if self._objects.value:  # each object keeps its id through the stack
+            work = self._as_objects(work, StackTracker(len(planes), annotated_objects(annotations)),
+                                    frame_of={planes.key(i): i for i in range(len(planes))})
         return _Action("propagate", f"{total} slices from {len(annotations)} annotated", total, inputs.image,
-                       inputs.labels, work, untouched=[planes.key(i) for i in annotated])
+                       inputs.labels, work, untouched=[planes.key(i) for i in annotated],
+                       objects=self._objects.value)
 
     def _other_image_action(self) -> _Action:
         inputs = self._read_inputs()
@@ -481,7 +487,22 @@ class SegGPTWidget(Container):
                     yield chunk[pred.index], pred
 
         return _Action("segment another image", f"'{target.name}' ({len(keys)} planes) from {len(prompts)} examples",
-                       len(keys), target, inputs.labels, work)
+                       len(keys), target, inputs.labels, self._as_objects(work), objects=self._objects.value)
+
+    def _as_objects(self, work, tracker=None, frame_of=None):
+        """`work` whose predictions carry one id per object when 'One id per object' is on (and, with a
+        StackTracker, ids followed from slice to slice); `work` itself otherwise."""
+        if not self._objects.value:
+            return work
+
+        def objects(model):
+            for key, pred in work(model):
+                found = pred.instances(split_touching=True)
+                if tracker is not None:
+                    found = tracker.follow(frame_of[key], found)
+                yield key, replace(pred, labels=found.map)
+
+        return objects
 
     def cancel(self, _=None):
         """Stop the run after the batch in flight; the results so far stay in the result layer."""
@@ -513,6 +534,11 @@ class SegGPTWidget(Container):
                                 f"'{labels.name}' is {_fmt_shape(labels.data.shape)}. Choose the Labels layer "
                                 "that belongs to this image under 'Examples'.")
             indices, values, planes = accept_indices(np.asarray(result.data), labels.data)
+            top = int(values.max()) if values.size else 0
+            if np.issubdtype(labels.data.dtype, np.integer) and top > np.iinfo(labels.data.dtype).max:
+                raise UserError(f"'{name}' holds ids up to {top}, more than Labels '{labels.name}' "
+                                f"({labels.data.dtype}) can store. Convert that layer to a wider type (e.g. "
+                                "uint32) first.")
             if planes == 0:
                 show_info(f"Nothing to accept: every slice with a result already holds labels in "
                           f"'{labels.name}' (annotated slices are never overwritten).")
@@ -537,10 +563,11 @@ class SegGPTWidget(Container):
 
     # ------------------------------------------------------------------------------ output layers
 
-    def _output_layers(self, image, labels: Labels) -> tuple[Labels, Image | None]:
-        """'<image> SegGPT' (reused when it fits) with the example layer's colours; optional confidence."""
+    def _output_layers(self, image, labels: Labels, objects: bool = False) -> tuple[Labels, Image | None]:
+        """'<image> SegGPT' (reused when it fits) with the example layer's colours (objects: napari's own
+        colours, one per id, and room for many ids); optional confidence."""
         shape = spatial_shape(image)
-        dtype = np.dtype(level0(labels.data).dtype)
+        dtype = np.dtype(np.uint32 if objects else level0(labels.data).dtype)
         place = dict(scale=image.scale, translate=image.translate, axis_labels=image.axis_labels)
         name = image.name + RESULT_SUFFIX
         result = self._reusable(name, Labels, shape, dtype)
@@ -548,7 +575,8 @@ class SegGPTWidget(Container):
             result = self.viewer.add_labels(np.zeros(shape, dtype), name=name, opacity=0.6,
                                             metadata={META_KEY: {"result_of": image.name}}, **place)
         result.metadata[META_KEY] = {"result_of": image.name, "examples": labels.name}
-        result.colormap = copy.deepcopy(labels.colormap)  # the same id shows in the same colour
+        if not objects:
+            result.colormap = copy.deepcopy(labels.colormap)  # the same id shows in the same colour
         confidence = None
         if self._confidence.value:
             cname = image.name + CONFIDENCE_SUFFIX
@@ -597,7 +625,7 @@ class SegGPTWidget(Container):
             return
         if action is None:
             return
-        result, confidence = self._output_layers(action.image, action.examples)
+        result, confidence = self._output_layers(action.image, action.examples, action.objects)
         for key in action.untouched:
             result.data[key] = 0
             if confidence is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -263,6 +264,32 @@ def test_multiclass_labels_keep_their_ids(make_napari_viewer, qtbot, stack):
     scores = confidence[PROMPT_SLICE + 1]
     assert 0 <= scores.min() and scores.max() <= 1 and scores.mean() > 0.3
     assert not np.any(np.delete(confidence, PROMPT_SLICE + 1, axis=0))
+
+
+def test_one_id_per_object_kept_through_the_stack(make_napari_viewer, qtbot, stack):
+    """'One id per object': the annotated slice's nuclei keep their ids in the slices next to it, and
+    objects get ids of their own (a wide dtype), never the prompt's ids by position."""
+    image, truth = stack
+    annotation = np.zeros(truth.shape, np.uint16)
+    annotation[PROMPT_SLICE] = truth[PROMPT_SLICE]
+    viewer = make_napari_viewer()
+    _img, labels = add_stack(viewer, image, annotation)
+    widget = open_widget(viewer)
+    fast(widget, memory=1)
+    widget._objects.value = True
+    click(widget._propagate_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["error"] is None
+    result = viewer.layers["nuclei SegGPT"].data
+    assert result.dtype == np.uint32 and not result[PROMPT_SLICE].any()
+    prompt_ids = [i for i in np.unique(truth[PROMPT_SLICE]) if i]
+    for z in (PROMPT_SLICE - 1, PROMPT_SLICE + 1):
+        assert id_agreement(truth[z], result[z], prompt_ids) >= 0.5, z
+        for object_id in np.unique(result[z]):  # each id is one connected object
+            if object_id:
+                assert ndimage.label(result[z] == object_id, structure=np.ones((3, 3)))[1] == 1
+    new = set(np.unique(result).tolist()) - set(prompt_ids) - {0}
+    assert not new or min(new) > max(prompt_ids)  # new objects get new ids, above the user's
 
 
 def test_segment_another_image_layer_stack(make_napari_viewer, qtbot, stack):
