@@ -849,3 +849,44 @@ def test_palette_and_exif_rotated_images_are_read_as_shown(dataset, tiles, tmp_p
     rotated, upright = preds["rotated.jpg"].get_mask(), preds["upright.png"].get_mask()
     assert rotated.shape == (shown.height, shown.width) != (stored[1], stored[0])
     np.testing.assert_array_equal(rotated, upright)
+
+
+# ------------------------------------------------------------------------------ COCO export (issue 13)
+
+
+def test_coco_export_of_the_cli_imports_into_fiftyone(fo_env, tiles):
+    """`seggpt segment --output instances --format coco` -> fo.Dataset.from_dir(COCO detection): one
+    detection per object, whose masks are the objects of the exported instance maps."""
+    import fiftyone as fo
+    from PIL import Image
+
+    folder = fo_env / "coco_export"
+    (folder / "data").mkdir(parents=True)
+    prompt_path, _, prompt_instances = tiles[PROMPT_TILES[0]]
+    Image.fromarray((prompt_instances > 0).astype(np.uint8)).save(folder / "prompt_mask.png")
+    targets = [tiles[k] for k in (3, 9)]
+    for path, image, _ in targets:
+        Image.fromarray(image).save(folder / "data" / Path(path).name)
+    (folder / "names.txt").write_text("1 nucleus\n")
+    result = subprocess.run([str(SEGGPT), "segment", "--model", "demo", "--prompt", prompt_path,
+                             str(folder / "prompt_mask.png"), str(folder / "data"), "--out", str(folder / "out"),
+                             "--output", "instances", "--format", "png", "coco", "--split-touching",
+                             "--label-names", str(folder / "names.txt")], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    imported = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=str(folder),
+                                   labels_path=str(folder / "out" / "coco.json"), label_types=["segmentations"],
+                                   label_field="seggpt", progress=False)
+    try:
+        assert len(imported) == len(targets)
+        for sample in imported:
+            instance_map = np.asarray(Image.open(folder / "out" / f"{Path(sample.filepath).stem}_instances.png"))
+            detections = sample["seggpt"].detections
+            assert len(detections) == len(np.unique(instance_map)) - 1 > 3
+            assert {d.label for d in detections} == {"nucleus"}
+            canvas = np.zeros(instance_map.shape, np.int64)
+            for k, detection in enumerate(detections, 1):
+                detection.to_segmentation(mask=canvas, target=k)
+            assert np.array_equal(canvas > 0, instance_map > 0)
+    finally:
+        imported.delete()
