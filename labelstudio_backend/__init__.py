@@ -10,7 +10,7 @@ Importing this package is cheap: Flask, the SDK and torch load on first use.
 
 from importlib import import_module
 
-_LAZY = {"create_app": "server", "SegGPTBackend": "backend", "Services": "backend", "Settings": "settings"}
+_LAZY = {"create_app": "server", "SegGPTBackend": "backend", "Services": "services", "Settings": "settings"}
 
 __all__ = sorted(_LAZY)
 

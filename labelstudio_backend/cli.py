@@ -12,9 +12,12 @@ import os
 ENV_HELP = """environment (used when the flag is not given):
   LABEL_STUDIO_URL        Label Studio's URL, e.g. http://localhost:8080
   LABEL_STUDIO_API_KEY    an access token (legacy token or personal access token) to read tasks and images
-  SEGGPT_MODEL            model source (default: demo)
+  SEGGPT_MODEL            model source (default: auto: the hub weights if cached, else demo)
   SEGGPT_DEVICE           cuda, mps or cpu
   BASIC_AUTH_USER / BASIC_AUTH_PASS   require HTTP basic auth from Label Studio
+  SEGGPT_ALLOWED_HOSTS    comma-separated private hosts that may serve task images (as --allow-host)
+  SEGGPT_SERVER_NAMES     comma-separated names this backend is reached by (as --server-name)
+  SEGGPT_STATE_DIR        where project settings and references persist (as --state-dir)
   SEGGPT_MAX_PROMPTS, SEGGPT_BATCH_SIZE, SEGGPT_PREDICT_TIMEOUT, SEGGPT_MAX_REFERENCES, SEGGPT_CACHE_MB,
   SEGGPT_MAX_DOWNLOAD_MB, SEGGPT_MAX_IMAGE_PIXELS, SEGGPT_MIN_AREA, SEGGPT_POLYGON_TOLERANCE
 
@@ -30,10 +33,10 @@ def register(subparsers) -> None:
     serve = commands.add_parser("serve", help="serve the ML backend over HTTP (gunicorn)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENV_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; "
-                       "0.0.0.0 to accept other machines, then also set basic auth)")
+                       "another address needs basic auth, or --insecure)")
     serve.add_argument("--port", type=int, default=9090, help="port (default: %(default)s)")
-    serve.add_argument("--model", default=None, help="hub id, transformers directory, Painter .pth or 'demo' "
-                       "(default: $SEGGPT_MODEL or demo; BAAI/seggpt-vit-large on a GPU for real work)")
+    serve.add_argument("--model", default=None, help="hub id, transformers directory, Painter .pth, 'demo' or "
+                       "'auto' (default: $SEGGPT_MODEL, else the hub weights if cached, else demo)")
     serve.add_argument("--device", default=None, help="cuda, mps or cpu (default: $SEGGPT_DEVICE or the best available)")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)")
     serve.add_argument("--workers", type=int, default=1, help="processes, one model each (default: %(default)s)")
@@ -49,6 +52,15 @@ def register(subparsers) -> None:
     serve.add_argument("--predict-timeout", type=float, default=None, help="seconds one /predict may take; tasks "
                        "not reached get no prediction and are done by the next retrieval (default: 90, under "
                        "Label Studio's ML_TIMEOUT_PREDICT=100)")
+    serve.add_argument("--allow-host", action="append", default=None, metavar="HOST",
+                       help="a private host (name, name:port, IP or network) that may serve task images; "
+                       "repeatable (default: $SEGGPT_ALLOWED_HOSTS; Label Studio's own host is always allowed)")
+    serve.add_argument("--server-name", action="append", default=None, metavar="NAME",
+                       help="a name Label Studio reaches this backend by (the Host header), e.g. "
+                       "host.docker.internal; repeatable (default: $SEGGPT_SERVER_NAMES)")
+    serve.add_argument("--insecure", action="store_true", help="allow listening beyond loopback without basic auth")
+    serve.add_argument("--state-dir", default=None, help="where project settings and references persist "
+                       "(default: $SEGGPT_STATE_DIR or ~/.local/state/seggpt-labelstudio)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=cmd_serve)
 
@@ -59,72 +71,77 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=usage)
 
 
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "seggpt-labelstudio")
+
+
 def cmd_serve(args) -> int:
     import logging
-    import shutil
     import sys
-    import tempfile
 
+    from .netguard import is_loopback
     from .settings import Settings
 
+    def fail(message: str) -> int:
+        print(f"seggpt labelstudio serve: {message}", file=sys.stderr)
+        return 2
+
     if not 0 < args.port < 65536:
-        print(f"seggpt labelstudio serve: --port must be 1..65535, got {args.port}", file=sys.stderr)
-        return 2
+        return fail(f"--port must be 1..65535, got {args.port}")
     if args.workers < 1 or args.threads < 1:
-        print("seggpt labelstudio serve: --workers and --threads must be >= 1", file=sys.stderr)
-        return 2
+        return fail("--workers and --threads must be >= 1")
     try:
         import flask  # noqa: F401
         import gunicorn  # noqa: F401
         import label_studio_sdk  # noqa: F401
     except ImportError as exc:
-        print(f"seggpt labelstudio serve: {exc.name} is missing; install the extra: "
-              "pip install 'seggpt-plugins[labelstudio]'", file=sys.stderr)
-        return 2
-    state_dir = tempfile.mkdtemp(prefix="seggpt-labelstudio-")  # private (0700): the workers' shared settings
+        return fail(f"{exc.name} is missing; install the extra: pip install 'seggpt-plugins[labelstudio]'")
     try:
         settings = Settings.from_env(
             label_studio_url=args.label_studio_url, api_key=args.api_key, model=args.model, device=args.device,
             dtype=args.dtype, basic_auth_user=args.basic_auth_user, basic_auth_pass=args.basic_auth_pass,
             max_prompts=args.max_prompts, batch_size=args.batch_size, predict_timeout=args.predict_timeout,
-            state_dir=state_dir)
+            state_dir=args.state_dir, allowed_hosts=args.allow_host, server_names=args.server_name,
+            bind_host=args.host)
     except ValueError as exc:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        print(f"seggpt labelstudio serve: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
+    if not is_loopback(args.host) and not settings.basic_auth_user and not args.insecure:
+        return fail(f"--host {args.host} accepts other machines: set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the "
+                    "same in Label Studio's model connection), or pass --insecure")
+    settings.state_dir = os.path.abspath(os.path.expanduser(settings.state_dir or default_state_dir()))
+    try:
+        os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return fail(f"cannot create the state directory {settings.state_dir}: {exc.strerror or exc}")
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("seggpt_plugins.labelstudio").setLevel(level)
     if level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio API call otherwise
     log = logging.getLogger("seggpt_plugins.labelstudio")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.basic_auth_user:
-        log.warning("listening on %s without basic auth: anyone who reaches this port can use the backend "
-                    "(set BASIC_AUTH_USER and BASIC_AUTH_PASS)", args.host)
+    if not is_loopback(args.host) and not settings.basic_auth_user:
+        log.warning("listening on %s without basic auth (--insecure): anyone who reaches this port can use the "
+                    "backend", args.host)
     if not settings.label_studio_url or not settings.api_key:
         log.warning("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not both set: the Label Studio URL and token "
-                    "that /setup reports are used (they work with legacy tokens enabled)")
+                    "that /setup reports are used, if that URL is a public host or allowed (--allow-host)")
     log.info("settings: %s", settings.public())
-    master = os.getpid()
-    try:
-        _Gunicorn(settings, {
-            "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
-            "workers": args.workers,
-            "worker_class": "gthread",
-            "threads": args.threads,
-            "timeout": 120,  # gthread workers heartbeat while requests run: this only catches hung workers
-            "graceful_timeout": 30,
-            "keepalive": 5,
-            "preload_app": False,  # never import torch (or touch CUDA) in the master before forking
-            "loglevel": args.log_level,
-            "errorlog": "-",
-            "accesslog": "-" if args.log_level == "debug" else None,
-            "proc_name": "seggpt-labelstudio",
-            "control_socket_disable": True,  # gunicorn >= 25: one shared ~/.gunicorn/gunicorn.ctl would clash
-        }).run()
-    finally:
-        if os.getpid() == master:  # workers leave through here too (SystemExit after the fork)
-            shutil.rmtree(state_dir, ignore_errors=True)
+    _Gunicorn(settings, {
+        "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
+        "workers": args.workers,
+        "worker_class": "seggpt_plugins.labelstudio.worker.HealthFirstWorker",  # gthread + /health threads
+        "threads": args.threads,
+        "timeout": 120,  # gthread workers heartbeat while requests run: this only catches hung workers
+        "graceful_timeout": int(settings.predict_timeout + 15),  # SIGTERM: in-flight predictions finish
+        "keepalive": 5,
+        "preload_app": False,  # never import torch (or touch CUDA) in the master before forking
+        "loglevel": args.log_level,
+        "errorlog": "-",
+        "accesslog": "-" if args.log_level == "debug" else None,
+        "proc_name": "seggpt-labelstudio",
+        "control_socket_disable": True,  # gunicorn >= 25: one shared ~/.gunicorn/gunicorn.ctl would clash
+    }).run()
     return 0
 
 

@@ -16,12 +16,16 @@ from functools import lru_cache
 
 import numpy as np
 
+from seggpt_plugins.images import resize_nearest
+from seggpt_plugins.instances import without_small_parts
+from seggpt_plugins.vocabulary import MAX_CLASSES
+
 log = logging.getLogger("seggpt_plugins.labelstudio")
 
 BRUSH = "brushlabels"
 POLYGON = "polygonlabels"
 SUPPORTED = {"brushlabels": BRUSH, "polygonlabels": POLYGON}
-MAX_LABELS = 124  # the most classes SegGPT's colour prompt keeps apart (seggpt_plugins.colors.MAX_CLASSES)
+MAX_LABELS = MAX_CLASSES  # the most classes SegGPT's colour prompt keeps apart
 POLYGON_SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision when rasterising reference polygons
 
 
@@ -63,13 +67,6 @@ class LabelingSpec:
     views: tuple[View, ...]
     key: str  # a hash of the config text: caches and model versions change with the config
 
-    def view_of_control(self, from_name: str) -> tuple[View, Control] | None:
-        for view in self.views:
-            for control in view.controls:
-                if control.name == from_name:
-                    return view, control
-        return None
-
 
 def parse_label_config(config: str) -> LabelingSpec:
     if not isinstance(config, str) or not config.strip():
@@ -83,8 +80,9 @@ def _parse_cached(config: str) -> LabelingSpec:
 
     try:
         interface = LabelInterface(config)
-    except Exception as exc:  # the SDK raises several types for broken XML
-        raise ConfigError(f"label_config is not a valid Label Studio labeling config: {exc}") from None
+    except Exception as exc:  # the SDK raises several types for broken XML; the detail goes to the log only
+        log.info("label_config rejected by the SDK: %s: %s", type(exc).__name__, str(exc)[:500])
+        raise ConfigError("label_config is not a valid Label Studio labeling config (its XML cannot be read)") from None
     images = {}
     for obj in interface.objects:
         if obj.tag.lower() == "image":
@@ -169,7 +167,7 @@ def annotation_to_mask(results: list, view: View, shape: tuple[int, int]) -> np.
                 continue
             painted = flat.reshape(oh, ow, 4)[:, :, 3] >= 128
             if (oh, ow) != (height, width):
-                painted = cv2.resize(painted.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+                painted = resize_nearest(painted, height, width)
             mask[painted] = label_id
         else:
             points = np.asarray(value.get("points") or [], dtype=np.float64)
@@ -200,17 +198,6 @@ def pixels_to_points(pixels: np.ndarray, shape: tuple[int, int]) -> list[list[fl
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:10]
-
-
-def _without_small_parts(binary: np.ndarray, min_area: int) -> np.ndarray:
-    import cv2
-
-    if min_area <= 1:
-        return binary
-    count, components, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
-    return keep[components]
 
 
 def mask_to_polygons(binary: np.ndarray, tolerance: float = 1.0, min_area: int = 10) -> list[np.ndarray]:
@@ -250,7 +237,7 @@ def prediction_to_results(labels: np.ndarray, scores: np.ndarray, view: View, *,
     height, width = labels.shape
     regions = []
     for name, label_id in view.label_ids.items():
-        binary = _without_small_parts(labels == label_id, min_area)
+        binary = without_small_parts(labels == label_id, min_area)
         if not binary.any():
             continue
         control = view.control_for(name, prefer)

@@ -7,7 +7,8 @@ What a task's image field may hold, and where it is fetched from:
 - `s3://`, `gs://`, `azure-blob://`: through Label Studio's presign endpoint for the task, with the API key;
 - `http(s)://` on Label Studio's own host: with the API key; on any other host: the task's own URL, without it.
 
-Nothing else is read: no local file paths, no `file://`, no `..` in paths, no other hosts with the key.
+Nothing else is read: no local file paths, no `file://`, no `..` in paths, no other hosts with the key, and
+no private, loopback or link-local address but Label Studio's own and the operator's allow-list (netguard).
 The API key is a legacy token (`Authorization: Token ...`) or a personal access token: a JWT refresh token
 that is exchanged at `/api/token/refresh/` for short-lived access tokens (`Authorization: Bearer ...`).
 """
@@ -15,15 +16,16 @@ that is exchanged at `/api/token/refresh/` for short-lived access tokens (`Autho
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import posixpath
 import threading
 import time
-import warnings
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
+
+from .netguard import BlockedAddress, HostPolicy, guarded_adapter
+from .params import task_id_of
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
 
@@ -101,7 +103,10 @@ class MediaFetcher:
     """Resolve and download task images under the rules in the module docstring."""
 
     def __init__(self, base_url: str | None, api_key: str | None, *, max_bytes: int, max_pixels: int,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, allowed_hosts=(), trust_base: bool = True):
+        """base_url: Label Studio; trust_base: it is the operator's (LABEL_STUDIO_URL), so it may be on a private
+        address; a URL that /setup reported is not (it is checked as any other host). allowed_hosts: the
+        operator's allow-list of private hosts that serve task images (see netguard)."""
         self.base_url = base_url.rstrip("/") if base_url else None
         self._base = urlsplit(self.base_url) if self.base_url else None
         if self._base is not None and (self._base.scheme not in ("http", "https") or not self._base.netloc):
@@ -109,6 +114,7 @@ class MediaFetcher:
         self.max_bytes = int(max_bytes)
         self.max_pixels = int(max_pixels)
         self.timeout = timeout
+        self.policy = HostPolicy([self.base_url] if trust_base else [], allowed_hosts)
         self._local = threading.local()
         self.auth = LabelStudioAuth(self.base_url, api_key, self._session, timeout) if (self.base_url and api_key) else None
 
@@ -120,6 +126,9 @@ class MediaFetcher:
             session = requests.Session()
             session.trust_env = False  # no proxies or .netrc credentials picked up from the environment
             session.headers["User-Agent"] = "seggpt-labelstudio-backend"
+            adapter = guarded_adapter(self.policy)  # every connection (redirects too) checked where it goes
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
         return session
 
@@ -138,11 +147,12 @@ class MediaFetcher:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme in CLOUD_SCHEMES:
-            if task_id is None:
-                raise MediaError(f"{shown}: a cloud storage URI needs the task id to be presigned by Label Studio")
+            if task_id_of(task_id) is None:
+                raise MediaError(f"{shown}: a cloud storage URI needs the task's id (an integer, got "
+                                 f"{str(task_id)[:40]!r}) to be presigned by Label Studio")
             base = self._need_base(shown)
             fileuri = base64.urlsafe_b64encode(url.encode()).decode()
-            return f"{base}/tasks/{int(task_id)}/presign/?fileuri={fileuri}", True
+            return f"{base}/tasks/{task_id_of(task_id)}/presign/?fileuri={fileuri}", True
         if scheme in ("http", "https"):
             if not parts.netloc:
                 raise MediaError(f"{shown}: no host in the URL")
@@ -174,13 +184,14 @@ class MediaFetcher:
 
     # ----------------------------------------------------------------------------------------- download
 
-    def fetch_bytes(self, value, task_id=None) -> bytes:
+    def fetch_bytes(self, value, task_id=None, deadline: float | None = None) -> bytes:
+        """The file's bytes; with a deadline (time.monotonic()), the whole download ends by then."""
         url, keyed = self.resolve(value, task_id)
         if keyed and self.auth is None:
             raise MediaError(f"{str(value)[:200]}: a Label Studio file, but no API key is set; "
                              "set LABEL_STUDIO_API_KEY (Account & Settings > Access Token in Label Studio)")
         for attempt in (0, 1):
-            response = self._get(url, keyed)
+            response = self._get(url, keyed, deadline)
             if response.status_code == 401 and keyed and attempt == 0 and self.auth.kind == "pat":
                 response.close()
                 self.auth.invalidate()  # an access token that expired early: refresh once and retry
@@ -202,6 +213,8 @@ class MediaFetcher:
                 raise MediaError(f"{_shown(url)}: got {kind}, not an image (a login page or an error?)")
             chunks, size = [], 0
             for chunk in response.iter_content(chunk_size=1 << 16):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MediaError(f"{_shown(url)}: the download did not finish within the request's time budget")
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise MediaError(f"{_shown(url)}: more than the limit of {self.max_bytes} bytes "
@@ -209,15 +222,27 @@ class MediaFetcher:
                 chunks.append(chunk)
         return b"".join(chunks)
 
-    def _get(self, url: str, keyed: bool):
+    def _timeout(self, url: str, deadline: float | None) -> tuple[float, float]:
+        if deadline is None:
+            return 5.0, self.timeout
+        left = deadline - time.monotonic()
+        if left <= 0.05:
+            raise MediaError(f"{_shown(url)}: not fetched: the request's time budget is spent")
+        return min(5.0, left), min(self.timeout, left)
+
+    def _get(self, url: str, keyed: bool, deadline: float | None = None):
         """GET with redirects followed by hand: the key never leaves Label Studio's host, only http(s)."""
         import requests
 
         session = self._session()
         for _ in range(MAX_REDIRECTS + 1):
+            try:
+                self.policy.check_url(url)  # the clear message; the connection itself is checked again
+            except BlockedAddress as exc:
+                raise MediaError(f"{_shown(url)}: not fetched: {exc}") from None
             headers = self.auth.header() if keyed else {}
             try:
-                response = session.get(url, headers=headers, timeout=(5, self.timeout), stream=True,
+                response = session.get(url, headers=headers, timeout=self._timeout(url, deadline), stream=True,
                                        allow_redirects=False)
             except requests.RequestException as exc:
                 raise MediaError(f"{_shown(url)}: download failed ({type(exc).__name__}: {exc})") from None
@@ -232,8 +257,55 @@ class MediaFetcher:
             url = target
         raise MediaError(f"{_shown(url)}: more than {MAX_REDIRECTS} redirects")
 
-    def fetch_image(self, value, task_id=None) -> np.ndarray:
-        return decode_image(self.fetch_bytes(value, task_id), self.max_pixels, name=str(value)[:200])
+    def fetch_image(self, value, task_id=None, budget: "PixelBudget | None" = None,
+                    deadline: float | None = None) -> np.ndarray:
+        """The decoded image; with a budget, its pixels are taken from it before decoding (the caller gives
+        them back with `budget.give(image.shape[0] * image.shape[1])` when it lets the image go)."""
+        data = self.fetch_bytes(value, task_id, deadline)
+        name = str(value)[:200]
+        if budget is None:
+            return decode_image(data, self.max_pixels, name=name)
+        pixels = image_pixels(data, name)
+        budget.take(pixels, name)
+        try:
+            return decode_image(data, self.max_pixels, name=name)
+        except BaseException:
+            budget.give(pixels)
+            raise
+
+
+class PixelBudget:
+    """The decoded pixels one request may hold at once, over all its images (SEGGPT_MAX_REQUEST_PIXELS)."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int, name: str = "image") -> None:
+        with self._lock:
+            if self.held + pixels > self.limit:
+                raise MediaError(f"{name}: {pixels} more pixels would pass the limit of {self.limit} decoded pixels "
+                                 "per request (SEGGPT_MAX_REQUEST_PIXELS); retrieve predictions for fewer tasks "
+                                 "at a time")
+            self.held += pixels
+
+    def give(self, pixels: int) -> None:
+        with self._lock:
+            self.held = max(0, self.held - int(pixels))
+
+
+def image_pixels(data: bytes, name: str = "image") -> int:
+    """Width x height from the image header (nothing is decoded)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.width) * int(img.height)
+    except Exception as exc:
+        raise MediaError(f"{name}: not a readable image ({type(exc).__name__})") from None
 
 
 def _shown(url: str) -> str:
@@ -251,25 +323,15 @@ def _check_no_traversal(parts, shown: str) -> None:
 
 
 def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Image bytes -> array (H, W) or (H, W, C), as the browser shows it (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
-
-    from seggpt_plugins.images import pil_to_array
+    """Image bytes -> array (H, W) or (H, W, C), as the browser shows it: the core's decoder (EXIF orientation,
+    palette images as RGB, the pixel limit checked before decoding), its InputError as a MediaError."""
+    from seggpt_plugins.errors import InputError
+    from seggpt_plugins.images import decode_image as decode
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > max_pixels:
-                    raise MediaError(f"{name}: {img.width}x{img.height} pixels is more than the limit of "
-                                     f"{max_pixels} (raise SEGGPT_MAX_IMAGE_PIXELS)")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                array = pil_to_array(img)
-    except MediaError:
-        raise
-    except Exception as exc:
-        raise MediaError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+        array = decode(data, name=name, max_pixels=max_pixels)
+    except InputError as exc:
+        raise MediaError(str(exc)) from None
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise MediaError(f"{name}: unexpected image shape {array.shape}")
     return array

@@ -2,8 +2,8 @@
 
 They are listed through the Label Studio SDK (all annotated tasks, or the `reference_task_ids` named in the
 ML backend's extra params), kept up to date by webhooks, and their images and masks are cached in memory
-so one batch of predictions downloads each reference once. For each target the `max_prompts` references
-whose images look most alike (a cheap embedding: coarse layout, intensity and gradient histograms) are used.
+so one batch of predictions downloads each reference once. Which references a target is shown is the
+core's choice (`seggpt_plugins.prompts`: the most alike appearance descriptors).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .params import task_id_of
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
 
@@ -64,12 +66,14 @@ def _numeric(value) -> int:
 
 
 def reference_from(task, annotation) -> Reference | None:
-    task_id = _field(task, "id")
+    task_id = task_id_of(_field(task, "id"))
     data = _field(task, "data")
     if task_id is None or not isinstance(data, dict) or annotation is None:
         return None
     updated = str(_field(annotation, "updated_at", "") or _field(annotation, "created_at", "") or "")
-    return Reference(int(task_id), _field(annotation, "id"), updated, dict(data),
+    annotation_id = _field(annotation, "id")
+    annotation_id = annotation_id if isinstance(annotation_id, (int, str)) else None
+    return Reference(task_id, annotation_id, updated, dict(data),
                      tuple(_field(annotation, "result") or ()), bool(_field(annotation, "ground_truth", False)))
 
 
@@ -123,35 +127,6 @@ class ByteLRU:
             return {"items": len(self._items), "bytes": self._bytes, "hits": self.hits, "misses": self.misses}
 
 
-def embed(rgb: np.ndarray) -> np.ndarray:
-    """A cheap image signature: 16x16 layout, intensity and gradient-magnitude histograms; unit length."""
-    import cv2
-
-    gray = rgb.astype(np.float32).mean(axis=-1) if rgb.ndim == 3 else rgb.astype(np.float32)
-    longest = max(gray.shape)
-    if longest > 256:
-        scale = 256.0 / longest
-        gray = cv2.resize(gray, (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))),
-                          interpolation=cv2.INTER_AREA)
-    layout = cv2.resize(gray, (16, 16), interpolation=cv2.INTER_AREA).ravel()
-    layout = (layout - layout.mean()) / (layout.std() + 1e-6) / 16.0
-    intensity = np.histogram(gray, bins=32, range=(0, 256))[0].astype(np.float32)
-    gy, gx = np.gradient(gray)
-    texture = np.histogram(np.hypot(gx, gy), bins=16, range=(0, 128))[0].astype(np.float32)
-    parts = [0.5 * layout, np.sqrt(intensity / max(intensity.sum(), 1)), np.sqrt(texture / max(texture.sum(), 1))]
-    vector = np.concatenate(parts).astype(np.float32)
-    return vector / (np.linalg.norm(vector) + 1e-9)
-
-
-def most_similar(target: np.ndarray, candidates: np.ndarray, k: int) -> list[int]:
-    """Indices of the `k` candidate embeddings closest to `target` (cosine), best first."""
-    if len(candidates) == 0:
-        return []
-    similarity = candidates @ target
-    order = np.argsort(-similarity, kind="stable")
-    return [int(i) for i in order[:k]]
-
-
 # ------------------------------------------------------------------------------------------ the store
 
 
@@ -162,12 +137,30 @@ class ProjectReferences:
     generation: int = -1  # the shared generation that listing saw
     params_key: str = ""  # which reference_task_ids / max_references it was listed for
     dirty: bool = False  # a webhook changed something since the listing
+    saved: str = ""  # the fingerprint of the references last written to the state directory
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def reference_to_json(ref: Reference) -> dict:
+    return {"task_id": ref.task_id, "annotation_id": ref.annotation_id, "updated": ref.updated, "data": ref.data,
+            "result": list(ref.result), "ground_truth": ref.ground_truth}
+
+
+def reference_from_json(item: dict) -> Reference | None:
+    try:
+        return Reference(int(item["task_id"]), item.get("annotation_id"), str(item.get("updated", "")),
+                         dict(item["data"]), tuple(item.get("result") or ()), bool(item.get("ground_truth")))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class ReferenceStore:
-    def __init__(self, max_references: int = 256):
+    """The references of each project, in memory; with a persistent state (a state directory) also written
+    there, so they survive a restart and reach the other workers (see state.SqliteState)."""
+
+    def __init__(self, max_references: int = 256, state=None):
         self.max_references = max_references
+        self.persist = state if getattr(state, "persistent", False) else None
         self._projects: dict[int, ProjectReferences] = {}
         self._lock = threading.Lock()
         self._clients: dict = {}
@@ -175,7 +168,31 @@ class ReferenceStore:
 
     def project(self, project_id: int) -> ProjectReferences:
         with self._lock:
-            return self._projects.setdefault(project_id, ProjectReferences())
+            state = self._projects.get(project_id)
+            if state is None:
+                state = self._projects[project_id] = ProjectReferences()
+                self._load(project_id, state)
+            return state
+
+    def _load(self, project_id: int, state: ProjectReferences) -> None:
+        """The references the state directory holds (after a restart, or written by another worker)."""
+        if self.persist is None:
+            return
+        items = self.persist.load_references(project_id)
+        if items is None:
+            return
+        refs = [r for r in (reference_from_json(i) for i in items if isinstance(i, dict)) if r is not None]
+        state.refs = {r.task_id: r for r in refs}
+        state.saved = self.fingerprint(refs)
+
+    def _save(self, project_id: int, state: ProjectReferences) -> None:
+        if self.persist is None:
+            return
+        refs = list(state.refs.values())
+        fingerprint = self.fingerprint(refs)
+        if fingerprint != state.saved:
+            self.persist.save_references(project_id, [reference_to_json(r) for r in refs])
+            state.saved = fingerprint
 
     # ------------------------------------------------------------------------------------ listing
 
@@ -224,6 +241,10 @@ class ReferenceStore:
         state = self.project(project_id)
         params_key = json.dumps(sorted(int(i) for i in task_ids) if task_ids else None)
         if api is None:
+            with state.lock:
+                if state.generation != generation:  # a webhook reached another worker (or came before a restart)
+                    self._load(project_id, state)
+                    state.generation = generation
             return "webhooks-only"
         with state.lock:
             if (state.listed_at and time.monotonic() - state.listed_at < max_age and state.generation == generation
@@ -238,6 +259,7 @@ class ReferenceStore:
                 return "failed"
             state.refs, state.listed_at, state.generation = refs, time.monotonic(), generation
             state.params_key, state.dirty = params_key, False
+            self._save(project_id, state)
             return "listed"
 
     def references(self, project_id: int, task_ids=None) -> list[Reference]:
@@ -267,47 +289,56 @@ class ReferenceStore:
     def apply_event(self, project_id: int, action: str, payload: dict, task_ids=None) -> str:
         """Update the project's references from a webhook payload; returns what changed, for the log."""
         state = self.project(project_id)
-        wanted = {int(i) for i in task_ids} if task_ids else None
         with state.lock:
-            state.dirty = True
-            if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
-                annotations = payload.get("annotation")
-                tasks = payload.get("task")
-                annotations = annotations if isinstance(annotations, list) else [annotations]
-                tasks = tasks if isinstance(tasks, list) else [tasks]
-                by_id = {_field(t, "id"): t for t in tasks if isinstance(t, dict)}
-                changed = 0
-                for annotation in annotations:
-                    if not isinstance(annotation, dict):
-                        continue
-                    task_id = annotation.get("task")
-                    task_id = task_id.get("id") if isinstance(task_id, dict) else task_id
-                    task = by_id.get(task_id) or (tasks[0] if len(tasks) == 1 and isinstance(tasks[0], dict) else None)
-                    if task is None or (wanted is not None and int(task.get("id", -1)) not in wanted):
-                        continue
-                    current = state.refs.get(int(task["id"]))
-                    if not usable_annotation(annotation):
-                        if current is not None and current.annotation_id == annotation.get("id"):
-                            del state.refs[current.task_id]
-                            changed += 1
-                        continue
-                    ref = reference_from(task, annotation)
-                    if ref is None or (current is not None and current.ground_truth and not ref.ground_truth
-                                       and current.annotation_id != ref.annotation_id):
-                        continue
-                    state.refs[ref.task_id] = ref
-                    changed += 1
-                return f"{changed} reference(s) added or updated"
-            if action == "ANNOTATIONS_DELETED":
-                gone = {_field(a, "id") for a in payload.get("annotations") or [] if isinstance(a, dict)}
-                dropped = [t for t, r in state.refs.items() if r.annotation_id in gone]
-                for task_id in dropped:
-                    del state.refs[task_id]
-                return f"{len(dropped)} reference(s) removed"
-            if action == "TASKS_DELETED":
-                gone = {_numeric(_field(t, "id")) for t in payload.get("tasks") or [] if isinstance(t, dict)}
-                dropped = [t for t in state.refs if t in gone]
-                for task_id in dropped:
-                    del state.refs[task_id]
-                return f"{len(dropped)} reference(s) removed"
-            return "references will be listed again"
+            self._load(project_id, state)  # what the other workers wrote since
+            summary = self._apply(state, action, payload, task_ids)
+            self._save(project_id, state)
+            return summary
+
+    def _apply(self, state: ProjectReferences, action: str, payload: dict, task_ids=None) -> str:
+        wanted = {int(i) for i in task_ids} if task_ids else None
+        state.dirty = True
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+            annotations = payload.get("annotation")
+            tasks = payload.get("task")
+            annotations = annotations if isinstance(annotations, list) else [annotations]
+            tasks = tasks if isinstance(tasks, list) else [tasks]
+            by_id = {task_id_of(_field(t, "id")): t for t in tasks if isinstance(t, dict)}
+            changed = 0
+            for annotation in annotations:
+                if not isinstance(annotation, dict):
+                    continue
+                task_id = annotation.get("task")
+                task_id = task_id_of(task_id.get("id") if isinstance(task_id, dict) else task_id)
+                task = by_id.get(task_id) or (tasks[0] if len(tasks) == 1 and isinstance(tasks[0], dict) else None)
+                tid = task_id_of(task.get("id")) if task is not None else None
+                if tid is None or (wanted is not None and tid not in wanted):
+                    continue
+                current = state.refs.get(tid)
+                if not usable_annotation(annotation):
+                    if current is not None and current.annotation_id == annotation.get("id"):
+                        del state.refs[current.task_id]
+                        changed += 1
+                    continue
+                ref = reference_from(task, annotation)
+                if ref is None or (current is not None and current.ground_truth and not ref.ground_truth
+                                   and current.annotation_id != ref.annotation_id):
+                    continue
+                state.refs[ref.task_id] = ref
+                changed += 1
+            return f"{changed} reference(s) added or updated"
+        if action == "ANNOTATIONS_DELETED":
+            listed = payload.get("annotations") if isinstance(payload.get("annotations"), list) else []
+            gone = {_field(a, "id") for a in listed if isinstance(a, dict) and isinstance(_field(a, "id"), (int, str))}
+            dropped = [t for t, r in state.refs.items() if r.annotation_id in gone]
+            for task_id in dropped:
+                del state.refs[task_id]
+            return f"{len(dropped)} reference(s) removed"
+        if action == "TASKS_DELETED":
+            listed = payload.get("tasks") if isinstance(payload.get("tasks"), list) else []
+            gone = {task_id_of(_field(t, "id")) for t in listed if isinstance(t, dict)}
+            dropped = [t for t in state.refs if t in gone]
+            for task_id in dropped:
+                del state.refs[task_id]
+            return f"{len(dropped)} reference(s) removed"
+        return "references will be listed again"

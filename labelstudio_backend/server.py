@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -24,12 +25,16 @@ from urllib.parse import urlsplit
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .backend import (ConfigError, ModelNotReady, RequestError, SegGPTBackend, Services, check_params,
-                      parse_project_id)
+from .backend import SegGPTBackend
+from .labeling import ConfigError
+from .netguard import is_loopback
+from .params import RequestError, check_params, parse_project_id
+from .services import ModelNotReady, Services
 from .settings import Settings
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
 
+SETUP_LISTING_TIMEOUT_S = 2.0  # Label Studio gives /setup 3 s (ML_TIMEOUT_SETUP)
 ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
                      "TASKS_DELETED", "PROJECT_UPDATED", "START_TRAINING"}
 
@@ -41,7 +46,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     if load_model:
         services.start_loading()
     app = Flask(__name__, root_path=os.path.dirname(os.path.abspath(__file__)))
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_request_mb * (1 << 20))
+    app.config["MAX_CONTENT_LENGTH"] = body_limit(settings, "/predict")
     app.json.sort_keys = False
     app.extensions["seggpt"] = services
 
@@ -50,11 +55,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return jsonify({"error": message}), status
 
     def body() -> dict:
-        limit = app.config["MAX_CONTENT_LENGTH"]
-        if request.content_length is not None and request.content_length > limit:
-            raise RequestError(f"the request body is {request.content_length} bytes, more than the limit of {limit} "
-                               "(SEGGPT_MAX_REQUEST_MB); retrieve predictions for fewer tasks at a time", 413)
-        data = request.get_json(silent=True)
+        data = request.get_json(silent=True)  # read up to the route's limit (set in admit), else 413
         if data is None:
             raise RequestError("the request body must be JSON (Content-Type: application/json)")
         if not isinstance(data, dict):
@@ -62,17 +63,27 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return data
 
     @app.before_request
-    def authenticate():
+    def admit():
+        """Before anything is read or checked: the body size, then the Host header, then credentials."""
         g.started = time.monotonic()
         services.metrics.add(f"requests_{request.endpoint or 'unknown'}")
-        if not settings.basic_auth_user:
-            return None
-        if _basic_auth_ok(request.headers.get("Authorization", ""), settings.basic_auth_user, settings.basic_auth_pass):
+        limit = body_limit(settings, request.path)
+        request.max_content_length = limit  # a body without Content-Length is cut at the limit too
+        if request.content_length is not None and request.content_length > limit:
+            return error(f"the request body is {request.content_length} bytes, more than the limit of {limit} for "
+                         f"{request.path[:40]} (SEGGPT_MAX_REQUEST_MB); retrieve predictions for fewer tasks at a "
+                         "time", 413)
+        if not host_allowed(request.host, settings):
+            log.warning("refused a request for Host %r (not a name this backend serves; see --server-name)",
+                        request.host[:100])
+            return error("this backend does not serve that Host name (add it with --server-name)", 421)
+        g.authenticated = bool(settings.basic_auth_user) and _basic_auth_ok(
+            request.headers.get("Authorization", ""), settings.basic_auth_user, settings.basic_auth_pass)
+        if not settings.basic_auth_user or g.authenticated:
             return None
         if request.path == "/webhook" and request.method == "POST":
             # Label Studio's own ML webhook carries no credentials (unless a header is added to it in
             # Settings > Webhooks): its payload is not trusted, it only makes the references be listed again
-            g.untrusted = True
             return None
         response, status = error("authentication required: this ML backend uses HTTP basic auth (in the Label "
                                  "Studio model connection: Select authentication method > Basic Authentication)",
@@ -94,12 +105,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.errorhandler(HTTPException)
     def on_http_error(exc):
+        if exc.code == 413:
+            return error(f"the request body is more than the limit of {body_limit(settings, request.path)} bytes for "
+                         f"{request.path[:40]} (SEGGPT_MAX_REQUEST_MB)", 413)
         return error(exc.description or exc.name, exc.code or 500)
 
     @app.errorhandler(Exception)
     def on_unexpected(exc):
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return error(f"internal error: {type(exc).__name__}: {exc}", 500)
+        return error("internal error (the server log has the details)", 500)
 
     @app.get("/")
     @app.get("/health")
@@ -125,7 +139,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         schema = data.get("schema")
         backend = SegGPTBackend(project_id, schema if schema else None, services)
         services.model(wait=1.0)  # the model version includes the model's fingerprint
-        refs = backend.refresh_references(timeout=_SETUP_LISTING_TIMEOUT)
+        refs = backend.refresh_references(timeout=SETUP_LISTING_TIMEOUT_S)
         version = backend.model_version(refs)
         log.info("project %s: setup: %d reference(s), params %s, model version %s", project_id, len(refs), params,
                  version)
@@ -146,7 +160,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             raise RequestError("'label_config' (the project's labeling config) is required")
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         backend = SegGPTBackend(project_id, label_config, services)
-        results = backend.predict(tasks, context=params.get("context"))
+        results = backend.predict(tasks, context=params.get("context"), started=g.started)
         services.metrics.add("predict_seconds", round(time.monotonic() - g.started, 3))
         return jsonify({"results": results, "model_version": backend.model_version()})
 
@@ -167,9 +181,22 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if project is None:
             raise RequestError(f"{action}: the payload names no project")
         backend = SegGPTBackend(parse_project_id(project), None, services)
-        if g.get("untrusted"):
+        if not payload_trusted(backend):  # Label Studio is asked instead: the references are listed again
             return jsonify(backend.fit(action, {}, hint_only=True)), 201
         return jsonify(backend.fit(action, data)), 201
+
+    def payload_trusted(backend) -> bool:
+        """A webhook's annotations become prompts only from a client that proved who it is (basic auth), or,
+        when Label Studio cannot be asked (no URL and key), from loopback with basic auth off."""
+        if g.get("authenticated"):
+            return True
+        if services.api_for(backend.record) is not None:
+            return False
+        if settings.basic_auth_user or (settings.bind_host is not None and not is_loopback(settings.bind_host)):
+            log.warning("project %s: an unauthenticated webhook is not used, and without LABEL_STUDIO_URL and "
+                        "LABEL_STUDIO_API_KEY the references cannot be listed", backend.project_id)
+            return False
+        return True
 
     @app.post("/train")
     def train():
@@ -202,7 +229,49 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     return app
 
 
-_SETUP_LISTING_TIMEOUT = 2.0
+SMALL_BODY = 64 << 10  # GET requests, /train
+SETUP_BODY = 1 << 20  # a labeling config and a few params
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    """The largest body a request to `path` may have: what a real one needs (/webhook less than /predict)."""
+    predict = int(settings.max_request_mb * (1 << 20))
+    if path == "/predict":
+        return predict
+    if path == "/webhook":  # one annotation (a brush RLE) and its task
+        return max(SMALL_BODY, predict // 4)
+    if path == "/setup":
+        return min(predict, SETUP_BODY)
+    return min(predict, SMALL_BODY)
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def host_allowed(host_header: str, settings: Settings) -> bool:
+    """The Host header names this server (DNS rebinding: a page on evil.example whose name now resolves to
+    127.0.0.1 sends Host: evil.example). IP literals are fine (no rebinding through them); names must be
+    localhost on a loopback or wildcard bind, the bound name, or a --server-name."""
+    if settings.bind_host is None:  # not started by `serve` (the test client, another WSGI server)
+        return True
+    name = _host_name(host_header or "")
+    names = {n.lower() for n in settings.server_names}
+    bind = settings.bind_host.strip("[]").lower()
+    wildcard = bind in ("0.0.0.0", "::", "")
+    if name in names or name == bind:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return wildcard or bind == "localhost" or is_loopback(bind)
+    return wildcard and not names
 
 
 def _basic_auth_ok(header: str, user: str, password: str) -> bool:

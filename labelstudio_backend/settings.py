@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-DEFAULT_MODEL = "demo"
+from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
 
 
 def _env(name: str, default=None):
@@ -29,11 +29,15 @@ def _env_float(name: str, default: float) -> float:
         raise SystemExit(f"{name}={value!r}: expected a number") from None
 
 
+def _env_list(name: str) -> tuple:
+    return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
+
+
 @dataclass
 class Settings:
     label_studio_url: str | None = None  # LABEL_STUDIO_URL
     api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY (legacy token or PAT)
-    model: str = DEFAULT_MODEL  # SEGGPT_MODEL
+    model: str = AUTO_MODEL  # SEGGPT_MODEL; "auto": the one default rule (seggpt_plugins.loading.resolve_source)
     device: str | None = None  # SEGGPT_DEVICE
     dtype: str | None = None  # SEGGPT_DTYPE
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
@@ -49,15 +53,19 @@ class Settings:
     cache_mb: float = 1024.0  # SEGGPT_CACHE_MB: reference images and masks kept in memory per worker
     min_area: int = 10  # SEGGPT_MIN_AREA: smaller predicted parts are dropped (pixels)
     polygon_tolerance: float = 1.0  # SEGGPT_POLYGON_TOLERANCE: polygon simplification (pixels)
-    max_request_mb: float = 256.0  # SEGGPT_MAX_REQUEST_MB: largest /predict or /webhook body
-    state_dir: str | None = None  # shared state of the gunicorn workers (set by `seggpt labelstudio serve`)
+    max_request_mb: float = 64.0  # SEGGPT_MAX_REQUEST_MB: largest /predict body (/webhook: a quarter, /setup: 1 MB)
+    max_request_pixels: int = 1 << 27  # SEGGPT_MAX_REQUEST_PIXELS: decoded pixels one request holds at once (134 M)
+    state_dir: str | None = None  # SEGGPT_STATE_DIR: project settings and references that survive restarts
+    allowed_hosts: tuple = ()  # SEGGPT_ALLOWED_HOSTS (comma-separated): private hosts that may serve task images
+    server_names: tuple = ()  # SEGGPT_SERVER_NAMES (comma-separated): Host header names besides the bound address
+    bind_host: str | None = None  # the address served on (set by `serve`): the Host header is checked against it
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         values = dict(
             label_studio_url=_env("LABEL_STUDIO_URL"),
             api_key=_env("LABEL_STUDIO_API_KEY"),
-            model=_env("SEGGPT_MODEL", DEFAULT_MODEL),
+            model=_env("SEGGPT_MODEL", AUTO_MODEL),
             device=_env("SEGGPT_DEVICE"),
             dtype=_env("SEGGPT_DTYPE"),
             basic_auth_user=_env("BASIC_AUTH_USER"),
@@ -73,9 +81,14 @@ class Settings:
             cache_mb=_env_float("SEGGPT_CACHE_MB", 1024.0),
             min_area=_env_int("SEGGPT_MIN_AREA", 10),
             polygon_tolerance=_env_float("SEGGPT_POLYGON_TOLERANCE", 1.0),
-            max_request_mb=_env_float("SEGGPT_MAX_REQUEST_MB", 256.0),
+            max_request_mb=_env_float("SEGGPT_MAX_REQUEST_MB", 64.0),
+            max_request_pixels=_env_int("SEGGPT_MAX_REQUEST_PIXELS", 1 << 27),
             state_dir=_env("SEGGPT_STATE_DIR"),
+            allowed_hosts=_env_list("SEGGPT_ALLOWED_HOSTS"),
+            server_names=_env_list("SEGGPT_SERVER_NAMES"),
         )
+        for name in ("allowed_hosts", "server_names"):  # flags add to the variable's list
+            values[name] = tuple(dict.fromkeys(values[name] + tuple(overrides.pop(name, None) or ())))
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.check()
@@ -87,12 +100,15 @@ class Settings:
             problems.append(f"max_prompts must be >= 1, got {self.max_prompts}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.seg_type not in ("instance", "semantic"):
-            problems.append(f"seg_type must be 'instance' or 'semantic', got {self.seg_type!r}")
+        if self.seg_type not in SEG_TYPES:
+            problems.append(f"seg_type must be one of {SEG_TYPES}, got {self.seg_type!r}")
         if self.predict_timeout <= 0:
             problems.append(f"predict_timeout must be > 0 seconds, got {self.predict_timeout}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             problems.append("basic auth needs both a user and a password (BASIC_AUTH_USER and BASIC_AUTH_PASS)")
+        if self.api_key and not self.label_studio_url:
+            problems.append("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is sent only to the Label "
+                            "Studio you name; set LABEL_STUDIO_URL (--label-studio-url) too")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             problems.append(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
         if problems:

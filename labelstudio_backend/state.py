@@ -1,10 +1,12 @@
 """Per-project settings shared by all gunicorn workers.
 
 Label Studio sends `/setup` (the project's `extra_params`, its URL and a token) and `/webhook` to whichever
-worker accepts the connection, so what they change is written here: a small SQLite file in the server's
-private state directory. Each project has a `generation` counter that a webhook bumps; a worker whose
-cached reference list is from an older generation lists the references again. Without a state directory
-(the Flask test client, one process) the same interface is kept in memory.
+worker accepts the connection, so what they change is written here: a small SQLite file in the state
+directory the operator chooses (`--state-dir`; kept across restarts, never deleted; 0700, the file 0600
+as it may hold a token). Each write is one SQLite transaction: it is there whole or not at all. Each
+project has a `generation` counter that a webhook bumps; a worker whose cached reference list is from an
+older generation lists the references again (or, without API access, reads them from here). Without a
+state directory (the Flask test client, one process) the same interface is kept in memory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class ProjectRecord:
 
 
 class MemoryState:
+    persistent = False
+
     def __init__(self):
         self._projects: dict[int, ProjectRecord] = {}
         self._lock = threading.Lock()
@@ -48,18 +52,27 @@ class MemoryState:
 
 
 class SqliteState:
-    """The same as MemoryState, in a SQLite file every worker opens (one short connection per call)."""
+    """The same as MemoryState, in a SQLite file every worker opens (one short connection per call), and
+    the project's references (so that they survive a restart)."""
+
+    persistent = True
 
     def __init__(self, directory: str):
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.path = os.path.join(directory, "projects.sqlite3")
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS projects (id INTEGER PRIMARY KEY, params TEXT NOT NULL DEFAULT '{}', "
-                       "hostname TEXT, access_token TEXT, generation INTEGER NOT NULL DEFAULT 0)")
+        old = os.umask(0o077)  # created private: it may hold a token
         try:
-            os.chmod(self.path, 0o600)  # it may hold a token
-        except OSError:
-            pass
+            with self._connect() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS projects (id INTEGER PRIMARY KEY, params TEXT NOT NULL "
+                           "DEFAULT '{}', hostname TEXT, access_token TEXT, generation INTEGER NOT NULL DEFAULT 0)")
+                db.execute("CREATE TABLE IF NOT EXISTS project_references (id INTEGER PRIMARY KEY, refs TEXT NOT NULL)")
+        finally:
+            os.umask(old)
+        for path in (directory, self.path):
+            try:
+                os.chmod(path, 0o700 if path == directory else 0o600)
+            except OSError:
+                pass
 
     def _connect(self):
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
@@ -85,6 +98,20 @@ class SqliteState:
             db.execute("INSERT INTO projects (id, generation) VALUES (?, 1) "
                        "ON CONFLICT(id) DO UPDATE SET generation = generation + 1", (project_id,))
             return int(db.execute("SELECT generation FROM projects WHERE id = ?", (project_id,)).fetchone()[0])
+
+
+    def load_references(self, project_id: int) -> list | None:
+        with self._connect() as db:
+            row = db.execute("SELECT refs FROM project_references WHERE id = ?", (project_id,)).fetchone()
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+
+    def save_references(self, project_id: int, refs: list) -> None:
+        with self._connect() as db:
+            db.execute("INSERT INTO project_references (id, refs) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET "
+                       "refs = excluded.refs", (project_id, json.dumps(refs, default=str)))
 
 
 class _Closing:

@@ -25,7 +25,8 @@ pytest.importorskip("label_studio_sdk")
 
 from label_studio_sdk.converter.brush import decode_rle, mask2rle  # noqa: E402
 
-from seggpt_plugins.labelstudio.backend import RequestError, Services, check_params, parse_project_id  # noqa: E402
+from seggpt_plugins.labelstudio.params import RequestError, check_params, parse_project_id  # noqa: E402
+from seggpt_plugins.labelstudio.services import Services  # noqa: E402
 from seggpt_plugins.labelstudio.labeling import (ConfigError, annotation_to_mask, mask_to_polygons,  # noqa: E402
                                           parse_label_config, prediction_to_results)
 from seggpt_plugins.labelstudio.media import LabelStudioAuth, MediaError, MediaFetcher, decode_image  # noqa: E402
@@ -123,6 +124,7 @@ class FakeLabelStudio:
         self.refreshes = 0
         self.listings = 0
         self.other_url = None
+        self.slow_s = 0.0
         app = Flask("fake_label_studio")
         self.app = app
 
@@ -188,6 +190,11 @@ class FakeLabelStudio:
         def public(name):  # a plain web server: no key needed (and none must be sent)
             if name not in self.files:
                 abort(404)
+            return self.files[name], 200, {"Content-Type": "image/png"}
+
+        @app.get("/slow/<path:name>")
+        def slow(name):  # an image server that takes its time (self.slow_s seconds per image)
+            time.sleep(self.slow_s)
             return self.files[name], 200, {"Content-Type": "image/png"}
 
         @app.get("/data/upload/away/<path:name>")
@@ -419,7 +426,8 @@ def test_downloads_with_a_legacy_token_never_send_it_elsewhere(fake_ls, tiles):
     fake_ls.files["1/a.png"] = tiles[0]["png"]
     fake_ls.other.files["b.png"] = tiles[1]["png"]
     fake_ls.other.files["1/a.png"] = tiles[0]["png"]
-    fetcher = MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=1 << 20)
+    fetcher = MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=1 << 20,
+                           allowed_hosts=[fake_ls.other.url.split("//")[1]])  # an image server on loopback
     assert np.array_equal(fetcher.fetch_image("/data/upload/1/a.png"), tiles[0]["gray"])
     assert fake_ls.requests[-1] == ("/data/upload/1/a.png?", f"Token {LEGACY_TOKEN}")
     assert np.array_equal(fetcher.fetch_image(f"{fake_ls.other.url}/public/b.png"), tiles[1]["gray"])
@@ -597,7 +605,7 @@ def test_webhooks_keep_the_references_up_to_date(make_client, tiles):
     try:
         for k in (0, 2, 5):
             other.files[tiles[k]["name"]] = tiles[k]["png"]
-        client = make_client()
+        client = make_client(allowed_hosts=(other.url.split("//")[1],))  # an image server on loopback
         task = lambda i, k: {"id": i, "project": 7, "data": {"image": f"{other.url}/public/{tiles[k]['name']}"}}  # noqa
         target = task(3, 5)
         first = client.post("/predict", json=predict_body([target])).json
@@ -818,3 +826,313 @@ def test_oversized_requests_are_refused(make_client):
     client = make_client(max_request_mb=0.01)
     response = client.post("/predict", data=json.dumps({"tasks": ["x" * 20000]}), content_type="application/json")
     assert response.status_code == 413 and "SEGGPT_MAX_REQUEST_MB" in response.json["error"]
+
+
+# ------------------------------------------------------------------------- issue 12: secrets and SSRF
+
+
+def _serve(*args, env=None, timeout=60):
+    """`seggpt labelstudio serve ...` as a subprocess that is expected to refuse to start."""
+    import os
+
+    seggpt = Path(sys.executable).with_name("seggpt")
+    command = [str(seggpt)] if seggpt.exists() else [sys.executable, "-m", "seggpt_plugins.cli"]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
+    environment.update(env or {})
+    return subprocess.run(command + ["labelstudio", "serve", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=environment)
+
+
+def test_the_configured_key_never_goes_to_a_host_the_operator_did_not_name(make_client, fake_ls, tiles):
+    with pytest.raises(ValueError, match="LABEL_STUDIO_URL"):
+        Settings(api_key=LEGACY_TOKEN).check()
+    refused = _serve("--port", "9", env={"LABEL_STUDIO_API_KEY": LEGACY_TOKEN})
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1 and "LABEL_STUDIO_URL" in refused.stderr
+    # configured URL and key: a /setup that names another host and token changes nothing about where they go
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    body = dict(setup_body(), hostname=fake_ls.other.url, access_token="attacker-token")
+    assert "-r1-" in client.post("/setup", json=body).json["model_version"]
+    assert fake_ls.other.requests == [] and all(auth == f"Token {LEGACY_TOKEN}" for _, auth in fake_ls.requests)
+    # no configured key: the caller's own token goes to the caller's URL only if it is a public or allowed host
+    fake_ls.requests.clear()
+    client = make_client()
+    body = dict(setup_body(), hostname=fake_ls.url, access_token=LEGACY_TOKEN)
+    assert client.post("/setup", json=body).json["model_version"].endswith("norefs")
+    assert fake_ls.requests == []  # 127.0.0.1 is loopback: not reached
+    client = make_client(allowed_hosts=(fake_ls.url.split("//")[1],))
+    assert "-r1-" in client.post("/setup", json=body).json["model_version"]
+    assert fake_ls.requests and all(auth == f"Token {LEGACY_TOKEN}" for _, auth in fake_ls.requests)
+
+
+def test_task_images_never_reach_private_addresses_unless_allowed(fake_ls, tiles, monkeypatch):
+    fake_ls.files["1/a.png"] = tiles[0]["png"]
+    fake_ls.other.files["b.png"] = fake_ls.other.files["1/a.png"] = tiles[1]["png"]
+    fetcher = MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=1 << 20)
+    assert np.array_equal(fetcher.fetch_image("/data/upload/1/a.png"), tiles[0]["gray"])  # Label Studio: allowed
+    for url in [f"{fake_ls.other.url}/public/b.png", "http://169.254.169.254/latest/meta-data/x.png",
+                "http://10.0.0.1/x.png", "http://[::1]:9/x.png", "http://0.0.0.0:9/x.png", "http://localhost:9/x.png",
+                "http://[::ffff:127.0.0.1]:9/x.png", "http://100.64.0.1/x.png"]:
+        with pytest.raises(MediaError, match="private, loopback or link-local|resolves to"):
+            fetcher.fetch_image(url)
+    with pytest.raises(MediaError, match="private, loopback or link-local"):  # a redirect to a private host
+        fetcher.fetch_image("/data/upload/away/1/a.png")
+    assert fake_ls.other.requests == []
+    # the check is made again on the address connected to (a name that resolves differently the second time)
+    monkeypatch.setattr(fetcher.policy, "check_url", lambda url: None)
+    with pytest.raises(MediaError, match="download failed"):
+        fetcher.fetch_image(f"{fake_ls.other.url}/public/b.png")
+    assert fake_ls.other.requests == []
+    # the allow-list: by host:port, by address, by network; from the environment and the flags
+    other = fake_ls.other.url.split("//")[1]
+    for allowed in ([other], ["127.0.0.1"], ["127.0.0.0/8"]):
+        fetcher = MediaFetcher(fake_ls.url, LEGACY_TOKEN, max_bytes=1 << 20, max_pixels=1 << 20, allowed_hosts=allowed)
+        assert np.array_equal(fetcher.fetch_image(f"{fake_ls.other.url}/public/b.png"), tiles[1]["gray"])
+    assert all(auth is None for _, auth in fake_ls.other.requests)
+    monkeypatch.setenv("SEGGPT_ALLOWED_HOSTS", f"{other}, images.internal")
+    assert Settings.from_env(allowed_hosts=["10.0.0.0/8"]).allowed_hosts == (other, "images.internal", "10.0.0.0/8")
+
+
+# -------------------------------------------------------------------------------- issue 12: memory
+
+
+def test_request_bodies_are_bounded_per_route_before_parsing_or_auth(make_client, monkeypatch):
+    client = make_client(max_request_mb=1.0, basic_auth_user="u", basic_auth_pass="p")
+    parsed = []
+    monkeypatch.setattr("flask.Request.get_json", lambda self, *a, **k: parsed.append(1))
+    big = b"{" + b" " * (600 << 10) + b"}"  # 600 KB: under /predict's 1 MB, over /webhook's 256 KB
+    for path, size in (("/webhook", len(big)), ("/setup", 2 << 20), ("/predict", 2 << 20), ("/train", 100 << 10)):
+        response = client.post(path, data=b"{" + b" " * (size - 2) + b"}", content_type="application/json")
+        assert response.status_code == 413 and "SEGGPT_MAX_REQUEST_MB" in response.json["error"], path
+    assert parsed == []  # refused on Content-Length alone: nothing read, nothing parsed, no 401 first
+    response = client.post("/predict", data=big, content_type="application/json")
+    assert response.status_code == 401  # small enough: then credentials are asked for
+
+    monkeypatch.undo()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
+    chunked = io.BytesIO(b"{" + b" " * (3 << 20) + b"}")  # no Content-Length (as chunked transfer encoding)
+    response = client.post("/webhook", input_stream=chunked, content_type="application/json", headers=auth,
+                           environ_overrides={"wsgi.input_terminated": True})
+    assert response.status_code == 413 and "limit" in response.json["error"]
+
+
+def test_decoded_pixels_are_bounded_per_request(make_client, fake_ls, tiles, caplog):
+    # 128x128 tiles: the reference and 2 targets of a batch fit 3 x 16384 pixels; a batch of 4 does not
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, batch_size=4,
+                         max_request_pixels=3 * 128 * 128)
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    tasks = [fake_ls.add_task(7, tiles[k]) for k in (5, 6, 9, 10)]
+    caplog.set_level(logging.WARNING, logger="seggpt_plugins.labelstudio")
+    results = client.post("/predict", json=predict_body(tasks)).json["results"]
+    assert sum(isinstance(r, dict) and bool(r["result"]) for r in results) == 2 and results.count([]) == 2
+    assert "SEGGPT_MAX_REQUEST_PIXELS" in caplog.text
+    # batches of 2: the images of one batch are let go before the next is decoded
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, batch_size=2,
+                         max_request_pixels=3 * 128 * 128)
+    assert all(r["result"] for r in client.post("/predict", json=predict_body(tasks)).json["results"])
+
+
+# --------------------------------------------------------------------- issue 12: unauthenticated control
+
+
+def test_serving_beyond_loopback_needs_basic_auth_or_insecure():
+    refused = _serve("--host", "0.0.0.0", "--port", "9")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1 and "BASIC_AUTH_USER" in refused.stderr
+    assert "--insecure" in refused.stderr
+
+
+def test_the_host_header_must_name_this_server(make_client):
+    client = make_client(bind_host="127.0.0.1", server_names=("backend.lan",))
+    for host in ("127.0.0.1:9090", "localhost:9090", "[::1]:9090", "backend.lan:9090", "backend.lan"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:9090", "evil.example", "127.0.0.1.nip.io:9090"):  # DNS rebinding
+        response = client.post("/setup", json=setup_body(), headers={"Host": host})
+        assert response.status_code == 421 and "--server-name" in response.json["error"], host
+    wildcard = make_client(bind_host="0.0.0.0", basic_auth_user="u", basic_auth_pass="p")
+    assert wildcard.get("/health", headers={"Host": "any.name:9090"}).status_code == 401  # then auth decides
+
+
+def test_webhook_payloads_are_not_prompts_unless_the_sender_is_authenticated(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, refresh_seconds=1e6)
+    target = fake_ls.add_task(7, tiles[5])
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    before = client.post("/predict", json=predict_body([target])).json["model_version"]
+    forged = {"action": "ANNOTATION_CREATED", "project": {"id": 7},
+              "task": {"id": 99, "data": {"image": "http://127.0.0.1:9/x.png"}},
+              "annotation": {"id": 5, "task": 99, "result": [brush_region(tiles[1]["nuclei"], "Nucleus")]}}
+    response = client.post("/webhook", json=forged)  # no basic auth configured: still not trusted
+    assert response.status_code == 201 and "payload not used" in response.json["references"]
+    listings = fake_ls.listings
+    assert client.post("/predict", json=predict_body([target])).json["model_version"] == before
+    assert fake_ls.listings == listings + 1  # what Label Studio says, not what the body said
+    # exposed (--insecure on another address) and no Label Studio access: the payload is not used either
+    exposed = make_client(bind_host="0.0.0.0")
+    response = exposed.post("/webhook", json=forged, headers={"Host": "10.0.0.5:9090"})
+    assert response.status_code == 201 and "payload not used" in response.json["references"]
+
+
+# ---------------------------------------------------------------------------------- issue 12: time
+
+
+def test_the_predict_deadline_covers_downloads_and_waiting_for_the_model(make_client, fake_ls, tiles):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, predict_timeout=2.0,
+                         refresh_seconds=1e6)
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    quick = [fake_ls.add_task(7, tiles[k]) for k in (5, 6)]
+    assert all(r["result"] for r in client.post("/predict", json=predict_body(quick)).json["results"])
+    # downloads that would take 5 s each: the call still answers within its 2 s
+    slow = [dict(t, data={"image": f"{fake_ls.url}/slow/{t['data']['image'].split('/data/upload/')[1]}"})
+            for t in quick]
+    fake_ls.slow_s = 5.0
+    started = time.monotonic()
+    response = client.post("/predict", json=predict_body(slow))
+    assert response.status_code == 200 and response.json["results"] == [[], []]
+    assert time.monotonic() - started < 3.0
+    fake_ls.slow_s = 0.0
+    # the model busy with other requests: the wait for it counts too
+    lock = client.services.inference_lock
+    lock.acquire()
+    try:
+        started = time.monotonic()
+        response = client.post("/predict", json=predict_body(quick))
+        assert response.status_code == 200 and response.json["results"] == [[], []]
+        assert time.monotonic() - started < 3.0
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------- issue 12: state
+
+
+def test_params_and_webhook_references_survive_a_restart(make_client, tiles, tmp_path):
+    import os
+    import stat
+
+    other = FakeLabelStudio().start()
+    try:
+        for k in (0, 5):
+            other.files[tiles[k]["name"]] = tiles[k]["png"]
+        state = tmp_path / "state"
+        allowed = (other.url.split("//")[1],)
+        first = make_client(state_dir=str(state), allowed_hosts=allowed)
+        task = lambda i, k: {"id": i, "project": 7, "data": {"image": f"{other.url}/public/{tiles[k]['name']}"}}  # noqa
+        assert first.post("/setup", json=dict(setup_body(extra_params={"max_prompts": 1}), hostname=None,
+                                              access_token="creator-token")).status_code == 200
+        annotation = {"id": 50, "task": 1, "project": 7, "result": [brush_region(tiles[0]["nuclei"], "Nucleus")],
+                      "was_cancelled": False, "ground_truth": False, "updated_at": "2026-01-01T00:00:00Z"}
+        hook = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": task(1, 0), "project": {"id": 7}}
+        assert "1 reference" in first.post("/webhook", json=hook).json["references"]
+        before = first.post("/predict", json=predict_body([task(3, 5)])).json
+        # the process is gone; a new one on the same state directory
+        second = make_client(state_dir=str(state), allowed_hosts=allowed)
+        after = second.post("/predict", json=predict_body([task(3, 5)])).json
+        assert after["model_version"] == before["model_version"] and "-r1-" in after["model_version"]
+        assert after["results"][0]["result"]
+        record = second.services.state.get(7)
+        assert record.params == {"max_prompts": 1} and record.access_token == "creator-token"
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(state / "projects.sqlite3").st_mode) == 0o600
+    finally:
+        other.stop()
+
+
+def test_serve_keeps_health_fast_drains_on_sigterm_and_keeps_its_state(tiles, tmp_path):
+    """The real `serve` (gunicorn): /health answers at once while every request thread waits on slow
+    downloads; SIGTERM lets the in-flight /predict calls finish; the state directory stays."""
+    import os
+    import signal
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    images = FakeLabelStudio().start()
+    images.slow_s = 4.0
+    for k in (0, 5):
+        images.files[tiles[k]["name"]] = tiles[k]["png"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state, log = tmp_path / "state", tmp_path / "serve.log"
+    seggpt = Path(sys.executable).with_name("seggpt")
+    command = [str(seggpt)] if seggpt.exists() else [sys.executable, "-m", "seggpt_plugins.cli"]
+    command += ["labelstudio", "serve", "--port", str(port), "--threads", "2", "--model", "demo", "--device", "cpu",
+                "--state-dir", str(state), "--allow-host", images.url.split("//")[1], "--predict-timeout", "20"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        annotation = {"id": 50, "task": 1, "project": 7, "result": [brush_region(tiles[0]["nuclei"], "Nucleus")],
+                      "was_cancelled": False, "ground_truth": False, "updated_at": "2026-01-01T00:00:00Z"}
+        task = lambda i, k: {"id": i, "project": 7, "data": {"image": f"{images.url}/slow/{tiles[k]['name']}"}}  # noqa
+        hook = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": task(1, 0), "project": {"id": 7}}
+        assert requests.post(f"{url}/webhook", json=hook, timeout=10).status_code == 201
+        with ThreadPoolExecutor(3) as pool:  # more slow calls than the worker has request threads
+            calls = [pool.submit(requests.post, f"{url}/predict", json=predict_body([task(3 + k, 5)]), timeout=60)
+                     for k in range(3)]
+            time.sleep(1.0)
+            worst = 0.0
+            for _ in range(10):
+                started = time.monotonic()
+                assert requests.get(f"{url}/health", timeout=5).status_code == 200
+                worst = max(worst, time.monotonic() - started)
+            assert worst < 0.5, worst
+            os.kill(process.pid, signal.SIGTERM)  # the gunicorn master: the workers drain
+            answers = [c.result() for c in calls[:2]]
+        assert all(a.status_code == 200 and a.json()["results"][0]["result"] for a in answers)
+        assert process.wait(60) == 0
+        text = log.read_text()
+        assert "draining" in text and "stopped" in text
+        assert (state / "projects.sqlite3").exists()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        images.stop()
+
+
+# ---------------------------------------------------------------------------------- issue 12: minor
+
+
+def test_odd_ids_are_4xx_or_one_failed_task_and_500s_say_nothing_internal(make_client, fake_ls, tiles, monkeypatch,
+                                                                          caplog):
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+    for project in ("9" * 30, "9" * 5000, 2 ** 70, "99999999999999999999.1"):
+        with pytest.raises(RequestError):
+            parse_project_id(project)
+        assert client.post("/setup", json=setup_body(project=project)).status_code == 400
+        assert client.post("/predict", json=predict_body([{"id": 1, "data": {}}], project=project)).status_code == 400
+        response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": project}})
+        assert response.status_code == 400
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    good = fake_ls.add_task(7, tiles[5])
+    odd = [{"id": [1, 2], "data": {"image": "s3://bucket/a.png"}}, {"id": {"x": 1}, "data": {"image": "gs://b/a.png"}},
+           {"id": 10 ** 30, "data": {"image": "s3://bucket/a.png"}}]
+    results = client.post("/predict", json=predict_body(odd + [good])).json["results"]
+    assert results[:3] == [[], [], []] and results[3]["result"]
+    hook = {"action": "ANNOTATIONS_DELETED", "project": {"id": 7}, "annotations": [{"id": [1]}, {"id": {"a": 1}}]}
+    assert client.post("/webhook", json=hook).status_code == 201
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail at /srv/internal/path")
+
+    monkeypatch.setattr("seggpt_plugins.labelstudio.backend.SegGPTBackend.predict", broken)
+    caplog.set_level(logging.ERROR, logger="seggpt_plugins.labelstudio")
+    response = client.post("/predict", json=predict_body([good]))
+    assert response.status_code == 500 and "secret" not in response.text and "RuntimeError" not in response.text
+    assert "secret detail" in caplog.text  # the detail is logged
+    response = client.post("/predict", json=predict_body([good], config="<View><Image name='i' value='$i'/>"))
+    assert response.status_code == 422 and "not a valid" in response.json["error"] and "line" not in response.text

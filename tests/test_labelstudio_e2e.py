@@ -142,7 +142,7 @@ def backend(label_studio, tmp_path_factory):
                 "--threads", "4", "--max-prompts", "2", "--batch-size", "8"]
     env = dict(os.environ, LABEL_STUDIO_URL=label_studio["url"], LABEL_STUDIO_API_KEY=TOKEN, SEGGPT_MODEL="demo",
                SEGGPT_DEVICE="cpu", BASIC_AUTH_USER=BASIC[0], BASIC_AUTH_PASS=BASIC[1], HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", SEGGPT_STATE_DIR=str(log.parent / "state"))  # not the user's own state
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                    start_new_session=True)

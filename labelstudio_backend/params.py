@@ -1,0 +1,103 @@
+"""What a request may ask for: project ids and the `extra_params` a project sets in its ML backend connection.
+
+Checked here, before any work: a bad value is a 400 with a message that names it (RequestError).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from seggpt_plugins.vocabulary import SEG_TYPES
+
+MAX_PROJECT_ID = (1 << 63) - 1  # Label Studio's ids are 64-bit integers (and so are SQLite's)
+PARAMS = {  # extra_params a project may set in its ML backend connection, with their checks
+    "reference_task_ids": "a list of task ids whose annotations are the prompts (default: all annotated tasks)",
+    "max_prompts": "references per target, 1..64 (most similar first)",
+    "seg_type": " or ".join(repr(t) for t in SEG_TYPES),
+    "prefer": "'brush' or 'polygon': the output of a label that both kinds of control have",
+    "min_area": "predicted parts smaller than this many pixels are dropped",
+    "polygon_tolerance": "polygon simplification in pixels (0: every contour pixel)",
+}
+
+
+class RequestError(ValueError):
+    """A request Label Studio (or another client) sent cannot be served; answered with 4xx and this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_project_id(project) -> int:
+    """Label Studio sends "<id>.<created timestamp>"; plain ids are accepted too."""
+    problem = f"'project' must be a project id like \"3.1700000000\", got {str(project)[:80]!r}"
+    if _is_int(project):
+        value = project
+    elif isinstance(project, str) and re.fullmatch(r"\d{1,19}(\.\d{1,30})?", project.strip()):
+        value = int(project.strip().split(".")[0])
+    else:
+        raise RequestError(problem)
+    if not 0 <= value <= MAX_PROJECT_ID:
+        raise RequestError(problem)
+    return value
+
+
+def task_id_of(value) -> int | None:
+    """A task id as an integer, or None when it is not one (a list, a string of letters, a huge number)."""
+    if _is_int(value) and 0 <= value <= MAX_PROJECT_ID:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d{1,19}", value.strip()) and int(value) <= MAX_PROJECT_ID:
+        return int(value)
+    return None
+
+
+def check_params(extra) -> dict:
+    """extra_params from /setup (a dict or a JSON string) -> checked params; RequestError names what is wrong."""
+    if extra in (None, "", {}):
+        return {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"extra_params is not valid JSON ({exc}); e.g. {{\"max_prompts\": 4}}") from None
+    if not isinstance(extra, dict):
+        raise RequestError(f"extra_params must be a JSON object, got {type(extra).__name__}")
+    unknown = sorted(set(extra) - set(PARAMS))
+    if unknown:
+        raise RequestError(f"extra_params: unknown key(s) {[str(k)[:40] for k in unknown[:10]]}; known: "
+                           + "; ".join(f"{k}: {v}" for k, v in PARAMS.items()))
+    params = {}
+    if extra.get("reference_task_ids") is not None:
+        ids = extra["reference_task_ids"]
+        if not isinstance(ids, list) or not ids or not all(_is_int(i) and 0 < i <= MAX_PROJECT_ID for i in ids):
+            raise RequestError("extra_params.reference_task_ids must be a non-empty list of task ids (integers)")
+        params["reference_task_ids"] = sorted(set(ids))
+    if extra.get("max_prompts") is not None:
+        value = extra["max_prompts"]
+        if not _is_int(value) or not 1 <= value <= 64:
+            raise RequestError(f"extra_params.max_prompts must be an integer from 1 to 64, got {value!r:.40}")
+        params["max_prompts"] = value
+    if extra.get("seg_type") is not None:
+        if extra["seg_type"] not in SEG_TYPES:
+            raise RequestError(f"extra_params.seg_type must be {PARAMS['seg_type']}, got {extra['seg_type']!r:.40}")
+        params["seg_type"] = extra["seg_type"]
+    if extra.get("prefer") is not None:
+        if extra["prefer"] not in ("brush", "polygon"):
+            raise RequestError(f"extra_params.prefer must be 'brush' or 'polygon', got {extra['prefer']!r:.40}")
+        params["prefer"] = extra["prefer"]
+    if extra.get("min_area") is not None:
+        value = extra["min_area"]
+        if not _is_int(value) or not 0 <= value <= MAX_PROJECT_ID:
+            raise RequestError(f"extra_params.min_area must be an integer >= 0, got {value!r:.40}")
+        params["min_area"] = value
+    if extra.get("polygon_tolerance") is not None:
+        value = extra["polygon_tolerance"]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
+            raise RequestError(f"extra_params.polygon_tolerance must be a number from 0 to 100, got {value!r:.40}")
+        params["polygon_tolerance"] = float(value)
+    return params

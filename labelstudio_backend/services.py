@@ -1,0 +1,191 @@
+"""What one worker process shares between requests: the model, the project state, caches and metrics.
+
+The model is loaded in the worker (after gunicorn forks; never in the master) by a background thread,
+through the core's one-model-per-process cache (`seggpt_plugins.loading.get_model`), so `/health` answers
+at once and says LOADING, UP or ERROR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .media import MediaFetcher
+from .netguard import BlockedAddress, HostPolicy
+from .references import ByteLRU, ReferenceStore
+from .settings import Settings
+from .state import MemoryState, SqliteState
+
+log = logging.getLogger("seggpt_plugins.labelstudio")
+
+DOWNLOAD_THREADS = 16  # downloads and decoding, shared by the requests of a process (a bounded pool)
+
+
+class ModelNotReady(RuntimeError):
+    pass
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counters: Counter = Counter()
+        self.started = time.time()
+        self.last_predict: dict = {}
+
+    def add(self, name: str, value: float = 1) -> None:
+        with self._lock:
+            self.counters[name] += value
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"uptime_s": round(time.time() - self.started, 1), "pid": os.getpid(),
+                    "counters": dict(self.counters), "last_predict": dict(self.last_predict)}
+
+
+class Services:
+    """Shared by all requests of one worker process."""
+
+    def __init__(self, settings: Settings, model=None):
+        self.settings = settings
+        self.state = SqliteState(settings.state_dir) if settings.state_dir else MemoryState()
+        self.store = ReferenceStore(settings.max_references, self.state)
+        cache = int(settings.cache_mb * (1 << 20))
+        self.images = ByteLRU(cache * 3 // 4)
+        self.masks = ByteLRU(cache // 4)
+        self.metrics = Metrics()
+        self.inference_lock = threading.Lock()
+        self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="download")
+        self._model = model
+        self._model_error: str | None = None
+        self._loaded = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._fetchers: dict = {}
+        self._lock = threading.Lock()
+        self.model_tag = None
+        if model is not None:
+            self._after_load(model)
+
+    # --------------------------------------------------------------------------------------- model
+
+    def start_loading(self) -> None:
+        """Load the model in a background thread of this (worker) process."""
+        with self._lock:
+            if self._loaded.is_set() or self._loader is not None:
+                return
+            self._loader = threading.Thread(target=self._load, name="seggpt-model-loader", daemon=True)
+            self._loader.start()
+
+    def _load(self) -> None:
+        from seggpt_plugins.loading import DefaultModelWarning, get_model
+
+        started = time.time()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DefaultModelWarning)
+                model = get_model(self.settings.model, self.settings.device, self.settings.dtype)
+            for warning in caught:
+                log.warning("%s", warning.message)
+            self._model = model
+            self._after_load(model)
+            log.info("loaded %s in %.1f s (pid %d); model version prefix %s", model, time.time() - started,
+                     os.getpid(), self.model_tag)
+        except Exception as exc:  # reported by /health and every request (the detail only in the log)
+            self._model_error = f"{type(exc).__name__}: {exc}"
+            log.error("cannot load the model %r: %s", self.settings.model, self._model_error)
+        finally:
+            self._loaded.set()
+
+    def _after_load(self, model) -> None:
+        self.model_tag = f"{model_name(getattr(model, 'source', None) or self.settings.model)}-{model_fingerprint(model)}"
+        self._loaded.set()
+
+    def model_status(self) -> tuple[str, str | None]:
+        """("UP" | "LOADING" | "ERROR", a short public reason): reads two attributes, takes no lock."""
+        if self._model is not None:
+            return "UP", None
+        if self._model_error is not None:
+            return "ERROR", f"the model {self.settings.model!r} failed to load (the server log says why)"
+        return "LOADING", None
+
+    def model(self, wait: float = 0.0):
+        if self._model is None and not self._loaded.is_set():
+            self.start_loading()
+            self._loaded.wait(max(wait, 0.0))
+        if self._model is not None:
+            return self._model
+        if self._model_error is not None:
+            raise ModelNotReady(f"the model {self.settings.model!r} failed to load (the server log says why)")
+        raise ModelNotReady(f"the model {self.settings.model!r} is still loading; try again in a moment")
+
+    # ------------------------------------------------------------------------------- Label Studio API
+
+    def api_for(self, record) -> tuple[str, str] | None:
+        """(Label Studio URL, API key) for reading tasks.
+
+        The configured key goes only to the configured URL (Settings refuses a key without a URL). Without
+        a configured key, the token /setup carried goes to the URL /setup reported (the caller's own pair),
+        and only if that URL passes the address policy (a public host, or one the operator allowed).
+        """
+        if self.settings.api_key:
+            return (self.settings.label_studio_url.rstrip("/"), self.settings.api_key) \
+                if self.settings.label_studio_url else None
+        base = self.settings.label_studio_url or record.hostname
+        if not base or not record.access_token:
+            return None
+        if not self.settings.label_studio_url and not self._reachable(base):
+            return None
+        return base.rstrip("/"), record.access_token
+
+    def _reachable(self, url: str) -> bool:
+        try:
+            HostPolicy((), self.settings.allowed_hosts).check_url(url)
+            return True
+        except BlockedAddress as exc:
+            log.warning("the Label Studio URL that /setup reported is not used: %s (set LABEL_STUDIO_URL)", exc)
+            return False
+
+    def fetcher_for(self, record) -> MediaFetcher:
+        """The image downloader for a project: Label Studio's URL and key as api_for gives them."""
+        api = self.api_for(record)
+        base = api[0] if api else self.settings.label_studio_url
+        key = api[1] if api else None
+        trusted = bool(self.settings.label_studio_url) and base == self.settings.label_studio_url.rstrip("/")
+        with self._lock:
+            fetcher = self._fetchers.get((base, key, trusted))
+            if fetcher is None:
+                if len(self._fetchers) >= 32:  # URLs and tokens from /setup: keep a bounded few
+                    self._fetchers.clear()
+                fetcher = self._fetchers[(base, key, trusted)] = MediaFetcher(
+                    base, key, max_bytes=int(self.settings.max_download_mb * (1 << 20)),
+                    max_pixels=self.settings.max_image_pixels, allowed_hosts=self.settings.allowed_hosts,
+                    trust_base=trusted)
+            return fetcher
+
+
+def model_name(source: str) -> str:
+    name = Path(str(source).rstrip("/")).name or str(source)
+    name = re.sub(r"\.(pth|pt|bin|safetensors)$", "", name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "model"
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the weights (a sample of every tensor), so another checkpoint means another version."""
+    net = getattr(model, "net", None)
+    digest = hashlib.sha256(str(getattr(model, "source", "")).encode())
+    if net is not None:
+        try:
+            for name, tensor in sorted(net.state_dict().items()):
+                flat = tensor.detach().reshape(-1)
+                digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+                digest.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+        except Exception as exc:  # an unusual network: the source name alone
+            log.debug("model fingerprint from the source name only (%s)", exc)
+    return digest.hexdigest()[:6]
