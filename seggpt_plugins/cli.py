@@ -27,6 +27,37 @@ def _common(parser: argparse.ArgumentParser, model_default: str = AUTO_MODEL) ->
     group.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (default: %(default)s)")
 
 
+def _ensemble(parser: argparse.ArgumentParser, tiles: bool = True) -> None:
+    group = parser.add_argument_group("examples and large images")
+    group.add_argument("--ensemble", choices=["feature", "spatial", "both"], default="feature",
+                       help="several examples: feature (Painter's feature ensemble, one prompt each), spatial "
+                            "(stitched into one prompt canvas, the paper's spatial ensemble), both (canvases of 4, "
+                            "combined by the feature ensemble) (default: %(default)s)")
+    if tiles:
+        group.add_argument("--tile", nargs="+", default=None, metavar="PIXELS",
+                           help="cut large targets into tiles: H W, one size for both, or 'auto' (the examples' "
+                                "own size, so targets are seen at the examples' scale)")
+        group.add_argument("--halo", type=int, default=32, help="overlap of neighbouring tiles, pixels (default: 32)")
+
+
+def _tile(args):
+    """--tile as segment() takes it, checked before any work."""
+    from .ensembles import tile_size
+    from .errors import InputError
+
+    if args.tile is None:
+        return None
+    if args.tile == ["auto"]:
+        return "auto"
+    try:
+        numbers = [int(v) for v in args.tile]
+    except ValueError:
+        raise InputError(f"--tile takes H W, one size, or 'auto'; got {' '.join(args.tile)}") from None
+    if len(numbers) not in (1, 2):
+        raise InputError(f"--tile takes H W, one size, or 'auto'; got {' '.join(args.tile)}")
+    return tile_size(tuple(numbers * 2 if len(numbers) == 1 else numbers), args.halo)
+
+
 def _inference(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg-type", choices=list(SEG_TYPES), default="instance",
                         help="SegGPT's type token (default: %(default)s, as Painter)")
@@ -79,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out targets whose outputs exist (resume an interrupted run)")
     _common(p)
     _inference(p)
+    _ensemble(p)
     _export(p)
 
     p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack")
@@ -92,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many fixed prompts per slice")
     _common(p)
     _inference(p)
+    _ensemble(p, tiles=False)
     _export(p, stack=True)
 
     p = sub.add_parser("convert", help="write an original Painter checkpoint as a transformers directory")
@@ -259,6 +292,7 @@ def cmd_segment(args) -> int:
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
     _check_numbers(args, batch_size=1)
+    tile = _tile(args)
     options = _export_options(args, "png")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -289,10 +323,10 @@ def cmd_segment(args) -> int:
         categories_for(_prompt_ids(prompt_masks), options.names)  # names checked before the model loads
     model = _load(args)
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
-                                    _intensity(args))
+                                    _intensity(args), ensemble=args.ensemble)
     categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
     predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
-                                     intensity_range=_intensity(args))
+                                     intensity_range=_intensity(args), tile=tile, halo=args.halo)
     with outputs:
         exporter.open(outputs, categories)
         for prediction in tqdm(predictions, total=len(files), desc="segmenting", unit="image"):
@@ -357,7 +391,8 @@ def cmd_propagate(args) -> int:
         labels[z] = mask
     predictions = model.propagate(stack, [i for i, _ in args.prompt], prompt_masks,
                                   annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
-                                  batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=_intensity(args))
+                                  batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=_intensity(args),
+                                  ensemble=args.ensemble)
     todo = depth - len(annotations)
     found = {}
     for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):

@@ -20,6 +20,7 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
+from .ensembles import groups, stitch_examples, tile_size
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
 from .vocabulary import AUTO_MODEL, SEG_TYPES
 
@@ -158,11 +159,14 @@ class SegGPT:
         return torch.stack(out)
 
     def prepare_prompts(self, prompt_images, prompt_masks=None, intensity_range=None, label_ids=None,
-                        code: ColorCode | None = None) -> PromptSet:
+                        code: ColorCode | None = None, ensemble: str = "feature") -> PromptSet:
         """Read, check, colour and resize a list of example pairs (or tuned prompts) once.
 
         The PromptSet can be passed to `segment`/`iter_segment` again and again in place of the pairs.
         code: the colour code to use (default: one made for these masks and `label_ids`).
+        ensemble: how several examples meet the prompt half (ensembles.py): "feature" (one prompt row
+        each, Painter's feature ensemble), "spatial" (all stitched into one canvas, a g x g grid),
+        "both" (canvases of 4 examples, combined by the feature ensemble). One example: all the same.
         """
         images, masks = as_list(prompt_images), as_list(prompt_masks)
         if not images:
@@ -188,14 +192,21 @@ class SegGPT:
         prompt_images_t = [t.image.to(self.device, self.dtype) for t in tuned]
         prompt_masks_t = [t.mask.to(self.device, self.dtype) for t in tuned]
         if pairs:
-            prompt_images_t += list(self.encode_images([rgb for rgb, _, _ in pairs]))
-            prompt_masks_t += list(self.encode_images([code.encode(m, name=f"{name} mask") for _, m, name in pairs],
-                                                        nearest=True))
+            rgbs = [rgb for rgb, _, _ in pairs]
+            colour_masks = [code.encode(m, name=f"{name} mask") for _, m, name in pairs]
+            layout = groups(len(pairs), ensemble)
+            if len(layout) < len(pairs):  # examples stitched side by side into canvases of the model's size
+                canvases = [stitch_examples([rgbs[k] for k in g], [colour_masks[k] for k in g], self.input_size)
+                            if len(g) > 1 else (rgbs[g[0]], colour_masks[g[0]]) for g in layout]
+                rgbs, colour_masks = [c[0] for c in canvases], [c[1] for c in canvases]
+            prompt_images_t += list(self.encode_images(rgbs))
+            prompt_masks_t += list(self.encode_images(colour_masks, nearest=True))
         for t in tuned:
             if tuple(t.image.shape[-2:]) != self.input_size:
                 raise InputError(f"tuned prompt of size {tuple(t.image.shape[-2:])} does not fit this model's "
                                  f"input size {self.input_size}")
-        return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code)
+        return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
+                         tuple(rgb.shape[:2] for rgb, _, _ in pairs))
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:
@@ -288,23 +299,26 @@ class SegGPT:
     # ------------------------------------------------------------------------------------- segment
 
     def segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
-                seg_type: str = "instance", intensity_range=None, label_ids=None,
-                with_painting: bool = False) -> list[Prediction]:
+                seg_type: str = "instance", intensity_range=None, label_ids=None, with_painting: bool = False,
+                ensemble: str = "feature", tile=None, halo: int = 32) -> list[Prediction]:
         """Segment one or many target images from example pairs; returns one Prediction per target.
 
         prompt_images/prompt_masks: one pair, a list of pairs shared by all targets, or a list of such
         lists, one per target. A tuned prompt (TunedPrompt or its .safetensors path) can stand in for a
         pair (its mask entry is left out). A PromptSet from `prepare_prompts` (or a list of them, one per
         target) stands for prepared pairs: prepare once, segment many times. Several prompts for a target
-        use Painter's feature ensemble. with_painting: also return the model's raw RGB painting.
+        use Painter's feature ensemble, or the paper's spatial ensemble (`ensemble`, see prepare_prompts).
+        tile: (h, w) pixels (or one number, or "auto": the examples' own size): large targets are cut into
+        tiles of that size overlapping by `halo` pixels, segmented at that scale and stitched back.
+        with_painting: also return the model's raw RGB painting.
         """
         return list(self.iter_segment(images, prompt_images, prompt_masks, batch_size=batch_size,
                                       seg_type=seg_type, intensity_range=intensity_range, label_ids=label_ids,
-                                      with_painting=with_painting))
+                                      with_painting=with_painting, ensemble=ensemble, tile=tile, halo=halo))
 
     def iter_segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
-                     seg_type: str = "instance", intensity_range=None, label_ids=None,
-                     with_painting: bool = False) -> Iterator[Prediction]:
+                     seg_type: str = "instance", intensity_range=None, label_ids=None, with_painting: bool = False,
+                     ensemble: str = "feature", tile=None, halo: int = 32) -> Iterator[Prediction]:
         """As `segment`, yielding each Prediction as soon as its batch is done (for progress and cancel)."""
         targets = as_list(images) if not isinstance(images, np.ndarray) else [images]
         if not targets:
@@ -313,29 +327,81 @@ class SegGPT:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if seg_type not in SEG_TYPES:
             raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
-        prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids)
+        tile = tile_size(tile, halo)
+        prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids,
+                                            ensemble)
+        name = lambda i: f"target {i}" + (  # noqa: E731
+            f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")
+        if tile is not None:
+            yield from self._iter_tiled(targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range,
+                                        with_painting, name)
+            return
         for start in range(0, len(targets), batch_size):
             chunk = range(start, min(start + batch_size, len(targets)))
-            rgbs = [to_rgb8(targets[i], intensity_range, name=f"target {i}" + (
-                f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")) for i in chunk]
+            rgbs = [to_rgb8(targets[i], intensity_range, name=name(i)) for i in chunk]
             paintings = self.paint_targets(self.encode_images(rgbs), [prompt_sets[i] for i in chunk], seg_type)
             yield from self.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs],
                                            [prompt_sets[i].code for i in chunk], list(chunk), with_painting)
 
-    def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids):
+    def _iter_tiled(self, targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range, with_painting,
+                    name) -> Iterator[Prediction]:
+        """Tiles of every target in batches of `batch_size` (tiles of several targets share a batch); each
+        target's Prediction is stitched and yielded as soon as its last tile is done."""
+        from .ensembles import Stitcher, Tile, auto_tile, tile_grid
+
+        def pieces():  # (target, its shape, tile count, tile, crop), one target read at a time
+            for i, target in enumerate(targets):
+                rgb = to_rgb8(target, intensity_range, name=name(i))
+                size = auto_tile(prompt_sets[i].sizes, rgb.shape) if tile == "auto" else tile
+                height, width = rgb.shape[:2]
+                grid = tile_grid(rgb.shape, size, halo) if size else [Tile((0, height, 0, width),
+                                                                           (0, height, 0, width))]
+                for part in grid:
+                    yield i, rgb.shape[:2], len(grid), part, np.ascontiguousarray(rgb[part.slices])
+
+        stitchers: dict[int, tuple[Stitcher, int]] = {}
+        batch: list = []
+
+        def flush():
+            crops = [piece[4] for piece in batch]
+            paintings = self.paint_targets(self.encode_images(crops), [prompt_sets[p[0]] for p in batch], seg_type)
+            predictions = self.to_predictions(paintings, [c.shape[:2] for c in crops],
+                                              [prompt_sets[p[0]].code for p in batch], [p[0] for p in batch],
+                                              with_painting)
+            for (i, shape, count, part, _), pred in zip(batch, predictions):
+                stitcher, done = stitchers.get(i) or (Stitcher(shape, pred.labels.dtype, with_painting), 0)
+                stitcher.add(part, pred.labels, pred.scores, pred.painting)
+                stitchers[i] = (stitcher, done + 1)
+                if done + 1 == count:
+                    labels, scores = stitcher.result()
+                    del stitchers[i]
+                    yield Prediction(labels=labels, scores=scores, painting=stitcher.painting, index=i,
+                                     colors=pred.colors)
+            batch.clear()
+
+        for piece in pieces():
+            batch.append(piece)
+            if len(batch) == batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+    def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
+                         ensemble="feature"):
         """One PromptSet per target, each distinct set prepared once."""
         if isinstance(prompt_images, PromptSet):
             return [prompt_images] * num_targets
         images = as_list(prompt_images)
         per_target = bool(images) and isinstance(images[0], (list, tuple, PromptSet))
         if not per_target:
-            shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids)
+            shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids, ensemble=ensemble)
             return [shared] * num_targets
         masks = as_list(prompt_masks) or [None] * len(images)
         if len(images) != num_targets or len(masks) != num_targets:
             raise InputError(f"per-target prompts: got {len(images)} prompt lists and {len(masks)} mask lists "
                              f"for {num_targets} targets")
-        return [i if isinstance(i, PromptSet) else self.prepare_prompts(i, m, intensity_range, label_ids)
+        return [i if isinstance(i, PromptSet) else self.prepare_prompts(i, m, intensity_range, label_ids,
+                                                                        ensemble=ensemble)
                 for i, m in zip(images, masks)]
 
     # ----------------------------------------------------------------------------------- propagate
@@ -343,16 +409,17 @@ class SegGPT:
     def propagate(self, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
                   annotations: dict[int, Any] | None = None, max_prompts: int | None = None,
                   batch_size: int = 8, seg_type: str = "instance", intensity_range=None,
-                  label_ids=None) -> Iterator[Prediction]:
+                  label_ids=None, ensemble: str = "feature") -> Iterator[Prediction]:
         """Propagate masks through a stack or video; yields one Prediction per frame that is not annotated.
 
         Prompts are fixed: the given example pairs and/or `annotations` ({frame index: mask}) inside the
         stack. The last `memory` predicted frames of each run join as extra prompts (a FIFO, as Painter's
         video cache) in the same colours, so each object keeps its id. With annotations, runs go outward in
-        both directions from the annotated frames; without, frames are processed in order.
+        both directions from the annotated frames; without, frames are processed in order. `ensemble`
+        (see prepare_prompts) arranges the fixed examples; the memory frames join as feature prompts.
         """
         from .propagation import propagate
 
         return propagate(self, frames, prompt_images, prompt_masks, memory=memory, annotations=annotations,
                          max_prompts=max_prompts, batch_size=batch_size, seg_type=seg_type,
-                         intensity_range=intensity_range, label_ids=label_ids)
+                         intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble)

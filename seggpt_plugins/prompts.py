@@ -46,6 +46,7 @@ class PromptSet:
     images: Any  # (P, 3, h, w) normalised, model dtype
     masks: Any  # (P, 3, h, w) normalised, model dtype
     code: ColorCode
+    sizes: tuple = ()  # (H, W) of each example as given: the scale at which "auto" tiles a target
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -54,20 +55,21 @@ class PromptSet:
         """This set with more prompt rows (P', 3, h, w) after its own, in the same colour code."""
         import torch
 
-        return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code)
+        return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
         if count is None or count >= len(self):
             return self
-        return PromptSet(self.images[:count], self.masks[:count], self.code)
+        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes)
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
         """The prompts of several sets in one (they must share a colour code)."""
         import torch
 
-        return PromptSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), sets[0].code)
+        return PromptSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), sets[0].code,
+                         tuple(size for s in sets for size in s.sizes))
 
 
 @dataclass

@@ -60,7 +60,7 @@ def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, f
 
 def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
               annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
-              seg_type: str = "instance", intensity_range=None, label_ids=None) -> Iterator:
+              seg_type: str = "instance", intensity_range=None, label_ids=None, ensemble: str = "feature") -> Iterator:
     """See SegGPT.propagate. Drives the model through its public steps only (encode_images, paint_targets,
     to_predictions), so this module does not import the engine."""
     num_frames = len(frames)
@@ -92,8 +92,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
     code = None
     if not any(is_tuned(p) for p in external_images):
         code = model.color_code([], external_masks + list(annotation_masks.values()), label_ids)
-    external = model.prepare_prompts(external_images, external_masks, intensity_range, code=code) \
-        if external_images else None
+    external = model.prepare_prompts(external_images, external_masks, intensity_range, code=code,
+                                     ensemble=ensemble) if external_images else None
     code = external.code if external is not None else code
     annotated = {i: model.prepare_prompts([frames[i]], [m], intensity_range, code=code)
                  for i, m in annotation_masks.items()}
@@ -101,8 +101,13 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
     runs = plan_runs(num_frames, annotated)
     for run in runs:
         nearby = nearest(annotated, run.origin, None) if run.origin is not None else []
-        sets = ([external] if external is not None else []) + [annotated[i] for i in nearby]
-        run.fixed = PromptSet.concat(sets).first(max_prompts)
+        if ensemble == "feature" or not nearby:
+            sets = ([external] if external is not None else []) + [annotated[i] for i in nearby]
+            run.fixed = PromptSet.concat(sets).first(max_prompts)
+        else:  # the examples of this run stitched together (at most max_prompts of them)
+            examples = (external_images + [frames[i] for i in nearby])[:max_prompts]
+            masks = (external_masks + [annotation_masks[i] for i in nearby])[:max_prompts]
+            run.fixed = model.prepare_prompts(examples, masks, intensity_range, code=code, ensemble=ensemble)
         run.memory = deque(maxlen=memory)
 
     while True:

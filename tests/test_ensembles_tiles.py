@@ -1,0 +1,171 @@
+"""Context ensembles and tiles (issue 14): the spatial canvas, the K = 1 identity, tiling and stitching."""
+
+import numpy as np
+import pytest
+
+from seggpt_plugins.ensembles import Stitcher, cells, grid_side, groups, stitch_examples, tile_grid
+from seggpt_plugins.errors import InputError
+from seggpt_plugins.instances import find_instances
+
+
+def test_spatial_canvas_puts_each_example_in_its_cell_with_exact_colours(rng):
+    size = (64, 64)
+    images = [np.full((40, 50, 3), 10 * (k + 1), np.uint8) for k in range(5)]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    masks = []
+    for colour in colours:
+        mask = np.zeros((40, 50, 3), np.uint8)
+        mask[10:30, 10:40] = colour
+        masks.append(mask)
+    image_canvas, mask_canvas = stitch_examples(images, masks, size)
+    assert grid_side(5) == 3
+    grid = cells(size, 3)
+    for k, (r0, r1, c0, c1) in enumerate(grid):
+        cell_image, cell_mask = image_canvas[r0:r1, c0:c1], mask_canvas[r0:r1, c0:c1]
+        if k < 5:
+            assert np.all(cell_image == 10 * (k + 1))  # example k, and nothing else, in cell k
+            found = {tuple(c) for c in cell_mask.reshape(-1, 3)}
+            assert found == {(0, 0, 0), colours[k]}  # nearest resize: no blended colours
+        else:
+            assert not cell_image.any() and not cell_mask.any()  # cells past K are empty background
+    assert sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in grid) == 64 * 64
+
+
+def test_groups_of_each_ensemble():
+    assert groups(16, "feature") == [[k] for k in range(16)]
+    assert groups(16, "spatial") == [list(range(16))]
+    assert groups(16, "both") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert groups(1, "spatial") == groups(1, "both") == [[0]]
+    with pytest.raises(InputError, match="ensemble"):
+        groups(3, "mosaic")
+
+
+def test_one_example_is_the_same_forward_whatever_the_ensemble(model64, rng):
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 10:30] = 2
+    targets = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8) for _ in range(3)]
+    feature = model64.segment(targets, image, mask, with_painting=True)
+    for ensemble in ("spatial", "both"):
+        other = model64.segment(targets, image, mask, ensemble=ensemble, with_painting=True)
+        for a, b in zip(feature, other):
+            assert np.array_equal(a.painting, b.painting) and np.array_equal(a.labels, b.labels)
+
+
+def test_spatial_prompts_are_batch_invariant(model64, rng):
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    masks = [(rng.random((64, 64)) > 0.6).astype(np.uint8) for _ in range(4)]
+    targets = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    prompts = model64.prepare_prompts(images, masks, ensemble="spatial")
+    assert len(prompts) == 1  # four examples, one prompt canvas
+    together = model64.segment(targets, prompts, batch_size=5, with_painting=True)
+    alone = [model64.segment(t, prompts, with_painting=True)[0] for t in targets]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a.painting.astype(int), b.painting.astype(int), atol=1)
+    assert len(model64.prepare_prompts(images * 4, masks * 4, ensemble="both")) == 4
+
+
+def test_tile_grid_cores_cover_the_image_once():
+    for shape in [(64, 64), (100, 300), (513, 257)]:
+        grid = tile_grid(shape, (64, 80), 8)
+        count = np.zeros(shape, int)
+        for tile in grid:
+            r0, r1, c0, c1 = tile.box
+            a, b, c, d = tile.core
+            assert r0 <= a < b <= r1 and c0 <= c < d <= c1
+            assert r1 - r0 == min(64, shape[0]) and c1 - c0 == min(80, shape[1])  # every window the same size
+            count[a:b, c:d] += 1
+        assert np.all(count == 1)
+    with pytest.raises(InputError, match="halo"):
+        tile_grid((100, 100), (16, 16), 8)
+
+
+def test_tiled_image_of_known_tiles_gives_each_tile_alone_away_from_borders(model64, rng):
+    """A 128x128 mosaic of four 64x64 images, tiled at 64 with a halo: where a window is exactly one
+    image of the mosaic, the labels equal that image segmented alone."""
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = (rng.random((64, 64)) > 0.5).astype(np.uint8) * 3
+    parts = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    mosaic = np.concatenate([np.concatenate(parts[:2], 1), np.concatenate(parts[2:], 1)], 0)
+    tiled = model64.segment(mosaic, image, mask, tile=64, halo=8, batch_size=3)[0]
+    alone = model64.segment(parts, image, mask)
+    assert tiled.labels.shape == (128, 128) and tiled.scores.shape == (128, 128)
+    grid = tile_grid((128, 128), (64, 64), 8)
+    for tile in grid:
+        r0, r1, c0, c1 = tile.box
+        if r0 % 64 or c0 % 64:
+            continue  # a window across images: compared nowhere
+        a, b, c, d = tile.core
+        part = alone[(r0 // 64) * 2 + c0 // 64]
+        assert np.array_equal(tiled.labels[a:b, c:d], part.labels[a - r0:b - r0, c - c0:d - c0])
+    assert 0 <= tiled.scores.min() and tiled.scores.max() <= 1
+
+
+def test_an_object_across_a_tile_border_is_one_object():
+    stitch = Stitcher((60, 120), np.uint8)
+    yy, xx = np.mgrid[:60, :120]
+    disc = ((yy - 30) ** 2 + (xx - 60) ** 2) <= 15 ** 2  # centred on the border between the two cores
+    for tile in tile_grid((60, 120), (60, 72), 6):
+        r0, r1, c0, c1 = tile.box
+        stitch.add(tile, disc[r0:r1, c0:c1].astype(np.uint8), np.ones((r1 - r0, c1 - c0), np.float32))
+    labels, scores = stitch.result()
+    assert np.array_equal(labels > 0, disc) and np.allclose(scores, 1)
+    assert len(find_instances(labels)) == 1
+
+
+def test_memory_is_bounded_by_the_batch_not_the_image(model64, rng, monkeypatch):
+    """A large target goes through the model batch_size tiles at a time."""
+    seen = []
+    original = model64.encode_images
+
+    def spy(rgbs, nearest=False):
+        if not nearest:
+            seen.append(len(rgbs))
+        return original(rgbs, nearest)
+
+    monkeypatch.setattr(model64, "encode_images", spy)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = (rng.random((64, 64)) > 0.5).astype(np.uint8)
+    big = rng.integers(0, 256, (600, 700, 3), dtype=np.uint8)
+    pred = model64.segment(big, image, mask, tile="auto", halo=8, batch_size=4)[0]
+    assert pred.labels.shape == (600, 700)
+    assert max(seen[1:]) <= 4 and sum(seen[1:]) == len(tile_grid((600, 700), (64, 64), 8))
+
+
+def test_bad_tile_settings_are_refused(model64, rng):
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.ones((64, 64), np.uint8)
+    for tile, halo, words in [((64,), 8, "tile must be"), (64, 40, "no core"), ("big", 8, "tile must be"),
+                              (64, -1, "halo")]:
+        with pytest.raises(InputError, match=words):
+            model64.segment(image, image, mask, tile=tile, halo=halo)
+
+
+def test_cli_tiles_a_large_image_at_the_examples_scale(tmp_path, nuclei2d):
+    """The full 512x512 nuclei image with a 128x128 example: tiled (--tile auto) it is segmented at the
+    example's scale; downscaled to the demo model's 128x128 canvas, the nuclei vanish."""
+    import subprocess
+    import sys
+
+    import tifffile
+    from PIL import Image
+
+    image, truth = nuclei2d
+    tifffile.imwrite(tmp_path / "field.tif", image)
+    tifffile.imwrite(tmp_path / "example.tif", image[:128, :128])
+    Image.fromarray((truth[:128, :128] > 0).astype(np.uint8)).save(tmp_path / "example_mask.png")
+    ious = {}
+    for name, extra in {"tiled": ["--tile", "auto", "--halo", "16"], "downscaled": []}.items():
+        result = subprocess.run([sys.executable, "-m", "seggpt_plugins.cli", "segment", "--model", "demo",
+                                 "--prompt", str(tmp_path / "example.tif"), str(tmp_path / "example_mask.png"),
+                                 str(tmp_path / "field.tif"), "--out", str(tmp_path / name), *extra],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        labels = np.asarray(Image.open(tmp_path / name / "field_labels.png")) > 0
+        assert labels.shape == (512, 512)
+        ious[name] = (labels & (truth > 0)).sum() / (labels | (truth > 0)).sum()
+    assert ious["tiled"] > 0.5 and ious["tiled"] > ious["downscaled"] + 0.2, ious
+    bad = subprocess.run([sys.executable, "-m", "seggpt_plugins.cli", "segment", "--model", "demo", "--prompt",
+                          str(tmp_path / "example.tif"), str(tmp_path / "example_mask.png"), str(tmp_path / "field.tif"),
+                          "--out", str(tmp_path / "bad"), "--tile", "64", "--halo", "40"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no core" in bad.stderr and "loaded SegGPT" not in bad.stderr
