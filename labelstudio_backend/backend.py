@@ -93,6 +93,7 @@ class SegGPTBackend:
         self.prefer = POLYGON if params.get("prefer") == "polygon" else BRUSH
         self.min_area = params.get("min_area", self.settings.min_area)
         self.polygon_tolerance = params.get("polygon_tolerance", self.settings.polygon_tolerance)
+        self.objects = params.get("objects", False)
         self.params = params
         self.budget = PixelBudget(self.settings.max_request_pixels)  # decoded pixels this request holds at once
         self.deadline: float | None = None  # time.monotonic() by which predict() answers
@@ -285,7 +286,7 @@ class SegGPTBackend:
                             prediction.labels[unseen] = 0
                         outcomes[target.index].regions.extend(prediction_to_results(
                             prediction.labels, prediction.scores, view, prefer=self.prefer, min_area=self.min_area,
-                            tolerance=self.polygon_tolerance))
+                            tolerance=self.polygon_tolerance, objects=self.objects))
                         outcomes[target.index].scores.append(prediction.confidence if prediction.labels.any() else 0.0)
             finally:  # this chunk's images are let go
                 for rgb in images:

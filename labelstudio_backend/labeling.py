@@ -226,36 +226,48 @@ def mask_to_polygons(binary: np.ndarray, tolerance: float = 1.0, min_area: int =
 
 
 def prediction_to_results(labels: np.ndarray, scores: np.ndarray, view: View, *, prefer: str = BRUSH,
-                          min_area: int = 10, tolerance: float = 1.0) -> list[dict]:
+                          min_area: int = 10, tolerance: float = 1.0, objects: bool = False) -> list[dict]:
     """Label Studio result regions for one view's predicted label map (ids as in `view.label_ids`).
 
-    Brush: one region per label (its whole mask, RLE). Polygon: one region per connected part.
-    Each region carries the mean confidence of its pixels as `score`.
+    Brush: one region per label (its whole mask, RLE), or with `objects` one per object. Polygon: one
+    region per connected part, or with `objects` one per object. Objects are the core's
+    (`instances.find_instances`: parts under `min_area` join the object they touch, touching objects
+    split). Each region carries the mean confidence of its pixels as `score`.
     """
     from label_studio_sdk.converter.brush import mask2rle
 
+    from seggpt_plugins.instances import find_instances
+
     height, width = labels.shape
     regions = []
-    for name, label_id in view.label_ids.items():
-        binary = without_small_parts(labels == label_id, min_area)
-        if not binary.any():
+    if objects:
+        found = find_instances(labels, scores, min_area=min_area, split_touching=True)
+        parts = [(obj.class_id, found.map == obj.id, obj.score) for obj in found.objects]
+    else:
+        parts = [(label_id, without_small_parts(labels == label_id, min_area), None)
+                 for label_id in view.label_ids.values()]
+    names = {label_id: name for name, label_id in view.label_ids.items()}
+    for label_id, binary, score in parts:
+        name = names.get(int(label_id))
+        if name is None or not binary.any():
             continue
         control = view.control_for(name, prefer)
         base = {"from_name": control.name, "to_name": view.image_name, "type": control.kind,
                 "original_width": int(width), "original_height": int(height), "image_rotation": 0}
         if control.kind == BRUSH:
-            regions.append(dict(base, id=_new_id(), score=round(float(scores[binary].mean()), 4),
+            regions.append(dict(base, id=_new_id(), score=round(float(scores[binary].mean() if score is None
+                                                                          else score), 4),
                                 value={"format": "rle", "rle": mask2rle(binary.astype(np.uint8) * 255),
                                        BRUSH: [name]}))
             continue
         import cv2
 
-        for polygon in mask_to_polygons(binary, tolerance=tolerance, min_area=min_area):
+        for polygon in mask_to_polygons(binary, tolerance=tolerance, min_area=0 if objects else min_area):
             part = np.zeros(binary.shape, np.uint8)
             cv2.fillPoly(part, [np.round(polygon).astype(np.int32)], 1)
             inside = part.astype(bool) & binary
-            score = float(scores[inside].mean()) if inside.any() else 0.0
-            regions.append(dict(base, id=_new_id(), score=round(score, 4),
+            part_score = float(scores[inside].mean()) if inside.any() else 0.0
+            regions.append(dict(base, id=_new_id(), score=round(part_score, 4),
                                 value={"points": pixels_to_points(polygon, (height, width)), "closed": True,
                                        POLYGON: [name]}))
     return regions

@@ -18,6 +18,8 @@ PARAMS = {  # extra_params a project may set in its ML backend connection, with 
     "prefer": "'brush' or 'polygon': the output of a label that both kinds of control have",
     "min_area": "predicted parts smaller than this many pixels are dropped",
     "polygon_tolerance": "polygon simplification in pixels (0: every contour pixel)",
+    "objects": "true: one region per object (brush and polygon), touching objects split; false: one brush "
+               "region per label",
 }
 
 
@@ -100,4 +102,8 @@ def check_params(extra) -> dict:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
             raise RequestError(f"extra_params.polygon_tolerance must be a number from 0 to 100, got {value!r:.40}")
         params["polygon_tolerance"] = float(value)
+    if extra.get("objects") is not None:
+        if not isinstance(extra["objects"], bool):
+            raise RequestError(f"extra_params.objects must be true or false, got {extra['objects']!r:.40}")
+        params["objects"] = extra["objects"]
     return params

@@ -341,6 +341,30 @@ def test_brush_masks_round_trip_through_the_sdk_rle(tiles):
     assert np.array_equal(annotation_to_mask(regions, view, labels.shape), labels)
 
 
+def test_objects_give_one_region_per_object():
+    """extra_params.objects: one brush (or polygon) region per object, touching objects split (issue 13)."""
+    (view,) = parse_label_config(BRUSH_CONFIG).views
+    yy, xx = np.mgrid[:80, :120]
+    labels = np.zeros((80, 120), np.uint8)
+    for cy, cx in [(40, 30), (40, 56), (40, 95)]:  # the first two touch
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 14 ** 2] = 1
+    scores = np.full(labels.shape, 0.5, np.float32)
+    assert len(prediction_to_results(labels, scores, view, min_area=10)) == 1
+    per_object = prediction_to_results(labels, scores, view, min_area=10, objects=True)
+    assert len(per_object) == 3 and all(r["value"]["brushlabels"] == ["Nucleus"] for r in per_object)
+    union = np.zeros(labels.shape, bool)
+    for region in per_object:
+        mask = decode_brush(region)
+        assert not (union & mask).any()
+        union |= mask
+    assert np.array_equal(union, labels > 0)
+    (polygons,) = parse_label_config(POLYGON_CONFIG).views
+    assert len(prediction_to_results(labels, scores, polygons, min_area=10, objects=True)) == 3
+    assert check_params({"objects": True}) == {"objects": True}
+    with pytest.raises(RequestError, match="objects"):
+        check_params({"objects": "yes"})
+
+
 def test_annotation_masks_are_resized_to_the_image_and_unknown_labels_skipped(tiles):
     (view,) = parse_label_config(BRUSH_CONFIG).views
     small = np.zeros((64, 64), bool)
