@@ -19,7 +19,9 @@ ENV_HELP = """environment (used when the flag is not given):
   SEGGPT_SERVER_NAMES     comma-separated names this backend is reached by (as --server-name)
   SEGGPT_STATE_DIR        where project settings and references persist (as --state-dir)
   SEGGPT_MAX_PROMPTS, SEGGPT_BATCH_SIZE, SEGGPT_PREDICT_TIMEOUT, SEGGPT_MAX_REFERENCES, SEGGPT_CACHE_MB,
-  SEGGPT_MAX_DOWNLOAD_MB, SEGGPT_MAX_IMAGE_PIXELS, SEGGPT_MIN_AREA, SEGGPT_POLYGON_TOLERANCE
+  SEGGPT_MAX_DOWNLOAD_MB, SEGGPT_MAX_IMAGE_PIXELS, SEGGPT_MIN_AREA, SEGGPT_POLYGON_TOLERANCE,
+  SEGGPT_ENSEMBLE (feature, spatial, both), SEGGPT_TILE (pixels or auto), SEGGPT_HALO: defaults of the
+  extra_params of the same names
 
 Label Studio side, for a backend on the same machine: SSRF_PROTECTION_ENABLED=false ML_BLOCK_LOCAL_IP=false;
 a prediction call is cut after ML_TIMEOUT_PREDICT seconds (default 100)."""
@@ -96,7 +98,7 @@ def cmd_serve(args) -> int:
         import gunicorn  # noqa: F401
         import label_studio_sdk  # noqa: F401
     except ImportError as exc:
-        return fail(f"{exc.name} is missing; install the extra: pip install 'seggpt-plugins[labelstudio]'")
+        return fail(f"{exc.name} is missing; install the extra (pip install -e '.[labelstudio]' in a clone of seggpt-plugins)")
     try:
         settings = Settings.from_env(
             label_studio_url=args.label_studio_url, api_key=args.api_key, model=args.model, device=args.device,

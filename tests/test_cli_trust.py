@@ -193,3 +193,19 @@ def test_licences_ship_with_the_repository_and_the_sample_data():
     assert "MIT" in (ROOT / "LICENSE").read_text()
     samples = ROOT / "seggpt_plugins" / "demo" / "samples"
     assert "Redistribution and use in source and binary forms" in (samples / "LICENSE-stardist.txt").read_text()
+
+
+def test_palette_images_from_bytes_are_rgb_and_palette_masks_keep_ids():
+    """The adapters decode downloads and dataset files through the core: the same palette rule there."""
+    import io
+
+    from seggpt_plugins.images import decode_image
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:5, 2:5] = 7
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette([0, 0, 0] * 7 + [255, 0, 0] + [0, 0, 0] * 248)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue())[3, 3].tolist() == [255, 0, 0]
+    assert np.array_equal(decode_image(buffer.getvalue(), as_mask=True), labels)
