@@ -117,6 +117,18 @@ class PropagateLabels(foo.Operator):
               description="SegGPT's type token")
         field("batch_size", inputs.int, min=1, default=8, label="Batch size",
               description="Targets per forward pass")
+        ensembles = types.RadioGroup()
+        ensembles.add_choice("feature", label="feature", description="one prompt each, averaged (Painter's)")
+        ensembles.add_choice("spatial", label="spatial", description="prompts stitched into one canvas (the "
+                                                                     "SegGPT paper's spatial ensemble)")
+        ensembles.add_choice("both", label="both", description="canvases of 4 prompts, averaged")
+        field("ensemble", inputs.enum, values=ensembles.values(), view=ensembles, default="feature",
+              label="Ensemble", description="How several prompts meet the model")
+        field("tile", inputs.str, required=False, label="Tile",
+              description="Cut large targets into tiles of this many pixels (or 'auto': the prompts' size), "
+                          "segmented at that scale and stitched back. Empty: no tiling")
+        field("halo", inputs.int, min=0, default=32, label="Tile halo",
+              description="Pixels each tile overlaps its neighbours by (below half the tile)")
         field("model", inputs.str, default=AUTO_MODEL, label="Model",
               description="Hugging Face hub id, local transformers folder, Painter .pth checkpoint, 'demo', or "
                           "'auto' ($SEGGPT_MODEL, else the hub weights when cached here, else the demo model)")
@@ -262,18 +274,20 @@ class PropagateLabels(foo.Operator):
 
     def __call__(self, sample_collection, label_field, output_field=None, *, prompt_tag=None, max_prompts=4,
                  embedding_type=None, batch_size=8, model=AUTO_MODEL, device=None, mask_dir=None,
-                 skip_existing=True, num_shards=1, gt_field=None, overwrite_field=False, view_target=None,
-                 selected=None, delegate=False):
+                 skip_existing=True, num_shards=1, gt_field=None, overwrite_field=False, ensemble=None,
+                 tile=None, halo=None, view_target=None, selected=None, delegate=False):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does).
 
         view_target: a `fiftyone.operators.constants.ViewTarget` value (default: the given collection);
         selected: sample ids playing the App's selection; delegate: queue instead of running now.
+        ensemble ("feature", "spatial", "both"), tile (pixels or "auto") and halo: see the core's segment.
         Returns the `ExecutionResult` (for a delegated run, `.result` describes the queued operation).
         """
         params = dict(label_field=label_field, output_field=output_field, prompt_tag=prompt_tag,
                       max_prompts=max_prompts, embedding_type=embedding_type, batch_size=batch_size, model=model,
                       device=device, mask_dir=mask_dir, skip_existing=skip_existing, num_shards=num_shards,
-                      gt_field=gt_field, overwrite_field=overwrite_field)
+                      gt_field=gt_field, overwrite_field=overwrite_field, ensemble=ensemble,
+                      tile=None if tile is None else str(tile), halo=halo)  # the form's tile is text
         params = {k: v for k, v in params.items() if v is not None}
         if view_target is not None:
             params["view_target"] = view_target

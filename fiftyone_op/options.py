@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from seggpt_plugins.ensembles import ENSEMBLES, tile_size
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
 
@@ -40,6 +41,9 @@ class Options:
     num_shards: int = 1
     gt_field: str | None = None
     overwrite_field: bool = False  # write into an existing output field that this operator did not create
+    ensemble: str = "feature"  # how several prompts meet the model (core ensembles.py): feature, spatial, both
+    tile: int | str | None = None  # large targets cut into tiles of this many pixels, or "auto"; None: no tiling
+    halo: int = 32  # pixels each tile overlaps its neighbours by
 
     @property
     def confidence_field(self) -> str:
@@ -100,12 +104,30 @@ class Options:
             if not os.path.isabs(mask_dir):
                 errors["mask_dir"] = (f"must be an absolute path that the App and every worker can reach, got "
                                       f"{mask_dir!r}")
+        ensemble = text("ensemble") or "feature"
+        if ensemble not in ENSEMBLES:
+            errors["ensemble"] = f"must be one of {ENSEMBLES}, got {ensemble!r}"
+        tile = params.get("tile")
+        if isinstance(tile, str):  # the App's text field: "", "auto" or a number
+            tile = tile.strip().lower()
+            tile = None if tile in ("", "0", "none", "off") else int(tile) if tile.isdecimal() else tile
+        if tile == 0 and not isinstance(tile, bool):
+            tile = None
+        if tile is not None and tile != "auto" and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 2):
+            errors["tile"] = f"expected 'auto' or a number of pixels >= 2 (empty or 0: no tiling), got {tile!r}"
+            tile = None
+        halo = integer("halo", 32, low=0)
+        if tile is not None and "halo" not in errors:
+            try:
+                tile_size(tile, halo)
+            except InputError as exc:
+                errors["halo"] = str(exc)
         opts = cls(label_field=label_field, output_field=output_field, prompt_tag=text("prompt_tag"),
                    max_prompts=integer("max_prompts", 4), embedding_type=embedding_type,
                    batch_size=integer("batch_size", 8), model=text("model") or AUTO_MODEL, device=device,
                    mask_dir=mask_dir, skip_existing=boolean("skip_existing", True),
                    num_shards=integer("num_shards", 1), gt_field=text("gt_field"),
-                   overwrite_field=boolean("overwrite_field", False))
+                   overwrite_field=boolean("overwrite_field", False), ensemble=ensemble, tile=tile, halo=halo)
         if errors:
             raise ParamError(errors)
         return opts

@@ -128,7 +128,7 @@ def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, c
         found = prepared.get(choice)
         if found is None:
             images, masks = pool.pairs(choice)
-            found = prepared[choice] = model.prepare_prompts(images, masks)
+            found = prepared[choice] = model.prepare_prompts(images, masks, ensemble=opts.ensemble)
         prepared.move_to_end(choice)
         while len(prepared) > PROMPT_SETS:
             prepared.popitem(last=False)
@@ -148,7 +148,8 @@ def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, c
         chosen = [pool.choose(image, opts.max_prompts) for image in images]
         sets = [prompt_set(c) for c in chosen]
         prompts = sets[0] if all(s is sets[0] for s in sets) else sets
-        for pred in model.iter_segment(images, prompts, batch_size=opts.batch_size, seg_type=seg_type):
+        for pred in model.iter_segment(images, prompts, batch_size=opts.batch_size, seg_type=seg_type,
+                                       tile=opts.tile, halo=opts.halo):
             sample_id = ids[pred.index]
             staged, info = codec.decode(pred)
             commit.stage(sample_id, staged, info, float(pred.confidence), [pool.keys[i] for i in chosen[pred.index]])

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from seggpt_plugins.ensembles import tile_size
+from seggpt_plugins.errors import InputError
+
 from .labeling import BRUSH, POLYGON, View, annotation_to_mask, parse_label_config, prediction_to_results
 from .media import MediaError, MediaFetcher, PixelBudget
 from .params import RequestError, task_id_of
@@ -94,6 +97,12 @@ class SegGPTBackend:
         self.min_area = params.get("min_area", self.settings.min_area)
         self.polygon_tolerance = params.get("polygon_tolerance", self.settings.polygon_tolerance)
         self.objects = params.get("objects", False)
+        self.ensemble = params.get("ensemble", self.settings.ensemble)
+        self.tile, self.halo = params.get("tile", self.settings.tile), params.get("halo", self.settings.halo)
+        try:  # a project's halo with the backend's SEGGPT_TILE (or its tile with SEGGPT_HALO)
+            tile_size(self.tile, self.halo)
+        except InputError as exc:
+            raise RequestError(f"extra_params.tile/halo (with SEGGPT_TILE/SEGGPT_HALO): {exc}") from None
         self.params = params
         self.budget = PixelBudget(self.settings.max_request_pixels)  # decoded pixels this request holds at once
         self.deadline: float | None = None  # time.monotonic() by which predict() answers
@@ -300,7 +309,8 @@ class SegGPTBackend:
             prompt_sets.move_to_end(choice)
             return prompt_sets[choice]
         images, masks = pool.pairs(choice)
-        prepared = model.prepare_prompts(images, masks, label_ids=list(view.label_ids.values()))
+        prepared = model.prepare_prompts(images, masks, label_ids=list(view.label_ids.values()),
+                                         ensemble=self.ensemble)
         shown = np.unique(np.concatenate([np.unique(m) for m in masks]))
         prompt_sets[choice] = (prepared, shown)
         while len(prompt_sets) > PROMPT_SETS_PER_REQUEST:
@@ -312,7 +322,7 @@ class SegGPTBackend:
         until the deadline. A batch that fails on bad input is retried target by target."""
         from seggpt_plugins import InputError
 
-        kwargs = dict(batch_size=self.settings.batch_size, seg_type=self.seg_type)
+        kwargs = dict(batch_size=self.settings.batch_size, seg_type=self.seg_type, tile=self.tile, halo=self.halo)
         if not self.services.inference_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return None
         try:

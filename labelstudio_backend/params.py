@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 
+from seggpt_plugins.ensembles import ENSEMBLES, tile_size
+from seggpt_plugins.errors import InputError
 from seggpt_plugins.vocabulary import SEG_TYPES
 
 MAX_PROJECT_ID = (1 << 63) - 1  # Label Studio's ids are 64-bit integers (and so are SQLite's)
@@ -20,7 +22,13 @@ PARAMS = {  # extra_params a project may set in its ML backend connection, with 
     "polygon_tolerance": "polygon simplification in pixels (0: every contour pixel)",
     "objects": "true: one region per object (brush and polygon), touching objects split; false: one brush "
                "region per label",
+    "ensemble": "how several references meet the model: " + ", ".join(repr(e) for e in ENSEMBLES)
+                + " (default 'feature')",
+    "tile": "large images are cut into tiles of this many pixels (or 'auto': the references' size), segmented "
+            "at that scale and stitched back (default: no tiling)",
+    "halo": "pixels each tile overlaps its neighbours by, below half the tile (default 32)",
 }
+MAX_TILE = 1 << 16
 
 
 class RequestError(ValueError):
@@ -106,4 +114,25 @@ def check_params(extra) -> dict:
         if not isinstance(extra["objects"], bool):
             raise RequestError(f"extra_params.objects must be true or false, got {extra['objects']!r:.40}")
         params["objects"] = extra["objects"]
+    if extra.get("ensemble") is not None:
+        if extra["ensemble"] not in ENSEMBLES:
+            raise RequestError(f"extra_params.ensemble must be one of {', '.join(map(repr, ENSEMBLES))}, "
+                               f"got {extra['ensemble']!r:.40}")
+        params["ensemble"] = extra["ensemble"]
+    if extra.get("tile") is not None:
+        value = extra["tile"]
+        if value != "auto" and (not _is_int(value) or not 2 <= value <= MAX_TILE):
+            raise RequestError(f"extra_params.tile must be 'auto' or a number of pixels from 2 to {MAX_TILE}, "
+                               f"got {value!r:.40}")
+        params["tile"] = value
+    if extra.get("halo") is not None:
+        value = extra["halo"]
+        if not _is_int(value) or not 0 <= value < MAX_TILE:
+            raise RequestError(f"extra_params.halo must be an integer >= 0 (pixels), got {value!r:.40}")
+        params["halo"] = value
+    if "tile" in params:
+        try:
+            tile_size(params["tile"], params.get("halo", 32))
+        except InputError as exc:
+            raise RequestError(f"extra_params.tile/halo: {exc}") from None
     return params

@@ -29,6 +29,19 @@ def _env_float(name: str, default: float) -> float:
         raise SystemExit(f"{name}={value!r}: expected a number") from None
 
 
+def _env_tile(name: str):
+    """A tile setting: None (unset, empty or 0: no tiling), "auto" or a number of pixels."""
+    value = (_env(name) or "").strip().lower()
+    if value in ("", "0", "none", "off"):
+        return None
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: expected 'auto' or a number of pixels") from None
+
+
 def _env_list(name: str) -> tuple:
     return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
 
@@ -53,6 +66,9 @@ class Settings:
     cache_mb: float = 1024.0  # SEGGPT_CACHE_MB: reference images and masks kept in memory per worker
     min_area: int = 10  # SEGGPT_MIN_AREA: smaller predicted parts are dropped (pixels)
     polygon_tolerance: float = 1.0  # SEGGPT_POLYGON_TOLERANCE: polygon simplification (pixels)
+    ensemble: str = "feature"  # SEGGPT_ENSEMBLE: feature, spatial or both (a project's extra_params override)
+    tile: int | str | None = None  # SEGGPT_TILE: tiles of this many pixels, or "auto"; None: no tiling
+    halo: int = 32  # SEGGPT_HALO: pixels each tile overlaps its neighbours by
     max_request_mb: float = 64.0  # SEGGPT_MAX_REQUEST_MB: largest /predict body (/webhook: a quarter, /setup: 1 MB)
     max_request_pixels: int = 1 << 27  # SEGGPT_MAX_REQUEST_PIXELS: decoded pixels one request holds at once (134 M)
     state_dir: str | None = None  # SEGGPT_STATE_DIR: project settings and references that survive restarts
@@ -81,6 +97,9 @@ class Settings:
             cache_mb=_env_float("SEGGPT_CACHE_MB", 1024.0),
             min_area=_env_int("SEGGPT_MIN_AREA", 10),
             polygon_tolerance=_env_float("SEGGPT_POLYGON_TOLERANCE", 1.0),
+            ensemble=_env("SEGGPT_ENSEMBLE", "feature"),
+            tile=_env_tile("SEGGPT_TILE"),
+            halo=_env_int("SEGGPT_HALO", 32),
             max_request_mb=_env_float("SEGGPT_MAX_REQUEST_MB", 64.0),
             max_request_pixels=_env_int("SEGGPT_MAX_REQUEST_PIXELS", 1 << 27),
             state_dir=_env("SEGGPT_STATE_DIR"),
@@ -102,6 +121,15 @@ class Settings:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.seg_type not in SEG_TYPES:
             problems.append(f"seg_type must be one of {SEG_TYPES}, got {self.seg_type!r}")
+        from seggpt_plugins.ensembles import ENSEMBLES, tile_size
+        from seggpt_plugins.errors import InputError
+
+        if self.ensemble not in ENSEMBLES:
+            problems.append(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        try:
+            tile_size(self.tile, self.halo)
+        except InputError as exc:
+            problems.append(f"SEGGPT_TILE/SEGGPT_HALO: {exc}")
         if self.predict_timeout <= 0:
             problems.append(f"predict_timeout must be > 0 seconds, got {self.predict_timeout}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

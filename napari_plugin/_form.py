@@ -20,6 +20,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from seggpt_plugins.ensembles import ENSEMBLES
 from seggpt_plugins.vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV, SEG_TYPES
 
 #: The device field's choices; "auto" picks CUDA, then Apple MPS, then the CPU (loading.pick_device).
@@ -84,6 +85,17 @@ def build_form(w: Container) -> None:
                            tooltip="SegGPT's task token: instance (objects) or semantic (classes).")
     w._batch = SpinBox(label="Batch size", min=1, max=256, value=8,
                        tooltip="Slices per model call (more: faster on a GPU, more memory).")
+    w._ensemble = ComboBox(label="Ensemble", choices=list(ENSEMBLES), value=ENSEMBLES[0],
+                           tooltip="How several examples meet the model: feature (one prompt each, averaged), "
+                                   "spatial (stitched into one canvas, as the SegGPT paper) or both (canvases "
+                                   "of 4 examples, averaged).")
+    w._tile = SpinBox(min=0, max=16384, step=16, value=0,
+                      tooltip="Segment current slice / another image layer: cut large images into tiles of "
+                              "this many pixels, segmented at that scale and stitched back (0 = off).")
+    w._tile_auto = CheckBox(text="auto", value=False,
+                            tooltip="Tiles the size of the examples (large targets seen at the examples' scale).")
+    w._halo = SpinBox(label="Halo", min=0, max=4096, value=32,
+                      tooltip="Tiling: pixels each tile overlaps its neighbours by (below half the tile).")
     w._confidence = CheckBox(text="Confidence layer", value=False,
                              tooltip="Also write '<image> SegGPT confidence' (0..1 per pixel).")
     w._objects = CheckBox(text="One id per object", value=False,
@@ -96,7 +108,8 @@ def build_form(w: Container) -> None:
         w._segment_btn, w._propagate_btn, w._target, w._other_btn,
         _row("Progress", w._progress, w._cancel_btn), w._status, w._accept_btn,
         Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn), w._device, w._num_prompts,
-        w._memory, w._mode, w._batch, w._confidence, w._objects,
+        w._memory, w._mode, w._batch, w._ensemble, _row("Tile", w._tile, w._tile_auto), w._halo,
+        w._confidence, w._objects,
     ])
     w._status.native.setWordWrap(True)
     w._slices_info.native.setWordWrap(True)

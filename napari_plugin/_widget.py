@@ -26,6 +26,8 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from seggpt_plugins import loading
+from seggpt_plugins.ensembles import tile_size
+from seggpt_plugins.errors import InputError
 from seggpt_plugins.instances import StackTracker, annotated_objects
 from seggpt_plugins.prompts import nearest, spread
 
@@ -404,7 +406,17 @@ class SegGPTWidget(Container):
 
     def _model_options(self, layer) -> dict:
         """The settings every model call takes; `layer`'s contrast limits scale its planes."""
-        return dict(batch_size=self._batch.value, seg_type=self._mode.value, intensity_range=_intensity_range(layer))
+        return dict(batch_size=self._batch.value, seg_type=self._mode.value, intensity_range=_intensity_range(layer),
+                    ensemble=self._ensemble.value)
+
+    def _tile_options(self) -> dict:
+        """The tiling settings of the segment actions: tile None (off), "auto" or pixels, and the halo."""
+        tile = "auto" if self._tile_auto.value else (self._tile.value or None)
+        try:
+            tile_size(tile, self._halo.value)
+        except InputError as exc:
+            raise UserError(str(exc)) from None
+        return dict(tile=tile, halo=self._halo.value)
 
     def _current_slice_action(self) -> _Action:
         inputs = self._read_inputs()
@@ -420,7 +432,7 @@ class SegGPTWidget(Container):
         prompt_images = [inputs.images[i] for i in prompts]
         prompt_masks = [np.array(inputs.masks[i]) for i in prompts]
         planes, key = inputs.images, inputs.images.key(current)
-        options = self._model_options(inputs.image)
+        options = dict(self._model_options(inputs.image), **self._tile_options())
 
         def work(model):
             for pred in model.iter_segment(planes[current], prompt_images, prompt_masks, **options):
@@ -476,11 +488,12 @@ class SegGPTWidget(Container):
                 raise UserError(f"Every plane of '{target.name}' is annotated: nothing to segment.")
         # each layer is scaled by its own contrast limits, so examples and targets look as shown
         example_range = _intensity_range(inputs.image)
-        options = self._model_options(target)
-        batch = options["batch_size"]
+        options = dict(self._model_options(target), **self._tile_options())
+        ensemble, batch = options.pop("ensemble"), options["batch_size"]
 
         def work(model):
-            examples = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range)
+            examples = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range,
+                                             ensemble=ensemble)
             for start in range(0, len(keys), batch):  # read one batch of planes at a time (dask, zarr)
                 chunk = keys[start:start + batch]
                 for pred in model.iter_segment([np.asarray(data[k]) for k in chunk], examples, **options):

@@ -430,6 +430,73 @@ def test_each_target_uses_its_most_similar_prompts(dataset):
     assert used == [[i] for i in prompts.values("id")]
 
 
+def test_spatial_ensemble_and_tiles_reach_the_core(dataset, monkeypatch):
+    """ensemble, tile and halo (issue 14): prompts prepared as asked, targets segmented in tiles."""
+    import fiftyone.operators as foo
+
+    from seggpt_plugins.engine import SegGPT
+
+    calls = []
+    for name in ("prepare_prompts", "iter_segment"):
+        original = getattr(SegGPT, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, {k: kwargs[k] for k in ("ensemble", "tile", "halo") if k in kwargs}))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SegGPT, name, spy)
+    targets = dataset.match_tags("prompt", bool=False).limit(3)
+    result = run(targets, demo(label_field="labels", output_field="pred", prompt_tag="prompt", max_prompts=2,
+                               ensemble="spatial", tile="64", halo=8))  # the App's text field
+    assert result.error is None, result.error
+    assert ("prepare_prompts", {"ensemble": "spatial"}) in calls
+    assert ("iter_segment", {"tile": 64, "halo": 8}) in calls
+    dataset.reload()
+    assert dataset.count("pred") == 3
+    for path, pred in zip(*targets.values(["filepath", "pred"])):
+        mask = pred.get_mask()
+        assert mask.shape == image_of(path).shape[:2] == (TILE, TILE) and set(np.unique(mask)) <= {0, 1}
+    iou, _ = direct_iou(dataset, targets.values("id"), "pred", "gt")
+    assert iou[1] > 0.2, iou  # small tiles for the demo model: rougher, but the nuclei are found
+
+    calls.clear()  # from Python: tile as a number or "auto"
+    result = foo.get_operator(URI)(targets, "labels", "pred2", prompt_tag="prompt", max_prompts=2, model="demo",
+                                   device="cpu", ensemble="both", tile="auto")
+    assert result.error is None, result.error
+    assert ("prepare_prompts", {"ensemble": "both"}) in calls
+    assert ("iter_segment", {"tile": "auto", "halo": 32}) in calls
+    assert dataset.count("pred2") == 3
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"ensemble": "mean"}, "Path: ensemble. Reason: must be one of ('feature', 'spatial', 'both'), got 'mean'"),
+    ({"tile": "big"}, "Path: tile. Reason: expected 'auto' or a number of pixels >= 2"),
+    ({"tile": "1"}, "Path: tile. Reason: expected 'auto' or a number of pixels >= 2"),
+    ({"halo": -1}, "Path: halo. Reason: must be >= 0, got -1"),
+    ({"tile": "40", "halo": 20}, "Path: halo. Reason: a 40x40 tile with a halo of 20 leaves no core"),
+])
+def test_bad_ensemble_and_tile_are_refused(base, params, expected):
+    from seggpt_plugins.fiftyone.options import Options, ParamError
+
+    _fails(base.view(), demo(label_field="labels", output_field="out", **params), expected)
+    assert not base.has_field("out")
+    with pytest.raises(ParamError) as info:
+        Options.from_params({"label_field": "labels", **params})
+    assert set(info.value.errors) == {expected.split(".")[0].removeprefix("Path: ")}
+
+
+def test_ensemble_and_tile_options_default_to_feature_without_tiles():
+    from seggpt_plugins.fiftyone.options import Options
+
+    opts = Options.from_params({"label_field": "labels"})
+    assert (opts.ensemble, opts.tile, opts.halo) == ("feature", None, 32)
+    opts = Options.from_params({"label_field": "labels", "ensemble": "spatial", "tile": 256, "halo": 0})
+    assert (opts.ensemble, opts.tile, opts.halo) == ("spatial", 256, 0)
+    assert Options.from_params({"label_field": "labels", "tile": " Auto "}).tile == "auto"
+    assert Options.from_params({"label_field": "labels", "tile": ""}).tile is None
+    assert Options.from_params({"label_field": "labels", "tile": "0"}).tile is None
+
+
 # ---------------------------------------------------------------------------------- masks on disk
 
 

@@ -586,6 +586,87 @@ def test_predict_several_labels_keep_their_names_and_the_chosen_references(make_
     assert "-r2-" in response.json["model_version"]  # reference_task_ids: only tasks 1 and 2
 
 
+def test_predict_with_spatial_ensemble_and_tiles(make_client, fake_ls, tiles, monkeypatch):
+    """extra_params ensemble, tile and halo (issue 14) reach prepare_prompts and segment."""
+    from seggpt_plugins.engine import SegGPT
+
+    calls = []
+    for name in ("prepare_prompts", "segment"):
+        original = getattr(SegGPT, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, {k: kwargs[k] for k in ("ensemble", "tile", "halo") if k in kwargs}))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SegGPT, name, spy)
+    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, max_prompts=2)
+    for k in (0, 3):
+        fake_ls.add_task(7, tiles[k], annotation_result=[brush_region(tiles[k]["nuclei"], "Nucleus")])
+    target = fake_ls.add_task(7, tiles[5])
+    plain = client.post("/setup", json=setup_body()).json["model_version"]
+    setup = client.post("/setup", json=setup_body(extra_params={"ensemble": "spatial", "tile": 64, "halo": 8}))
+    assert setup.status_code == 200 and setup.json["model_version"] != plain
+    response = client.post("/predict", json=predict_body([target]))
+    assert response.status_code == 200, response.json
+    assert ("prepare_prompts", {"ensemble": "spatial"}) in calls
+    assert ("segment", {"tile": 64, "halo": 8}) in calls
+    (item,) = response.json["results"]
+    view = parse_label_config(BRUSH_CONFIG).views[0]
+    mask = annotation_to_mask(item["result"], view, (128, 128))
+    assert mask.shape == (128, 128) and iou(mask > 0, tiles[5]["nuclei"]) > 0.2  # small tiles: rougher
+
+    calls.clear()
+    client.post("/setup", json=setup_body(extra_params={"ensemble": "both", "tile": "auto"}))
+    response = client.post("/predict", json=predict_body([target]))
+    assert response.status_code == 200 and response.json["results"][0]["result"]
+    assert ("prepare_prompts", {"ensemble": "both"}) in calls and ("segment", {"tile": "auto", "halo": 32}) in calls
+    bad = client.post("/setup", json=setup_body(extra_params={"tile": 40, "halo": 20}))
+    assert bad.status_code == 400 and "halo" in bad.json["error"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"ensemble": "mean"}, "extra_params.ensemble must be one of 'feature', 'spatial', 'both'"),
+    ({"tile": "big"}, "extra_params.tile must be 'auto' or a number of pixels"),
+    ({"tile": 1}, "extra_params.tile must be 'auto' or a number of pixels"),
+    ({"tile": True}, "extra_params.tile must be"),
+    ({"tile": [64, 64]}, "extra_params.tile must be"),
+    ({"halo": -1}, "extra_params.halo must be an integer >= 0"),
+    ({"halo": 2.5}, "extra_params.halo must be"),
+    ({"tile": 48}, "extra_params.tile/halo: a 48x48 tile with a halo of 32 leaves no core"),
+    ({"tile": 64, "halo": 40}, "leaves no core"),
+])
+def test_ensemble_and_tile_params_are_checked(extra, message):
+    with pytest.raises(RequestError, match=message) as caught:
+        check_params(extra)
+    assert "\n" not in str(caught.value)
+
+
+def test_ensemble_and_tile_defaults_from_the_environment(monkeypatch):
+    assert (Settings().ensemble, Settings().tile, Settings().halo) == ("feature", None, 32)
+    monkeypatch.setenv("SEGGPT_ENSEMBLE", "spatial")
+    monkeypatch.setenv("SEGGPT_TILE", "auto")
+    monkeypatch.setenv("SEGGPT_HALO", "8")
+    settings = Settings.from_env()
+    assert (settings.ensemble, settings.tile, settings.halo) == ("spatial", "auto", 8)
+    monkeypatch.setenv("SEGGPT_TILE", "0")
+    assert Settings.from_env().tile is None
+    monkeypatch.setenv("SEGGPT_TILE", "12")
+    with pytest.raises(ValueError, match="SEGGPT_TILE/SEGGPT_HALO: a 12x12 tile with a halo of 8 leaves no core"):
+        Settings.from_env()
+    monkeypatch.setenv("SEGGPT_TILE", "512")
+    monkeypatch.setenv("SEGGPT_ENSEMBLE", "mean")
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        Settings.from_env()
+
+
+def test_ensemble_and_tile_params_accepted():
+    assert check_params({"ensemble": "spatial", "tile": 256, "halo": 16}) == {"ensemble": "spatial", "tile": 256,
+                                                                             "halo": 16}
+    assert check_params({"tile": "auto"}) == {"tile": "auto"} and check_params({"ensemble": "both"}) == {
+        "ensemble": "both"}
+    assert check_params({"halo": 0}) == {"halo": 0}
+
+
 def test_predict_polygons_and_both_controls(make_client, fake_ls, tiles):
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
     outline = [{"from_name": "outline", "to_name": "img", "type": "polygonlabels", "original_width": 128,

@@ -321,6 +321,70 @@ def test_segment_another_image_layer_stack(make_napari_viewer, qtbot, stack):
     np.testing.assert_array_equal(labels.data, annotation)  # prompts are only read
 
 
+def test_tile_and_ensemble_settings_reach_the_core(make_napari_viewer, qtbot, stack, monkeypatch):
+    """Settings 'Ensemble' and 'Tile' / 'Halo': every action passes the ensemble; both segment actions tile."""
+    from seggpt_plugins.engine import SegGPT
+
+    calls = []
+    for name in ("iter_segment", "prepare_prompts", "propagate"):
+        original = getattr(SegGPT, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, {k: kwargs.get(k) for k in ("ensemble", "tile", "halo")}))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SegGPT, name, spy)
+
+    image, truth = stack  # the sample nuclei stack, 31 x 61 x 57
+    annotation = np.zeros_like(truth)
+    annotation[PROMPT_SLICE - 2] = truth[PROMPT_SLICE - 2]
+    annotation[PROMPT_SLICE] = truth[PROMPT_SLICE]
+    viewer = make_napari_viewer()
+    img, _labels = add_stack(viewer, image, annotation)
+    other = viewer.add_image(image[PROMPT_SLICE + 1:PROMPT_SLICE + 3], name="other")
+    widget = open_widget(viewer)
+    fast(widget, prompts=2)
+    assert (widget._ensemble.value, widget._tile.value, widget._tile_auto.value, widget._halo.value) == (
+        "feature", 0, False, 32)  # defaults: feature ensemble, no tiling
+    widget._ensemble.value = "spatial"
+    widget._tile.value, widget._halo.value = 32, 4
+
+    viewer.dims.set_current_step(0, PROMPT_SLICE + 1)
+    click(widget._segment_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["error"] is None
+    assert ("iter_segment", dict(ensemble="spatial", tile=32, halo=4)) in calls
+    result = viewer.layers["nuclei SegGPT"].data
+    assert result.shape == truth.shape and np.any(result[PROMPT_SLICE + 1])
+    assert set(np.unique(result).tolist()) - {0} <= set(np.unique(truth[PROMPT_SLICE - 2:PROMPT_SLICE + 1]).tolist())
+
+    calls.clear()
+    widget._tile_auto.value = True  # tiles the examples' size
+    widget._target.value = other
+    click(widget._other_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["error"] is None and widget.last_run["done"] == 2
+    assert ("prepare_prompts", dict(ensemble="spatial", tile=None, halo=None)) in calls
+    assert ("iter_segment", dict(ensemble=None, tile="auto", halo=4)) in calls
+    result = viewer.layers["other SegGPT"].data
+    assert result.shape == other.data.shape and np.all(np.any(result, axis=(1, 2)))
+
+    calls.clear()
+    widget._ensemble.value = "both"
+    click(widget._propagate_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["error"] is None and widget.last_run["done"] == image.shape[0] - 2
+    assert calls[0] == ("propagate", dict(ensemble="both", tile=None, halo=None))
+    assert viewer.layers["nuclei SegGPT"].data.shape == truth.shape
+
+    # a halo that leaves no core: a clear message before any run
+    widget._tile_auto.value, widget._halo.value = False, 16
+    start = len(notification_manager.records)
+    click(widget._segment_btn)
+    assert not widget.running
+    assert any(sev == "error" and "halo" in msg for sev, msg in new_notifications(start))
+
+
 def test_sample_data_and_segment_another_image_layer(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.open_sample("seggpt-plugins", "nuclei3d")
