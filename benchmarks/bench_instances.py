@@ -16,13 +16,11 @@ object step per megapixel, on the full 512x512 prediction and on a 4096x4096 mos
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+from _report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
@@ -110,16 +108,9 @@ def main() -> None:
             best = min(best, time.perf_counter() - started)
         costs[name] = {"ms_per_megapixel": round(1000 * best / (labels.size / 1e6), 1),
                        "objects": len(find_instances(labels, min_area=args.min_area, split_touching=True))}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    result = {"data": "stardist nuclei2d, 16 tiles of 128, each tile the prompt of the other 15 (240 targets)",
-              "model": args.model, "device": args.device, "min_area": args.min_area,
-              **{side: summary(counts) for side, counts in sides.items()}, "split_cost": costs,
-              "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
-              "commit": commit.stdout.strip()}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report({"data": "stardist nuclei2d, 16 tiles of 128, each tile the prompt of the other 15 (240 targets)",
+            "model": args.model, "device": args.device, "min_area": args.min_area,
+            **{side: summary(counts) for side, counts in sides.items()}, "split_cost": costs}, args.out)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+from _report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
@@ -133,13 +132,8 @@ def main() -> None:
                 row[f"spatial_{layout}"] = run(count, "spatial", layout, tasks)
         results[str(count)] = row
         print(count, json.dumps(row), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    output = {"model": args.model, "device": args.device, "generated_tasks": args.tasks, "nuclei_targets": len(targets),
-              "results": results, "machine": platform.machine(), "commit": commit.stdout.strip()}
-    text = json.dumps(output, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report({"model": args.model, "device": args.device, "generated_tasks": args.tasks, "nuclei_targets": len(targets),
+            "results": results}, args.out)
 
 
 if __name__ == "__main__":

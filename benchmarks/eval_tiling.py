@@ -12,13 +12,11 @@ example's size, 128, halo 16) and 160-pixel tiles (halo 16).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+from _report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
@@ -53,13 +51,8 @@ def main() -> None:
     results = {name: {"foreground_iou": round(ious[name], 4), "s_per_megapixel": round(best[name] / megapixels, 2),
                       "tiles": len(tile_grid(image.shape, (128, 128) if name == "tile_auto_128" else (160, 160), 16))
                       if name != "downscaled" else 1} for name in settings}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    output = {"model": args.model, "device": args.device, "image": "stardist nuclei2d, 512x512",
-              "results": results, "machine": platform.machine(), "commit": commit.stdout.strip()}
-    text = json.dumps(output, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report({"model": args.model, "device": args.device, "image": "stardist nuclei2d, 512x512", "results": results},
+           args.out)
 
 
 if __name__ == "__main__":
