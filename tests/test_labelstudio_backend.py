@@ -1042,7 +1042,7 @@ def test_decoded_pixels_are_bounded_per_request(make_client, fake_ls, tiles, cap
 
 
 def test_serving_beyond_loopback_needs_basic_auth_or_insecure():
-    refused = _serve("--host", "0.0.0.0", "--port", "9")
+    refused = _serve("--host", "192.0.2.1", "--port", "9")  # TEST-NET: never bound here, even if refusal broke
     assert refused.returncode == 2 and refused.stdout == ""
     assert len(refused.stderr.strip().splitlines()) == 1 and "BASIC_AUTH_USER" in refused.stderr
     assert "--insecure" in refused.stderr
