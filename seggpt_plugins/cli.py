@@ -413,12 +413,8 @@ def cmd_propagate(args) -> int:
         if options.review:
             review = ReviewTable(outputs.stage(extra["review"]))
             for z, prediction in sorted(found.items()):
-                foreground = prediction.labels != 0
-                review.add(path=f"{args.stack}#z{z}", slice=z, classes=[int(c) for c in np.unique(prediction.labels)
-                                                                          if c], model=model.source,
-                           instances=len(objects[z]) if options.objects else None,
-                           confidence=round(float(prediction.scores[foreground].mean()), 4) if foreground.any()
-                           else None)
+                review.add_prediction(f"{args.stack}#z{z}", prediction, objects[z] if options.objects else None,
+                                      slice=z, model=model.source)
             review.close()
     print(f"wrote {out} ({depth} slices, {todo} predicted; {options.output})")
     return 0

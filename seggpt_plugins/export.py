@@ -259,6 +259,14 @@ class ReviewTable:
     def add(self, **row) -> None:
         self._file.write(json.dumps(row, default=_plain) + "\n")
 
+    def add_prediction(self, path: str, prediction, instances: Instances | None = None, **extra) -> None:
+        """The row of one prediction: classes found, objects (when counted), mean foreground confidence."""
+        foreground = prediction.labels != 0
+        self.add(path=path, classes=sorted(int(c) for c in np.unique(prediction.labels) if c),
+                 instances=len(instances) if instances is not None else None,
+                 confidence=round(float(prediction.scores[foreground].mean()), 4) if foreground.any() else None,
+                 **extra)
+
     def close(self) -> Path:
         self._file.close()
         return self.path
@@ -384,11 +392,7 @@ class Exporter:
         if self._coco is not None:
             self._coco.add(source, instances)
         if self._review is not None:
-            foreground = prediction.labels != 0
-            self._review.add(path=source, classes=sorted(int(c) for c in np.unique(prediction.labels) if c),
-                             instances=len(instances) if instances is not None else None,
-                             confidence=round(float(prediction.scores[foreground].mean()), 4)
-                             if foreground.any() else None, **review)
+            self._review.add_prediction(source, prediction, instances, **review)
 
     def close(self) -> None:
         for writer in (self._coco, self._panoptic, self._review):

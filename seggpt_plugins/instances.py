@@ -100,17 +100,8 @@ class Instances:
     @classmethod
     def of_map(cls, id_map: np.ndarray, scores: np.ndarray | None = None) -> "Instances":
         """The objects of a map whose ids already are objects (ids kept; each id is its own class)."""
-        from scipy import ndimage
-
         id_map = np.asarray(id_map)
-        objects = []
-        for object_id, box in enumerate(ndimage.find_objects(id_map.astype(np.int64)), 1):
-            if box is None:
-                continue
-            inside = id_map[box] == object_id
-            score = float(scores[box][inside].mean()) if scores is not None else 1.0
-            objects.append(Instance(object_id, object_id, int(inside.sum()), box, score))
-        return cls(id_map, objects)
+        return cls(id_map, _objects_of(id_map, lambda object_id: object_id, scores))
 
     def class_map(self) -> np.ndarray:
         """(H, W) class ids (0 = background)."""
@@ -209,8 +200,6 @@ def _split_touching(parts: np.ndarray, part_class: np.ndarray, radius: float | N
 
 def _renumber(parts: np.ndarray, part_class: np.ndarray, scores, max_instances) -> Instances:
     """Ids 1..N in reading order of each object's first pixel, with their class, area, box and score."""
-    from scipy import ndimage
-
     flat = parts.ravel()
     present, first = np.unique(flat, return_index=True)
     order = [int(p) for p in present[np.argsort(first)] if p != 0]
@@ -220,14 +209,21 @@ def _renumber(parts: np.ndarray, part_class: np.ndarray, scores, max_instances) 
     lut[order] = np.arange(1, len(order) + 1)
     dtype = np.uint16 if len(order) <= np.iinfo(np.uint16).max else np.uint32
     out = lut[parts].astype(dtype)
+    return Instances(out, _objects_of(out, lambda new_id: int(part_class[order[new_id - 1]]), scores))
+
+
+def _objects_of(id_map: np.ndarray, class_of, scores) -> list[Instance]:
+    """The Instance of every id present in `id_map` (its class from `class_of(id)`, mean score, area, box)."""
+    from scipy import ndimage
+
     objects = []
-    for new_id, box in enumerate(ndimage.find_objects(out), 1):
+    for object_id, box in enumerate(ndimage.find_objects(id_map.astype(np.int64)), 1):
         if box is None:
             continue
-        inside = out[box] == new_id
+        inside = id_map[box] == object_id
         score = float(scores[box][inside].mean()) if scores is not None else 1.0
-        objects.append(Instance(new_id, int(part_class[order[new_id - 1]]), int(inside.sum()), box, score))
-    return Instances(out, objects)
+        objects.append(Instance(object_id, int(class_of(object_id)), int(inside.sum()), box, score))
+    return objects
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -300,10 +296,12 @@ class StackTracker:
         from .propagation import plan_runs
 
         self.before: dict[int, int | None] = {}
+        self.order: list[int] = []  # frames run by run, each after the frame before it
         for run in plan_runs(num_frames, list(annotated)):
             previous = run.origin
             for frame in run.frames:
                 self.before[frame] = previous
+                self.order.append(frame)
                 previous = frame
         self.maps = {frame: objects.map for frame, objects in annotated.items()}
         self.tracker = IdentityTracker(min_iou)
@@ -340,13 +338,4 @@ def track_stack(instances: dict[int, Instances], annotated: dict[int, Instances]
                 min_iou: float = 0.1) -> dict[int, Instances]:
     """`StackTracker` over a whole stack: the predicted frames' objects (`instances`) with tracked ids."""
     tracker = StackTracker(num_frames, annotated, min_iou)
-    ordered = sorted(instances, key=lambda f: _distance_from_origin(tracker, f))
-    return {frame: tracker.follow(frame, instances[frame]) for frame in ordered}
-
-
-def _distance_from_origin(tracker: StackTracker, frame: int) -> int:
-    steps = 0
-    while tracker.before.get(frame) is not None and frame not in tracker.maps:
-        frame = tracker.before[frame]
-        steps += 1
-    return steps
+    return {frame: tracker.follow(frame, instances[frame]) for frame in tracker.order if frame in instances}
