@@ -125,7 +125,7 @@ class PropagateLabels(foo.Operator):
         field("ensemble", inputs.enum, values=ensembles.values(), view=ensembles, default="feature",
               label="Ensemble", description="How several prompts meet the model")
         field("tile", inputs.str, required=False, label="Tile",
-              description="Cut large targets into tiles of this many pixels (or 'auto': the prompts' size), "
+              description="Cut large targets into tiles of this many pixels (or 'auto': six object diameters of the prompts; larger prompts are cut to their most labelled tile), "
                           "segmented at that scale and stitched back. Empty: no tiling")
         field("halo", inputs.int, min=0, default=32, label="Tile halo",
               description="Pixels each tile overlaps its neighbours by (below half the tile)")

@@ -128,7 +128,8 @@ def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, c
         found = prepared.get(choice)
         if found is None:
             images, masks = pool.pairs(choice)
-            found = prepared[choice] = model.prepare_prompts(images, masks, ensemble=opts.ensemble)
+            found = prepared[choice] = model.prepare_prompts(images, masks, ensemble=opts.ensemble,
+                                                                tile=opts.tile)
         prepared.move_to_end(choice)
         while len(prepared) > PROMPT_SETS:
             prepared.popitem(last=False)

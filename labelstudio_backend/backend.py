@@ -310,7 +310,7 @@ class SegGPTBackend:
             return prompt_sets[choice]
         images, masks = pool.pairs(choice)
         prepared = model.prepare_prompts(images, masks, label_ids=list(view.label_ids.values()),
-                                         ensemble=self.ensemble)
+                                         ensemble=self.ensemble, tile=self.tile)
         shown = np.unique(np.concatenate([np.unique(m) for m in masks]))
         prompt_sets[choice] = (prepared, shown)
         while len(prompt_sets) > PROMPT_SETS_PER_REQUEST:

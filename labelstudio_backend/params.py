@@ -24,7 +24,7 @@ PARAMS = {  # extra_params a project may set in its ML backend connection, with 
                "region per label",
     "ensemble": "how several references meet the model: " + ", ".join(repr(e) for e in ENSEMBLES)
                 + " (default 'feature')",
-    "tile": "large images are cut into tiles of this many pixels (or 'auto': the references' size), segmented "
+    "tile": "large images are cut into tiles of this many pixels (or 'auto': six object diameters of the references; larger references are cut to their most labelled tile), segmented "
             "at that scale and stitched back (default: no tiling)",
     "halo": "pixels each tile overlaps its neighbours by, below half the tile (default 32)",
 }

@@ -93,7 +93,8 @@ def build_form(w: Container) -> None:
                       tooltip="Segment current slice / another image layer: cut large images into tiles of "
                               "this many pixels, segmented at that scale and stitched back (0 = off).")
     w._tile_auto = CheckBox(text="auto", value=False,
-                            tooltip="Tiles the size of the examples (large targets seen at the examples' scale).")
+                            tooltip="Tiles of six object diameters of the examples; examples larger than a tile "
+                                    "are cut to their most labelled tile, so both are seen at one scale.")
     w._halo = SpinBox(label="Halo", min=0, max=4096, value=32,
                       tooltip="Tiling: pixels each tile overlaps its neighbours by (below half the tile).")
     w._confidence = CheckBox(text="Confidence layer", value=False,

@@ -493,7 +493,7 @@ class SegGPTWidget(Container):
 
         def work(model):
             examples = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range,
-                                             ensemble=ensemble)
+                                             ensemble=ensemble, tile=options["tile"])
             for start in range(0, len(keys), batch):  # read one batch of planes at a time (dask, zarr)
                 chunk = keys[start:start + batch]
                 for pred in model.iter_segment([np.asarray(data[k]) for k in chunk], examples, **options):

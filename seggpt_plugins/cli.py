@@ -35,8 +35,9 @@ def _ensemble(parser: argparse.ArgumentParser, tiles: bool = True) -> None:
                             "combined by the feature ensemble) (default: %(default)s)")
     if tiles:
         group.add_argument("--tile", nargs="+", default=None, metavar="PIXELS",
-                           help="cut large targets into tiles: H W, one size for both, or 'auto' (the examples' "
-                                "own size, so targets are seen at the examples' scale)")
+                           help="cut large targets into tiles: H W, one size for both, or 'auto' (six object "
+                                "diameters of the examples); larger examples are cut to their most labelled "
+                                "tile, so both are seen at one scale")
         group.add_argument("--halo", type=int, default=32, help="overlap of neighbouring tiles, pixels (default: 32)")
 
 
@@ -323,7 +324,7 @@ def cmd_segment(args) -> int:
         categories_for(_prompt_ids(prompt_masks), options.names)  # names checked before the model loads
     model = _load(args)
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
-                                    _intensity(args), ensemble=args.ensemble)
+                                    _intensity(args), ensemble=args.ensemble, tile=tile)
     categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
     predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
                                      intensity_range=_intensity(args), tile=tile, halo=args.halo)

@@ -20,7 +20,7 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
-from .ensembles import groups, stitch_examples, tile_size
+from .ensembles import example_windows, groups, stitch_examples, tile_size
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
 from .vocabulary import AUTO_MODEL, SEG_TYPES
 
@@ -159,7 +159,7 @@ class SegGPT:
         return torch.stack(out)
 
     def prepare_prompts(self, prompt_images, prompt_masks=None, intensity_range=None, label_ids=None,
-                        code: ColorCode | None = None, ensemble: str = "feature") -> PromptSet:
+                        code: ColorCode | None = None, ensemble: str = "feature", tile=None) -> PromptSet:
         """Read, check, colour and resize a list of example pairs (or tuned prompts) once.
 
         The PromptSet can be passed to `segment`/`iter_segment` again and again in place of the pairs.
@@ -167,6 +167,9 @@ class SegGPT:
         ensemble: how several examples meet the prompt half (ensembles.py): "feature" (one prompt row
         each, Painter's feature ensemble), "spatial" (all stitched into one canvas, a g x g grid),
         "both" (canvases of 4 examples, combined by the feature ensemble). One example: all the same.
+        tile: as in `segment`: examples larger than the tile are cut to their window with the most
+        labelled pixels, so that they meet the canvas at the scale of a tiled target ("auto": a tile of a
+        few object diameters of these examples, ensembles.object_tile).
         """
         images, masks = as_list(prompt_images), as_list(prompt_masks)
         if not images:
@@ -189,6 +192,7 @@ class SegGPT:
             pairs.append((rgb, mask_arr, name))
         if code is None:
             code = self.color_code(tuned, [m for _, m, _ in pairs], label_ids)
+        pairs = example_windows(pairs, tile_size(tile))
         prompt_images_t = [t.image.to(self.device, self.dtype) for t in tuned]
         prompt_masks_t = [t.mask.to(self.device, self.dtype) for t in tuned]
         if pairs:
@@ -308,8 +312,11 @@ class SegGPT:
         pair (its mask entry is left out). A PromptSet from `prepare_prompts` (or a list of them, one per
         target) stands for prepared pairs: prepare once, segment many times. Several prompts for a target
         use Painter's feature ensemble, or the paper's spatial ensemble (`ensemble`, see prepare_prompts).
-        tile: (h, w) pixels (or one number, or "auto": the examples' own size): large targets are cut into
-        tiles of that size overlapping by `halo` pixels, segmented at that scale and stitched back.
+        tile: (h, w) pixels (or one number, or "auto": a few object diameters of the examples): large
+        targets are cut into tiles of that size overlapping by `halo` pixels, segmented at that scale and
+        stitched back; larger examples are cut to one window of that size each (the one with the most
+        labelled pixels), so both are seen at one scale. A prepared PromptSet is used as prepared (give
+        prepare_prompts the same tile); with "auto", targets are tiled at its examples' size.
         with_painting: also return the model's raw RGB painting.
         """
         return list(self.iter_segment(images, prompt_images, prompt_masks, batch_size=batch_size,
@@ -329,7 +336,7 @@ class SegGPT:
             raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
         tile = tile_size(tile, halo)
         prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids,
-                                            ensemble)
+                                            ensemble, tile)
         name = lambda i: f"target {i}" + (  # noqa: E731
             f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")
         if tile is not None:
@@ -387,21 +394,22 @@ class SegGPT:
             yield from flush()
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
-                         ensemble="feature"):
+                         ensemble="feature", tile=None):
         """One PromptSet per target, each distinct set prepared once."""
         if isinstance(prompt_images, PromptSet):
             return [prompt_images] * num_targets
         images = as_list(prompt_images)
         per_target = bool(images) and isinstance(images[0], (list, tuple, PromptSet))
         if not per_target:
-            shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids, ensemble=ensemble)
+            shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids, ensemble=ensemble,
+                                          tile=tile)
             return [shared] * num_targets
         masks = as_list(prompt_masks) or [None] * len(images)
         if len(images) != num_targets or len(masks) != num_targets:
             raise InputError(f"per-target prompts: got {len(images)} prompt lists and {len(masks)} mask lists "
                              f"for {num_targets} targets")
         return [i if isinstance(i, PromptSet) else self.prepare_prompts(i, m, intensity_range, label_ids,
-                                                                        ensemble=ensemble)
+                                                                        ensemble=ensemble, tile=tile)
                 for i, m in zip(images, masks)]
 
     # ----------------------------------------------------------------------------------- propagate

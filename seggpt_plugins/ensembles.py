@@ -9,6 +9,10 @@ target is cut into overlapping tiles at its own scale; every tile is segmented w
     stitch.add(grid[k], labels_k, scores_k)                # each pixel's label from the tile whose core holds it
     labels, scores = stitch.result()                       # scores blended across the halos
 
+Examples larger than the tile are cut to their window with the most labelled pixels
+(`example_windows`), so examples and targets meet the canvas at one scale; tile "auto" is a few
+object diameters of the examples (`object_tile`).
+
 Numpy only.
 """
 
@@ -125,11 +129,80 @@ class Stitcher:
 
 def auto_tile(prompt_sizes, target_shape: tuple[int, int]) -> tuple[int, int] | None:
     """The tile size that shows a target at the examples' own scale: the examples' median size (None when
-    the target is no larger, or no example size is known)."""
+    the target is no larger, or no example size is known). Examples cut to windows (`example_windows`)
+    report the windows' size, so a target is tiled like its examples were."""
     if not prompt_sizes:
         return None
     tile = (int(np.median([s[0] for s in prompt_sizes])), int(np.median([s[1] for s in prompt_sizes])))
     return tile if target_shape[0] > tile[0] or target_shape[1] > tile[1] else None
+
+
+#: "auto" tiles are this many object diameters on a side (benchmarks/eval_tiling.py measures 4 to 12).
+OBJECTS_PER_TILE = 6
+MIN_AUTO_TILE = 32
+
+
+def object_diameter(masks) -> float | None:
+    """The examples' typical object size: the median over their objects (connected parts of one label or
+    colour) of sqrt(area), in pixels; parts under 4 pixels are ignored. None when there are no objects."""
+    from .instances import connected_components
+
+    areas = []
+    for mask in masks:
+        mask = np.asarray(mask)
+        if mask.ndim == 3:  # a colour mask: one key per colour
+            mask = (mask[..., 0].astype(np.int64) << 16) | (mask[..., 1].astype(np.int64) << 8) | mask[..., 2]
+        parts, count = connected_components(mask != 0, connectivity=4)
+        if not count:
+            continue
+        foreground = parts > 0  # a part holding several labels (touching instances) counts once per label
+        keys = parts[foreground].astype(np.int64) * (int(mask.max()) + 1) + mask[foreground]
+        areas.extend(int(a) for a in np.unique(keys, return_counts=True)[1] if a >= 4)
+    return float(np.sqrt(np.median(areas))) if areas else None
+
+
+def object_tile(masks, per_tile: float = OBJECTS_PER_TILE) -> tuple[int, int] | None:
+    """The "auto" tile: `per_tile` typical object diameters on a side (a multiple of 8, at least
+    MIN_AUTO_TILE), so objects fill the model's canvas alike in examples and targets; None without objects."""
+    diameter = object_diameter(masks)
+    if diameter is None:
+        return None
+    side = max(MIN_AUTO_TILE, int(math.ceil(diameter * per_tile / 8)) * 8)
+    return side, side
+
+
+def best_window(mask: np.ndarray, window: tuple[int, int]) -> tuple[slice, slice]:
+    """The `window` (h, w) of a mask (H, W[, 3]) holding the most labelled pixels, searched on a grid of a
+    quarter window (the whole mask when it fits); ties go to the first, top-left."""
+    labelled = np.asarray(mask) != 0
+    labelled = labelled.any(-1) if labelled.ndim == 3 else labelled
+    (height, width), (win_h, win_w) = labelled.shape, (min(window[0], labelled.shape[0]), min(window[1], labelled.shape[1]))
+    total = np.zeros((height + 1, width + 1), np.int64)
+    total[1:, 1:] = labelled.cumsum(0).cumsum(1)
+    rows = np.unique(np.r_[np.arange(0, height - win_h + 1, max(1, win_h // 4)), height - win_h])
+    cols = np.unique(np.r_[np.arange(0, width - win_w + 1, max(1, win_w // 4)), width - win_w])
+    r, c = rows[:, None], cols[None, :]
+    counts = total[r + win_h, c + win_w] - total[r, c + win_w] - total[r + win_h, c] + total[r, c]
+    i, j = np.unravel_index(int(np.argmax(counts)), counts.shape)
+    return slice(int(rows[i]), int(rows[i]) + win_h), slice(int(cols[j]), int(cols[j]) + win_w)
+
+
+def example_windows(pairs, tile) -> list:
+    """Example pairs (image, mask, ...) cut to the window of `tile` (h, w) with the most labelled pixels,
+    so that examples and a tiled target are seen at the same scale; pairs that fit stay whole. `tile`
+    "auto" takes `object_tile` of the masks (nothing is cut without objects). Returns the new pairs."""
+    if tile == "auto":
+        tile = object_tile([pair[1] for pair in pairs])
+    if tile is None:
+        return list(pairs)
+    out = []
+    for image, mask, *rest in pairs:
+        if image.shape[0] <= tile[0] and image.shape[1] <= tile[1]:
+            out.append((image, mask, *rest))
+            continue
+        rows, cols = best_window(mask, tile)
+        out.append((np.ascontiguousarray(image[rows, cols]), np.ascontiguousarray(mask[rows, cols]), *rest))
+    return out
 
 
 # ------------------------------------------------------------------------------ the spatial ensemble

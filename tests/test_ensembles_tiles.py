@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from seggpt_plugins.ensembles import Stitcher, cells, grid_side, groups, stitch_examples, tile_grid
+from seggpt_plugins.ensembles import (Stitcher, best_window, cells, grid_side, groups, object_diameter, object_tile,
+                                     stitch_examples, tile_grid)
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.instances import find_instances
 
@@ -127,9 +128,67 @@ def test_memory_is_bounded_by_the_batch_not_the_image(model64, rng, monkeypatch)
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     mask = (rng.random((64, 64)) > 0.5).astype(np.uint8)
     big = rng.integers(0, 256, (600, 700, 3), dtype=np.uint8)
-    pred = model64.segment(big, image, mask, tile="auto", halo=8, batch_size=4)[0]
+    pred = model64.segment(big, image, mask, tile=64, halo=8, batch_size=4)[0]
     assert pred.labels.shape == (600, 700)
     assert max(seen[1:]) <= 4 and sum(seen[1:]) == len(tile_grid((600, 700), (64, 64), 8))
+
+
+def _discs(shape, centres, radius, ids=None):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    mask = np.zeros(shape, np.uint16)
+    for k, (y, x) in enumerate(centres):
+        mask[(yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2] = ids[k] if ids else 1
+    return mask
+
+
+def test_object_diameter_counts_parts_of_one_label_and_touching_instances_apart():
+    area = int(((np.mgrid[-6:7, -6:7] ** 2).sum(0) <= 36).sum())  # a disc of radius 6
+    semantic = _discs((100, 100), [(20, 20), (20, 60), (70, 40)], 6)
+    assert object_diameter([semantic]) == pytest.approx(np.sqrt(area))
+    touching = _discs((60, 60), [(30, 20), (30, 30)], 6, ids=[1, 2])  # two instances, one connected part
+    assert object_diameter([touching]) < np.sqrt(area)  # each counted alone, the second covers part of the first
+    colours = np.zeros((100, 100, 3), np.uint8)
+    colours[semantic > 0] = (255, 0, 0)
+    assert object_diameter([colours]) == object_diameter([semantic])
+    assert object_diameter([np.zeros((50, 50), np.uint8)]) is None and object_tile([np.zeros((9, 9))]) is None
+    assert object_tile([semantic], per_tile=6) == (64, 64)  # 6 x 10.6 px, up to a multiple of 8
+
+
+def test_best_window_is_where_most_labels_are():
+    mask = np.zeros((300, 200), np.uint8)
+    mask[10:20, 10:20] = 1
+    mask[200:280, 120:190] = 2
+    rows, cols = best_window(mask, (100, 100))
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (100, 100)
+    assert mask[rows, cols].astype(bool).sum() == 80 * 70
+    assert best_window(mask, (400, 400)) == (slice(0, 300), slice(0, 200))  # the whole mask when it fits
+
+
+def test_large_examples_are_cut_to_the_tile_and_auto_tiles_at_a_few_object_diameters(model64, rng):
+    """Examples larger than the tile are shown as their most labelled window (the same prompt as that
+    window given directly); "auto" tiles examples and target alike, at object_tile of the examples."""
+    example = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    mask = _discs((300, 260), [(y, x) for y in range(160, 290, 25) for x in range(20, 250, 25)], 7)
+    prepared = model64.prepare_prompts(example, mask, tile=96)
+    rows, cols = best_window(mask, (96, 96))
+    direct = model64.prepare_prompts(example[rows, cols], mask[rows, cols])
+    assert prepared.sizes == ((96, 96),)
+    assert torch_equal(prepared.images, direct.images) and torch_equal(prepared.masks, direct.masks)
+    assert model64.prepare_prompts(example, mask, tile=400).sizes == ((300, 260),)  # fits: kept whole
+
+    target = rng.integers(0, 256, (250, 330, 3), dtype=np.uint8)
+    tile = object_tile([mask])
+    auto = model64.segment(target, example, mask, tile="auto", halo=8)[0]
+    explicit = model64.segment(target, model64.prepare_prompts(example, mask, tile=tile), tile=tile, halo=8)[0]
+    assert tile[0] < 260 and np.array_equal(auto.labels, explicit.labels)
+    whole = model64.segment(target, example, mask, tile=tile, halo=8, batch_size=4)[0]
+    assert np.array_equal(whole.labels, explicit.labels)  # raw prompts are windowed like prepared ones
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def test_bad_tile_settings_are_refused(model64, rng):
