@@ -22,6 +22,7 @@ from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
 from .ensembles import example_windows, groups, stitch_examples, tile_size
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
+from .quality import ExampleStats, check_quality
 from .vocabulary import AUTO_MODEL, SEG_TYPES
 
 COMPILE_MODES = (None, "default", "max-autotune", "reduce-overhead")
@@ -41,10 +42,19 @@ class Prediction:
     painting: np.ndarray | None = None  # (H, W, 3) uint8: the model's raw RGB painting, resized (on request)
     index: int = 0  # which target (segment) or frame (propagate) this is
     colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # label id -> prompt colour
+    quality: float | None = None  # the predicted IoU of this proposal (quality.py), when estimated
+    quality_features: dict[str, float] | None = None  # what the estimate read (quality.features)
 
     @property
     def confidence(self) -> float:
-        """Mean score over the pixels predicted as foreground (1.0 when there are none)."""
+        """How far to trust this proposal, in [0, 1], to review the lowest first: the predicted IoU
+        (`quality`) when it was estimated, else the mean snap score over the foreground."""
+        return self.quality if self.quality is not None else self.snap_confidence
+
+    @property
+    def snap_confidence(self) -> float:
+        """Mean score over the pixels predicted as foreground (1.0 when there are none): how cleanly the
+        painting snapped to prompt colours, not how right it is (see quality.py)."""
         foreground = self.labels != 0
         return float(self.scores[foreground].mean()) if foreground.any() else 1.0
 
@@ -75,6 +85,13 @@ def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
     y1 = (y0 + 1).clamp_max(height - 1)
     weight = (y - y0.float()).view(1, 1, -1, 1)
     return maps[:, :, y0] * (1 - weight) + maps[:, :, y1] * weight
+
+
+def _example_stats(pairs, code: ColorCode) -> ExampleStats:
+    """The quality estimate's view of the examples: their label masks (colour masks read through the
+    code) and images."""
+    masks = [code.labels_of_colors(m) if m.ndim == 3 else m for _, m, _ in pairs]
+    return ExampleStats.of(masks, [rgb for rgb, _, _ in pairs])
 
 
 def _group_by(items, key) -> dict:
@@ -113,6 +130,7 @@ class SegGPT:
         self.compile = compile
         self._forward = modeling.paint if compile is None else torch.compile(modeling.paint, mode=compile, dynamic=False)
         self._torch = torch
+        self._quality_models = None  # the quality estimates for these weights, loaded on first use
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = AUTO_MODEL, device=None, dtype=None,
@@ -210,7 +228,8 @@ class SegGPT:
                 raise InputError(f"tuned prompt of size {tuple(t.image.shape[-2:])} does not fit this model's "
                                  f"input size {self.input_size}")
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
-                         tuple(rgb.shape[:2] for rgb, _, _ in pairs))
+                         tuple(rgb.shape[:2] for rgb, _, _ in pairs),
+                         _example_stats(pairs, code) if pairs else None)
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:
@@ -304,7 +323,7 @@ class SegGPT:
 
     def segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
                 seg_type: str = "instance", intensity_range=None, label_ids=None, with_painting: bool = False,
-                ensemble: str = "feature", tile=None, halo: int = 32) -> list[Prediction]:
+                ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast") -> list[Prediction]:
         """Segment one or many target images from example pairs; returns one Prediction per target.
 
         prompt_images/prompt_masks: one pair, a list of pairs shared by all targets, or a list of such
@@ -318,14 +337,19 @@ class SegGPT:
         labelled pixels), so both are seen at one scale. A prepared PromptSet is used as prepared (give
         prepare_prompts the same tile); with "auto", targets are tiled at its examples' size.
         with_painting: also return the model's raw RGB painting.
+        quality: estimate each proposal's IoU (`Prediction.quality`, which `confidence` then reports; see
+        quality.py): "fast" (nearly free: read off the prediction, the target and the examples), "full"
+        (also segments the mirrored target: twice the forward passes, a sharper estimate) or None.
         """
         return list(self.iter_segment(images, prompt_images, prompt_masks, batch_size=batch_size,
                                       seg_type=seg_type, intensity_range=intensity_range, label_ids=label_ids,
-                                      with_painting=with_painting, ensemble=ensemble, tile=tile, halo=halo))
+                                      with_painting=with_painting, ensemble=ensemble, tile=tile, halo=halo,
+                                      quality=quality))
 
     def iter_segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
                      seg_type: str = "instance", intensity_range=None, label_ids=None, with_painting: bool = False,
-                     ensemble: str = "feature", tile=None, halo: int = 32) -> Iterator[Prediction]:
+                     ensemble: str = "feature", tile=None, halo: int = 32,
+                     quality: str | None = "fast") -> Iterator[Prediction]:
         """As `segment`, yielding each Prediction as soon as its batch is done (for progress and cancel)."""
         targets = as_list(images) if not isinstance(images, np.ndarray) else [images]
         if not targets:
@@ -335,55 +359,92 @@ class SegGPT:
         if seg_type not in SEG_TYPES:
             raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
         tile = tile_size(tile, halo)
+        quality = check_quality(quality)
         prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids,
                                             ensemble, tile)
         name = lambda i: f"target {i}" + (  # noqa: E731
             f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")
         if tile is not None:
             yield from self._iter_tiled(targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range,
-                                        with_painting, name)
+                                        with_painting, name, quality)
             return
         for start in range(0, len(targets), batch_size):
             chunk = range(start, min(start + batch_size, len(targets)))
             rgbs = [to_rgb8(targets[i], intensity_range, name=name(i)) for i in chunk]
-            paintings = self.paint_targets(self.encode_images(rgbs), [prompt_sets[i] for i in chunk], seg_type)
-            yield from self.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs],
-                                           [prompt_sets[i].code for i in chunk], list(chunk), with_painting)
+            sets, sizes, codes = [prompt_sets[i] for i in chunk], [rgb.shape[:2] for rgb in rgbs], \
+                [prompt_sets[i].code for i in chunk]
+            encoded = self.encode_images(rgbs)
+            predictions = self.to_predictions(self.paint_targets(encoded, sets, seg_type), sizes, codes, list(chunk),
+                                              with_painting)
+            mirrored = (self.to_predictions(self.paint_targets(encoded.flip(-1), sets, seg_type), sizes, codes,
+                                            list(chunk)) if quality == "full" else None)
+            for k, prediction in enumerate(predictions):
+                if quality:
+                    prediction.quality = self.assess(prediction, sets[k].examples, rgbs[k], quality,
+                                                     mirrored[k].labels[:, ::-1] if mirrored else None)
+                yield prediction
+
+    def assess(self, prediction: Prediction, examples, rgb: np.ndarray, quality: str = "fast",
+               mirrored_labels: np.ndarray | None = None, strided: int | None = None) -> float:
+        """The predicted IoU of one prediction on its target `rgb` (H, W, 3) given the examples' stats
+        (PromptSet.examples); "full" needs the mirrored target's labels, mirrored back (quality.py).
+        strided: the arrays are a strided view of the target already (quality.features)."""
+        from .quality import features, models_for
+
+        if self._quality_models is None:
+            self._quality_models = models_for(self.source)
+        examples = examples if examples is not None else ExampleStats(float("nan"), None)
+        values = features(prediction.labels, prediction.scores, examples, rgb, mirrored_labels, strided)
+        prediction.quality_features = values
+        return self._quality_models[quality].predict(values)
 
     def _iter_tiled(self, targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range, with_painting,
-                    name) -> Iterator[Prediction]:
+                    name, quality) -> Iterator[Prediction]:
         """Tiles of every target in batches of `batch_size` (tiles of several targets share a batch); each
-        target's Prediction is stitched and yielded as soon as its last tile is done."""
+        target's Prediction is stitched and yielded as soon as its last tile is done. With quality "full",
+        the mirrored target is tiled and stitched too."""
         from .ensembles import Stitcher, Tile, auto_tile, tile_grid
+        from .quality import feature_stride
 
-        def pieces():  # (target, its shape, tile count, tile, crop), one target read at a time
+        views = (False, True) if quality == "full" else (False,)
+        small: dict[int, tuple] = {}  # (stride, strided view) of each target in flight, for its quality
+
+        def pieces():  # (target, mirrored, its shape, tile count, tile, crop), one target read at a time
             for i, target in enumerate(targets):
                 rgb = to_rgb8(target, intensity_range, name=name(i))
                 size = auto_tile(prompt_sets[i].sizes, rgb.shape) if tile == "auto" else tile
                 height, width = rgb.shape[:2]
                 grid = tile_grid(rgb.shape, size, halo) if size else [Tile((0, height, 0, width),
                                                                            (0, height, 0, width))]
-                for part in grid:
-                    yield i, rgb.shape[:2], len(grid), part, np.ascontiguousarray(rgb[part.slices])
+                stride = feature_stride(rgb.shape)
+                small[i] = (stride, np.ascontiguousarray(rgb[::stride, ::stride]))
+                for mirrored in views:
+                    view = rgb[:, ::-1] if mirrored else rgb
+                    for part in grid:
+                        yield i, mirrored, rgb.shape[:2], len(grid), part, np.ascontiguousarray(view[part.slices])
 
-        stitchers: dict[int, tuple[Stitcher, int]] = {}
+        stitchers: dict[tuple, tuple[Stitcher, int]] = {}
+        finished: dict[int, dict] = {}
         batch: list = []
 
         def flush():
-            crops = [piece[4] for piece in batch]
+            crops = [piece[5] for piece in batch]
             paintings = self.paint_targets(self.encode_images(crops), [prompt_sets[p[0]] for p in batch], seg_type)
             predictions = self.to_predictions(paintings, [c.shape[:2] for c in crops],
                                               [prompt_sets[p[0]].code for p in batch], [p[0] for p in batch],
-                                              with_painting)
-            for (i, shape, count, part, _), pred in zip(batch, predictions):
-                stitcher, done = stitchers.get(i) or (Stitcher(shape, pred.labels.dtype, with_painting), 0)
+                                              with_painting and not any(p[1] for p in batch))
+            for (i, mirrored, shape, count, part, _), pred in zip(batch, predictions):
+                key = (i, mirrored)
+                stitcher, done = stitchers.get(key) or (Stitcher(shape, pred.labels.dtype,
+                                                                 with_painting and not mirrored), 0)
                 stitcher.add(part, pred.labels, pred.scores, pred.painting)
-                stitchers[i] = (stitcher, done + 1)
-                if done + 1 == count:
-                    labels, scores = stitcher.result()
-                    del stitchers[i]
-                    yield Prediction(labels=labels, scores=scores, painting=stitcher.painting, index=i,
-                                     colors=pred.colors)
+                stitchers[key] = (stitcher, done + 1)
+                if done + 1 < count:
+                    continue
+                del stitchers[key]
+                finished.setdefault(i, {})[mirrored] = (stitcher, pred.colors)
+                if len(finished[i]) == len(views):
+                    yield self._stitched(i, finished.pop(i), small.pop(i), prompt_sets[i], quality)
             batch.clear()
 
         for piece in pieces():
@@ -392,6 +453,20 @@ class SegGPT:
                 yield from flush()
         if batch:
             yield from flush()
+
+    def _stitched(self, i: int, views: dict, small: tuple, prompts: PromptSet, quality) -> Prediction:
+        """The Prediction of a tiled target from its stitched view(s); its quality is read on the strided
+        view `small` (stride, rgb) of the target."""
+        stitcher, colors = views[False]
+        labels, scores = stitcher.result()
+        prediction = Prediction(labels=labels, scores=scores, painting=stitcher.painting, index=i, colors=colors)
+        if quality:
+            stride, rgb = small
+            mirrored = views[True][0].labels[:, ::-1][::stride, ::stride] if True in views else None
+            view = Prediction(labels[::stride, ::stride], scores[::stride, ::stride])
+            prediction.quality = self.assess(view, prompts.examples, rgb, quality, mirrored, strided=stride)
+            prediction.quality_features = view.quality_features
+        return prediction
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
                          ensemble="feature", tile=None):
@@ -417,7 +492,7 @@ class SegGPT:
     def propagate(self, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
                   annotations: dict[int, Any] | None = None, max_prompts: int | None = None,
                   batch_size: int = 8, seg_type: str = "instance", intensity_range=None,
-                  label_ids=None, ensemble: str = "feature") -> Iterator[Prediction]:
+                  label_ids=None, ensemble: str = "feature", quality: str | None = "fast") -> Iterator[Prediction]:
         """Propagate masks through a stack or video; yields one Prediction per frame that is not annotated.
 
         Prompts are fixed: the given example pairs and/or `annotations` ({frame index: mask}) inside the
@@ -425,9 +500,10 @@ class SegGPT:
         video cache) in the same colours, so each object keeps its id. With annotations, runs go outward in
         both directions from the annotated frames; without, frames are processed in order. `ensemble`
         (see prepare_prompts) arranges the fixed examples; the memory frames join as feature prompts.
+        quality: "fast" (the default) or None, as in `segment`, judged against the fixed examples.
         """
         from .propagation import propagate
 
         return propagate(self, frames, prompt_images, prompt_masks, memory=memory, annotations=annotations,
                          max_prompts=max_prompts, batch_size=batch_size, seg_type=seg_type,
-                         intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble)
+                         intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble, quality=quality)

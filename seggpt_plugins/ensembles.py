@@ -176,7 +176,8 @@ def best_window(mask: np.ndarray, window: tuple[int, int]) -> tuple[slice, slice
     quarter window (the whole mask when it fits); ties go to the first, top-left."""
     labelled = np.asarray(mask) != 0
     labelled = labelled.any(-1) if labelled.ndim == 3 else labelled
-    (height, width), (win_h, win_w) = labelled.shape, (min(window[0], labelled.shape[0]), min(window[1], labelled.shape[1]))
+    height, width = labelled.shape
+    win_h, win_w = min(window[0], height), min(window[1], width)
     total = np.zeros((height + 1, width + 1), np.int64)
     total[1:, 1:] = labelled.cumsum(0).cumsum(1)
     rows = np.unique(np.r_[np.arange(0, height - win_h + 1, max(1, win_h // 4)), height - win_h])

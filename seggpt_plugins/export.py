@@ -249,26 +249,31 @@ class PanopticWriter:
 
 
 class ReviewTable:
-    """One JSON line per image, to sort a review queue by (least confident first, most objects, ...)."""
+    """One JSON line per image, worst first: sorted by `confidence` (the predicted IoU where it was
+    estimated, quality.py), lowest first, so a reviewer starts where the proposals are least likely right."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w")
+        self._rows: list[dict] = []
 
     def add(self, **row) -> None:
-        self._file.write(json.dumps(row, default=_plain) + "\n")
+        self._rows.append(row)
 
     def add_prediction(self, path: str, prediction, instances: Instances | None = None, **extra) -> None:
-        """The row of one prediction: classes found, objects (when counted), mean foreground confidence."""
-        foreground = prediction.labels != 0
+        """The row of one prediction: classes found, objects (when counted), its confidence (the predicted
+        IoU, or the mean snap score when quality was not estimated) and the snap score."""
         self.add(path=path, classes=sorted(int(c) for c in np.unique(prediction.labels) if c),
                  instances=len(instances) if instances is not None else None,
-                 confidence=round(float(prediction.scores[foreground].mean()), 4) if foreground.any() else None,
-                 **extra)
+                 confidence=round(float(prediction.confidence), 4),
+                 confidence_is="predicted IoU" if prediction.quality is not None else "mean snap score",
+                 snap_score=round(float(prediction.snap_confidence), 4), **extra)
 
     def close(self) -> Path:
-        self._file.close()
+        rows = sorted(self._rows, key=lambda r: (r.get("confidence") is None, r.get("confidence") or 0.0))
+        with open(self.path, "w") as file:
+            for row in rows:
+                file.write(json.dumps(row, default=_plain) + "\n")
         return self.path
 
 

@@ -47,6 +47,7 @@ class PromptSet:
     masks: Any  # (P, 3, h, w) normalised, model dtype
     code: ColorCode
     sizes: tuple = ()  # (H, W) of each example as given: the scale at which "auto" tiles a target
+    examples: Any = None  # quality.ExampleStats of the example masks (None for tuned prompts alone)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -55,21 +56,25 @@ class PromptSet:
         """This set with more prompt rows (P', 3, h, w) after its own, in the same colour code."""
         import torch
 
-        return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes)
+        return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
+                         self.examples)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
         if count is None or count >= len(self):
             return self
-        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes)
+        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples)
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
         """The prompts of several sets in one (they must share a colour code)."""
         import torch
 
+        from .quality import ExampleStats
+
         return PromptSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), sets[0].code,
-                         tuple(size for s in sets for size in s.sizes))
+                         tuple(size for s in sets for size in s.sizes),
+                         ExampleStats.combine([s.examples for s in sets]))
 
 
 @dataclass

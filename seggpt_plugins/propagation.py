@@ -60,9 +60,10 @@ def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, f
 
 def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
               annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
-              seg_type: str = "instance", intensity_range=None, label_ids=None, ensemble: str = "feature") -> Iterator:
+              seg_type: str = "instance", intensity_range=None, label_ids=None, ensemble: str = "feature",
+              quality: str | None = "fast") -> Iterator:
     """See SegGPT.propagate. Drives the model through its public steps only (encode_images, paint_targets,
-    to_predictions), so this module does not import the engine."""
+    to_predictions, assess), so this module does not import the engine."""
     num_frames = len(frames)
     if num_frames == 0:
         raise InputError("no frames given")
@@ -71,6 +72,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
                          f"{max_prompts})")
     if seg_type not in SEG_TYPES:
         raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
+    if quality not in (None, "fast"):
+        raise InputError(f"propagate estimates quality 'fast' or None, got {quality!r} ('full' is for segment)")
     annotations = {int(k): v for k, v in (annotations or {}).items()}
     bad = [k for k in annotations if not 0 <= k < num_frames]
     if bad:
@@ -128,6 +131,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
                     colour_mask = model.encode_images([code.encode(prediction.labels)], nearest=True)[0]
                     run.memory.append((targets[j], colour_mask))
                 run.position += 1
+                if quality:
+                    prediction.quality = model.assess(prediction, run.fixed.examples, rgbs[j], quality)
                 yield prediction
 
 

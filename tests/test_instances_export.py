@@ -176,6 +176,8 @@ def test_cli_instances_coco_and_review_for_a_folder(nuclei_tiles):
         assert np.array_equal(union, instance_map > 0)
     rows = [json.loads(line) for line in (out / "review.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["model"] == "demo" and r["instances"] > 3 for r in rows)
+    assert all(r["confidence_is"] == "predicted IoU" and 0 < r["confidence"] < 1 for r in rows)
+    assert rows[0]["confidence"] <= rows[1]["confidence"]  # worst first
     again = seggpt("segment", "--model", "demo", "--prompt", nuclei_tiles / "prompt.png",
                    nuclei_tiles / "prompt_mask.png", nuclei_tiles / "data", "--out", out, "--output", "instances",
                    "--skip-existing")

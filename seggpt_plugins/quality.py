@@ -1,0 +1,341 @@
+"""How good is a proposal? An estimate of the IoU a person would measure, to review the worst first.
+
+    model.segment(targets, prompts)                       # quality="fast" (the default): Prediction.quality
+    model.segment(targets, prompts, quality="full")      # + the mirrored target: twice the forward passes
+    pred.confidence                                       # = pred.quality: what every adapter sorts by
+
+The snap score (how cleanly the painting snapped to a prompt colour) says little about being right: a
+model that copies too much of an example paints it cleanly. The estimate asks the examples instead. A
+naive per-pixel model of the task is read off the examples (`ExampleStats`: how often each label takes
+each grey level or coarse colour), and a proposal is doubted where it disagrees with it:
+
+- appearance_fit_foreground: the mean probability, under the naive model, of each pixel's predicted
+  foreground/background (predicted foreground that looks like the examples' background is suspect);
+- appearance_agreement: the mean IoU per label between the proposal and the naive model's labels;
+- flip_agreement ("full"): the mean IoU per label between the proposal and the proposal for the
+  mirrored target, mirrored back (a model that is unsure changes its mind).
+
+`BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); `fit` fits only
+the curve that maps that score to an IoU, on generated tasks whose truth is known (`seggpt fit-quality`,
+quality.json beside the weights). Other features are read too (`Prediction.quality_features`: snap
+scores, the uncertain share, size and fragment ratios against the examples); benchmarks/eval_quality.py
+reports how each relates to the true IoU, which is how the blend was chosen (docs/quality.md).
+
+Numpy only (scipy to fit); the estimates are small JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+QUALITIES = ("fast", "full")
+FIT_SEED = 30_000_000  # generated tasks the estimate is fitted on (training uses seeds far below)
+HELD_OUT_SEED = 20_240_403  # the held-out generated tasks every evaluation uses
+#: the features each estimate blends, with their weights (on standardised features): the ones whose
+#: relation to the true IoU held on generated tasks AND real nuclei (benchmarks/eval_quality.py)
+BLENDS = {"fast": {"appearance_fit_foreground": 1.0, "appearance_agreement": 1.0},
+          "full": {"appearance_fit_foreground": 1.0, "appearance_agreement": 1.0, "flip_agreement": 0.5}}
+UNCERTAIN_MARGIN = 0.5
+FEATURE_SIDE = 512  # features are read on a view of at most this many pixels a side
+QUALITY_FILE = "quality.json"  # next to a model's weights: the estimate fitted for them
+QUALITY_ENV = "SEGGPT_QUALITY_MODEL"  # or this file, for any weights
+SHIPPED = Path(__file__).resolve().parent / "demo" / "model" / QUALITY_FILE  # fitted for the demo model
+
+
+def check_quality(quality) -> str | None:
+    """A quality setting -> None (off), "fast" or "full"; InputError names what is wrong."""
+    if quality is None or quality in QUALITIES:
+        return quality
+    raise InputError(f"quality must be one of {QUALITIES} or None, got {quality!r}")
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+GREY_LEVELS = 64  # appearance bins of grey images; colour images: 8 levels per channel (512 bins)
+
+
+def appearance_bins(rgb: np.ndarray, grey: bool) -> np.ndarray:
+    """(H, W) bin index of each pixel of an (H, W, 3) uint8 image: its grey level, or its coarse colour."""
+    if grey:
+        return (rgb.mean(-1) if rgb.ndim == 3 else rgb).astype(np.int64) * GREY_LEVELS // 256
+    q = rgb.astype(np.int64) >> 5
+    return (q[..., 0] << 6) | (q[..., 1] << 3) | q[..., 2]
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+@dataclass(frozen=True)
+class ExampleStats:
+    """What the examples show: the mean share of labelled pixels, their objects' typical diameter, and
+    how often each label takes each appearance (a naive per-pixel model of the task: counts (bins, ids))."""
+
+    foreground: float
+    diameter: float | None
+    ids: tuple = ()  # label ids of the counts' columns, background 0 first
+    counts: np.ndarray | None = None  # (bins, len(ids)) pixel counts
+    grey: bool = True
+
+    @classmethod
+    def of(cls, masks, images=None) -> "ExampleStats":
+        """Stats of label masks (H, W) with, optionally, their (H, W, 3) uint8 images."""
+        from .ensembles import object_diameter
+
+        masks = [np.asarray(m) for m in masks]
+        if not masks:
+            return cls(float("nan"), None)
+        shares = [float((m != 0).mean()) for m in masks]
+        foreground, diameter = float(np.mean(shares)), object_diameter(masks)
+        if images is None:
+            return cls(foreground, diameter)
+        grey = all(is_grey(rgb) for rgb in images)
+        ids = tuple(int(i) for i in np.union1d([0], np.concatenate([np.unique(m) for m in masks])))
+        counts = np.zeros((GREY_LEVELS if grey else 512, len(ids)), np.float64)
+        for rgb, mask in zip(images, masks):
+            columns = np.searchsorted(ids, mask)
+            np.add.at(counts, (appearance_bins(rgb, grey).ravel(), columns.ravel()), 1)
+        return cls(foreground, diameter, ids, counts, grey)
+
+    @classmethod
+    def combine(cls, stats) -> "ExampleStats | None":
+        """The stats of several example sets together (None entries, tuned prompts, are left out)."""
+        stats = [s for s in stats if s is not None]
+        if not stats:
+            return None
+        diameters = [s.diameter for s in stats if s.diameter]
+        with_counts = [s for s in stats if s.counts is not None]
+        first = with_counts[0] if with_counts else None
+        if first is not None and all(s.ids == first.ids and s.grey == first.grey for s in with_counts):
+            ids, counts, grey = first.ids, sum(s.counts for s in with_counts), first.grey
+        else:
+            ids, counts, grey = (), None, True
+        return cls(float(np.mean([s.foreground for s in stats])), float(np.median(diameters)) if diameters else None,
+                   ids, counts, grey)
+
+    def appearance(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The naive model on a target (H, W, 3): (P(label | appearance) (H, W, K), the label ids (K,));
+        None without counts."""
+        if self.counts is None:
+            return None
+        prior = self.counts.sum(0) / self.counts.sum()
+        posterior = (self.counts + prior) / (self.counts.sum(1, keepdims=True) + 1.0)  # (bins, K), smoothed
+        return posterior[appearance_bins(rgb, self.grey)], np.asarray(self.ids)
+
+
+def feature_stride(shape) -> int:
+    """The stride of the view the features are read on (statistics: a strided view is enough)."""
+    return max(1, math.ceil(max(shape[:2]) / FEATURE_SIDE))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """The mean IoU, over the labels either map holds (background excluded), of two label maps; 1 when
+    both are empty."""
+    ids = np.union1d(np.unique(a), np.unique(b))
+    ious = []
+    for i in ids[ids != 0]:
+        x, y = a == i, b == i
+        ious.append(np.logical_and(x, y).sum() / np.logical_or(x, y).sum())
+    return float(np.mean(ious)) if ious else 1.0
+
+
+def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb: np.ndarray | None = None,
+             flipped: np.ndarray | None = None, strided: int | None = None) -> dict[str, float]:
+    """The features of one prediction (labels and scores (H, W)) given the target (H, W, 3); with
+    `flipped` (the mirrored target's labels, mirrored back), flip_agreement too. They are read on a view
+    of at most FEATURE_SIDE pixels a side; `strided`: the arrays are such a view already, of that stride."""
+    from .ensembles import object_diameter
+    from .instances import connected_components
+
+    stride = strided or feature_stride(labels.shape)
+    if stride > 1 and not strided:
+        labels, scores = labels[::stride, ::stride], scores[::stride, ::stride]
+        rgb = rgb[::stride, ::stride] if rgb is not None else None
+        flipped = flipped[::stride, ::stride] if flipped is not None else None
+    foreground = labels != 0
+    share = float(foreground.mean())
+    out = {"snap_foreground": float(scores[foreground].mean()) if share else 1.0,
+           "snap_all": float(scores.mean()),
+           "uncertain": float((scores < UNCERTAIN_MARGIN).mean())}
+    eps = 1.0 / labels.size
+    known = not math.isnan(examples.foreground)
+    out["size_ratio"] = abs(math.log((share + eps) / (examples.foreground + eps))) if known else 0.0
+    diameter = object_diameter([labels]) if share else None
+    diameter = diameter * stride if diameter else None
+    out["diameter_ratio"] = (abs(math.log(diameter / examples.diameter)) if diameter and examples.diameter
+                             else (0.0 if not share and not examples.diameter else 2.0))
+    if share and examples.diameter:
+        parts, count = connected_components(foreground, connectivity=4)
+        areas = np.bincount(parts.ravel())[1:]
+        out["fragments"] = float((areas * stride ** 2 < examples.diameter ** 2 / 4).mean()) if count else 0.0
+    else:
+        out["fragments"] = 0.0
+    naive = examples.appearance(rgb) if rgb is not None else None
+    if naive is not None:
+        posterior, ids = naive
+        column = np.searchsorted(ids, labels).clip(0, len(ids) - 1)
+        fits = np.take_along_axis(posterior, column[..., None], -1)[..., 0] * (ids[column] == labels)
+        out["appearance_fit"] = float(fits.mean())
+        out["appearance_agreement"] = agreement(labels, ids[posterior.argmax(-1)])
+        foreground_p = posterior[..., ids != 0].sum(-1)  # P(any label | appearance)
+        out["appearance_fit_foreground"] = float(np.where(foreground, foreground_p, 1 - foreground_p).mean())
+        out["appearance_agreement_foreground"] = agreement(foreground, foreground_p > 0.5)
+    else:
+        out["appearance_fit"] = out["appearance_agreement"] = 0.5
+        out["appearance_fit_foreground"] = out["appearance_agreement_foreground"] = 0.5
+    if flipped is not None:
+        out["flip_agreement"] = agreement(labels, flipped)
+        out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class QualityModel:
+    """predicted IoU = sigmoid(bias + sum(weights * (x - mean) / scale)) over named features."""
+
+    names: tuple
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+
+    def predict(self, values: dict[str, float]) -> float:
+        x = (np.array([values[n] for n in self.names]) - self.mean) / self.scale
+        return float(1.0 / (1.0 + np.exp(-(self.bias + x @ self.weights))))
+
+    def as_dict(self) -> dict:
+        return {"names": list(self.names), "mean": self.mean.tolist(), "scale": self.scale.tolist(),
+                "weights": self.weights.tolist(), "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QualityModel":
+        return cls(tuple(data["names"]), np.array(data["mean"], float), np.array(data["scale"], float),
+                   np.array(data["weights"], float), float(data["bias"]))
+
+
+def save_models(path, models: dict[str, QualityModel], fitted_on: str) -> None:
+    """One file holding the "fast" and "full" estimates fitted for one set of weights (replaced whole)."""
+    from .io import atomic_write
+
+    text = json.dumps({"format": "seggpt-quality/1", "fitted_on": fitted_on,
+                       "models": {name: m.as_dict() for name, m in models.items()}}, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=True)
+
+
+def load_models(path) -> dict[str, QualityModel]:
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "seggpt-quality/1":
+            raise ValueError("not a seggpt-quality/1 file")
+        models = {name: QualityModel.from_dict(m) for name, m in data["models"].items()}
+        missing = [q for q in QUALITIES if q not in models]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} estimate in it")
+        return models
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"quality estimate {path}: {exc}") from None
+
+
+class UncalibratedQualityWarning(UserWarning):
+    """The quality estimate in use was fitted for other weights (its ranking holds, its scale may not)."""
+
+
+def models_for(source: str | None) -> dict[str, QualityModel]:
+    """The estimates for a model: $SEGGPT_QUALITY_MODEL, else the quality.json beside its weights (a
+    model folder), else the demo model's, with a warning (fit one: `seggpt fit-quality`)."""
+    import os
+    import warnings
+
+    from .vocabulary import DEMO_MODEL
+
+    configured = os.environ.get(QUALITY_ENV)
+    if configured:
+        return load_models(configured)
+    if source == DEMO_MODEL:
+        return load_models(SHIPPED)
+    folder = Path(source) if source else None
+    if folder is not None and folder.is_dir() and (folder / QUALITY_FILE).is_file():
+        return load_models(folder / QUALITY_FILE)
+    named = f"{source}" if source else "these weights"
+    warnings.warn(f"the quality estimate was fitted for the demo model, not for {named}: its ranking holds better "
+                  f"than its scale; fit one with `seggpt fit-quality --model ...` (quality.json beside the "
+                  f"weights, or ${QUALITY_ENV})", UncalibratedQualityWarning, stacklevel=3)
+    return load_models(SHIPPED)
+
+
+def fit(rows: list[dict[str, float]], ious: list[float], blend: dict[str, float]) -> QualityModel:
+    """Calibrate a fixed blend of features to the true IoUs: the features are standardised over `rows`,
+    summed with the `blend` weights, and only the curve's slope and offset are fitted (least squares of
+    sigmoid(a * score + b) against the IoUs). Fixed weights keep the estimate from leaning on features
+    that predict errors on generated tasks but not on real images (see docs/quality.md)."""
+    from scipy.optimize import minimize
+
+    names = tuple(blend)
+    x = np.array([[r[n] for n in names] for r in rows], np.float64)
+    y = np.asarray(ious, np.float64)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    direction = np.array([blend[n] for n in names], np.float64)
+    score = ((x - mean) / scale) @ direction
+
+    def loss(theta):
+        p = 1.0 / (1.0 + np.exp(-(theta[0] * score + theta[1])))
+        residual = p - y
+        grad_p = 2 * residual * p * (1 - p) / len(y)
+        return float((residual ** 2).mean()), np.array([(grad_p * score).sum(), grad_p.sum()])
+
+    slope, bias = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B").x
+    return QualityModel(names, mean, scale, slope * direction, float(bias))
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3)) -> tuple[list[dict], list[float]]:
+    """The "full" features and the true IoU (mean over labels, quality.agreement) of `count` generated
+    tasks (synthetic.py, deterministic in `seed`; the prompt count cycles through `prompts`)."""
+    import warnings
+
+    from .colors import ColorCode
+    from .synthetic import SyntheticTasks
+
+    placeholder = QualityModel((), np.zeros(0), np.ones(0), np.zeros(0), 0.0)  # the features are what we need
+    saved, model._quality_models = model._quality_models, {q: placeholder for q in QUALITIES}
+    generator = SyntheticTasks(model.input_size[0], device="cpu")
+    to_np = lambda t: t.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()  # noqa: E731
+    rows, ious = [], []
+    try:
+        for k in range(count):
+            count_k = prompts[k % len(prompts)]
+            batch = generator.sample(1, prompts=count_k, seed=seed + k)
+            images = [to_np(batch.prompt_images[0, i] * 255) for i in range(count_k)]
+            masks = [to_np(batch.prompt_masks[0, i]) for i in range(count_k)]
+            truth = to_np(batch.target_masks[0])
+            if not any(m.any() for m in masks):
+                continue  # nothing to learn from: not a task
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # empty example masks of generated tasks
+                pred = model.segment(to_np(batch.target_images[0] * 255), images, masks, seg_type=batch.seg_type,
+                                     quality="full")[0]
+            code, prompt_code = ColorCode.from_masks(masks + [truth]), ColorCode.from_masks(masks)
+            predicted = code.labels_of_colors(prompt_code.encode(pred.labels))
+            rows.append(pred.quality_features)
+            ious.append(agreement(predicted, code.labels_of_colors(truth)))
+    finally:
+        model._quality_models = saved
+    return rows, ious
+
+
+def fit_models(rows: list[dict], ious: list[float]) -> dict[str, QualityModel]:
+    """The "fast" and "full" estimates calibrated on the same samples."""
+    return {name: fit(rows, ious, blend) for name, blend in BLENDS.items()}

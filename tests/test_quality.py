@@ -1,0 +1,146 @@
+"""The quality estimate (predicted IoU): its features, its calibration, and its use by segment/propagate."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from seggpt_plugins.errors import InputError
+from seggpt_plugins.quality import (BLENDS, SHIPPED, ExampleStats, QualityModel, UncalibratedQualityWarning,
+                                    agreement, features, fit, fit_models, load_models, models_for, save_models)
+
+
+def _bright_blobs(rng, size=64, count=6):
+    """A grey image with bright discs on a dark, noisy background, and the discs' mask."""
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), np.uint8)
+    for y, x in rng.integers(8, size - 8, (count, 2)):
+        mask[(yy - y) ** 2 + (xx - x) ** 2 <= 25] = 1
+    grey = np.where(mask > 0, 200, 40) + rng.integers(0, 20, (size, size))
+    return np.repeat(grey.astype(np.uint8)[..., None], 3, -1), mask
+
+
+def test_agreement_is_the_mean_iou_per_label():
+    a = np.array([[1, 1, 0, 2]])
+    b = np.array([[1, 0, 0, 2]])
+    assert agreement(a, b) == pytest.approx((0.5 + 1.0) / 2)
+    assert agreement(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+
+
+def test_examples_teach_which_appearance_is_which_label(rng):
+    image, mask = _bright_blobs(rng)
+    stats = ExampleStats.of([mask], [image])
+    assert stats.grey and stats.ids == (0, 1) and stats.foreground == pytest.approx(mask.mean())
+    target, truth = _bright_blobs(rng)
+    posterior, ids = stats.appearance(target)
+    assert list(ids) == [0, 1] and posterior.shape == (64, 64, 2)
+    assert agreement(truth, ids[posterior.argmax(-1)]) > 0.9  # bright = label 1, as the example shows
+
+
+def test_a_proposal_that_paints_background_looks_worse_than_the_truth(rng):
+    image, mask = _bright_blobs(rng)
+    stats = ExampleStats.of([mask], [image])
+    target, truth = _bright_blobs(rng)
+    scores = np.full(truth.shape, 0.9, np.float32)
+    right = features(truth, scores, stats, target)
+    swollen = features(np.ones_like(truth), scores, stats, target)  # everything painted as foreground
+    for name in BLENDS["fast"]:
+        assert right[name] > swollen[name]
+    assert "flip_agreement" not in right
+    assert features(truth, scores, stats, target, flipped=truth)["flip_agreement"] == 1.0
+
+
+def test_features_of_a_large_target_are_read_on_a_strided_view(rng):
+    image, mask = _bright_blobs(rng)
+    stats = ExampleStats.of([mask], [image])
+    big_image, big_truth = np.tile(image, (20, 20, 1)), np.tile(mask, (20, 20))
+    values = features(big_truth, np.ones(big_truth.shape, np.float32), stats, big_image)
+    assert values["appearance_agreement"] > 0.8 and abs(values["diameter_ratio"]) < 0.5
+
+
+def test_fit_calibrates_a_blend_and_the_file_round_trips(tmp_path, rng):
+    rows = [{"appearance_fit_foreground": v, "appearance_agreement": v + rng.normal(0, 0.01),
+             "flip_agreement": v} for v in rng.random(200)]
+    ious = [0.2 + 0.6 * r["appearance_fit_foreground"] for r in rows]
+    models = fit_models(rows, ious)
+    predicted = np.array([models["fast"].predict(r) for r in rows])
+    assert np.mean(np.abs(predicted - ious)) < 0.03
+    assert spearmanr(predicted, ious)[0] > 0.99  # the same order as the truth
+    save_models(tmp_path / "quality.json", models, fitted_on="test")
+    loaded = load_models(tmp_path / "quality.json")
+    assert loaded["full"].predict(rows[0]) == pytest.approx(models["full"].predict(rows[0]))
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(InputError, match="bad.json"):
+        load_models(tmp_path / "bad.json")
+
+
+def test_which_estimate_a_model_gets(tmp_path, monkeypatch):
+    monkeypatch.delenv("SEGGPT_QUALITY_MODEL", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(models_for("demo")) == {"fast", "full"}  # shipped, fitted for it: no warning
+    shipped = load_models(SHIPPED)
+    own = {name: QualityModel(m.names, m.mean, m.scale, m.weights, m.bias + 1.0) for name, m in shipped.items()}
+    save_models(tmp_path / "quality.json", own, fitted_on="these weights")
+    assert models_for(str(tmp_path))["fast"].bias == pytest.approx(shipped["fast"].bias + 1.0)
+    with pytest.warns(UncalibratedQualityWarning, match="fit-quality"):
+        models_for(str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("SEGGPT_QUALITY_MODEL", str(tmp_path / "quality.json"))
+    assert models_for("demo")["fast"].bias == pytest.approx(shipped["fast"].bias + 1.0)
+
+
+def test_segment_estimates_quality_and_confidence_reports_it(demo_model, nuclei2d):
+    image, truth = nuclei2d
+    example, mask = image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8)
+    calls = []
+    original = demo_model.paint_targets
+    demo_model.paint_targets = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        off, fast, full = (demo_model.segment(image[256:384, 256:384], example, mask, quality=q)[0]
+                           for q in (None, "fast", "full"))
+    finally:
+        del demo_model.paint_targets
+    assert calls == [1, 1, 1, 1]  # full paints the mirrored target as well
+    assert off.quality is None and off.confidence == off.snap_confidence
+    assert 0 < fast.quality < 1 and fast.confidence == fast.quality and set(BLENDS["fast"]) <= set(fast.quality_features)
+    assert 0 < full.quality < 1 and "flip_agreement" in full.quality_features
+    assert np.array_equal(off.labels, fast.labels) and np.array_equal(fast.labels, full.labels)
+    tiled = demo_model.segment(image[:256, :256], example, mask, tile=128, halo=16, quality="full")[0]
+    assert 0 < tiled.quality < 1 and tiled.quality_features["flip_agreement"] > 0.3
+    with pytest.raises(InputError, match="quality"):
+        demo_model.segment(image[:64, :64], example, mask, quality="best")
+
+
+def test_the_estimate_ranks_a_wrong_example_below_a_right_one(demo_model, nuclei2d):
+    """Nuclei segmented from a nuclei example vs from an example whose mask marks the background."""
+    image, truth = nuclei2d
+    example, mask = image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8)
+    target = image[256:384, 256:384]
+    right = demo_model.segment(target, example, mask)[0]
+    wrong = demo_model.segment(target, example, 1 - mask)[0]
+    assert right.quality > wrong.quality
+
+
+def test_propagate_estimates_quality_fast_only(demo_model, nuclei3d):
+    stack, labels = nuclei3d
+    predictions = list(demo_model.propagate(stack[:4], annotations={0: labels[0]}))
+    assert all(0 < p.quality < 1 and p.confidence == p.quality for p in predictions)
+    with pytest.raises(InputError, match="full"):
+        list(demo_model.propagate(stack[:4], annotations={0: labels[0]}, quality="full"))
+
+
+def test_cli_fit_quality_writes_an_estimate_any_model_can_use(tmp_path):
+    out = tmp_path / "quality.json"
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "seggpt_plugins.cli", "fit-quality", "--model", "demo",  # noqa: E731
+                                         "--out", str(out), *extra], capture_output=True, text=True)
+    result = run("--tasks", "24")
+    assert result.returncode == 0, result.stderr
+    assert set(load_models(out)) == {"fast", "full"} and "fitted_on" in json.loads(out.read_text())
+    again = run("--tasks", "24")
+    assert again.returncode == 2 and "exists" in again.stderr
+    few = run("--tasks", "5", "--overwrite")
+    assert few.returncode == 2 and "--tasks" in few.stderr
