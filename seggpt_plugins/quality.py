@@ -253,7 +253,7 @@ class UncalibratedQualityWarning(UserWarning):
 
 def models_for(source: str | None) -> dict[str, QualityModel]:
     """The estimates for a model: $SEGGPT_QUALITY_MODEL, else the quality.json beside its weights (a
-    model folder), else the demo model's, with a warning (fit one: `seggpt fit-quality`)."""
+    model folder), else the demo model's, with a warning for loaded weights (fit one: `seggpt fit-quality`)."""
     import os
     import warnings
 
@@ -267,10 +267,10 @@ def models_for(source: str | None) -> dict[str, QualityModel]:
     folder = Path(source) if source else None
     if folder is not None and folder.is_dir() and (folder / QUALITY_FILE).is_file():
         return load_models(folder / QUALITY_FILE)
-    named = f"{source}" if source else "these weights"
-    warnings.warn(f"the quality estimate was fitted for the demo model, not for {named}: its ranking holds better "
-                  f"than its scale; fit one with `seggpt fit-quality --model ...` (quality.json beside the "
-                  f"weights, or ${QUALITY_ENV})", UncalibratedQualityWarning, stacklevel=3)
+    if source:  # weights loaded from somewhere (a network built in memory has nowhere to keep one)
+        warnings.warn(f"the quality estimate was fitted for the demo model, not for {source}: its ranking holds "
+                      f"better than its scale; fit one with `seggpt fit-quality --model {source}` (quality.json "
+                      f"beside the weights, or ${QUALITY_ENV})", UncalibratedQualityWarning, stacklevel=3)
     return load_models(SHIPPED)
 
 
