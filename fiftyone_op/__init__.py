@@ -7,8 +7,9 @@ model cache, one set of constants), whether FiftyOne or Python imported it first
 imported here, so that `seggpt --help` (which imports `seggpt_plugins.fiftyone.cli`) stays instant.
 
 Modules: `operators` (the App form, execution modes, sharding), `plan` (checks, prompts and targets),
-`options`, `fields`, `codecs` (labels <-> label maps), `segment` (prediction), `commit` (staging and the
-crash-safe commit), `evaluation`, `cli`.
+`options`, `fields`, `models` (the models offered), `codecs` (labels <-> label maps), `segment`
+(prediction), `commit` (staging and the crash-safe commit), `evaluation`, `app` (how the App shows the
+output), `runs` (where scheduled runs are), `cli`.
 """
 
 

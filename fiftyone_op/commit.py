@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seggpt_plugins.fiftyone.app import present
 from seggpt_plugins.fiftyone.fields import SEGMENTATION, adopt, declare_fields
 from seggpt_plugins.fiftyone.options import Options
 
@@ -204,6 +205,8 @@ class Commit:
         _reload(dataset)
         if self.declare and opts.overwrite_field:  # written by this operator from now on
             adopt(dataset, (opts.output_field, opts.confidence_field))
+        if self.declare:
+            present(dataset, opts, self.kind)
 
     def _label(self, codec, sample_id: str):
         staged = self.staging.read(sample_id)
@@ -241,11 +244,13 @@ def _declare_targets(dataset, opts: Options, kind: str) -> None:
 
 def declare_output(dataset, opts: Options, kind: str) -> None:
     """Declare the output fields (marked as this operator's) and their targets once, before shards run
-    concurrently (so that no two workers edit the dataset's schema at the same time)."""
+    concurrently (so that no two workers edit the dataset's schema at the same time), and how the App
+    shows them (`app.present`: the confidence index and colours)."""
     declare_fields(dataset, opts, kind)
     if opts.overwrite_field:
         adopt(dataset, (opts.output_field, opts.confidence_field))
     _declare_targets(dataset, opts, kind)
+    present(dataset, opts, kind)
 
 
 # ------------------------------------------------------------------------------------------ the steps

@@ -6,6 +6,9 @@ import numpy as np
 
 from seggpt_plugins.fiftyone.options import Options
 
+METRIC = "@seggpt/seggpt/miou"  # the id of the mIoU among the evaluation's custom metrics
+BACKGROUND_COUNTED = True  # the mIoU averages every class, background included
+
 
 def iou_from_confusion(matrix: np.ndarray, classes) -> tuple[dict, float | None]:
     """Per-class IoU = diag / (row + col - diag) (rows: ground truth, columns: prediction), over the
@@ -15,6 +18,23 @@ def iou_from_confusion(matrix: np.ndarray, classes) -> tuple[dict, float | None]
     union = matrix.sum(axis=0) + matrix.sum(axis=1) - tp
     iou = {str(c): float(tp[i] / union[i]) for i, c in enumerate(classes) if union[i] > 0}
     return iou, (float(np.mean(list(iou.values()))) if iou else None)
+
+
+def store_iou(results, iou: dict, miou: float | None) -> None:
+    """Keep the mIoU and per-class IoU with a stored evaluation: as custom metrics of its results (the
+    Model Evaluation panel lists them, `results.metrics()` has them) and in its config
+    (`dataset.get_evaluation_info(key).config.miou`, `.class_iou`, `.miou_counts_background`)."""
+    counted = "background counted" if BACKGROUND_COUNTED else "background not counted"
+    metrics = {METRIC: {"key": "miou", "value": miou, "label": f"mIoU ({counted})", "lower_is_better": False}}
+    for name, value in iou.items():
+        metrics[f"{METRIC}/{name}"] = {"key": f"iou_{name}", "value": value, "label": f"IoU {name}",
+                                       "lower_is_better": False}
+    results.custom_metrics = {**(results.custom_metrics or {}), **metrics}
+    results.save()
+    results.config.miou = miou
+    results.config.class_iou = dict(iou)
+    results.config.miou_counts_background = BACKGROUND_COUNTED
+    results.save_config()
 
 
 def evaluate(dataset, opts: Options, sample_ids: list[str], eval_key: str | None) -> dict:
@@ -44,6 +64,8 @@ def evaluate(dataset, opts: Options, sample_ids: list[str], eval_key: str | None
     results = view.evaluate_segmentations(opts.output_field, gt_field=opts.gt_field, eval_key=eval_key,
                                           mask_targets=targets, progress=False)
     iou, miou = iou_from_confusion(results.pixel_confusion_matrix, results.classes)
+    if eval_key is not None:
+        store_iou(results, iou, miou)
     metrics = results.metrics()
     return {"samples": count, "eval_key": eval_key, "miou": miou, "iou": iou,
             "accuracy": float(metrics["accuracy"]), "precision": float(metrics["precision"]),

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from seggpt_plugins.io import unwritable
 
-from seggpt_plugins.fiftyone.options import Options, ParamError
+from seggpt_plugins.fiftyone.models import device_problem, model_problem
+from seggpt_plugins.fiftyone.options import CONFIDENCE_DESCRIPTION, Options, ParamError, label
 
 SEGMENTATION, DETECTIONS = "Segmentation", "Detections"
 RESERVED_FIELDS = {"id", "_id", "filepath", "tags", "metadata", "created_at", "last_modified_at", "media_type",
@@ -31,12 +32,38 @@ def field_kind(dataset, name: str) -> str | None:
     return None
 
 
-def label_fields(dataset) -> dict[str, str]:
-    """Top-level fields SegGPT can learn from: {name: SEGMENTATION | DETECTIONS}."""
+def label_fields(dataset, learnable: bool = False) -> dict[str, str]:
+    """Top-level fields SegGPT can read: {name: SEGMENTATION | DETECTIONS}; learnable: without the fields
+    this operator wrote (earlier predictions are not offered as labels to learn from)."""
     import fiftyone as fo
 
     schema = dataset.get_field_schema(embedded_doc_type=[fo.Segmentation, fo.Detections])
-    return {name: field_kind(dataset, name) for name in sorted(schema)}
+    return {name: field_kind(dataset, name) for name in sorted(schema) if not (learnable and is_ours(dataset, name))}
+
+
+def masked_count(view, name: str, kind: str) -> int:
+    """How many samples of the view have masks in the field (Detections: at least one detection with one)."""
+    from fiftyone import ViewField as F
+
+    has_mask = (F("mask") != None) | (F("mask_path") != None)  # noqa: E711 (a database expression)
+    if kind == DETECTIONS:
+        return view.match(F(f"{name}.detections").filter(has_mask).length() > 0).count()
+    return view.match((F(f"{name}.mask") != None) | (F(f"{name}.mask_path") != None)).count()  # noqa: E711
+
+
+def best_label_field(dataset, fields: dict[str, str], prompts=None) -> str | None:
+    """The field to learn from by default: one with masks on the prompt candidates (`prompts`: the tagged
+    or selected samples; None: any sample), preferring a field that is not filled everywhere (labels a
+    person made on a few samples, not a ground truth or earlier output), then the most prompts, then
+    Segmentation, then by name."""
+    if not fields:
+        return None
+    total = len(dataset)
+    filled = {name: masked_count(dataset, name, kind) for name, kind in fields.items()}
+    on_prompts = filled if prompts is None else {name: masked_count(prompts, name, kind)
+                                                 for name, kind in fields.items()}
+    return min(fields, key=lambda name: (on_prompts[name] == 0, filled[name] >= total, -on_prompts[name],
+                                         filled[name], fields[name] != SEGMENTATION, name))
 
 
 def type_name(dataset, name: str) -> str:
@@ -78,7 +105,8 @@ def declare_fields(dataset, opts: Options, kind: str) -> list[str]:
                                  info=owner_info())
         added.append(opts.output_field)
     if not dataset.has_field(opts.confidence_field):
-        dataset.add_sample_field(opts.confidence_field, fo.FloatField, info=owner_info())
+        dataset.add_sample_field(opts.confidence_field, fo.FloatField, info=owner_info(),
+                                 description=CONFIDENCE_DESCRIPTION)
         added.append(opts.confidence_field)
     return added
 
@@ -107,22 +135,23 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
         errors["output_field"] = (f"'{out}' is not a usable field name (letters, digits and underscores, not "
                                   "starting with an underscore, not a built-in field)")
     elif out == opts.label_field:
-        errors["output_field"] = "must differ from label_field: the prompts' labels are never overwritten"
+        errors["output_field"] = (f"must differ from the {label('label_field')} ('{out}'): the labels learnt "
+                                  "from are never overwritten")
     elif out == opts.gt_field:
-        errors["output_field"] = "must differ from gt_field"
+        errors["output_field"] = f"must differ from the {label('gt_field')} ('{out}'), the ground truth"
     elif dataset.has_field(out) and kind is not None and field_kind(dataset, out) != kind:
         errors["output_field"] = (f"'{out}' exists and holds {type_name(dataset, out)}, but the predictions are "
                                   f"{kind}; choose another output field")
     elif dataset.has_field(opts.confidence_field) and not isinstance(dataset.get_field(opts.confidence_field),
                                                                      fo.FloatField):
-        errors["output_field"] = (f"'{opts.confidence_field}' (where the per-sample confidence goes) exists and is "
-                                  f"not a float field; choose another output field")
+        errors["output_field"] = (f"'{opts.confidence_field}' (where the predicted IoU goes) exists and is not a "
+                                  "float field; choose another output field")
     elif not opts.overwrite_field:
         foreign = [f for f in (out, opts.confidence_field) if dataset.has_field(f) and not is_ours(dataset, f)]
         if foreign:
             errors["output_field"] = (f"'{foreign[0]}' exists and was not written by this operator (it may hold "
-                                      "human labels); choose another output field, or set overwrite_field=true "
-                                      "to write into it anyway")
+                                      "human labels); choose another output field, or turn on "
+                                      f"{label('overwrite_field')} to write into it anyway")
 
     if opts.gt_field is not None:
         if not dataset.has_field(opts.gt_field):
@@ -136,6 +165,9 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
 
     if opts.prompt_tag is not None and not shard and opts.prompt_tag not in dataset.distinct("tags"):
         errors["prompt_tag"] = f"no sample of the dataset is tagged '{opts.prompt_tag}'"
+    for name, problem in (("model", model_problem(opts.model)), ("device", device_problem(opts.device))):
+        if problem:
+            errors[name] = problem
     if opts.mask_dir is not None:
         problem = unwritable(Path(opts.mask_dir))
         if problem:

@@ -1,7 +1,8 @@
 """The FiftyOne operator `@seggpt/seggpt/propagate_labels`: the App form, execution modes and sharding.
 
 The work itself is in the other modules: `plan.py` (checks, prompts and targets: one plan for the form and
-the run), `segment.py` (prediction), `commit.py` (staging and commit), `evaluation.py`. (Not named
+the run), `segment.py` (prediction), `commit.py` (staging and commit), `evaluation.py`; `app.py` (how the
+App shows the output), `runs.py` (where scheduled runs are), `models.py` (the models offered). (Not named
 `operator.py`: that would shadow the standard library module for code run from this folder.) Every module
 is imported as `seggpt_plugins.fiftyone.*`, whatever name FiftyOne gave the plugin folder.
 
@@ -24,16 +25,22 @@ from fiftyone.operators.constants import ViewTarget
 from seggpt_plugins.errors import SegGPTError
 from seggpt_plugins.vocabulary import AUTO_MODEL
 
+from seggpt_plugins.fiftyone.app import colour_fields, shown_fields
 from seggpt_plugins.fiftyone.commit import declare_output
-from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, label_fields
-from seggpt_plugins.fiftyone.options import CONFIDENCE_SUFFIX, Options, ParamError
+from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, best_label_field, label_fields
+from seggpt_plugins.fiftyone.models import device_choices, model_choices
+from seggpt_plugins.fiftyone.options import CONFIDENCE_DESCRIPTION, CONFIDENCE_SUFFIX, Options, ParamError, label
 from seggpt_plugins.fiftyone.plan import make_plan, split
+from seggpt_plugins.fiftyone.runs import LAUNCH, scheduled_runs
 from seggpt_plugins.fiftyone.segment import segment_view
 
 URI = "@seggpt/seggpt/propagate_labels"
+LABEL = "Propagate labels with SegGPT"
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
 SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
 PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
+ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "batch_size", "device", "mask_dir",
+            "skip_existing", "overwrite_field", "num_shards", "gt_field")  # behind the Advanced settings switch
 # request params of the run that queues shards that must not reach the shards themselves
 _NOT_FOR_SHARDS = {"selected", "selected_samples", "selected_labels", "current_sample", "extended_selection",
                    "run_doc", "results", "request_delegation", "filters", "extended", "view_name", "target",
@@ -47,7 +54,7 @@ class PropagateLabels(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="propagate_labels",
-            label="Propagate labels with SegGPT",
+            label=LABEL,
             description="Propose masks for a view from a few labelled samples (SegGPT in-context segmentation)",
             dynamic=True,
             execute_as_generator=True,
@@ -58,29 +65,29 @@ class PropagateLabels(foo.Operator):
     # ----------------------------------------------------------------------------------------- form
 
     def resolve_input(self, ctx):
+        """The essentials (which samples, what to learn from, where to write, the model), then the rest
+        behind the Advanced settings switch (the pattern of FiftyOne's zoo operators)."""
         inputs = types.Object()
-        dataset = ctx.dataset
         params = ctx.params
-        selection_prompts = bool(ctx.selected) and not params.get("prompt_tag")
         default_target = None
-        if selection_prompts:  # selected samples are the prompts: propagate to the view, not to them
+        if self._selection_prompts(ctx):  # selected samples are the prompts: propagate to the view, not to them
             default_target = ViewTarget.CURRENT_VIEW if ctx.has_custom_view else ViewTarget.DATASET
         target = inputs.view_target(ctx, action_description="Propagate labels to", default_target=default_target)
 
-        fields = label_fields(dataset)
+        fields = label_fields(ctx.dataset, learnable=True)
         if not fields:
             inputs.view("no_fields", types.Error(
                 label="Nothing to learn from",
-                description="This dataset has no Segmentation field and no Detections field. Label a few "
-                            "samples first (masks or instance masks), then run this operator."))
+                description="This dataset has no Segmentation field and no Detections field (other than SegGPT's "
+                            "own predictions). Label a few samples first (masks or instance masks), then run this "
+                            "operator."))
             inputs.str("label_field", required=True, invalid=True,
-                       error_message="no Segmentation or Detections field in this dataset")
-            return types.Property(inputs, view=types.View(label="Propagate labels with SegGPT"))
+                       error_message="no Segmentation or Detections field to learn from in this dataset")
+            return types.Property(inputs, view=types.View(label=LABEL))
 
         errors, summary, kind = self._validate(ctx)
-        label_field = params.get("label_field") or next(iter(fields))
-        kind = kind or fields.get(label_field)
-
+        label_field = params.get("label_field") or best_label_field(ctx.dataset, fields, self._prompt_candidates(ctx))
+        kind = kind or label_fields(ctx.dataset).get(label_field)
         if errors.get("view_target"):
             target.invalid, target.error_message = True, errors["view_target"]
 
@@ -88,75 +95,110 @@ class PropagateLabels(foo.Operator):
             message = errors.get(name)
             if message:
                 kwargs.update(invalid=True, error_message=message)
-            return add(name, **kwargs)
+            return add(name, label=label(name), **kwargs)
 
-        choices = types.Dropdown(label="Labels to learn from")
+        self._essentials(ctx, field, inputs, fields, label_field, kind)
+        inputs.bool("advanced", default=False, label="Advanced settings", view=types.SwitchView(),
+                    description="Prompts per target, segmentation type, ensemble, tiles, batch size, device, mask "
+                                "folder, shards, evaluation against a ground truth")
+        if params.get("advanced") or any(name in errors for name in ADVANCED):
+            self._advanced(ctx, field, inputs, label_field, kind)
+
+        if summary:
+            inputs.view("plan", types.Notice(label=summary))
+        runs = scheduled_runs(ctx.dataset.name)
+        if runs:
+            inputs.view("runs", types.Notice(label="Scheduled runs on this dataset (newest first)",
+                                             description="; ".join(runs)))
+        other = {k: v for k, v in errors.items() if k not in inputs.properties or k == "view_target"}
+        if other:
+            inputs.view("problems", types.Error(label="Cannot run", description="; ".join(other.values())))
+        return types.Property(inputs, view=types.View(label=LABEL))
+
+    def _essentials(self, ctx, field, inputs, fields, label_field, kind):
+        """What to learn from, where to write, and with which model."""
+        choices = types.Dropdown()
         for name, field_type in fields.items():
             choices.add_choice(name, label=name, description=field_type)
+        if label_field not in fields and label_field in label_fields(ctx.dataset):  # one of SegGPT's own
+            choices.add_choice(label_field, label=label_field, description="written by SegGPT")
         field("label_field", inputs.str, required=True, default=label_field, view=choices,
-              label="Label field",
-              description="Segmentation, or Detections with instance masks, filled on the prompt samples")
-
-        tags = types.Dropdown(label="Prompt tag")
-        for tag in sorted(dataset.distinct("tags")):
+              description="What SegGPT learns from: Segmentation, or Detections with instance masks, filled on "
+                          "the prompt samples")
+        tags = types.Dropdown()
+        for tag in sorted(ctx.dataset.distinct("tags")):
             tags.add_choice(tag, label=tag)
-        field("prompt_tag", inputs.str, required=False, view=tags, label="Prompt tag",
+        field("prompt_tag", inputs.str, required=False, view=tags,
               description="Samples with this tag are the prompts. Empty: the selected samples when there is a "
-                          "selection (and the target is not the selection), else every sample with the label field")
+                          "selection (and it is not what is propagated to), else every sample with the label field")
+        field("output_field", inputs.str, required=True, default=f"{label_field}_seggpt",
+              description=f"Where the predictions go ({kind or 'same type as the label field'}); "
+                          f"<output field>{CONFIDENCE_SUFFIX} gets each sample's {CONFIDENCE_DESCRIPTION}")
+        models = types.AutocompleteView()
+        for value, description in model_choices():
+            models.add_choice(value, label=value, description=description)
+        field("model", inputs.str, default=AUTO_MODEL, view=models,
+              description="A listed model (auto, demo, SegGPT weights downloaded on this machine), or the path of "
+                          "a transformers folder or Painter .pth checkpoint on this machine")
 
-        field("output_field", inputs.str, required=True, default=f"{label_field}_seggpt", label="Output field",
-              description=f"Predictions go here ({kind or 'same type as the label field'}); the per-sample "
-                          f"confidence goes to <output field>{CONFIDENCE_SUFFIX}")
-        field("max_prompts", inputs.int, min=1, default=4, label="Prompts per target",
-              description="Each target uses this many prompt samples, the most similar to it first")
+    def _advanced(self, ctx, field, inputs, label_field, kind):
+        """Everything with a good default."""
+        field("max_prompts", inputs.int, min=1, default=4,
+              description="Prompts per target: each target uses this many prompt samples, the most similar first")
         kinds = types.RadioGroup()
         kinds.add_choice("semantic", label="semantic", description="colours are classes")
         kinds.add_choice("instance", label="instance", description="colours are objects (SegGPT's default)")
         field("embedding_type", inputs.enum, values=kinds.values(), view=kinds,
-              default="instance" if kind == DETECTIONS else "semantic", label="Segmentation type",
-              description="SegGPT's type token")
-        field("batch_size", inputs.int, min=1, default=8, label="Batch size",
-              description="Targets per forward pass")
+              default="instance" if kind == DETECTIONS else "semantic", description="SegGPT's type token")
         ensembles = types.RadioGroup()
         ensembles.add_choice("feature", label="feature", description="one prompt each, averaged (Painter's)")
         ensembles.add_choice("spatial", label="spatial", description="prompts stitched into one canvas (the "
                                                                      "SegGPT paper's spatial ensemble)")
         ensembles.add_choice("both", label="both", description="canvases of 4 prompts, averaged")
         field("ensemble", inputs.enum, values=ensembles.values(), view=ensembles, default="feature",
-              label="Ensemble", description="How several prompts meet the model")
-        field("tile", inputs.str, required=False, label="Tile",
-              description="Cut large targets into tiles of this many pixels (or 'auto': six object diameters of the prompts; larger prompts are cut to their most labelled tile), "
-                          "segmented at that scale and stitched back. Empty: no tiling")
-        field("halo", inputs.int, min=0, default=32, label="Tile halo",
+              description="How several prompts meet the model")
+        field("tile", inputs.str, required=False,
+              description="Cut large targets into tiles of this many pixels (or 'auto': six object diameters of "
+                          "the prompts; larger prompts are cut to their most labelled tile), segmented at that "
+                          "scale and stitched back. Empty: no tiling")
+        field("halo", inputs.int, min=0, default=32,
               description="Pixels each tile overlaps its neighbours by (below half the tile)")
-        field("model", inputs.str, default=AUTO_MODEL, label="Model",
-              description="Hugging Face hub id, local transformers folder, Painter .pth checkpoint, 'demo', or "
-                          "'auto' ($SEGGPT_MODEL, else the hub weights when cached here, else the demo model)")
-        field("device", inputs.str, default="auto", label="Device",
-              description="auto (cuda, then mps, then cpu), cuda, cuda:1, cpu, ...")
-        field("mask_dir", inputs.str, required=False, label="Store masks on disk in",
-              description="Absolute folder for mask PNGs (mask_path; <folder>/<output field>/<sample id>.png). "
+        field("batch_size", inputs.int, min=1, default=8, description="Targets per forward pass")
+        devices = types.Dropdown()
+        for device in device_choices():
+            devices.add_choice(device, label=device)
+        field("device", inputs.str, default="auto", view=devices,
+              description="auto: cuda, then mps, then cpu (of the machine that runs the operation)")
+        field("mask_dir", inputs.str, required=False,
+              description="Absolute folder for mask PNGs (mask_path; <folder>/<output field>/<file>.png). "
                           "Empty: masks inline in the database (fine for small views)")
-        field("skip_existing", inputs.bool, default=True, label="Skip samples that already have the output field")
-        field("overwrite_field", inputs.bool, default=False, label="Write into an existing field not made by SegGPT",
-              description="Off: an output field that exists and was not written by this operator (human labels, "
-                          "say) is refused")
-        field("num_shards", inputs.int, min=1, default=1, label="Shards",
-              description="Above 1: queue this many delegated operations, each on a part of the targets, for "
-                          "parallel `fiftyone delegated launch` workers sharing this database")
-        gt_choices = types.Dropdown(label="Ground truth")
-        for name, field_type in fields.items():
+        field("skip_existing", inputs.bool, default=True,
+              description="Leave samples that already have the output field alone")
+        field("overwrite_field", inputs.bool, default=False,
+              description="Write into an existing output field not made by SegGPT (off: such a field, human "
+                          "labels say, is refused)")
+        field("num_shards", inputs.int, min=1, default=1,
+              description="Above 1: schedule this many operations, each on a part of the targets, for parallel "
+                          "`fiftyone delegated launch` workers sharing this database")
+        ground_truths = types.Dropdown()
+        for name, field_type in label_fields(ctx.dataset, learnable=True).items():
             if field_type == SEGMENTATION:
-                gt_choices.add_choice(name, label=name)
-        field("gt_field", inputs.str, required=False, view=gt_choices, label="Evaluate against",
-              description="Optional Segmentation ground truth: evaluate_segmentations on the targets, mIoU")
+                ground_truths.add_choice(name, label=name)
+        field("gt_field", inputs.str, required=False, view=ground_truths,
+              description="Optional Segmentation ground truth: evaluate the targets (the Model Evaluation panel "
+                          "shows mIoU, background counted, and IoU per class)")
 
-        if summary:
-            inputs.view("plan", types.Notice(label=summary))
-        other = {k: v for k, v in errors.items() if k not in inputs.properties or k == "view_target"}
-        if other:
-            inputs.view("problems", types.Error(label="Cannot run", description="; ".join(other.values())))
-        return types.Property(inputs, view=types.View(label="Propagate labels with SegGPT"))
+    def _prompt_candidates(self, ctx):
+        """The samples the prompts will come from: tagged, else selected, else None (any with the field)."""
+        tag = ctx.params.get("prompt_tag")
+        if tag:
+            return ctx.dataset.match_tags(tag)
+        if self._selection_prompts(ctx):
+            return ctx.dataset.select(list(ctx.selected))
+        return None
+
+    def _selection_prompts(self, ctx) -> bool:
+        return bool(ctx.selected) and not ctx.params.get("prompt_tag")
 
     def _validate(self, ctx):
         """(errors by parameter, a one-line plan, source kind) for the form; never raises for bad input."""
@@ -171,6 +213,9 @@ class PropagateLabels(foo.Operator):
                    + (f" in {_count(min(opts.num_shards, targets), 'shard')}" if opts.num_shards > 1 else ""))
         if not targets:
             summary += " (nothing to do" + (": all have the output field)" if opts.skip_existing else ")")
+        elif targets > IMMEDIATE_LIMIT or opts.num_shards > 1:
+            summary += (f". Schedule it: a worker runs it (`{LAUNCH}`), and this form lists it with its "
+                        "progress")
         return {}, summary, plan.kind
 
     def _plan(self, ctx):
@@ -192,16 +237,20 @@ class PropagateLabels(foo.Operator):
         return ExecutionOptions(allow_immediate_execution=True, allow_delegated_execution=True,
                                 default_choice_to_delegated=many)
 
+    def resolve_run_name(self, ctx):
+        """The label of a scheduled run, as `fiftyone delegated list` and this form's run list show it."""
+        return run_name(ctx.params)
+
     def resolve_output(self, ctx):
         results = ctx.results or {}
         outputs = types.Object()
         if "shards" in results:
-            outputs.list("shards", types.String(), label="Queued shard operations")
+            outputs.list("shards", types.String(), label="Scheduled shard operations")
         else:
             outputs.int("targets", label="Samples predicted")
-            outputs.float("mean_confidence", label="Mean confidence")
+            outputs.float("mean_confidence", label="Mean predicted IoU")
             if results.get("miou") is not None:
-                outputs.float("miou", label="mIoU")
+                outputs.float("miou", label="mIoU (background counted)")
         return types.Property(outputs, view=types.View(label="SegGPT"))
 
     # ---------------------------------------------------------------------------------------- running
@@ -220,21 +269,25 @@ class PropagateLabels(foo.Operator):
             targets = plan.target_ids()
             if shard is None and opts.num_shards > 1 and len(targets) > 1:
                 summary = self._queue_shards(ctx, plan, targets)
-                message = (f"SegGPT: queued {len(summary['shards'])} delegated operations for {len(targets)} "
-                           "samples; run `fiftyone delegated launch` on one or more workers")
+                message = (f"SegGPT: scheduled {len(summary['shards'])} operations for {len(targets)} samples "
+                           f"({', '.join(summary['shards'])}); they run when workers run `{LAUNCH}`, and this "
+                           "operator's form lists them with their progress")
             else:
                 eval_ids = ctx.target_view().exclude(plan.prompts).values("id") if opts.gt_field else None
                 steps = segment_view(dataset, opts, plan.prompts, targets, kind=plan.kind, declare=shard is None,
                                      eval_ids=eval_ids, eval_key=opts.eval_key if shard is None else None)
                 summary = yield from _relay(ctx, steps)
                 message = _describe(summary, shard)
-        except SegGPTError as exc:
+        except Exception as exc:
             if not ctx.delegated:
-                yield ctx.ops.notify(f"SegGPT: {exc}", variant="error")
+                yield from _stopped(ctx, exc)
             raise
         if not ctx.delegated:
             yield ctx.ops.notify(message, variant="success")
             yield ctx.ops.reload_dataset()
+            if summary.get("targets") and "shards" not in summary:  # the new field: coloured and switched on
+                yield ctx.trigger("set_color_scheme", {"fields": colour_fields(dataset)})
+                yield ctx.ops.set_active_fields(shown_fields(ctx.active_fields, opts))
         return summary
 
     def _selection(self, ctx):
@@ -263,7 +316,7 @@ class PropagateLabels(foo.Operator):
             request["view_target"] = ViewTarget.CURRENT_VIEW
             request["delegated"] = True
             op = service.queue_operation(
-                operator=self.uri, label=f"{self.config.label} -> {opts.output_field} ({index + 1}/{len(parts)})",
+                operator=self.uri, label=f"{run_name(ctx.params)} ({index + 1}/{len(parts)})",
                 delegation_target=ctx.delegation_target, context={"request_params": request},
                 metadata={"inputs_schema": None, "outputs_schema": None}, rerunnable=True)
             ops.append(str(op.id))
@@ -323,12 +376,32 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def run_name(params: dict) -> str:
+    """'Propagate labels with SegGPT -> <output field>': how runs are named in the queue."""
+    try:
+        return f"{LABEL} -> {Options.from_params(params).output_field}"
+    except ParamError:
+        return LABEL
+
+
+def _stopped(ctx, exc):
+    """A failed immediate run: the App's progress line says it stopped (not '0% Loading model' forever),
+    and a notification says why."""
+    message = str(exc) if isinstance(exc, SegGPTError) else f"{type(exc).__name__}: {exc}"
+    outputs = types.Object()
+    outputs.view("stopped", types.Error(label="SegGPT stopped", description=message))
+    yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
+    yield ctx.ops.notify(f"SegGPT stopped: {message}", variant="error")
+
+
 def _describe(summary, shard) -> str:
     where = f" (shard {shard[0] + 1}/{shard[1]})" if shard else ""
     text = f"SegGPT{where}: {summary['targets']} samples written to '{summary['output_field']}'"
     if summary["targets"]:
-        text += f", mean confidence {summary['mean_confidence']:.3f}"
+        text += (f", mean predicted IoU {summary['mean_confidence']:.3f} (sort by "
+                 f"'{summary['confidence_field']}' to review the lowest first)")
     evaluation = summary.get("evaluation")
     if evaluation and evaluation.get("miou") is not None:
-        text += f"; mIoU {evaluation['miou']:.3f} on {evaluation['samples']} samples vs '{summary.get('gt_field')}'"
+        text += (f"; mIoU {evaluation['miou']:.3f} (background counted) on {evaluation['samples']} samples vs "
+                 f"'{summary.get('gt_field')}'")
     return text

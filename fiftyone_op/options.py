@@ -14,8 +14,17 @@ from seggpt_plugins.ensembles import ENSEMBLES, tile_size
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
 
-CONFIDENCE_SUFFIX = "_confidence"  # per-sample mean score, to sort the review queue by
+CONFIDENCE_SUFFIX = "_confidence"  # per-sample predicted IoU (lower: review first), to sort the review queue by
 EVAL_SUFFIX = "_eval"  # evaluation key of a run with gt_field (not in shard runs: see evaluation.evaluate)
+
+
+CONFIDENCE_DESCRIPTION = "predicted IoU (lower: review first)"  # of the confidence field, in the App and docs
+_LABELS = {"gt_field": "Ground truth field"}  # where the parameter's own name reads badly
+
+
+def label(name: str) -> str:
+    """A parameter as the App form names it (the zoo operators' convention): label_field -> 'Label field'."""
+    return _LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
 class ParamError(InputError):

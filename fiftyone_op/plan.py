@@ -72,33 +72,47 @@ def check_prompts(dataset, opts: Options, ids: list[str], how: str) -> list[str]
                                  "or select them"})
     present = dataset.select(ids)
     if len(present) != len(set(ids)):
-        raise ParamError({where: f"{len(set(ids)) - len(present)} of the {len(ids)} prompt samples ({how}) no longer "
-                                 "exist in the dataset"})
-    missing = present.exists(opts.label_field, False).values("id")
+        raise ParamError({where: f"{_some(len(set(ids)) - len(present), len(ids))} ({how}) no longer "
+                                 f"{'exists' if len(set(ids)) - len(present) == 1 else 'exist'} in the dataset"})
+    missing = present.exists(opts.label_field, False).values("filepath")
     if missing:
-        raise ParamError({where: f"{len(missing)} of the {len(ids)} prompt samples ({how}) have no "
-                                 f"'{opts.label_field}' label to learn from, e.g. {', '.join(missing[:3])}"})
+        verb = "has" if len(missing) == 1 else "have"
+        raise ParamError({where: f"{_some(len(missing), len(ids))} ({how}) {verb} no '{opts.label_field}' label to "
+                                 f"learn from: {_names(missing)}"})
     gone = missing_mask_files(dataset, opts.label_field, ids)
     if gone:
-        sample_id, path = gone[0]
+        filepath, path = gone[0]
         more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-        raise ParamError({"label_field": f"prompt sample {sample_id}: the mask file {path} of its "
-                                         f"'{opts.label_field}' label does not exist{more}"})
+        raise ParamError({"label_field": f"the mask file {path} of the '{opts.label_field}' label of the prompt "
+                                         f"{os.path.basename(filepath)} does not exist{more}"})
     return list(ids)
 
 
+def _some(count: int, total: int) -> str:
+    """'the prompt sample' / 'all 3 prompt samples' / '1 of the 3 prompt samples'."""
+    if total == 1:
+        return "the prompt sample"
+    return f"all {total} prompt samples" if count == total else f"{count} of the {total} prompt samples"
+
+
+def _names(filepaths: list[str], limit: int = 3) -> str:
+    """Up to `limit` file names, for people (sample ids mean nothing in the App)."""
+    names = ", ".join(os.path.basename(p) for p in filepaths[:limit])
+    return names + (f" and {len(filepaths) - limit} more" if len(filepaths) > limit else "")
+
+
 def missing_mask_files(dataset, label_field: str, ids: list[str]) -> list[tuple[str, str]]:
-    """(sample id, mask_path) of the prompts' masks stored on disk whose file is gone (a cheap stat each)."""
+    """(sample filepath, mask_path) of the prompts' masks stored on disk whose file is gone (a stat each)."""
     kind = field_kind(dataset, label_field)
     if kind not in (SEGMENTATION, DETECTIONS):
         return []
     view = dataset.select(ids, ordered=True)
     path = f"{label_field}.mask_path" if kind == SEGMENTATION else f"{label_field}.detections.mask_path"
     gone = []
-    for sample_id, paths in zip(view.values("id"), view.values(path)):
+    for filepath, paths in zip(view.values("filepath"), view.values(path)):
         for mask_path in (paths or []) if kind == DETECTIONS else [paths]:
             if mask_path and not os.path.isfile(mask_path):
-                gone.append((sample_id, mask_path))
+                gone.append((filepath, mask_path))
     return gone
 
 

@@ -11,13 +11,14 @@ leaves the old values or the new ones; the next run on the dataset finishes or u
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
 
-from seggpt_plugins.errors import InputError
+from seggpt_plugins.errors import InputError, ModelSourceError
 from seggpt_plugins.images import to_rgb8
 from seggpt_plugins.loading import get_model
 from seggpt_plugins.prompts import PromptPool
@@ -26,15 +27,22 @@ from seggpt_plugins.fiftyone.codecs import make_codec
 from seggpt_plugins.fiftyone.commit import Commit, recover
 from seggpt_plugins.fiftyone.evaluation import evaluate
 from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION
-from seggpt_plugins.fiftyone.options import Options
+from seggpt_plugins.fiftyone.models import shown_name
+from seggpt_plugins.fiftyone.options import Options, ParamError
 
 READ_CHUNK = 32  # targets read (and grouped by their prompts) at a time; at least one batch
 PROMPT_SETS = 16  # prepared prompt sets (one per distinct choice of prompts) kept for reuse across chunks
 PROGRESS_INTERVAL = 1.0  # seconds between progress reports (besides the first and last)
 
 
-def media_error(sample_id: str, filepath: str, exc: Exception) -> InputError:
-    return InputError(f"sample {sample_id} ({filepath}): {exc}")
+def load_model(opts: Options):
+    """The model of the run; a load failure names the Model (or Device) field, in the App's words."""
+    try:
+        return get_model(opts.model, opts.device)
+    except ModelSourceError as exc:
+        text = str(exc).split(" Alternatives:")[0].replace("use --device cpu", "choose Device cpu")
+        name = "device" if text.startswith("device ") else "model"
+        raise ParamError({name: text}) from None
 
 
 def prompt_pool(dataset, ids: list[str], codec, label_field: str) -> PromptPool:
@@ -46,18 +54,15 @@ def prompt_pool(dataset, ids: list[str], codec, label_field: str) -> PromptPool:
 
     def load(i: int):
         sample_id, filepath = ids[i], filepaths[i]
-        try:
-            rgb = to_rgb8(filepath, name="image")
-        except InputError as exc:
-            raise media_error(sample_id, filepath, exc) from None
+        rgb = to_rgb8(filepath, name=f"prompt image {filepath}")
         label = first.pop(i) if i in first else dataset.select(sample_id).values(label_field)[0]
-        name = f"prompt sample {sample_id}"
+        name = f"prompt {os.path.basename(filepath)}"
         try:
             mask = codec.encode(label, rgb.shape[0], rgb.shape[1], name=name)
         except InputError:
             raise
         except Exception as exc:  # e.g. a mask file that went away, or broke, after the plan's check
-            raise InputError(f"{name}: cannot read the mask of its '{label_field}' label (label_field): "
+            raise InputError(f"{name}: cannot read the mask of its '{label_field}' label: "
                              f"{type(exc).__name__}: {exc}") from None
         return rgb, mask
 
@@ -97,8 +102,8 @@ def segment_view(dataset, opts: Options, prompts: list[str], targets: list[str],
     pool = prompt_pool(dataset, prompts, codec, opts.label_field) if targets else None
     if targets:
         if model is None:
-            yield 0.0, f"Loading model {opts.model}"
-            model = get_model(opts.model, opts.device)
+            yield 0.0, f"Loading model {shown_name(opts.model)}"
+            model = load_model(opts)
         commit = Commit(dataset, opts, kind, declare=declare)
         try:
             yield from _predict(model, dataset, opts, seg_type, pool, codec, targets, commit)
@@ -140,12 +145,7 @@ def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, c
     for start in range(0, len(targets), chunk_size):
         ids = targets[start:start + chunk_size]
         filepaths = dataset.select(ids, ordered=True).values("filepath")
-        images = []
-        for sample_id, filepath in zip(ids, filepaths):
-            try:
-                images.append(to_rgb8(filepath, name="image"))
-            except InputError as exc:
-                raise media_error(sample_id, filepath, exc) from None
+        images = [to_rgb8(filepath, name=f"image {filepath}") for filepath in filepaths]
         chosen = [pool.choose(image, opts.max_prompts) for image in images]
         sets = [prompt_set(c) for c in chosen]
         prompts = sets[0] if all(s is sets[0] for s in sets) else sets

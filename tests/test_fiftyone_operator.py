@@ -259,7 +259,9 @@ def test_immediate_reports_progress_and_reloads(immediate):
     notes = requests(result, "notify")
     last = notes[-1]["params"]
     assert last["variant"] == "success" and "14 samples written to 'pred'" in last["message"]
-    assert requests(result)[-1]["operator_uri"] == "reload_dataset"
+    assert "sort by 'pred_confidence' to review the lowest first" in last["message"]
+    assert [r["operator_uri"] for r in requests(result)][-3:] == ["reload_dataset", "set_color_scheme",
+                                                                  "set_active_fields"]
 
 
 def test_immediate_evaluation_matches_direct_computation(immediate):
@@ -272,7 +274,7 @@ def test_immediate_evaluation_matches_direct_computation(immediate):
     from_matrix = np.diag(matrix) / (matrix.sum(0) + matrix.sum(1) - np.diag(matrix))
     np.testing.assert_allclose(from_matrix, [iou[0], iou[1]], rtol=1e-12)
     message = requests(result, "notify")[-1]["params"]["message"]
-    assert f"mIoU {miou:.3f} on 14 samples" in message
+    assert f"mIoU {miou:.3f} (background counted) on 14 samples" in message
     # the per-sample fields of the stored evaluation
     accuracy = dataset.select(ids).values("pred_eval_accuracy")
     assert len(accuracy) == 14 and all(0 < a <= 1 for a in accuracy)
@@ -376,7 +378,7 @@ def test_two_shards_cover_the_view_exactly_once(dataset, delegate):
         summary = parent.result.result
     else:
         message = requests(result, "notify")[-1]["params"]["message"]
-        assert "queued 2 delegated operations for 7 samples" in message
+        assert "scheduled 2 operations for 7 samples" in message and "fiftyone delegated launch" in message
         shards = service.list_operations(dataset_name=dataset.name, run_state=ExecutionRunState.QUEUED)
         summary = {"shards": [str(op.id) for op in shards]}
     assert len(summary["shards"]) == 2
@@ -449,7 +451,7 @@ def test_spatial_ensemble_and_tiles_reach_the_core(dataset, monkeypatch):
     result = run(targets, demo(label_field="labels", output_field="pred", prompt_tag="prompt", max_prompts=2,
                                ensemble="spatial", tile="64", halo=8))  # the App's text field
     assert result.error is None, result.error
-    assert ("prepare_prompts", {"ensemble": "spatial"}) in calls
+    assert ("prepare_prompts", {"ensemble": "spatial", "tile": 64}) in calls
     assert ("iter_segment", {"tile": 64, "halo": 8}) in calls
     dataset.reload()
     assert dataset.count("pred") == 3
@@ -463,7 +465,7 @@ def test_spatial_ensemble_and_tiles_reach_the_core(dataset, monkeypatch):
     result = foo.get_operator(URI)(targets, "labels", "pred2", prompt_tag="prompt", max_prompts=2, model="demo",
                                    device="cpu", ensemble="both", tile="auto")
     assert result.error is None, result.error
-    assert ("prepare_prompts", {"ensemble": "both"}) in calls
+    assert ("prepare_prompts", {"ensemble": "both", "tile": "auto"}) in calls
     assert ("iter_segment", {"tile": "auto", "halo": 32}) in calls
     assert dataset.count("pred2") == 3
 
@@ -620,7 +622,9 @@ def _fails(view, params, *expected):
 @pytest.mark.parametrize("params, expected", [
     ({"label_field": "nope"}, ["Path: label_field. Reason: the dataset has no field 'nope'"]),
     ({"label_field": "filepath"}, ["'filepath' holds StringField; expected Segmentation, or Detections"]),
-    ({"label_field": "labels", "output_field": "labels"}, ["must differ from label_field"]),
+    ({"label_field": "labels", "output_field": "labels"}, ["Path: output_field. Reason: must differ from the Label "
+                                                           "field ('labels')"]),
+    ({"label_field": "labels", "output_field": "gt", "gt_field": "gt"}, ["must differ from the Ground truth field"]),
     ({"label_field": "labels", "output_field": "gt_instances"}, ["exists and holds Detections"]),
     ({"label_field": "labels", "prompt_tag": "nobody"}, ["no sample of the dataset is tagged 'nobody'"]),
     ({"label_field": "labels", "embedding_type": "panoptic"}, ["Path: embedding_type. Reason: must be one of"]),
@@ -647,7 +651,8 @@ def test_form_marks_bad_fields_for_the_app(base):
         "label_field": "labels", "output_field": "out", "prompt_tag": "prompt", "num_shards": 2}})
     form = op.resolve_input(ctx).type.properties
     assert not any(p.invalid for p in form.values())
-    assert form["plan"].view.label == "2 prompt samples (samples tagged 'prompt') -> 14 target samples in 2 shards"
+    assert form["plan"].view.label.startswith("2 prompt samples (samples tagged 'prompt') -> 14 target samples in 2 "
+                                              "shards. Schedule it: a worker runs it (`fiftyone delegated launch`)")
     assert op.resolve_execution_options(ctx).default_choice_to_delegated
 
 
@@ -663,7 +668,7 @@ def test_no_prompts_and_prompts_without_masks(dataset):
 
     dataset.skip(2).limit(1).tag_samples("prompt")  # tagged, but no labels
     _fails(dataset.view(), demo(label_field="labels", output_field="out", prompt_tag="prompt"),
-           "1 of the 3 prompt samples (samples tagged 'prompt') have no 'labels' label")
+           "1 of the 3 prompt samples (samples tagged 'prompt') has no 'labels' label to learn from: tile_000_256.png")
     dataset.skip(2).limit(1).untag_samples("prompt")
 
     boxes = dataset.match_tags("prompt").limit(1)  # Detections without instance masks
@@ -690,7 +695,7 @@ def test_unreadable_media_leaves_no_partial_field(dataset, tmp_path, monkeypatch
     with pytest.raises(foe.ExecutionError) as info:
         run(view, demo(label_field="labels", output_field="out", prompt_tag="prompt", batch_size=1,
                        mask_dir=str(mask_dir)))
-    assert f"sample {broken.id} ({bad}): " in str(info.value) and "not a readable image file" in str(info.value)
+    assert f"{bad}: not a readable image file" in str(info.value) and broken.id not in str(info.value)
     dataset.reload()
     assert not dataset.has_field("out") and not dataset.has_field("out_confidence")
     assert list((mask_dir / "out").iterdir()) == []  # the staged masks were removed
@@ -845,7 +850,7 @@ def test_output_field_not_written_by_the_operator_is_refused(dataset):
     view = dataset.limit(3)
     before = {i: m.get_mask().copy() for i, m in zip(view.values("id"), view.values("gt"))}
     _fails(view, demo(label_field="labels", output_field="gt", prompt_tag="prompt", skip_existing=False),
-           "'gt' exists and was not written by this operator", "overwrite_field")
+           "'gt' exists and was not written by this operator", "turn on Overwrite field")
     for sample_id, label in zip(view.values("id"), view.values("gt")):
         np.testing.assert_array_equal(label.get_mask(), before[sample_id])
     # fields the operator creates carry its mark, so later runs may write into them
@@ -880,7 +885,8 @@ def test_missing_prompt_mask_file_is_named_before_model_work(dataset, tmp_path, 
     sample.save()
     path.unlink()
     _fails(dataset.view(), demo(label_field="labels", output_field="out", prompt_tag="prompt"),
-           "Path: label_field", f"prompt sample {sample.id}", str(path), "'labels'")
+           "Path: label_field", f"the mask file {path} of the 'labels' label of the prompt "
+           f"{Path(sample.filepath).name} does not exist")
     assert not dataset.has_field("out")
 
 
@@ -957,3 +963,245 @@ def test_coco_export_of_the_cli_imports_into_fiftyone(fo_env, tiles):
             assert np.array_equal(canvas > 0, instance_map > 0)
     finally:
         imported.delete()
+
+
+# ------------------------------------------------------------------ the review loop in the App (issue 22)
+
+
+def form(dataset, params, selected=None, view=None):
+    """The App form (resolve_input) for these params: {property name: Property}."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    request = {"dataset_name": dataset.name, "params": dict(params)}
+    if selected:
+        request["selected"] = list(selected)
+    if view is not None:
+        request["view"] = view._serialize()
+    return foo.get_operator(URI).resolve_input(ExecutionContext(request_params=request)).type.properties
+
+
+def test_confidence_field_is_indexed_for_the_apps_sort_by(immediate):
+    """Item 1: the App's "Sort by" lists indexed fields: the confidence field is one, described as the
+    review order, and ascending order puts the lowest predicted IoU first."""
+    dataset, _, _ = immediate
+    assert "pred_confidence" in dataset.list_indexes()
+    assert dataset.get_field("pred_confidence").description == "predicted IoU (lower: review first)"
+    ordered = dataset.exists("pred").sort_by("pred_confidence").values("pred_confidence")
+    assert ordered == sorted(ordered) and len(ordered) == 14
+
+
+def test_output_is_switched_on_and_coloured_apart_from_the_source(immediate):
+    """Item 2: the run switches the new field on (with its source) and colours it apart from the source."""
+    dataset, result, _ = immediate
+    active = requests(result, "set_active_fields")[-1]["params"]["fields"]
+    assert active[-2:] == ["labels", "pred"]
+    entries = {e["path"]: e for e in dataset.app_config.color_scheme.fields}
+    pred, labels = entries["pred"], entries["labels"]
+    assert [c["intTarget"] for c in pred["maskTargetsColors"]] == [1] == [c["intTarget"] for c in
+                                                                         labels["maskTargetsColors"]]
+    colours = lambda e: {e["fieldColor"]} | {c["color"] for c in e["maskTargetsColors"]}  # noqa: E731
+    assert colours(pred).isdisjoint(colours(labels))
+
+
+def test_colours_keep_what_the_user_set(dataset):
+    """A source field with colours of its own keeps them; the output avoids them."""
+    import fiftyone as fo
+
+    from seggpt_plugins.fiftyone.app import PREDICTION_COLORS, colour
+    from seggpt_plugins.fiftyone.options import Options
+
+    dataset.app_config.color_scheme = fo.ColorScheme(fields=[
+        {"path": "labels", "fieldColor": PREDICTION_COLORS[0],
+         "maskTargetsColors": [{"intTarget": 1, "color": PREDICTION_COLORS[0]}]}])
+    dataset.save()
+    colour(dataset, Options(label_field="labels", output_field="pred"), "Segmentation")
+    entries = {e["path"]: e for e in dataset.app_config.color_scheme.fields}
+    assert entries["labels"]["fieldColor"] == PREDICTION_COLORS[0]  # untouched
+    assert entries["pred"]["maskTargetsColors"] == [{"intTarget": 1, "color": PREDICTION_COLORS[1]}]
+
+
+def test_scheduled_run_is_named_and_listed_in_the_form(dataset):
+    """Item 3: a scheduled run has the operator's label (as `fiftyone delegated list` shows it), and the
+    form lists it with its id and state: queued (with the command that runs it), then done."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    view = dataset.limit(4)
+    queued = foo.get_operator(URI)(view, "labels", "pred", prompt_tag="prompt", model="demo", device="cpu",
+                                   delegate=True)
+    assert queued.delegated and queued.result["label"] == "Propagate labels with SegGPT -> pred"
+    op_id = str(queued.result["id"])
+    props = form(dataset, demo(label_field="labels", output_field="pred2", prompt_tag="prompt"))
+    assert props["runs"].view.label == "Scheduled runs on this dataset (newest first)"
+    assert (f"Propagate labels with SegGPT -> pred ({op_id}): queued, waiting for a worker (`fiftyone delegated "
+            "launch`)") in props["runs"].view.description
+    DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    props = form(dataset, demo(label_field="labels", output_field="pred2", prompt_tag="prompt"))
+    assert f"-> pred ({op_id}): done" in props["runs"].view.description
+    assert dataset.count("pred") == 3 and "pred_confidence" in dataset.list_indexes()
+
+
+def test_model_is_offered_and_checked_in_the_form(base, tmp_path, monkeypatch):
+    """Item 4: the models available here are offered (demo, SegGPT weights in the Hugging Face cache, local
+    folders), and anything else is refused in the form, at once, in the App's words."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--seggpt-small" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "seggpt"}')
+    (cache / "models--someone--seggpt-small" / "refs").mkdir()
+    (cache / "models--someone--seggpt-small" / "refs" / "main").write_text("0" * 40)
+    other = cache / "models--someone--bert" / "snapshots" / ("1" * 40)
+    other.mkdir(parents=True)
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    (cache / "models--someone--bert" / "refs").mkdir()
+    (cache / "models--someone--bert" / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    params = demo(label_field="labels", output_field="out", prompt_tag="prompt")
+    props = form(base, params)
+    offered = [c.value for c in props["model"].view.choices]
+    assert offered == ["auto", "demo", "someone/seggpt-small"]
+    assert not props["model"].invalid
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for model, expected in [("BAAI/seggpt-vit-large", "'BAAI/seggpt-vit-large' is not downloaded on this machine"),
+                            (str(folder), f"the folder {folder} has no config.json"),
+                            (str(tmp_path / "nowhere"), "no folder or file"),
+                            ("someone/bert", "'someone/bert' is not a SegGPT model (its config says 'bert')"),
+                            ("someone/seggpt-small", None)]:
+        model_field = form(base, {**params, "model": model})["model"]
+        if expected is None:
+            assert not model_field.invalid, model_field.error_message
+        else:
+            assert model_field.invalid and expected in model_field.error_message
+    import time
+
+    started = time.monotonic()
+    _fails(base.view(), {**params, "model": "BAAI/seggpt-vit-large"}, "Path: model. Reason: 'BAAI/seggpt-vit-large'")
+    assert time.monotonic() - started < 10  # refused by the form's check, not after a download attempt
+    assert not base.has_field("out")
+
+
+def test_failed_run_says_it_stopped_in_the_apps_words(dataset, monkeypatch):
+    """Item 4: a failure while loading the model replaces the progress line ('Loading model ...') by
+    'SegGPT stopped' and a message for the App (no command-line options), naming the Model field."""
+    import fiftyone.operators.executor as foe
+
+    from seggpt_plugins.errors import ModelSourceError
+    from seggpt_plugins.fiftyone import segment
+
+    def broken(*args, **kwargs):
+        raise ModelSourceError("could not load SegGPT weights 'x' from the Hugging Face hub: offline. "
+                               "Alternatives: --model demo (the small model)")
+
+    monkeypatch.setattr(segment, "get_model", broken)
+    with pytest.raises(foe.ExecutionError) as info:
+        run(dataset.limit(3), demo(label_field="labels", output_field="out", prompt_tag="prompt"))
+    assert "model: could not load SegGPT weights 'x'" in str(info.value) and "--model" not in str(info.value)
+    assert not dataset.has_field("out")
+
+
+def test_failed_run_replaces_the_progress_line(dataset, monkeypatch):
+    from seggpt_plugins.errors import ModelSourceError
+    from seggpt_plugins.fiftyone import segment
+
+    def broken(*args, **kwargs):
+        raise ModelSourceError("could not load it. Alternatives: --model demo")
+
+    monkeypatch.setattr(segment, "get_model", broken)
+    import fiftyone.operators as foo
+
+    op = foo.get_operator(URI)
+    from fiftyone.operators.executor import ExecutionContext, Executor
+
+    ctx = ExecutionContext(request_params={"dataset_name": dataset.name, "params": demo(
+        label_field="labels", output_field="out", prompt_tag="prompt")}, executor=Executor())
+    messages = []
+    with pytest.raises(Exception):
+        for message in op.execute(ctx):
+            messages.append(message.body.to_json())
+    names = [m["operator_uri"] for m in messages]
+    assert names[-2:] == ["show_output", "notify"]
+    assert any(m["params"].get("label", "").startswith("Loading model") for m in messages[:-2])
+    shown = messages[-2]["params"]["outputs"]["type"]["properties"]["stopped"]["view"]
+    assert shown["label"] == "SegGPT stopped" and "could not load it" in shown["description"]
+    assert messages[-1]["params"]["variant"] == "error" and "Alternatives" not in messages[-1]["params"]["message"]
+
+
+def test_evaluation_stores_miou_for_the_panel_and_the_info(immediate):
+    """Item 5: the mIoU (background counted) and per-class IoU are stored with the evaluation: custom
+    metrics of its results (the Model Evaluation panel lists them) and its config (get_evaluation_info)."""
+    from seggpt_plugins.fiftyone.evaluation import iou_from_confusion
+
+    dataset, result, _ = immediate
+    results = dataset.load_evaluation_results("pred_eval")
+    iou, miou = iou_from_confusion(results.pixel_confusion_matrix, results.classes)  # as stored (see above)
+    assert f"mIoU {miou:.3f} (background counted)" in requests(result, "notify")[-1]["params"]["message"]
+    config = dataset.get_evaluation_info("pred_eval").config
+    assert config.miou == pytest.approx(miou, rel=1e-12) and config.miou_counts_background is True
+    assert config.class_iou == pytest.approx(iou, rel=1e-12) and set(iou) == {"background", "nucleus"}
+    metrics = results.metrics()
+    assert metrics["miou"] == pytest.approx(miou) and metrics["iou_nucleus"] == pytest.approx(iou["nucleus"])
+    entry = results.custom_metrics["@seggpt/seggpt/miou"]
+    assert entry["label"] == "mIoU (background counted)" and entry["lower_is_better"] is False
+
+
+def test_form_essentials_first_and_advanced_behind_a_switch(base):
+    """Item 6: which samples, what to learn from, where to write and the model up front; the rest behind
+    Advanced settings; labels are the parameters' names."""
+    props = form(base, demo(label_field="labels", output_field="out", prompt_tag="prompt"))
+    fields = [name for name in props if name not in ("plan", "runs", "problems")]
+    assert fields == ["view_target", "label_field", "prompt_tag", "output_field", "model", "advanced"]
+    assert (props["label_field"].view.label, props["output_field"].view.label) == ("Label field", "Output field")
+    advanced = form(base, demo(label_field="labels", output_field="out", prompt_tag="prompt", advanced=True))
+    assert {"max_prompts", "batch_size", "device", "num_shards", "gt_field", "tile"} <= set(advanced)
+    assert (advanced["gt_field"].view.label, advanced["max_prompts"].view.label) == ("Ground truth field",
+                                                                                     "Max prompts")
+    # an error in a hidden setting opens the section
+    props = form(base, demo(label_field="labels", output_field="out", prompt_tag="prompt", halo=-1))
+    assert props["halo"].invalid
+
+
+def test_schedule_is_the_main_button_for_large_views(base, monkeypatch):
+    """Item 6: above IMMEDIATE_LIMIT targets the App offers Schedule first, and the plan says why."""
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext
+
+    plugin = plugin_module("operators")
+    params = demo(label_field="labels", output_field="out", prompt_tag="prompt")
+    ctx = ExecutionContext(request_params={"dataset_name": base.name, "params": params})
+    assert not foo.get_operator(URI).resolve_execution_options(ctx).default_choice_to_delegated
+    monkeypatch.setattr(plugin, "IMMEDIATE_LIMIT", 10)
+    assert foo.get_operator(URI).resolve_execution_options(ctx).default_choice_to_delegated
+    assert "Schedule it: a worker runs it (`fiftyone delegated launch`)" in form(base, params)["plan"].view.label
+
+
+def test_form_defaults_to_the_field_the_prompts_have(dataset):
+    """Item 6: the default label field is the one with masks on the prompts and not filled everywhere
+    (not the alphabetically first 'gt'); SegGPT's own outputs are not offered to learn from."""
+    assert form(dataset, {})["label_field"].default == "labels"
+    assert form(dataset, {"prompt_tag": "prompt"})["label_field"].default == "labels"
+    selected = dataset.match_tags("prompt").values("id")
+    assert form(dataset, {}, selected=selected)["label_field"].default == "labels"
+
+    run(dataset.limit(3), demo(label_field="labels", output_field="pred", prompt_tag="prompt"))
+    offered = [c.value for c in form(dataset, {"label_field": "labels"})["label_field"].view.choices]
+    assert "pred" not in offered and "labels" in offered
+
+    only_instances = dataset.match_tags("prompt").limit(1)
+    for sample in only_instances:
+        sample["labels"] = None
+        sample.save()
+    assert form(dataset, {}, selected=only_instances.values("id"))["label_field"].default == "instances"
+
+
+def test_messages_name_files_not_sample_ids(dataset):
+    """Item 7: one prompt: 'the prompt sample ... has'; file names instead of sample ids."""
+    view = dataset.limit(3)
+    view.skip(1).limit(1).tag_samples("only")
+    _fails(view, demo(label_field="labels", output_field="out", prompt_tag="only"),
+           "the prompt sample (samples tagged 'only') has no 'labels' label to learn from: tile_000_128.png")
