@@ -83,7 +83,8 @@ def _export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
     group.add_argument("--split-touching", action="store_true",
                        help="objects: separate touching objects (watershed on the distance transform)")
     group.add_argument("--review", action="store_true",
-                       help="also write review.jsonl: one row per image (classes, objects, confidence, model)")
+                       help="also write review.jsonl: one row per image (classes, objects, confidence, model), "
+                            "worst first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,16 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     _inference(p)
     _ensemble(p)
     _export(p)
+    p.add_argument("--quality", choices=["fast", "full", "off"], default="fast",
+                   help="estimate each proposal's IoU (the confidence of --review and the adapters): fast (nearly "
+                        "free), full (also segments each target mirrored: twice the time, sharper) or off "
+                        "(default: %(default)s)")
 
-    p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack")
-    p.add_argument("stack", help="a TIFF stack (Z, Y, X) or (Z, Y, X, C)")
+    p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack, or a video")
+    p.add_argument("stack", metavar="STACK_OR_VIDEO",
+                   help="a TIFF stack (Z, Y, X) or (Z, Y, X, C); or frames: a video (mp4, mov, avi, mkv, webm; "
+                        "needs the [video] extra), an animated GIF, a folder of frame images, or a TIFF stack "
+                        "with --prompt-frame")
     p.add_argument("--prompt-slice", nargs=2, action="append", default=[], metavar=("Z", "MASK"),
                    help="an annotated slice index and its label mask file; repeat for more")
+    p.add_argument("--prompt-frame", nargs=2, action="append", default=[], metavar=("N", "MASK"),
+                   help="frames: an annotated frame (N counts from 0) and its label mask file; repeat for more")
     p.add_argument("--prompt", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
                    help="an example pair from outside the stack; repeat for more")
-    p.add_argument("--out", required=True, help="output label TIFF (Z, Y, X)")
+    p.add_argument("--out", required=True, help="stack: output label TIFF (Z, Y, X); frames: output folder, one "
+                   "label file per frame named by its frame index (000042_labels.tif)")
     p.add_argument("--memory", type=int, default=8, help="recent predictions used as extra prompts (default: 8)")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many fixed prompts per slice")
+    group = p.add_argument_group("frames (videos)")
+    group.add_argument("--start", type=int, default=None, help="first frame to use (default: 0)")
+    group.add_argument("--stop", type=int, default=None, help="use frames before this one (default: the end)")
+    group.add_argument("--every", type=int, default=None, help="use every K-th frame from --start (default: 1)")
+    group.add_argument("--overlay", action="store_true",
+                       help="also write overlay.mp4 for review: the frames with their labels, at their own times")
     _common(p)
     _inference(p)
     _ensemble(p, tiles=False)
@@ -153,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-type", choices=list(SEG_TYPES), default="semantic")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("fit-quality", help="fit the quality estimate (predicted IoU) for a model's weights on "
+                                           "generated tasks")
+    p.add_argument("--out", required=True,
+                   help="the estimate file to write (put it beside the weights as quality.json, or point "
+                        "$SEGGPT_QUALITY_MODEL at it)")
+    p.add_argument("--tasks", type=int, default=600, help="generated tasks to fit on (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p, model_default=DEMO_MODEL)
 
     p = sub.add_parser("evaluate", help="mIoU of a model on held-out generated tasks")
     p.add_argument("--prompts", type=int, nargs="+", default=[1, 3])
@@ -327,7 +353,8 @@ def cmd_segment(args) -> int:
                                     _intensity(args), ensemble=args.ensemble, tile=tile)
     categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
     predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
-                                     intensity_range=_intensity(args), tile=tile, halo=args.halo)
+                                     intensity_range=_intensity(args), tile=tile, halo=args.halo,
+                                     quality=None if args.quality == "off" else args.quality)
     with outputs:
         exporter.open(outputs, categories)
         for prediction in tqdm(predictions, total=len(files), desc="segmenting", unit="image"):
@@ -344,6 +371,8 @@ def cmd_segment(args) -> int:
 
 
 def cmd_propagate(args) -> int:
+    if _frames_mode(args):
+        return _propagate_frames(args)
     import numpy as np
     from tqdm import tqdm
 
@@ -419,6 +448,149 @@ def cmd_propagate(args) -> int:
             review.close()
     print(f"wrote {out} ({depth} slices, {todo} predicted; {options.output})")
     return 0
+
+
+def _frames_mode(args) -> bool:
+    """Whether `propagate` reads frames (a video, GIF or folder, or a TIFF with --prompt-frame): one label
+    file per frame in a folder; else one TIFF stack in, one out. InputError for options of the other mode."""
+    from .errors import InputError
+    from .video import is_video
+
+    frames = bool(args.prompt_frame) or is_video(args.stack)
+    if frames and args.prompt_slice:
+        raise InputError(f"--prompt-slice is for TIFF stacks; annotate frames of {args.stack} with "
+                         "--prompt-frame N MASK")
+    used = [f"--{name}" for name in ("start", "stop", "every") if getattr(args, name) is not None]
+    if not frames and (used or args.overlay):
+        raise InputError(f"{', '.join(used + ['--overlay'] * args.overlay)}: for frames (a video, GIF or folder, or "
+                         "a TIFF with --prompt-frame); a stack with --prompt-slice is propagated whole")
+    return frames
+
+
+def _frame_annotations(args, frames) -> dict:
+    """{frame index: label mask} of --prompt-frame, each checked against the chosen frames and their size."""
+    from .errors import InputError
+    from .images import to_mask
+
+    annotations = {}
+    for n, mask in args.prompt_frame:
+        name = f"--prompt-frame {n} {mask}"
+        try:
+            n = int(n)
+        except ValueError:
+            raise InputError(f"--prompt-frame: the frame index must be an integer (from 0), got {n!r}") from None
+        if n in annotations:
+            raise InputError(f"{name}: frame {n} is annotated twice")
+        frames.position(n, name=name)
+        annotation = to_mask(mask, name=name)
+        if annotation.ndim != 2 or annotation.shape != frames.size:
+            raise InputError(f"{name}: a label mask of {frames.size[1]}x{frames.size[0]} (width x height) is needed, "
+                             f"like the frames of {args.stack}; got shape {annotation.shape}")
+        annotations[n] = annotation
+    return annotations
+
+
+def _propagate_frames(args) -> int:
+    """`propagate` over frames: one label file per frame (named by its index) written as it comes, so
+    memory stays flat however long the video; an overlay video made from them at the end."""
+    from tqdm import tqdm
+
+    from .errors import InputError
+    from .export import Exporter, categories_for
+    from .images import to_mask
+    from .io import OutputSet
+    from .propagation import stack_intensity_range
+    from .video import open_frames, propagate_video
+
+    _check_numbers(args, batch_size=1, memory=0, max_prompts=1, start=0, stop=1, every=1)
+    options = _export_options(args, "tiff")
+    if not args.prompt_frame and not args.prompt:
+        raise InputError("give at least one --prompt-frame N MASK or --prompt IMAGE MASK")
+    files = [*(m for _, m in args.prompt_frame), *(p for pair in args.prompt for p in pair)]
+    _require_files(files)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; for frames, --out names the output folder")
+    with open_frames(args.stack, start=args.start or 0, stop=args.stop, every=args.every or 1) as frames:
+        annotations = _frame_annotations(args, frames)
+        width = max(6, len(str(frames.count - 1)))
+        exporter = Exporter(out, [f"{i:0{width}d}" for i in frames.indices], options)
+        overlay_path = out / "overlay.mp4"
+        outputs = OutputSet(exporter.paths() + [overlay_path] * args.overlay, inputs=[args.stack, *files],
+                            overwrite=args.overwrite)
+        prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
+        categories = categories_for(_prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
+            if options.objects else {}
+        model = _load(args)
+        intensity = _intensity(args) or stack_intensity_range(frames)
+        results = propagate_video(model, frames, annotations, [i for i, _ in args.prompt], prompt_masks,
+                                  objects=options.objects, min_area=options.min_area,
+                                  split_touching=options.split_touching, memory=args.memory,
+                                  max_prompts=args.max_prompts, batch_size=args.batch_size, seg_type=args.seg_type,
+                                  intensity_range=intensity, ensemble=args.ensemble)
+        with outputs:
+            exporter.open(outputs, categories)
+            with _FrameMaps(out if args.overlay else None) as maps:
+                for result in tqdm(results, total=len(frames), desc="propagating", unit="frame"):
+                    exporter.write(frames.indices.index(result.index), result.prediction,
+                                   f"{Path(args.stack).name}#frame{result.index}", result.instances,
+                                   frame=result.index, time=round(result.time, 4), annotated=result.annotated,
+                                   model=model.source)
+                    maps.put(result.index, result.prediction.labels if options.output == "labels"
+                             else result.instances.map)
+                exporter.close()
+                if args.overlay:
+                    from .video import write_overlay_video
+
+                    write_overlay_video(outputs.stage(overlay_path), frames, maps.get, intensity)
+    print(f"wrote {len(frames)} frames' {options.output} to {out} ({len(frames) - len(annotations)} predicted, "
+          f"{len(annotations)} annotated; {', '.join(options.formats)})" + ("; overlay.mp4" if args.overlay else ""))
+    return 0
+
+
+class _FrameMaps:
+    """Each frame's label map kept on disk until the overlay video is made (in order, at the end), in a
+    hidden staging folder inside `out` that is removed on exit (and by a later run, if this one is killed).
+    With `out` None, nothing is kept."""
+
+    def __init__(self, out):
+        self.out, self.folder = out, None
+
+    def __enter__(self) -> "_FrameMaps":
+        import os
+        import tempfile
+
+        from .io import STAGING_PREFIX
+
+        if self.out is not None:
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-maps-", dir=self.out))
+        return self
+
+    def put(self, index: int, labels) -> None:
+        import io
+        import zlib
+
+        import numpy as np
+
+        if self.folder is not None:  # label maps compress well: a 4K frame's is tens of kB
+            buffer = io.BytesIO()
+            np.save(buffer, labels)
+            (self.folder / f"{index}.npy.z").write_bytes(zlib.compress(buffer.getvalue(), 1))
+
+    def get(self, index: int):
+        import io
+        import zlib
+
+        import numpy as np
+
+        return np.load(io.BytesIO(zlib.decompress((self.folder / f"{index}.npy.z").read_bytes())))
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _tracked_instances(predictions: dict, annotations: dict, depth: int, options):
@@ -571,8 +743,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_fit_quality(args) -> int:
+    import json
+
+    from .errors import InputError
+    from .io import check_outputs
+    from .quality import FIT_SEED, fit_models, generated_samples, save_models
+
+    out = Path(args.out)
+    if args.tasks < 20:
+        raise InputError(f"--tasks must be at least 20 to fit an estimate, got {args.tasks}")
+    check_outputs([out], overwrite=args.overwrite)
+    model = _load(args)
+    rows, ious = generated_samples(model, args.tasks, FIT_SEED)
+    save_models(out, fit_models(rows, ious), fitted_on=f"{model.source}: {len(rows)} generated tasks from seed "
+                                                        f"{FIT_SEED}")
+    print(json.dumps({"tasks": len(rows), "mean_iou": round(float(sum(ious) / len(ious)), 4)}))
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "segment": cmd_segment, "propagate": cmd_propagate, "convert": cmd_convert,
-            "train": cmd_train, "finetune": cmd_finetune, "tune-prompt": cmd_tune_prompt, "evaluate": cmd_evaluate}
+            "train": cmd_train, "finetune": cmd_finetune, "tune-prompt": cmd_tune_prompt, "evaluate": cmd_evaluate,
+            "fit-quality": cmd_fit_quality}
 
 
 def _one_line_warnings() -> None:
