@@ -608,7 +608,7 @@ def test_predict_with_spatial_ensemble_and_tiles(make_client, fake_ls, tiles, mo
     assert setup.status_code == 200 and setup.json["model_version"] != plain
     response = client.post("/predict", json=predict_body([target]))
     assert response.status_code == 200, response.json
-    assert ("prepare_prompts", {"ensemble": "spatial"}) in calls
+    assert ("prepare_prompts", {"ensemble": "spatial", "tile": 64}) in calls  # examples cut as targets are
     assert ("segment", {"tile": 64, "halo": 8}) in calls
     (item,) = response.json["results"]
     view = parse_label_config(BRUSH_CONFIG).views[0]
@@ -619,7 +619,8 @@ def test_predict_with_spatial_ensemble_and_tiles(make_client, fake_ls, tiles, mo
     client.post("/setup", json=setup_body(extra_params={"ensemble": "both", "tile": "auto"}))
     response = client.post("/predict", json=predict_body([target]))
     assert response.status_code == 200 and response.json["results"][0]["result"]
-    assert ("prepare_prompts", {"ensemble": "both"}) in calls and ("segment", {"tile": "auto", "halo": 32}) in calls
+    assert ("prepare_prompts", {"ensemble": "both", "tile": "auto"}) in calls
+    assert ("segment", {"tile": "auto", "halo": 32}) in calls
     bad = client.post("/setup", json=setup_body(extra_params={"tile": 40, "halo": 20}))
     assert bad.status_code == 400 and "halo" in bad.json["error"]
 
