@@ -1,8 +1,10 @@
 """Make docs/napari_widget.png: a real napari window with the SegGPT widget after a real run.
 
 Opens the plugin's nuclei sample (31-slice stack, three slices annotated from the ground truth),
-propagates through the stack with the demo model, shows a slice that was not annotated, and saves a
-screenshot of the whole window. Needs a display; on a headless machine:
+propagates through the stack with the demo model and Output "instances" (one id, one colour per
+nucleus, kept from slice to slice), shows a slice that was not annotated with the Review list of the
+run's slices (least confident first), and saves a screenshot of the whole window. Needs a display; on a
+headless machine:
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_napari_screenshot.py
 """
@@ -33,6 +35,7 @@ def main(argv=None) -> int:
     _dock, widget = viewer.window.add_plugin_dock_widget("seggpt-plugins", "SegGPT")
     widget._memory.value = args.memory
     widget._confidence.value = False
+    widget._output.value = "instances"
 
     widget._propagate_btn.native.click()  # the real button, as a user would
     start = time.monotonic()
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
         return 1
     result = viewer.layers["nuclei3d SegGPT"]
     done = int(np.count_nonzero(np.any(result.data, axis=(1, 2))))
-    print(f"{done} slices segmented in {widget.last_run['seconds']:.1f} s")
+    objects = len(np.unique(result.data)) - 1
+    print(f"{done} slices segmented in {widget.last_run['seconds']:.1f} s; {objects} objects")
 
     viewer.layers["nuclei3d annotations"].visible = True
     viewer.dims.set_current_step(0, args.slice)

@@ -40,7 +40,7 @@ def nuclei3d():
 
 def nuclei2d():
     """512x512 uint16 nuclei image split in two: the left half with its labels is the example,
-    the right half is the target for "Segment another image layer"."""
+    the right half is the target for "Segment targets"."""
     image = _read("nuclei2d.tif")
     truth = _read("nuclei2d_mask.tif")
     half = image.shape[1] // 2

@@ -82,18 +82,30 @@ def annotated_planes(stack: PlaneStack) -> list[int]:
     return [i for i in range(len(stack)) if np.any(stack[i])]
 
 
-def accept_indices(result: np.ndarray, dest: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
+def accept_indices(result: np.ndarray, dest: np.ndarray, keys=None) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
     """What Accept writes: the result's labelled pixels in every plane where `dest` is still empty.
 
     Planes of `dest` holding any label (the user's annotations, or slices already fixed by hand) are
-    never touched. Returns (fancy indices, values, number of planes written).
+    never touched. `keys`: the only planes that may be written (index tuples of the leading axes, as
+    `PlaneStack.key` gives them; `()` for 2D); None: every plane. Returns (fancy indices, values,
+    number of planes written).
     """
     if result.shape != dest.shape:
         raise ValueError(f"result shape {result.shape} differs from the labels shape {dest.shape}")
     if result.ndim < 2:
         raise ValueError("labels must have at least two dimensions")
-    occupied = np.any(dest != 0, axis=(-2, -1))  # one flag per plane (a 0-d array for 2D)
-    write = (result != 0) & ~occupied[..., None, None]
+    allowed = ~np.any(dest != 0, axis=(-2, -1))  # one flag per plane (a 0-d array for 2D)
+    if keys is not None:
+        chosen = np.zeros(result.shape[:-2], bool)
+        for key in keys:
+            chosen[tuple(key)] = True
+        allowed &= chosen
+    write = (result != 0) & allowed[..., None, None]
     indices = np.nonzero(write)
     planes = int(np.count_nonzero(np.any(write, axis=(-2, -1))))
     return indices, result[indices], planes
+
+
+def worst_first(scores: Sequence[tuple[Any, float]]) -> list[tuple[Any, float]]:
+    """(item, confidence) pairs sorted by confidence, lowest first (ties keep their order): the review order."""
+    return sorted(scores, key=lambda pair: pair[1])

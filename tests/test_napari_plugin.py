@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # a real viewer (see the markers in pyproject.tom
 
 SAMPLES = Path(seggpt_plugins.__file__).parent / "demo" / "samples"
 PROMPT_SLICE = 15
-RUN_TIMEOUT_MS = 150_000
+RUN_TIMEOUT_MS = 300_000  # a whole stack on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -196,41 +196,49 @@ def test_model_loads_once_with_progress_then_is_cached(make_napari_viewer, qtbot
     assert not any("Loading" in text for text, _ in seen)
     assert _models.cached("demo", "auto") is model
     result = viewer.layers["nuclei SegGPT"].data
-    assert np.any(result[PROMPT_SLICE + 1]) and np.any(result[PROMPT_SLICE + 2])
-    assert not np.any(np.delete(result, [PROMPT_SLICE + 1, PROMPT_SLICE + 2], axis=0))
+    assert np.any(result[PROMPT_SLICE + 2])  # a run's proposals are its own: the first run's slice is cleared
+    assert not np.any(np.delete(result, [PROMPT_SLICE + 2], axis=0))
 
 
 # --------------------------------------------------------------------------------- accept
 
 
 def test_accept_is_one_undoable_step_and_spares_painted_slices(make_napari_viewer, qtbot, stack):
+    """Accept copies the run's proposals into empty slices only, as one undo step; then the accepted labels
+    are what is shown (result hidden, labels layer active), the list of annotated slices is in order, and
+    undo refreshes it (defect 3)."""
     image, truth = stack
-    annotation = np.zeros_like(truth)
-    annotation[PROMPT_SLICE] = truth[PROMPT_SLICE]
+    sub = image[PROMPT_SLICE - 2:PROMPT_SLICE + 3]  # 5 slices, annotated at 2
+    annotation = np.zeros(sub.shape, truth.dtype)
+    annotation[2] = truth[PROMPT_SLICE]
     viewer = make_napari_viewer()
-    _img, labels = add_stack(viewer, image, annotation.copy())
+    img, labels = add_stack(viewer, sub, annotation.copy())
     widget = open_widget(viewer)
     fast(widget, prompts=1)
-    for z in (PROMPT_SLICE - 1, PROMPT_SLICE + 1):
-        viewer.dims.set_current_step(0, z)
-        click(widget._segment_btn)
-        wait_done(qtbot, widget)
-    result = viewer.layers["nuclei SegGPT"].data.copy()
-    assert np.any(result[PROMPT_SLICE - 1]) and np.any(result[PROMPT_SLICE + 1])
-    # the user fixes slice 16 by hand before accepting: Accept must not touch it
-    labels.data_setitem((np.array([PROMPT_SLICE + 1]), np.array([3]), np.array([4])), 99)
+    widget._targets.value = [img]  # the image itself: its slices that are not annotated
+    click(widget._targets_btn)
+    wait_done(qtbot, widget)
+    result_layer = viewer.layers["nuclei SegGPT"]
+    result = result_layer.data.copy()
+    assert np.any(result, axis=(1, 2)).tolist() == [True, True, False, True, True]
+    # the user fixes slice 3 by hand before accepting: Accept must not touch it
+    labels.data_setitem((np.array([3]), np.array([3]), np.array([4])), 99)
     before = labels.data.copy()
-    # the painted slice joined the annotated ones
-    qtbot.waitUntil(lambda: widget._slices.value == [PROMPT_SLICE, PROMPT_SLICE + 1], timeout=5000)
+    qtbot.waitUntil(lambda: widget._slices.value == [2, 3], timeout=5000)  # the painted slice joined
 
     click(widget._accept_btn)
     after = labels.data.copy()
-    np.testing.assert_array_equal(after[PROMPT_SLICE - 1], result[PROMPT_SLICE - 1])
-    np.testing.assert_array_equal(after[PROMPT_SLICE], annotation[PROMPT_SLICE])
-    np.testing.assert_array_equal(after[PROMPT_SLICE + 1], before[PROMPT_SLICE + 1])
-    assert "Accepted 1 slice into 'nuclei labels'" in widget._status.value
-    labels.undo()  # one step takes the whole accept back
+    for z in (0, 1, 4):
+        np.testing.assert_array_equal(after[z], result[z])
+    np.testing.assert_array_equal(after[2], annotation[2])
+    np.testing.assert_array_equal(after[3], before[3])
+    assert "Accepted 3 slices into 'nuclei labels'" in widget._status.value
+    assert not result_layer.visible and viewer.layers.selection.active == labels  # the accepted labels show
+    qtbot.waitUntil(lambda: widget._slices.value == [0, 1, 2, 3, 4], timeout=5000)
+    assert [widget._slices.native.item(k).text() for k in range(5)] == [f"slice {z}" for z in range(5)]
+    labels.undo()  # one step takes the whole accept back, and the list follows
     np.testing.assert_array_equal(labels.data, before)
+    qtbot.waitUntil(lambda: widget._slices.value == [2, 3], timeout=5000)
     labels.redo()
     np.testing.assert_array_equal(labels.data, after)
 
@@ -276,7 +284,7 @@ def test_one_id_per_object_kept_through_the_stack(make_napari_viewer, qtbot, sta
     _img, labels = add_stack(viewer, image, annotation)
     widget = open_widget(viewer)
     fast(widget, memory=1)
-    widget._objects.value = True
+    widget._output.value = "instances"
     click(widget._propagate_btn)
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None
@@ -304,16 +312,17 @@ def test_segment_another_image_layer_stack(make_napari_viewer, qtbot, stack):
     fast(widget)
     widget._image.value, widget._labels.value = source_layer, labels
 
-    widget._target.value = source_layer  # the same image: every plane but the annotated one
-    click(widget._other_btn)
+    widget._targets.value = [source_layer]  # the same image: every plane but the annotated one
+    click(widget._targets_btn)
     wait_done(qtbot, widget)
     assert widget.last_run["keys"] == [(0,), (1,), (2,), (4,), (5,), (6,)]
     same = viewer.layers["nuclei SegGPT"].data
     assert np.any(same, axis=(1, 2)).tolist() == [True, True, True, False, True, True, True]
 
-    widget._target.value = other
-    click(widget._other_btn)
+    widget._targets.value = [other]
+    click(widget._targets_btn)
     wait_done(qtbot, widget)
+    assert "nuclei SegGPT" not in viewer.layers  # the last run's proposals are gone with it
     result = viewer.layers["other SegGPT"].data
     assert result.shape == other.data.shape and np.all(np.any(result, axis=(1, 2)))
     assert set(np.unique(result).tolist()) - {0} <= set(np.unique(truth[PROMPT_SLICE]).tolist())
@@ -322,7 +331,8 @@ def test_segment_another_image_layer_stack(make_napari_viewer, qtbot, stack):
 
 
 def test_tile_and_ensemble_settings_reach_the_core(make_napari_viewer, qtbot, stack, monkeypatch):
-    """Settings 'Ensemble' and 'Tile' / 'Halo': every action passes the ensemble; both segment actions tile."""
+    """Settings 'Ensemble' and 'Tile' / 'Halo': every action passes the ensemble; both segment actions tile
+    (with 'auto', the default, only planes larger than the model's canvas: not these 61x57 slices)."""
     from seggpt_plugins.engine import SegGPT
 
     calls = []
@@ -345,27 +355,30 @@ def test_tile_and_ensemble_settings_reach_the_core(make_napari_viewer, qtbot, st
     widget = open_widget(viewer)
     fast(widget, prompts=2)
     assert (widget._ensemble.value, widget._tile.value, widget._tile_auto.value, widget._halo.value) == (
-        "feature", 0, False, 32)  # defaults: feature ensemble, no tiling
+        "feature", 0, True, 32)  # defaults: feature ensemble, auto tiles
     widget._ensemble.value = "spatial"
+    widget._tile_auto.value = False
+    assert widget._tile.enabled
     widget._tile.value, widget._halo.value = 32, 4
 
     viewer.dims.set_current_step(0, PROMPT_SLICE + 1)
     click(widget._segment_btn)
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None
-    assert ("iter_segment", dict(ensemble="spatial", tile=32, halo=4)) in calls
+    assert ("prepare_prompts", dict(ensemble="spatial", tile=32, halo=None)) in calls
+    assert ("iter_segment", dict(ensemble=None, tile=32, halo=4)) in calls
     result = viewer.layers["nuclei SegGPT"].data
     assert result.shape == truth.shape and np.any(result[PROMPT_SLICE + 1])
     assert set(np.unique(result).tolist()) - {0} <= set(np.unique(truth[PROMPT_SLICE - 2:PROMPT_SLICE + 1]).tolist())
 
     calls.clear()
-    widget._tile_auto.value = True  # tiles the examples' size
-    widget._target.value = other
-    click(widget._other_btn)
+    widget._tile_auto.value = True  # these planes fit the model's canvas: seen whole
+    widget._targets.value = [other]
+    click(widget._targets_btn)
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None and widget.last_run["done"] == 2
     assert ("prepare_prompts", dict(ensemble="spatial", tile=None, halo=None)) in calls
-    assert ("iter_segment", dict(ensemble=None, tile="auto", halo=4)) in calls
+    assert ("iter_segment", dict(ensemble=None, tile=None, halo=4)) in calls
     result = viewer.layers["other SegGPT"].data
     assert result.shape == other.data.shape and np.all(np.any(result, axis=(1, 2)))
 
@@ -404,9 +417,13 @@ def test_sample_data_and_segment_another_image_layer(make_napari_viewer, qtbot):
     widget._image.value = viewer.layers["nuclei2d example"]
     assert widget._labels.value is viewer.layers["nuclei2d example labels"]  # picked by shape
     assert widget._slices.value == [0] and not widget._axis.visible
+    # a 2D example: only "Segment targets" is offered, and the target is the other 2D image, not itself
+    assert not widget._targets_btn.native.isHidden()
+    assert widget._segment_btn.native.isHidden() and widget._propagate_btn.native.isHidden()
     target = viewer.layers["nuclei2d target"]
-    widget._target.value = target
-    click(widget._other_btn)
+    assert [name for name, _ in widget._target_choices()] == ["nuclei3d", "nuclei2d target"]
+    assert widget._targets.value == [target]
+    click(widget._targets_btn)
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None and widget.last_run["keys"] == [()]
     result_layer = viewer.layers["nuclei2d target SegGPT"]
@@ -415,6 +432,18 @@ def test_sample_data_and_segment_another_image_layer(make_napari_viewer, qtbot):
     example_ids = set(np.unique(viewer.layers["nuclei2d example labels"].data).tolist())
     assert set(np.unique(result_layer.data).tolist()) <= example_ids
     assert foreground_iou(truth, result_layer.data) > 0.35
+
+    # Accept after segmenting another image: into the target's own Labels layer, created over it (defect 2)
+    click(widget._accept_btn)
+    own = viewer.layers["nuclei2d target labels"]
+    np.testing.assert_array_equal(own.data, result_layer.data)
+    np.testing.assert_allclose(own.translate, target.translate)
+    assert "Accepted 1 slice into 'nuclei2d target labels'" in widget._status.value
+    assert not result_layer.visible and viewer.layers.selection.active == own
+    full_truth = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
+    np.testing.assert_array_equal(viewer.layers["nuclei2d example labels"].data, full_truth[:, :256])  # only read
+    own.undo()  # one step
+    assert not np.any(own.data)
 
 
 # ---------------------------------------------------------------- dtypes, RGB, 4D, dask
@@ -568,14 +597,22 @@ def test_bad_input_gives_clear_notifications(make_napari_viewer, qtbot, stack, t
     flat = viewer.add_image(image[0], name="flat")
     flat_labels = viewer.add_labels(truth[0].copy(), name="flat labels")
     widget._image.value, widget._labels.value = flat, flat_labels
-    attempt(widget._propagate_btn, "2D image")
+    assert widget._propagate_btn.native.isHidden()  # not offered for a 2D image; called anyway, it says why
+    start = len(notification_manager.records)
+    widget.propagate()
+    assert any(sev == "error" and "2D image" in msg for sev, msg in new_notifications(start))
+    widget._targets.value = []
+    attempt(widget._targets_btn, "No target")
 
     widget._image.value, widget._labels.value = img, labels
     crowded = np.zeros(truth.shape[1:], np.uint16)  # 130 ids: more than SegGPT's colours can separate
     crowded.reshape(-1)[:130 * 8] = np.repeat(np.arange(1, 131), 8)
     labels.data[PROMPT_SLICE] = crowded
     widget._refresh_annotated()
-    attempt(widget._propagate_btn, "124")  # the core's message, raised in the worker
+    widget._mode.value = "semantic"  # classes cannot be merged: the core's message, raised in the worker
+    viewer.dims.set_current_step(viewer.dims.ndim - 3, PROMPT_SLICE + 1)  # Z of the stack (the 5D layer is there)
+    attempt(widget._segment_btn, "124")
+    widget._mode.value = "instance"
 
     labels.data[PROMPT_SLICE] = truth[PROMPT_SLICE]
     widget._refresh_annotated()
