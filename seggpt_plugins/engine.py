@@ -187,7 +187,7 @@ class SegGPT:
         "both" (canvases of 4 examples, combined by the feature ensemble). One example: all the same.
         tile: as in `segment`: examples larger than the tile are cut to their window with the most
         labelled pixels, so that they meet the canvas at the scale of a tiled target ("auto": a tile of a
-        few object diameters of these examples, ensembles.object_tile).
+        few object diameters of these examples and at least the model's canvas, ensembles.object_tile).
         """
         images, masks = as_list(prompt_images), as_list(prompt_masks)
         if not images:
@@ -210,7 +210,7 @@ class SegGPT:
             pairs.append((rgb, mask_arr, name))
         if code is None:
             code = self.color_code(tuned, [m for _, m, _ in pairs], label_ids)
-        pairs = example_windows(pairs, tile_size(tile))
+        pairs = example_windows(pairs, tile_size(tile), at_least=self.input_size)
         prompt_images_t = [t.image.to(self.device, self.dtype) for t in tuned]
         prompt_masks_t = [t.mask.to(self.device, self.dtype) for t in tuned]
         if pairs:
@@ -335,7 +335,8 @@ class SegGPT:
         targets are cut into tiles of that size overlapping by `halo` pixels, segmented at that scale and
         stitched back; larger examples are cut to one window of that size each (the one with the most
         labelled pixels), so both are seen at one scale. A prepared PromptSet is used as prepared (give
-        prepare_prompts the same tile); with "auto", targets are tiled at its examples' size.
+        prepare_prompts the same tile); with "auto", targets are tiled at its examples' size, only when
+        larger than it, with a halo of at most a quarter tile.
         with_painting: also return the model's raw RGB painting.
         quality: estimate each proposal's IoU (`Prediction.quality`, which `confidence` then reports; see
         quality.py): "fast" (nearly free: read off the prediction, the target and the examples), "full"
@@ -403,7 +404,7 @@ class SegGPT:
         """Tiles of every target in batches of `batch_size` (tiles of several targets share a batch); each
         target's Prediction is stitched and yielded as soon as its last tile is done. With quality "full",
         the mirrored target is tiled and stitched too."""
-        from .ensembles import Stitcher, Tile, auto_tile, tile_grid
+        from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid
         from .quality import feature_stride
 
         views = (False, True) if quality == "full" else (False,)
@@ -414,8 +415,9 @@ class SegGPT:
                 rgb = to_rgb8(target, intensity_range, name=name(i))
                 size = auto_tile(prompt_sets[i].sizes, rgb.shape) if tile == "auto" else tile
                 height, width = rgb.shape[:2]
-                grid = tile_grid(rgb.shape, size, halo) if size else [Tile((0, height, 0, width),
-                                                                           (0, height, 0, width))]
+                overlap = auto_halo(size, halo) if tile == "auto" and size else halo
+                grid = tile_grid(rgb.shape, size, overlap) if size else [Tile((0, height, 0, width),
+                                                                              (0, height, 0, width))]
                 stride = feature_stride(rgb.shape)
                 small[i] = (stride, np.ascontiguousarray(rgb[::stride, ::stride]))
                 for mirrored in views:

@@ -161,14 +161,21 @@ def object_diameter(masks) -> float | None:
     return float(np.sqrt(np.median(areas))) if areas else None
 
 
-def object_tile(masks, per_tile: float = OBJECTS_PER_TILE) -> tuple[int, int] | None:
-    """The "auto" tile: `per_tile` typical object diameters on a side (a multiple of 8, at least
-    MIN_AUTO_TILE), so objects fill the model's canvas alike in examples and targets; None without objects."""
+def object_tile(masks, per_tile: float = OBJECTS_PER_TILE, at_least=(MIN_AUTO_TILE, MIN_AUTO_TILE)
+                ) -> tuple[int, int] | None:
+    """The "auto" tile: `per_tile` typical object diameters on a side (a multiple of 8), and at least
+    `at_least` (h, w) (the model's canvas: a tile smaller than it would only be enlarged), so objects fill
+    the canvas alike in examples and targets; None without objects."""
     diameter = object_diameter(masks)
     if diameter is None:
         return None
     side = max(MIN_AUTO_TILE, int(math.ceil(diameter * per_tile / 8)) * 8)
-    return side, side
+    return max(side, int(at_least[0])), max(side, int(at_least[1]))
+
+
+def auto_halo(tile: tuple[int, int], halo: int) -> int:
+    """The halo used with an "auto" tile: at most a quarter of it, so that every tile keeps a core."""
+    return min(int(halo), min(tile) // 4)
 
 
 def best_window(mask: np.ndarray, window: tuple[int, int]) -> tuple[slice, slice]:
@@ -188,12 +195,13 @@ def best_window(mask: np.ndarray, window: tuple[int, int]) -> tuple[slice, slice
     return slice(int(rows[i]), int(rows[i]) + win_h), slice(int(cols[j]), int(cols[j]) + win_w)
 
 
-def example_windows(pairs, tile) -> list:
+def example_windows(pairs, tile, at_least=(MIN_AUTO_TILE, MIN_AUTO_TILE)) -> list:
     """Example pairs (image, mask, ...) cut to the window of `tile` (h, w) with the most labelled pixels,
     so that examples and a tiled target are seen at the same scale; pairs that fit stay whole. `tile`
-    "auto" takes `object_tile` of the masks (nothing is cut without objects). Returns the new pairs."""
+    "auto" takes `object_tile` of the masks, at least `at_least` (nothing is cut without objects).
+    Returns the new pairs."""
     if tile == "auto":
-        tile = object_tile([pair[1] for pair in pairs])
+        tile = object_tile([pair[1] for pair in pairs], at_least=at_least)
     if tile is None:
         return list(pairs)
     out = []

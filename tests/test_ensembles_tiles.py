@@ -152,6 +152,7 @@ def test_object_diameter_counts_parts_of_one_label_and_touching_instances_apart(
     assert object_diameter([colours]) == object_diameter([semantic])
     assert object_diameter([np.zeros((50, 50), np.uint8)]) is None and object_tile([np.zeros((9, 9))]) is None
     assert object_tile([semantic], per_tile=6) == (64, 64)  # 6 x 10.6 px, up to a multiple of 8
+    assert object_tile([semantic], per_tile=6, at_least=(128, 96)) == (128, 96)  # never below the canvas
 
 
 def test_best_window_is_where_most_labels_are():
@@ -189,6 +190,23 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_auto_never_tiles_below_the_canvas_and_keeps_a_core(model64, rng):
+    """Small objects: the auto tile is the model's canvas (64 here), and a halo too large for it shrinks
+    to a quarter tile instead of failing; a target no larger than the canvas is not tiled."""
+    from seggpt_plugins.ensembles import auto_halo
+
+    example = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    mask = _discs((200, 200), [(y, x) for y in range(10, 200, 20) for x in range(10, 200, 20)], 3)
+    assert object_tile([mask])[0] < 64 and auto_halo((64, 64), 32) == 16
+    prepared = model64.prepare_prompts(example, mask, tile="auto")
+    assert prepared.sizes == ((64, 64),)
+    small = rng.integers(0, 256, (60, 50, 3), dtype=np.uint8)
+    assert np.array_equal(model64.segment(small, prepared, tile="auto", halo=32)[0].labels,
+                          model64.segment(small, prepared)[0].labels)
+    big = model64.segment(rng.integers(0, 256, (150, 170, 3), dtype=np.uint8), prepared, tile="auto", halo=32)[0]
+    assert big.labels.shape == (150, 170)
 
 
 def test_bad_tile_settings_are_refused(model64, rng):
