@@ -87,6 +87,18 @@ def _export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
                             "worst first")
 
 
+def _quality(parser: argparse.ArgumentParser, choices: list[str]) -> None:
+    parser.add_argument("--quality", choices=choices, default="fast",
+                        help="estimate each proposal's IoU (the confidence of --review, worst first): fast (nearly "
+                             "free)" + (", full (also segments each target mirrored: twice the time)" if "full" in
+                                        choices else "") + " or off (default: %(default)s)")
+
+
+def _quality_option(args):
+    """--quality as segment()/propagate() take it."""
+    return None if args.quality == "off" else args.quality
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seggpt", description="In-context segmentation with SegGPT.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -114,10 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference(p)
     _ensemble(p)
     _export(p)
-    p.add_argument("--quality", choices=["fast", "full", "off"], default="fast",
-                   help="estimate each proposal's IoU (the confidence of --review and the adapters): fast (nearly "
-                        "free), full (also segments each target mirrored: twice the time, sharper) or off "
-                        "(default: %(default)s)")
+    _quality(p, ["fast", "full", "off"])
 
     p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack, or a video")
     p.add_argument("stack", metavar="STACK_OR_VIDEO",
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference(p)
     _ensemble(p, tiles=False)
     _export(p, stack=True)
+    _quality(p, ["fast", "off"])
 
     p = sub.add_parser("convert", help="write an original Painter checkpoint as a transformers directory")
     p.add_argument("checkpoint", help="e.g. seggpt_vit_large.pth")
@@ -354,7 +364,7 @@ def cmd_segment(args) -> int:
     categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
     predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
                                      intensity_range=_intensity(args), tile=tile, halo=args.halo,
-                                     quality=None if args.quality == "off" else args.quality)
+                                     quality=_quality_option(args))
     with outputs:
         exporter.open(outputs, categories)
         for prediction in tqdm(predictions, total=len(files), desc="segmenting", unit="image"):
@@ -422,7 +432,7 @@ def cmd_propagate(args) -> int:
     predictions = model.propagate(stack, [i for i, _ in args.prompt], prompt_masks,
                                   annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
                                   batch_size=args.batch_size, seg_type=args.seg_type, intensity_range=_intensity(args),
-                                  ensemble=args.ensemble)
+                                  ensemble=args.ensemble, quality=_quality_option(args))
     todo = depth - len(annotations)
     found = {}
     for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
@@ -527,7 +537,8 @@ def _propagate_frames(args) -> int:
                                   objects=options.objects, min_area=options.min_area,
                                   split_touching=options.split_touching, memory=args.memory,
                                   max_prompts=args.max_prompts, batch_size=args.batch_size, seg_type=args.seg_type,
-                                  intensity_range=intensity, ensemble=args.ensemble)
+                                  intensity_range=intensity, ensemble=args.ensemble,
+                                  quality=_quality_option(args))
         with outputs:
             exporter.open(outputs, categories)
             with _FrameMaps(out if args.overlay else None) as maps:

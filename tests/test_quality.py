@@ -144,3 +144,20 @@ def test_cli_fit_quality_writes_an_estimate_any_model_can_use(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
     few = run("--tasks", "5", "--overwrite")
     assert few.returncode == 2 and "--tasks" in few.stderr
+
+
+@pytest.mark.parametrize("quality, kind", [("fast", "predicted IoU"), ("off", "mean snap score")])
+def test_cli_propagate_takes_quality(tmp_path, nuclei3d, quality, kind):
+    import tifffile
+
+    stack, labels = nuclei3d
+    tifffile.imwrite(tmp_path / "stack.tif", stack[:5])
+    tifffile.imwrite(tmp_path / "z0.tif", (labels[0] > 0).astype(np.uint8))
+    out = tmp_path / "labels.tif"
+    result = subprocess.run([sys.executable, "-m", "seggpt_plugins.cli", "propagate", str(tmp_path / "stack.tif"),
+                             "--prompt-slice", "0", str(tmp_path / "z0.tif"), "--out", str(out), "--model", "demo",
+                             "--review", "--quality", quality], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "labels_review.jsonl").read_text().splitlines()]
+    assert rows and all(r["confidence_is"] == kind for r in rows if "confidence_is" in r)
+    assert any("confidence_is" in r for r in rows)
