@@ -72,7 +72,7 @@ def real_samples(model, cases):
     rows, ious = [], []
     for target, example, mask, truth in cases:
         pred = model.segment(target, example, mask, seg_type="semantic", quality="full")[0]
-        rows.append(pred.quality_features)
+        rows.append({**pred.quality_features, "snap_foreground": pred.snap_confidence})  # the old confidence
         ious.append(agreement(pred.labels != 0, truth))
     return rows, ious
 

@@ -395,9 +395,11 @@ class SegGPT:
         if self._quality_models is None:
             self._quality_models = models_for(self.source)
         examples = examples if examples is not None else ExampleStats(float("nan"), None)
-        values = features(prediction.labels, prediction.scores, examples, rgb, mirrored_labels, strided)
+        estimate = self._quality_models[quality]
+        values = features(prediction.labels, prediction.scores, examples, rgb, mirrored_labels, strided,
+                          names=estimate.names)
         prediction.quality_features = values
-        return self._quality_models[quality].predict(values)
+        return estimate.predict(values)
 
     def _iter_tiled(self, targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range, with_painting,
                     name, quality) -> Iterator[Prediction]:

@@ -17,9 +17,10 @@ each grey level or coarse colour), and a proposal is doubted where it disagrees 
 
 `BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); `fit` fits only
 the curve that maps that score to an IoU, on generated tasks whose truth is known (`seggpt fit-quality`,
-quality.json beside the weights). Other features are read too (`Prediction.quality_features`: snap
-scores, the uncertain share, size and fragment ratios against the examples); benchmarks/eval_quality.py
-reports how each relates to the true IoU, which is how the blend was chosen (docs/quality.md).
+quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`: snap
+scores, the uncertain share, size and fragment ratios against the examples); an estimate reads only
+the groups its blend uses (`Prediction.quality_features`), and fitting reads them all. How each relates
+to the true IoU is how the blend was chosen (docs/quality.md).
 
 Numpy only (scipy to fit); the estimates are small JSON files.
 """
@@ -147,14 +148,25 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(ious)) if ious else 1.0
 
 
+#: every candidate feature `features` can read, by group (a group is read when any of its names is asked for)
+FEATURE_GROUPS = {"snap": ("snap_foreground", "snap_all", "uncertain"), "size": ("size_ratio",),
+                  "objects": ("diameter_ratio", "fragments"),
+                  "appearance": ("appearance_fit", "appearance_agreement", "appearance_fit_foreground",
+                                 "appearance_agreement_foreground"),
+                  "flip": ("flip_agreement", "flip_agreement_foreground")}
+CANDIDATES = tuple(name for group in FEATURE_GROUPS.values() for name in group)
+
+
 def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb: np.ndarray | None = None,
-             flipped: np.ndarray | None = None, strided: int | None = None) -> dict[str, float]:
-    """The features of one prediction (labels and scores (H, W)) given the target (H, W, 3); with
-    `flipped` (the mirrored target's labels, mirrored back), flip_agreement too. They are read on a view
-    of at most FEATURE_SIDE pixels a side; `strided`: the arrays are such a view already, of that stride."""
+             flipped: np.ndarray | None = None, strided: int | None = None, names=CANDIDATES) -> dict[str, float]:
+    """The features of one prediction (labels and scores (H, W)) given the target (H, W, 3): the groups
+    of FEATURE_GROUPS that hold any of `names` (the flip group only with `flipped`, the mirrored target's
+    labels, mirrored back). They are read on a view of at most FEATURE_SIDE pixels a side; `strided`:
+    the arrays are such a view already, of that stride."""
     from .ensembles import object_diameter
     from .instances import connected_components
 
+    wanted = {group for group, members in FEATURE_GROUPS.items() if set(members) & set(names)}
     stride = strided or feature_stride(labels.shape)
     if stride > 1 and not strided:
         labels, scores = labels[::stride, ::stride], scores[::stride, ::stride]
@@ -162,36 +174,41 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
         flipped = flipped[::stride, ::stride] if flipped is not None else None
     foreground = labels != 0
     share = float(foreground.mean())
-    out = {"snap_foreground": float(scores[foreground].mean()) if share else 1.0,
-           "snap_all": float(scores.mean()),
-           "uncertain": float((scores < UNCERTAIN_MARGIN).mean())}
-    eps = 1.0 / labels.size
-    known = not math.isnan(examples.foreground)
-    out["size_ratio"] = abs(math.log((share + eps) / (examples.foreground + eps))) if known else 0.0
-    diameter = object_diameter([labels]) if share else None
-    diameter = diameter * stride if diameter else None
-    out["diameter_ratio"] = (abs(math.log(diameter / examples.diameter)) if diameter and examples.diameter
-                             else (0.0 if not share and not examples.diameter else 2.0))
-    if share and examples.diameter:
-        parts, count = connected_components(foreground, connectivity=4)
-        areas = np.bincount(parts.ravel())[1:]
-        out["fragments"] = float((areas * stride ** 2 < examples.diameter ** 2 / 4).mean()) if count else 0.0
-    else:
-        out["fragments"] = 0.0
-    naive = examples.appearance(rgb) if rgb is not None else None
-    if naive is not None:
-        posterior, ids = naive
-        column = np.searchsorted(ids, labels).clip(0, len(ids) - 1)
-        fits = np.take_along_axis(posterior, column[..., None], -1)[..., 0] * (ids[column] == labels)
-        out["appearance_fit"] = float(fits.mean())
-        out["appearance_agreement"] = agreement(labels, ids[posterior.argmax(-1)])
-        foreground_p = posterior[..., ids != 0].sum(-1)  # P(any label | appearance)
-        out["appearance_fit_foreground"] = float(np.where(foreground, foreground_p, 1 - foreground_p).mean())
-        out["appearance_agreement_foreground"] = agreement(foreground, foreground_p > 0.5)
-    else:
-        out["appearance_fit"] = out["appearance_agreement"] = 0.5
-        out["appearance_fit_foreground"] = out["appearance_agreement_foreground"] = 0.5
-    if flipped is not None:
+    out = {}
+    if "snap" in wanted:
+        out["snap_foreground"] = float(scores[foreground].mean()) if share else 1.0
+        out["snap_all"] = float(scores.mean())
+        out["uncertain"] = float((scores < UNCERTAIN_MARGIN).mean())
+    if "size" in wanted:
+        eps = 1.0 / labels.size
+        known = not math.isnan(examples.foreground)
+        out["size_ratio"] = abs(math.log((share + eps) / (examples.foreground + eps))) if known else 0.0
+    if "objects" in wanted:
+        diameter = object_diameter([labels]) if share else None
+        diameter = diameter * stride if diameter else None
+        out["diameter_ratio"] = (abs(math.log(diameter / examples.diameter)) if diameter and examples.diameter
+                                 else (0.0 if not share and not examples.diameter else 2.0))
+        if share and examples.diameter:
+            parts, count = connected_components(foreground, connectivity=4)
+            areas = np.bincount(parts.ravel())[1:]
+            out["fragments"] = float((areas * stride ** 2 < examples.diameter ** 2 / 4).mean()) if count else 0.0
+        else:
+            out["fragments"] = 0.0
+    if "appearance" in wanted:
+        naive = examples.appearance(rgb) if rgb is not None else None
+        if naive is not None:
+            posterior, ids = naive
+            column = np.searchsorted(ids, labels).clip(0, len(ids) - 1)
+            fits = np.take_along_axis(posterior, column[..., None], -1)[..., 0] * (ids[column] == labels)
+            out["appearance_fit"] = float(fits.mean())
+            out["appearance_agreement"] = agreement(labels, ids[posterior.argmax(-1)])
+            foreground_p = posterior[..., ids != 0].sum(-1)  # P(any label | appearance)
+            out["appearance_fit_foreground"] = float(np.where(foreground, foreground_p, 1 - foreground_p).mean())
+            out["appearance_agreement_foreground"] = agreement(foreground, foreground_p > 0.5)
+        else:
+            out["appearance_fit"] = out["appearance_agreement"] = 0.5
+            out["appearance_fit_foreground"] = out["appearance_agreement_foreground"] = 0.5
+    if "flip" in wanted and flipped is not None:
         out["flip_agreement"] = agreement(labels, flipped)
         out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)
     return out
@@ -309,7 +326,8 @@ def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3)
     from .colors import ColorCode
     from .synthetic import SyntheticTasks
 
-    placeholder = QualityModel((), np.zeros(0), np.ones(0), np.zeros(0), 0.0)  # the features are what we need
+    count_all = len(CANDIDATES)  # a stand-in that reads every candidate: the features are what we need
+    placeholder = QualityModel(CANDIDATES, np.zeros(count_all), np.ones(count_all), np.zeros(count_all), 0.0)
     saved, model._quality_models = model._quality_models, {q: placeholder for q in QUALITIES}
     generator = SyntheticTasks(model.input_size[0], device="cpu")
     to_np = lambda t: t.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()  # noqa: E731
