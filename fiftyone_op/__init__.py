@@ -8,8 +8,9 @@ imported here, so that `seggpt --help` (which imports `seggpt_plugins.fiftyone.c
 
 Modules: `operators` (the App form, execution modes, sharding), `plan` (checks, prompts and targets),
 `options`, `fields`, `models` (the models offered), `codecs` (labels <-> label maps), `segment`
-(prediction), `commit` (staging and the crash-safe commit), `evaluation`, `app` (how the App shows the
-output), `runs` (where scheduled runs are), `cli`.
+(prediction), `videos` (video datasets: frame labels propagated through each video), `commit` (staging
+and the crash-safe commit), `evaluation`, `app` (how the App shows the output), `runs` (where scheduled
+runs are), `cli`.
 """
 
 

@@ -134,24 +134,37 @@ class DetectionsCodec:
         meta = [(self.class_of(i.class_id), i.score, i.box) for i in found]
         return instances.astype(np.uint16, copy=False), meta
 
+    def decode_objects(self, instances) -> tuple[np.ndarray, list]:
+        """Tracked objects of a video frame (the core's `Instances`, ids that follow each object through the
+        video) -> (their id map, [(class, confidence, box, object id)]): the id becomes `Detection.index`."""
+        top = max((o.id for o in instances.objects), default=0)
+        if top > MAX_INSTANCES:
+            raise InputError(f"more than {MAX_INSTANCES} objects tracked in one video")
+        meta = [(self.class_of(o.class_id), o.score, o.box, o.id) for o in instances.objects]
+        return instances.map.astype(np.uint16, copy=False), meta
+
     def label(self, staged: np.ndarray, meta: list, mask_path: str | None, final_dir: str | None = None):
-        """With mask_path (a folder), one PNG per detection is written there, referenced as final_dir/k.png."""
+        """With mask_path (a folder), one PNG per detection is written there, referenced as final_dir/k.png.
+        meta: (class, confidence, box) per instance k = 1..N of `staged`, or (class, confidence, box, id) for
+        tracked objects (`decode_objects`: the instance is `staged == id`, and the id its Detection's index)."""
         import fiftyone as fo
 
         from seggpt_plugins.io import write_png
 
         height, width = staged.shape
         detections = []
-        for k, (cls, confidence, region) in enumerate(meta, 1):
+        for k, (cls, confidence, region, *tracked) in enumerate(meta, 1):
             ys, xs = region
             box = [xs.start / width, ys.start / height, (xs.stop - xs.start) / width, (ys.stop - ys.start) / height]
-            crop = staged[region] == k
+            crop = staged[region] == (tracked[0] if tracked else k)
             if mask_path:
                 write_png(os.path.join(mask_path, f"{k}.png"), crop.astype(np.uint8) * 255, overwrite=True)
                 det = fo.Detection(label=cls, bounding_box=box, confidence=confidence,
                                    mask_path=os.path.join(final_dir or mask_path, f"{k}.png"))
             else:
                 det = fo.Detection(label=cls, bounding_box=box, mask=crop, confidence=confidence)
+            if tracked:
+                det.index = int(tracked[0])
             detections.append(det)
         return fo.Detections(detections=detections)
 

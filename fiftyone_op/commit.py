@@ -2,6 +2,7 @@
 
     commit = Commit(dataset, opts, kind, declare=True)   # journal entry + staging folder
     commit.stage(sample_id, staged, meta, confidence, prompt_ids)   # per prediction (PNG + memory)
+    # video datasets: Commit(..., frames=True), one key per frame: frame_key(sample_id, frame_number)
     commit.run(codec, targets)                            # the commit (below)
     commit.close()                                        # staging removed (rolled back if not committed)
     recover(dataset)                                      # at the start of every run on the dataset
@@ -15,6 +16,12 @@ the next run on the dataset (staged values, staging folder and fields it created
 killed after (2) is rolled forward (the merge and the file moves are repeated: both are idempotent).
 The journal is a small collection of FiftyOne's database, one document per run, so that concurrent
 shard workers never edit a shared document; a run is only recovered once its process is gone.
+
+Frame fields (video datasets) take the same path: frames live in their own collection, one document per
+(video, frame number) with a unique index on the pair, and a frame without any field has no document
+yet. So a staged frame is (video id, frame number, values), and the move `$merge`s on that pair: an
+existing frame document gets the two fields set (nothing else touched), a missing one is inserted.
+Still one command, idempotent, never a label without its confidence.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from seggpt_plugins.fiftyone.app import present
-from seggpt_plugins.fiftyone.fields import SEGMENTATION, adopt, declare_fields
+from seggpt_plugins.fiftyone.fields import SEGMENTATION, adopt, declare_fields, delete_field, frame_field
 from seggpt_plugins.fiftyone.options import Options
 
 JOURNAL = "seggpt_fiftyone_journal"  # collection: one document per run whose commit is not finished
@@ -141,8 +148,8 @@ class Staging:
 class Commit:
     """One run's staged predictions and their commit (see the module's docstring)."""
 
-    def __init__(self, dataset, opts: Options, kind: str, declare: bool = True):
-        self.dataset, self.opts, self.kind, self.declare = dataset, opts, kind, declare
+    def __init__(self, dataset, opts: Options, kind: str, declare: bool = True, frames: bool = False):
+        self.dataset, self.opts, self.kind, self.declare, self.frames = dataset, opts, kind, declare, frames
         self.run_id = uuid.uuid4().hex
         self.staging = Staging(opts, self.run_id)
         self.meta: dict = {}  # per target: what the codec needs besides the staged PNG
@@ -156,6 +163,7 @@ class Commit:
             "_id": self.run_id, "dataset_id": str(dataset._doc.id), "dataset_name": dataset.name,
             "output_field": opts.output_field, "confidence_field": opts.confidence_field, "kind": kind,
             "mask_dir": opts.mask_dir, "staging": str(self.staging.root), "state": "predicting", "created": [],
+            "frames": frames,
             "host": socket.gethostname(), "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
             "heartbeat": self.beat})
         self.staging.create()
@@ -168,6 +176,7 @@ class Commit:
             _db()[JOURNAL].update_one({"_id": self.run_id}, {"$set": {"heartbeat": now}})
 
     def stage(self, sample_id: str, staged: np.ndarray, meta, confidence: float, used: list[str]) -> None:
+        """sample_id: the sample's id, or `frame_key(video id, frame number)` for frames."""
         self.staging.write(sample_id, staged)
         self.meta[sample_id] = meta
         self.confidence[sample_id] = confidence
@@ -184,21 +193,25 @@ class Commit:
                                                            "heartbeat": _now()}})
         declare_fields(dataset, opts, self.kind)
         label_field = dataset.get_field(opts.output_field)
+        output, confidence = _stored_name(opts.output_field), _stored_name(opts.confidence_field)
         for start in range(0, len(targets), COMMIT_CHUNK):
             docs = []
-            for sample_id in targets[start:start + COMMIT_CHUNK]:
-                label = self._label(codec, sample_id)
-                label["prompt_ids"] = self.used[sample_id]
-                docs.append({"run": self.run_id, "sample": ObjectId(sample_id),
-                             "values": {opts.output_field: label_field.to_mongo(label),
-                                        opts.confidence_field: float(self.confidence[sample_id])}})
+            for key in targets[start:start + COMMIT_CHUNK]:
+                label = self._label(codec, key)
+                label["prompt_ids"] = self.used[key]
+                sample_id, frame = _parse_key(key) if self.frames else (key, None)
+                doc = {"run": self.run_id, "sample": ObjectId(sample_id),
+                       "values": {output: label_field.to_mongo(label), confidence: float(self.confidence[key])}}
+                if frame is not None:
+                    doc["frame"] = frame
+                docs.append(doc)
             db[PENDING].insert_many(docs, ordered=False)
             _pause("staging")
         if self.declare:
             _declare_targets(dataset, opts, self.kind)
         journal.update_one({"_id": self.run_id}, {"$set": {"state": "moving", "heartbeat": _now()}})
         self.moved = True
-        _move(dataset, self.run_id)
+        _move(dataset, self.run_id, self.frames)
         _pause("moved")
         self.staging.publish(self.kind)
         _finish(self.run_id)
@@ -229,16 +242,18 @@ class Commit:
 
 
 def _declare_targets(dataset, opts: Options, kind: str) -> None:
-    """Carry the source field's mask_targets (Segmentation) or classes (Detections) over to the output."""
+    """Carry the source field's mask_targets (Segmentation) or classes (Detections) over to the output.
+    (The dicts are replaced, not edited in place: FiftyOne cannot save an in-place edit under a
+    'frames.<name>' key.)"""
     if kind == SEGMENTATION:
         targets = dataset.mask_targets.get(opts.label_field)
         if targets and dataset.mask_targets.get(opts.output_field) != targets:
-            dataset.mask_targets[opts.output_field] = dict(targets)
+            dataset.mask_targets = {**dataset.mask_targets, opts.output_field: dict(targets)}
             dataset.save()
     else:
         classes = dataset.classes.get(opts.label_field)
         if classes and dataset.classes.get(opts.output_field) != classes:
-            dataset.classes[opts.output_field] = list(classes)
+            dataset.classes = {**dataset.classes, opts.output_field: list(classes)}
             dataset.save()
 
 
@@ -256,14 +271,52 @@ def declare_output(dataset, opts: Options, kind: str) -> None:
 # ------------------------------------------------------------------------------------------ the steps
 
 
-def _move(dataset, run_id: str) -> None:
-    """One server-side command: every staged (label, confidence) of the run into the sample documents."""
+def frame_key(sample_id: str, frame_number: int) -> str:
+    """The staging key (and file name) of one frame of a video sample."""
+    return f"{sample_id}-{int(frame_number):06d}"
+
+
+def _parse_key(key: str) -> tuple[str, int]:
+    sample_id, frame = key.rsplit("-", 1)
+    return sample_id, int(frame)
+
+
+def _stored_name(path: str) -> str:
+    """The name a field has in its documents: 'frames.x' is 'x' in the frame documents."""
+    return frame_field(path) or path
+
+
+def _move(dataset, run_id: str, frames: bool = False) -> None:
+    """One server-side command: every staged (label, confidence) of the run into the sample documents (or
+    the frame documents, see the module's docstring)."""
+    if frames:
+        _move_frames(dataset, run_id)
+        return
     _db()[PENDING].aggregate([
         {"$match": {"run": run_id}},
         {"$replaceRoot": {"newRoot": {"$mergeObjects": [{"_id": "$sample", "last_modified_at": "$$NOW"},
                                                         "$values"]}}},
         {"$merge": {"into": dataset._sample_collection_name, "on": "_id", "whenMatched": "merge",
                     "whenNotMatched": "discard"}},
+    ])
+
+
+def _move_frames(dataset, run_id: str) -> None:
+    """The frames' `$merge`: on (video, frame number), the staged fields set on an existing frame document,
+    a new frame document inserted where there is none."""
+    db = _db()
+    staged = db[PENDING].find_one({"run": run_id}, {"values": 1})
+    if staged is None:
+        return
+    assign = {name: f"$$new.{name}" for name in staged["values"]}
+    db[PENDING].aggregate([
+        {"$match": {"run": run_id}},
+        {"$replaceRoot": {"newRoot": {"$mergeObjects": [
+            {"_sample_id": "$sample", "frame_number": "$frame", "_dataset_id": dataset._doc.id,
+             "created_at": "$$NOW", "last_modified_at": "$$NOW"}, "$values"]}}},
+        {"$merge": {"into": dataset._frame_collection_name, "on": ["_sample_id", "frame_number"],
+                    "whenMatched": [{"$set": {**assign, "last_modified_at": "$$new.last_modified_at"}}],
+                    "whenNotMatched": "insert"}},
     ])
 
 
@@ -285,15 +338,15 @@ def _roll_back(dataset, entry: dict) -> None:
     if dataset is not None:
         dataset.reload()
         for field in entry.get("created", []):
-            if dataset.has_field(field) and not dataset.exists(field).count():
-                dataset.delete_sample_field(field)
+            if dataset.has_field(field) and not dataset.count(field):
+                delete_field(dataset, field)
     db[JOURNAL].delete_one({"_id": entry["_id"]})
 
 
 def _roll_forward(dataset, entry: dict) -> None:
     """Finish a commit that was killed during or after its move (both steps are idempotent)."""
     if dataset is not None:
-        _move(dataset, entry["_id"])
+        _move(dataset, entry["_id"], bool(entry.get("frames")))
         if entry.get("mask_dir"):
             staging = Staging(Options(label_field="", output_field=entry["output_field"], mask_dir=entry["mask_dir"]),
                               entry["_id"], root=entry["staging"])

@@ -14,8 +14,37 @@ from seggpt_plugins.fiftyone.options import CONFIDENCE_DESCRIPTION, Options, Par
 SEGMENTATION, DETECTIONS = "Segmentation", "Detections"
 RESERVED_FIELDS = {"id", "_id", "filepath", "tags", "metadata", "created_at", "last_modified_at", "media_type",
                    "frames", "group"}
+RESERVED_FRAME_FIELDS = {"id", "_id", "frame_number", "created_at", "last_modified_at", "_sample_id", "_dataset_id"}
+FRAMES = "frames."  # FiftyOne's prefix of a video dataset's frame fields
 OWNER = "@seggpt/seggpt/propagate_labels"  # the mark in the `info` of the fields this operator creates
 OWNER_KEY = "written_by"
+
+
+def is_video(dataset) -> bool:
+    return dataset.media_type == "video"
+
+
+def frame_field(path: str | None) -> str | None:
+    """'frames.gt' -> 'gt' (the frame field's own name); None for a sample field."""
+    return path[len(FRAMES):] if path and path.startswith(FRAMES) else None
+
+
+def add_field(dataset, path: str, ftype, **kwargs) -> None:
+    """Add a sample field, or a frame field when `path` is 'frames.<name>'."""
+    name = frame_field(path)
+    if name is None:
+        dataset.add_sample_field(path, ftype, **kwargs)
+    else:
+        dataset.add_frame_field(name, ftype, **kwargs)
+
+
+def delete_field(dataset, path: str) -> None:
+    """Delete a sample field, or a frame field when `path` is 'frames.<name>'."""
+    name = frame_field(path)
+    if name is None:
+        dataset.delete_sample_field(path)
+    else:
+        dataset.delete_frame_field(name)
 
 
 def field_kind(dataset, name: str) -> str | None:
@@ -33,11 +62,16 @@ def field_kind(dataset, name: str) -> str | None:
 
 
 def label_fields(dataset, learnable: bool = False) -> dict[str, str]:
-    """Top-level fields SegGPT can read: {name: SEGMENTATION | DETECTIONS}; learnable: without the fields
-    this operator wrote (earlier predictions are not offered as labels to learn from)."""
+    """Top-level fields SegGPT can read: {name: SEGMENTATION | DETECTIONS} (frame fields, as 'frames.<name>',
+    for video datasets); learnable: without the fields this operator wrote (earlier predictions are not
+    offered as labels to learn from)."""
     import fiftyone as fo
 
-    schema = dataset.get_field_schema(embedded_doc_type=[fo.Segmentation, fo.Detections])
+    kinds = [fo.Segmentation, fo.Detections]
+    if is_video(dataset):
+        schema = [FRAMES + name for name in dataset.get_frame_field_schema(embedded_doc_type=kinds) or {}]
+    else:
+        schema = dataset.get_field_schema(embedded_doc_type=kinds)
     return {name: field_kind(dataset, name) for name in sorted(schema) if not (learnable and is_ours(dataset, name))}
 
 
@@ -45,6 +79,8 @@ def masked_count(view, name: str, kind: str) -> int:
     """How many samples of the view have masks in the field (Detections: at least one detection with one)."""
     from fiftyone import ViewField as F
 
+    if frame_field(name) is not None:  # video datasets: frames with a label
+        return view.count(name)
     has_mask = (F("mask") != None) | (F("mask_path") != None)  # noqa: E711 (a database expression)
     if kind == DETECTIONS:
         return view.match(F(f"{name}.detections").filter(has_mask).length() > 0).count()
@@ -58,7 +94,7 @@ def best_label_field(dataset, fields: dict[str, str], prompts=None) -> str | Non
     Segmentation, then by name."""
     if not fields:
         return None
-    total = len(dataset)
+    total = dataset.count("frames") if is_video(dataset) else len(dataset)
     filled = {name: masked_count(dataset, name, kind) for name, kind in fields.items()}
     on_prompts = filled if prompts is None else {name: masked_count(prompts, name, kind)
                                                  for name, kind in fields.items()}
@@ -100,13 +136,11 @@ def declare_fields(dataset, opts: Options, kind: str) -> list[str]:
 
     added = []
     if not dataset.has_field(opts.output_field):
-        dataset.add_sample_field(opts.output_field, fo.EmbeddedDocumentField,
-                                 embedded_doc_type=fo.Segmentation if kind == SEGMENTATION else fo.Detections,
-                                 info=owner_info())
+        add_field(dataset, opts.output_field, fo.EmbeddedDocumentField,
+                  embedded_doc_type=fo.Segmentation if kind == SEGMENTATION else fo.Detections, info=owner_info())
         added.append(opts.output_field)
     if not dataset.has_field(opts.confidence_field):
-        dataset.add_sample_field(opts.confidence_field, fo.FloatField, info=owner_info(),
-                                 description=CONFIDENCE_DESCRIPTION)
+        add_field(dataset, opts.confidence_field, fo.FloatField, info=owner_info(), description=CONFIDENCE_DESCRIPTION)
         added.append(opts.confidence_field)
     return added
 
@@ -119,10 +153,15 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
     import fiftyone as fo
 
     errors: dict[str, str] = {}
-    if dataset.media_type != "image":
-        errors["view_target"] = f"SegGPT propagates image labels; this dataset holds {dataset.media_type} samples"
+    video = is_video(dataset)
+    if dataset.media_type not in ("image", "video"):
+        errors["view_target"] = (f"SegGPT propagates image and video labels; this dataset holds "
+                                 f"{dataset.media_type} samples")
+    errors.update(_media_problems(dataset, opts))
     kind = None
-    if not dataset.has_field(opts.label_field):
+    if "label_field" in errors:
+        pass
+    elif not dataset.has_field(opts.label_field):
         errors["label_field"] = f"the dataset has no field '{opts.label_field}'"
     else:
         kind = field_kind(dataset, opts.label_field)
@@ -131,9 +170,14 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
                                      "Segmentation, or Detections with instance masks")
 
     out = opts.output_field
-    if not out or "." in out or out.startswith("_") or out in RESERVED_FIELDS or not out.replace("_", "a").isalnum():
+    name, reserved = (frame_field(out), RESERVED_FRAME_FIELDS) if video else (out, RESERVED_FIELDS)
+    if "output_field" in errors:
+        pass
+    elif (not name or "." in name or name.startswith("_") or name in reserved
+            or not name.replace("_", "a").isalnum()):
         errors["output_field"] = (f"'{out}' is not a usable field name (letters, digits and underscores, not "
-                                  "starting with an underscore, not a built-in field)")
+                                  "starting with an underscore, not a built-in field"
+                                  + (", after 'frames.')" if video else ")"))
     elif out == opts.label_field:
         errors["output_field"] = (f"must differ from the {label('label_field')} ('{out}'): the labels learnt "
                                   "from are never overwritten")
@@ -154,7 +198,9 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
                                       f"{label('overwrite_field')} to write into it anyway")
 
     if opts.gt_field is not None:
-        if not dataset.has_field(opts.gt_field):
+        if video:
+            errors["gt_field"] = "evaluation of video datasets is not supported; leave it empty"
+        elif not dataset.has_field(opts.gt_field):
             errors["gt_field"] = f"the dataset has no field '{opts.gt_field}'"
         elif kind == DETECTIONS:
             errors["gt_field"] = ("evaluation uses evaluate_segmentations, which compares Segmentation fields; the "
@@ -172,6 +218,24 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
         problem = unwritable(Path(opts.mask_dir))
         if problem:
             errors["mask_dir"] = problem
+    if video and opts.tile is not None:
+        errors["tile"] = "tiles are for images; video frames are propagated whole (leave it empty)"
     if errors:
         raise ParamError(errors)
     return kind
+
+
+def _media_problems(dataset, opts: Options) -> dict[str, str]:
+    """Frame fields ('frames.<name>') on a video dataset, sample fields on an image dataset."""
+    problems = {}
+    for param in ("label_field", "output_field"):
+        path = getattr(opts, param)
+        if not path:
+            continue
+        if is_video(dataset) and frame_field(path) is None:
+            problems[param] = (f"'{path}' is a sample field, but this is a video dataset: labels live on frames; "
+                               f"give a frame field as 'frames.{path}'")
+        elif dataset.media_type == "image" and frame_field(path) is not None:
+            problems[param] = (f"'{path}' is a frame field, but this dataset holds images; give a sample field "
+                               f"(without 'frames.')")
+    return problems

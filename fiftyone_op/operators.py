@@ -12,6 +12,9 @@ From Python:
     propagate = foo.get_operator("@seggpt/seggpt/propagate_labels")
     propagate(dataset, "ground_truth", "seggpt", prompt_tag="prompt", model="demo")            # now
     propagate(view, "ground_truth", "seggpt", num_shards=4, delegate=True)                       # queued
+    propagate(videos, "frames.gt", "frames.seggpt", model="demo")        # video datasets: frame fields
+
+Video datasets: see `plan.py` (prompts and targets) and `videos.py` (the run); shards are sets of whole videos.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from seggpt_plugins.fiftyone.options import CONFIDENCE_DESCRIPTION, CONFIDENCE_S
 from seggpt_plugins.fiftyone.plan import make_plan, split
 from seggpt_plugins.fiftyone.runs import LAUNCH, scheduled_runs
 from seggpt_plugins.fiftyone.segment import segment_view
+from seggpt_plugins.fiftyone.videos import segment_videos
 
 URI = "@seggpt/seggpt/propagate_labels"
 LABEL = "Propagate labels with SegGPT"
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
 SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
 PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
-ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "batch_size", "device", "mask_dir",
+ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "memory", "batch_size", "device", "mask_dir",
             "skip_existing", "overwrite_field", "num_shards", "gt_field")  # behind the Advanced settings switch
 # request params of the run that queues shards that must not reach the shards themselves
 _NOT_FOR_SHARDS = {"selected", "selected_samples", "selected_labels", "current_sample", "extended_selection",
@@ -122,18 +126,26 @@ class PropagateLabels(foo.Operator):
             choices.add_choice(name, label=name, description=field_type)
         if label_field not in fields and label_field in label_fields(ctx.dataset):  # one of SegGPT's own
             choices.add_choice(label_field, label=label_field, description="written by SegGPT")
+        video = ctx.dataset.media_type == "video"
         field("label_field", inputs.str, required=True, default=label_field, view=choices,
-              description="What SegGPT learns from: Segmentation, or Detections with instance masks, filled on "
-                          "the prompt samples")
+              description=("What SegGPT learns from: a frame field (frames.<name>), Segmentation or Detections "
+                           "with instance masks, set on the annotated frames of each video" if video else
+                           "What SegGPT learns from: Segmentation, or Detections with instance masks, filled on "
+                           "the prompt samples"))
         tags = types.Dropdown()
         for tag in sorted(ctx.dataset.distinct("tags")):
             tags.add_choice(tag, label=tag)
         field("prompt_tag", inputs.str, required=False, view=tags,
-              description="Samples with this tag are the prompts. Empty: the selected samples when there is a "
-                          "selection (and it is not what is propagated to), else every sample with the label field")
+              description=("Videos with this tag are prompt videos: their annotated frames are prompts for the "
+                           "other videos too. Empty: the selected videos, else each video learns from its own "
+                           "annotated frames only" if video else
+                           "Samples with this tag are the prompts. Empty: the selected samples when there is a "
+                           "selection (and it is not what is propagated to), else every sample with the label "
+                           "field"))
         field("output_field", inputs.str, required=True, default=f"{label_field}_seggpt",
-              description=f"Where the predictions go ({kind or 'same type as the label field'}); "
-                          f"<output field>{CONFIDENCE_SUFFIX} gets each sample's {CONFIDENCE_DESCRIPTION}")
+              description=f"Where the predictions go ({kind or 'same type as the label field'}"
+                          f"{', a frame field: frames.<name>' if video else ''}); <output field>{CONFIDENCE_SUFFIX} "
+                          f"gets each {'frame' if video else 'sample'}'s {CONFIDENCE_DESCRIPTION}")
         models = types.AutocompleteView()
         for value, description in model_choices():
             models.add_choice(value, label=value, description=description)
@@ -163,6 +175,10 @@ class PropagateLabels(foo.Operator):
                           "scale and stitched back. Empty: no tiling")
         field("halo", inputs.int, min=0, default=32,
               description="Pixels each tile overlaps its neighbours by (below half the tile)")
+        if ctx.dataset.media_type == "video":
+            field("memory", inputs.int, min=0, default=8,
+                  description="Video datasets: the last predicted frames that join each frame's prompts (SegGPT's "
+                              "video mode; 0: the annotated frames alone)")
         field("batch_size", inputs.int, min=1, default=8, description="Targets per forward pass")
         devices = types.Dropdown()
         for device in device_choices():
@@ -208,9 +224,13 @@ class PropagateLabels(foo.Operator):
             return {k: v for k, v in exc.errors.items() if v != "required"}, None, None
         opts = plan.opts
         targets = plan.targets.count()
-        summary = (f"{_count(len(plan.prompts), 'prompt sample')} ({plan.prompt_source}) -> "
-                   f"{_count(targets, 'target sample')}"
-                   + (f" in {_count(min(opts.num_shards, targets), 'shard')}" if opts.num_shards > 1 else ""))
+        if plan.video:
+            summary = f"{plan.prompt_source} -> every other frame of {_count(targets, 'video')}"
+        else:
+            summary = (f"{_count(len(plan.prompts), 'prompt sample')} ({plan.prompt_source}) -> "
+                       f"{_count(targets, 'target sample')}")
+        if opts.num_shards > 1:
+            summary += f" in {_count(min(opts.num_shards, targets), 'shard')}"
         if not targets:
             summary += " (nothing to do" + (": all have the output field)" if opts.skip_existing else ")")
         elif targets > IMMEDIATE_LIMIT or opts.num_shards > 1:
@@ -269,9 +289,14 @@ class PropagateLabels(foo.Operator):
             targets = plan.target_ids()
             if shard is None and opts.num_shards > 1 and len(targets) > 1:
                 summary = self._queue_shards(ctx, plan, targets)
-                message = (f"SegGPT: scheduled {len(summary['shards'])} operations for {len(targets)} samples "
+                message = (f"SegGPT: scheduled {len(summary['shards'])} operations for {len(targets)} "
+                           f"{'videos' if plan.video else 'samples'} "
                            f"({', '.join(summary['shards'])}); they run when workers run `{LAUNCH}`, and this "
                            "operator's form lists them with their progress")
+            elif plan.video:
+                steps = segment_videos(dataset, opts, plan.prompts, targets, kind=plan.kind, declare=shard is None)
+                summary = yield from _relay(ctx, steps)
+                message = _describe(summary, shard)
             else:
                 eval_ids = ctx.target_view().exclude(plan.prompts).values("id") if opts.gt_field else None
                 steps = segment_view(dataset, opts, plan.prompts, targets, kind=plan.kind, declare=shard is None,
@@ -328,19 +353,22 @@ class PropagateLabels(foo.Operator):
     def __call__(self, sample_collection, label_field, output_field=None, *, prompt_tag=None, max_prompts=4,
                  embedding_type=None, batch_size=8, model=AUTO_MODEL, device=None, mask_dir=None,
                  skip_existing=True, num_shards=1, gt_field=None, overwrite_field=False, ensemble=None,
-                 tile=None, halo=None, view_target=None, selected=None, delegate=False):
+                 tile=None, halo=None, memory=None, view_target=None, selected=None, delegate=False):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does).
 
         view_target: a `fiftyone.operators.constants.ViewTarget` value (default: the given collection);
         selected: sample ids playing the App's selection; delegate: queue instead of running now.
         ensemble ("feature", "spatial", "both"), tile (pixels or "auto") and halo: see the core's segment.
+        Video datasets: label_field and output_field are frame fields ("frames.<name>"); memory: the last
+        predicted frames that join each frame's prompts (see the core's propagate).
         Returns the `ExecutionResult` (for a delegated run, `.result` describes the queued operation).
         """
         params = dict(label_field=label_field, output_field=output_field, prompt_tag=prompt_tag,
                       max_prompts=max_prompts, embedding_type=embedding_type, batch_size=batch_size, model=model,
                       device=device, mask_dir=mask_dir, skip_existing=skip_existing, num_shards=num_shards,
                       gt_field=gt_field, overwrite_field=overwrite_field, ensemble=ensemble,
-                      tile=None if tile is None else str(tile), halo=halo)  # the form's tile is text
+                      tile=None if tile is None else str(tile), halo=halo,  # the form's tile is text
+                      memory=memory)
         params = {k: v for k, v in params.items() if v is not None}
         if view_target is not None:
             params["view_target"] = view_target
@@ -396,7 +424,10 @@ def _stopped(ctx, exc):
 
 def _describe(summary, shard) -> str:
     where = f" (shard {shard[0] + 1}/{shard[1]})" if shard else ""
-    text = f"SegGPT{where}: {summary['targets']} samples written to '{summary['output_field']}'"
+    unit = summary.get("unit", "samples")
+    text = f"SegGPT{where}: {summary['targets']} {unit} written to '{summary['output_field']}'"
+    if unit == "frames":
+        text += f" ({summary.get('videos', 0)} videos)"
     if summary["targets"]:
         text += (f", mean predicted IoU {summary['mean_confidence']:.3f} (sort by "
                  f"'{summary['confidence_field']}' to review the lowest first)")

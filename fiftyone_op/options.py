@@ -53,6 +53,7 @@ class Options:
     ensemble: str = "feature"  # how several prompts meet the model (core ensembles.py): feature, spatial, both
     tile: int | str | None = None  # large targets cut into tiles of this many pixels, or "auto"; None: no tiling
     halo: int = 32  # pixels each tile overlaps its neighbours by
+    memory: int = 8  # video datasets: the last predicted frames of each run that join its prompts
 
     @property
     def confidence_field(self) -> str:
@@ -136,7 +137,8 @@ class Options:
                    batch_size=integer("batch_size", 8), model=text("model") or AUTO_MODEL, device=device,
                    mask_dir=mask_dir, skip_existing=boolean("skip_existing", True),
                    num_shards=integer("num_shards", 1), gt_field=text("gt_field"),
-                   overwrite_field=boolean("overwrite_field", False), ensemble=ensemble, tile=tile, halo=halo)
+                   overwrite_field=boolean("overwrite_field", False), ensemble=ensemble, tile=tile, halo=halo,
+                   memory=integer("memory", 8, low=0))
         if errors:
             raise ParamError(errors)
         return opts

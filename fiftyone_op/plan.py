@@ -6,6 +6,12 @@
 Prompts are the tagged samples, else the selection, else every sample whose label field is filled (always
 from the whole dataset); targets are the target view minus the prompts (minus samples that already have the
 output field, with skip_existing).
+
+Video datasets (fields 'frames.<name>'): every video of the target view is a target, propagated from its
+own annotated frames (the frames whose label field is set). Tagged (else selected) videos are prompt
+videos besides: their annotated frames are prompts for the other videos too, so a video with no annotated
+frame of its own can be propagated from them. `plan.prompts` are then the prompt videos (often none);
+which frames get labels is worked out per frame by the run (`videos.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, check, field_kind
+from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, check, field_kind, frame_field, is_video
 from seggpt_plugins.fiftyone.options import Options, ParamError
 
 
@@ -26,6 +32,7 @@ class Plan:
     prompts: list[str]  # prompt sample ids
     prompt_source: str  # how the prompts were chosen, for people
     targets: object  # the view of the samples to predict
+    video: bool = False  # a video dataset: prompts and targets are videos, labels are on frames
 
     def target_ids(self) -> list[str]:
         return self.targets.values("id")
@@ -39,6 +46,8 @@ def make_plan(dataset, params: dict, view, selected=(), fixed_prompts=None, shar
     """
     opts = Options.from_params(params)
     kind = check(dataset, opts, shard=shard)
+    if is_video(dataset):
+        return video_plan(dataset, opts, kind, view, selected, fixed_prompts)
     if fixed_prompts is not None:
         how = "the prompts chosen for this shard"
         prompts = check_prompts(dataset, opts, list(fixed_prompts), how)
@@ -123,6 +132,51 @@ def target_view(view, prompts, opts: Options):
     if opts.skip_existing and view.has_field(opts.output_field):
         view = view.exists(opts.output_field, False)
     return view
+
+
+def video_plan(dataset, opts: Options, kind: str, view, selected=(), fixed_prompts=None) -> Plan:
+    """The plan of a video dataset (see the module's docstring); ParamError when a prompt video has no
+    annotated frame, or a target video has none and there is no prompt video to learn from."""
+    if fixed_prompts is not None:
+        prompts, how = list(fixed_prompts), "the prompt videos chosen for this shard"
+    else:
+        if opts.prompt_tag is not None:
+            found, how = dataset.match_tags(opts.prompt_tag), f"videos tagged '{opts.prompt_tag}'"
+        elif selected:
+            found, how = dataset.select(list(selected)), "selected videos"
+        else:
+            found, how = None, None
+        prompts = found.values("id") if found is not None else []
+        bare = _unannotated(dataset, opts, prompts)
+        if bare:
+            where = "prompt_tag" if opts.prompt_tag else "label_field"
+            verb = "has" if len(bare) == 1 else "have"
+            raise ParamError({where: f"{_count(len(bare), 'prompt video')} ({how}) {verb} no frame with "
+                                     f"'{opts.label_field}' to learn from: {_names(bare)}"})
+    targets = view
+    bare = _unannotated(dataset, opts, targets.values("id"))
+    if bare and not prompts:
+        raise ParamError({"label_field": f"{_count(len(bare), 'video')} {'has' if len(bare) == 1 else 'have'} no "
+                                         f"annotated frame ('{opts.label_field}' set) and there are no prompt videos "
+                                         f"(tag or select annotated videos to learn from): {_names(bare)}"})
+    source = (f"annotated frames of each video, and of the {_count(len(prompts), 'prompt video')} ({how})" if prompts
+              else "the annotated frames of each video")
+    return Plan(opts, kind, prompts, source, targets, video=True)
+
+
+def _unannotated(dataset, opts: Options, ids: list[str]) -> list[str]:
+    """File paths of the videos among `ids` with no frame whose label field is set."""
+    from fiftyone import ViewField as F
+
+    if not ids:
+        return []
+    view = dataset.select(list(ids), ordered=True)
+    annotated = set(view.match_frames(F(frame_field(opts.label_field)) != None).values("id"))  # noqa: E711
+    return [path for sample_id, path in zip(*view.values(["id", "filepath"])) if sample_id not in annotated]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def split(ids: list, num_shards: int) -> list[list]:

@@ -69,7 +69,7 @@ def prompt_pool(dataset, ids: list[str], codec, label_field: str) -> PromptPool:
     return PromptPool(ids, load)
 
 
-class _Progress:
+class Progress:
     """Rate-limited (fraction, label) reports."""
 
     def __init__(self):
@@ -126,7 +126,7 @@ def segment_view(dataset, opts: Options, prompts: list[str], targets: list[str],
 
 def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, commit: Commit):
     """Predict the targets chunk by chunk, each with its most similar prompts; stage every prediction."""
-    progress = _Progress()
+    progress = Progress()
     prepared: OrderedDict = OrderedDict()  # prompt choice -> PromptSet, prepared once and reused
 
     def prompt_set(choice):
