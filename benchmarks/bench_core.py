@@ -1,6 +1,7 @@
 """Speed and memory of our SegGPT path against transformers' reference pipeline, in one run.
 
     python benchmarks/bench_core.py [--device cuda|cpu] [--budget 300] [--out bench.json]
+    python benchmarks/bench_core.py --device cpu --precisions float32 bfloat16 int8 --contention [--out ...]
 
 Both sides use the same random full-size weights (SegGptConfig() = ViT-L, 370 M parameters) and the
 same inputs (512x512 uint8 RGB images, 3-class label masks, so both resize to 448).
@@ -17,6 +18,11 @@ A pair is one (prompt, target) row: 1.59 TFLOP for ViT-L in transformers' forwar
 are counted with FlopCounterMode and printed first. Achieved TFLOP/s counts the FLOPs our path really
 runs, against a measured bf16 matrix-product peak. Sizes: 1, 8, 32 targets x 1, 4, 8 prompts, and a 64-frame stack
 with memory 8 (on CPU only the smallest sizes fit in the budget).
+
+On CPU, --precisions times our path at each precision (float32, bfloat16, int8 = int8 linear layers)
+against the same float32 reference, and --contention repeats the sweep with a second process burning
+one core for the whole phase (started and stopped by the script): the ratio under contention next to
+the quiet one shows whether our lead survives a busy desktop.
 """
 
 from __future__ import annotations
@@ -134,6 +140,49 @@ def measure_peak_tflops(device, dtype):
     return round(2 * n ** 3 / seconds / 1e12, 3)
 
 
+def burn_one_core():
+    """A second process spinning on one core until stopped (the contended phase)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row):
+    """CPU: the reference (fp32) and our path at each precision, at each size, quiet and (with
+    `contention`) with one core taken by another process. Each side is timed once per phase, sides
+    interleaved size by size, so both see the same machine."""
+    import copy
+
+    from seggpt_plugins import SegGPT
+
+    options = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
+    models = {p: SegGPT(net if p == "float32" else copy.deepcopy(net), device="cpu", **options[p]) for p in precisions}
+    tgt, pim, pms = inputs(1, 1)
+    for model in models.values():  # oneDNN builds its bf16/int8 kernels on first use
+        model.segment(tgt, pim, pms, quality=None)
+    for phase in ["quiet"] + (["contended"] if contention else []):
+        burner = burn_one_core() if phase == "contended" else None
+        try:
+            for targets, prompts in sizes:
+                tgt, pim, pms = inputs(targets, prompts)
+                pairs = targets * prompts
+                ref_s = timed(lambda: reference.run_pairs(tgt, pim, pms, batch_size=targets), torch.device("cpu"), 1)
+                for precision, model in models.items():
+                    our_s = timed(lambda: model.segment(tgt, pim, pms, batch_size=targets, quality=None),
+                                  torch.device("cpu"), 1)
+                    executed = flops[prompts]["ours"] * pairs / our_s
+                    peak = peaks["bfloat16" if precision == "bfloat16" else "float32"]
+                    row(kind="segment", phase=phase, precision=precision, targets=targets, prompts=prompts,
+                        pairs=pairs, ours_s_per_pair=round(our_s / pairs, 2), ref_s_per_pair=round(ref_s / pairs, 2),
+                        ratio=round(ref_s / our_s, 2), ours_tflops=round(executed, 3),
+                        ours_fraction_of_peak=round(executed / peak, 3))
+        finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None)
@@ -142,6 +191,10 @@ def main():
     parser.add_argument("--compile", default=None, help="torch.compile mode for our path (reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="a small random config (checks the script only)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=["float32", "bfloat16", "int8"],
+                        help="CPU: our path at each of these precisions (default: float32)")
+    parser.add_argument("--contention", action="store_true",
+                        help="CPU: repeat the sweep with a second process burning one core")
     args = parser.parse_args()
 
     import transformers
@@ -175,6 +228,24 @@ def main():
     for p in flops.values():
         row(kind="tflop-per-pair", **p)
     reference = Reference(net.to(device), device)
+    if not cuda:
+        from seggpt_plugins.loading import cpu_has_native_bf16
+
+        peaks = {"float32": measure_peak_tflops(device, torch.float32)}
+        if cpu_has_native_bf16():
+            peaks["bfloat16"] = measure_peak_tflops(device, torch.bfloat16)
+        else:
+            peaks["bfloat16"] = peaks["float32"]
+        report.update(peak_tflops=peaks, native_bf16=cpu_has_native_bf16(), cpu_count=__import__("os").cpu_count())
+        sizes = [(1, 1), (2, 1), (1, 4)]
+        cpu_sweep(net, reference, sizes, args.precisions or ["float32"], args.contention, flops, peaks, row)
+        report["seconds"] = round(time.time() - started, 1)
+        print_cpu_table(report["rows"])
+        print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     ours_dtype = torch.bfloat16 if cuda else torch.float32
     report.update(peak_dtype=str(ours_dtype).removeprefix("torch."), peak_tflops=measure_peak_tflops(device, ours_dtype))
     kernels = args.kernels or (["folded", "sdpa"] if cuda else ["chunked", "sdpa"])
@@ -263,6 +334,24 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def print_cpu_table(rows):
+    """The CPU sweep as a table: s/pair and the ratio against the reference, quiet and contended."""
+    segment = [r for r in rows if r.get("kind") == "segment"]
+    phases = sorted({r["phase"] for r in segment}, key=["quiet", "contended"].index)
+    print("\n| T x P | precision | " + " | ".join(f"{p}: ours s/pair | ref s/pair | ratio" for p in phases)
+          + (" | contended / quiet ratio |" if len(phases) == 2 else " |"))
+    print("|---|---|" + "---|---|---|" * len(phases) + ("---|" if len(phases) == 2 else ""))
+    keys = list(dict.fromkeys((r["targets"], r["prompts"], r["precision"]) for r in segment))
+    for t, p, precision in keys:
+        cells, ratios = [], []
+        for phase in phases:
+            r = next(r for r in segment if (r["targets"], r["prompts"], r["precision"], r["phase"]) == (t, p, precision, phase))
+            cells.append(f"{r['ours_s_per_pair']} | {r['ref_s_per_pair']} | **{r['ratio']}**")
+            ratios.append(r["ratio"])
+        tail = f" | {ratios[1] / ratios[0]:.2f}" if len(ratios) == 2 else ""
+        print(f"| {t} x {p} | {precision} | " + " | ".join(cells) + tail + " |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ def _common(parser: argparse.ArgumentParser, model_default: str = AUTO_MODEL) ->
                        help=f"hub id, transformers directory, Painter .pth checkpoint, 'demo', or 'auto' (default: "
                             f"%(default)s; auto = ${MODEL_ENV}, else {HUB_MODEL} when cached, else demo)")
     group.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    group.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)")
+    group.add_argument("--dtype", default=None,
+                       help="float32, bfloat16 or float16 (default: $SEGGPT_DTYPE, else bf16 on CUDA and on CPUs "
+                            "that compute bf16 in hardware (AVX512_BF16, AMX), else fp32)")
+    group.add_argument("--quantize", choices=["int8"], default=None,
+                       help="CPU: int8 weights for the linear layers (PyTorch dynamic quantization; faster on "
+                            "CPUs with VNNI/AMX, slightly less exact; default: $SEGGPT_QUANTIZE, else none)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads (default: $SEGGPT_THREADS, else the CPUs this process may use)")
     group.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (default: %(default)s)")
 
 
@@ -238,7 +245,8 @@ def _load(args):
     from .engine import SegGPT
 
     started = time.time()
-    model = SegGPT.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = SegGPT.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                   quantize=getattr(args, "quantize", None), threads=getattr(args, "threads", None))
     print(f"loaded {model} in {time.time() - started:.1f} s", file=sys.stderr)
     return model
 

@@ -106,17 +106,27 @@ class SegGPT:
     """In-context segmentation with SegGPT: example images and masks define the task."""
 
     def __init__(self, net, device=None, dtype=None, attention: str = "auto", source: str | None = None,
-                 compile: str | None = None):
-        """compile: None, or a torch.compile mode for the forward ("default", "max-autotune",
-        "reduce-overhead" = CUDA graphs too). Each new batch shape compiles once."""
+                 compile: str | None = None, quantize: str | None = None, threads: int | None = None):
+        """dtype: None ("auto") = bf16 on CUDA and on CPUs with bf16 hardware, fp32 elsewhere (see
+        loading.pick_dtype). quantize: None or "int8" (CPU: dynamic int8 linear layers, fp32 elsewhere).
+        threads: CPU threads (default: the CPUs this process may use). compile: None, or a torch.compile
+        mode for the forward ("default", "max-autotune", "reduce-overhead" = CUDA graphs too). Each new
+        batch shape compiles once."""
         import torch
 
         from . import modeling
-        from .loading import pick_device, pick_dtype
+        from .loading import pick_device, pick_dtype, pick_quantize, quantize_linear_int8, set_cpu_threads
         from .modeling import ATTENTION_KERNELS, half_size
 
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.quantize = pick_quantize(quantize, self.device)
+        if self.quantize and dtype not in (None, "auto") and pick_dtype(dtype, self.device) != torch.float32:
+            raise InputError(f"quantize {self.quantize!r} computes in float32 around int8 weights: leave dtype "
+                             f"unset (got {dtype!r})")
+        self.dtype = torch.float32 if self.quantize else pick_dtype(dtype, self.device)
+        self.threads = set_cpu_threads(threads) if self.device.type == "cpu" else None
+        if self.quantize == "int8":
+            net = quantize_linear_int8(net)
         self.net = net.to(device=self.device, dtype=self.dtype).eval()
         self.source = source
         self.input_size = half_size(net.config)  # (h, w) of one half
@@ -134,17 +144,20 @@ class SegGPT:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = AUTO_MODEL, device=None, dtype=None,
-                        attention: str = "auto", compile: str | None = None) -> "SegGPT":
+                        attention: str = "auto", compile: str | None = None, quantize: str | None = None,
+                        threads: int | None = None) -> "SegGPT":
         """Load from a hub id, a transformers directory, a Painter .pth checkpoint, "demo", or "auto"
         (the default: see loading.resolve_source)."""
         from .loading import load_network, resolve_source
 
         source = resolve_source(source)
         return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source),
-                   compile=compile)
+                   compile=compile, quantize=quantize, threads=threads)
 
     def __repr__(self) -> str:
-        return f"SegGPT(source={self.source!r}, device={self.device}, dtype={self.dtype}, input={self.input_size})"
+        quantized = f", quantize={self.quantize}" if self.quantize else ""
+        return (f"SegGPT(source={self.source!r}, device={self.device}, dtype={self.dtype}{quantized}, "
+                f"input={self.input_size})")
 
     # ------------------------------------------------------------------------------- preprocessing
 

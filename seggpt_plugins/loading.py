@@ -7,6 +7,7 @@ and `get_model` keeps one loaded model per process for the adapters (loading ViT
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ModelSourceError
-from .vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV
+from .vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV, PRECISIONS
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before calling this machine offline
@@ -66,20 +67,133 @@ def pick_device(device=None):
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
+DTYPE_ENV = "SEGGPT_DTYPE"  # the default precision for every entry point (float32, bfloat16, float16, auto)
+QUANTIZE_ENV = "SEGGPT_QUANTIZE"  # "int8": dynamic int8 linear layers on the CPU for every entry point
+THREADS_ENV = "SEGGPT_THREADS"  # CPU threads for every entry point (default: the CPUs this process may use)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+QUANTIZE_CHOICES = ("int8",)
+
+
+def precision_options(precision: str | None) -> dict:
+    """A precision setting (PRECISIONS) as the `dtype`/`quantize` arguments of get_model and SegGPT."""
+    if precision in (None, "", "auto"):
+        return {}
+    if precision == "int8":
+        return {"quantize": "int8"}
+    if precision in ("float32", "bfloat16", "float16"):
+        return {"dtype": precision}
+    raise ModelSourceError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX), as torch's own CPU
+    feature detection reports it; then bf16 products run several times faster than fp32 ones."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: do not guess
+        return False
 
 
 def pick_dtype(dtype, device):
-    """`None` is bfloat16 on CUDA and float32 elsewhere; strings like 'bf16' or 'float32' are accepted."""
+    """`None` ("auto") is $SEGGPT_DTYPE when set, else bfloat16 on CUDA and on CPUs that compute bf16 in
+    hardware (`cpu_has_native_bf16`), float32 elsewhere; strings like 'bf16' or 'float32' are accepted."""
     import torch
 
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = os.environ.get(DTYPE_ENV, "").strip() or "auto"
+    if dtype == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
     if name is None:
-        raise ModelSourceError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+        raise ModelSourceError(f"dtype {dtype!r} is not one of float32, bfloat16, float16 (or auto)")
     return getattr(torch, name)
+
+
+def pick_quantize(quantize, device) -> str | None:
+    """None (the default: $SEGGPT_QUANTIZE when set) or "int8": PyTorch's dynamic int8 quantization of
+    the linear layers, for the CPU only (activations stay float32, weights int8: VNNI/AMX kernels)."""
+    if quantize is None:
+        quantize = os.environ.get(QUANTIZE_ENV, "").strip() or None
+    if quantize in (None, "none", "off", ""):
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelSourceError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)} (or none)")
+    if device.type != "cpu":
+        raise ModelSourceError(f"quantize {quantize!r} is for the CPU; on {device.type} use dtype bfloat16")
+    return quantize
+
+
+def quantize_linear_int8(net):
+    """`net` (float32) with every nn.Linear replaced by a dynamically quantized one, through torch's own
+    quantization API: weights int8 (one scale per tensor), activations quantized on the fly per call."""
+    import torch
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it still works
+        warnings.simplefilter("ignore")
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            raise ModelSourceError("int8 quantization needs torch.ao.quantization.quantize_dynamic, which this "
+                                   f"torch ({torch.__version__}) no longer has; use dtype bfloat16") from None
+        return quantize_dynamic(net.float(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers, CI
+    runners), at least 1. torch's default counts the machine's cores, which over-subscribes a container."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs granted by the cgroup's quota (v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), None when unlimited."""
+    try:
+        fields = (CGROUP_ROOT / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((CGROUP_ROOT / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def set_cpu_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads: `threads`, else $SEGGPT_THREADS, else (unless OMP_NUM_THREADS or
+    MKL_NUM_THREADS says otherwise) the CPUs this process may use (`cpu_count`). Returns the count."""
+    import torch
+
+    if threads is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        if text:
+            try:
+                threads = int(text)
+            except ValueError:
+                raise ModelSourceError(f"${THREADS_ENV} must be a whole number of threads, got {text!r}") from None
+        elif os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+            return torch.get_num_threads()
+        else:
+            threads = cpu_count()
+    if not isinstance(threads, int) or threads < 1:
+        raise ModelSourceError(f"threads must be a whole number >= 1, got {threads!r}")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -151,21 +265,21 @@ _cache_lock = threading.Lock()
 _cache: dict[tuple, object] = {}
 
 
-def _cache_key(source, device, dtype) -> tuple:
-    return resolve_source(source), str(device or "auto"), str(dtype or "auto")
+def _cache_key(source, device, dtype, quantize=None) -> tuple:
+    return resolve_source(source), str(device or "auto"), str(dtype or "auto"), str(quantize or "none")
 
 
-def cached(source=AUTO_MODEL, device=None, dtype=None):
+def cached(source=AUTO_MODEL, device=None, dtype=None, quantize=None):
     """The model `get_model` holds for these arguments, or None if it must be loaded first."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DefaultModelWarning)
-        return _cache.get(_cache_key(source, device, dtype))
+        return _cache.get(_cache_key(source, device, dtype, quantize))
 
 
-def get_model(source=AUTO_MODEL, device=None, dtype=None):
-    """A SegGPT for (source, device, dtype), loaded once per process and shared by every caller. Only the
-    latest model stays loaded (ViT-L weighs 1.5 GB): asking for another one frees the previous one."""
-    key = _cache_key(source, device, dtype)
+def get_model(source=AUTO_MODEL, device=None, dtype=None, quantize=None):
+    """A SegGPT for (source, device, dtype, quantize), loaded once per process and shared by every caller.
+    Only the latest model stays loaded (ViT-L weighs 1.5 GB): asking for another one frees the previous one."""
+    key = _cache_key(source, device, dtype, quantize)
     with _cache_lock:
         model = _cache.get(key)
         if model is None:
@@ -173,7 +287,8 @@ def get_model(source=AUTO_MODEL, device=None, dtype=None):
 
             _cache.clear()
             model = _cache[key] = SegGPT.from_pretrained(key[0], device=None if key[1] == "auto" else key[1],
-                                                         dtype=None if key[2] == "auto" else key[2])
+                                                         dtype=None if key[2] == "auto" else key[2],
+                                                         quantize=None if key[3] == "none" else key[3])
         return model
 
 

@@ -107,21 +107,27 @@ def attend(attention, qkv: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
     return out.permute(0, 2, 1, 3).reshape(batch, grid_h, grid_w, heads * head_dim)
 
 
-def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale):
-    """softmax(q k^T * scale + rel_h + rel_w) v, one head at a time, bias added in place."""
+def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale, scores_bytes: int = 32 << 20):
+    """softmax(q k^T * scale + rel_h + rel_w) v, a few heads at a time (the N x N scores of those heads
+    stay the only large buffer, at most `scores_bytes`), with the bias folded into the product as the
+    folded kernel does: q' = [q scale, rel_h, rel_w], k' = [k, onehot(key row), onehot(key col)], so
+    one matrix product gives the biased scores (no broadcast adds: slow in bf16, and a parallel region
+    each, which costs most when the cores are shared)."""
     batch, heads, tokens, head_dim = query.shape
-    q = (query * scale).reshape(batch * heads, tokens, head_dim)
-    k = key.reshape(batch * heads, tokens, head_dim).transpose(1, 2)
+    rows = torch.arange(tokens, device=query.device) // grid_w
+    cols = torch.arange(tokens, device=query.device) % grid_w
+    # onehot: (Hp + Wp, N): which row and column each key sits in
+    onehot = torch.cat([F.one_hot(rows, grid_h), F.one_hot(cols, grid_w)], dim=1).to(key.dtype).T
+    # q: (B heads, N, d + Hp + Wp); k: (B heads, d + Hp + Wp, N); v: (B heads, N, d)
+    q = torch.cat([query * scale, rel_h, rel_w], dim=-1).reshape(batch * heads, tokens, -1)
+    k = torch.cat([key.transpose(-2, -1), onehot.expand(batch, heads, -1, -1)], dim=-2).reshape(batch * heads, -1, tokens)
     v = value.reshape(batch * heads, tokens, head_dim)
-    rel_h = rel_h.reshape(batch * heads, tokens, grid_h, 1)
-    rel_w = rel_w.reshape(batch * heads, tokens, 1, grid_w)
-    out = []
-    for i in range(batch * heads):
-        head = slice(i, i + 1)
-        scores = torch.bmm(q[head], k[head])  # (1, N, N)
-        scores.view(-1, tokens, grid_h, grid_w).add_(rel_h[head]).add_(rel_w[head])
-        out.append(torch.bmm(torch.softmax(scores, dim=-1), v[head]))
-    return torch.cat(out).reshape(batch, heads, tokens, head_dim)
+    step = max(1, scores_bytes // (tokens * tokens * query.element_size()))
+    out = torch.empty_like(v)
+    for start in range(0, batch * heads, step):
+        group = slice(start, start + step)
+        torch.bmm(torch.softmax(torch.bmm(q[group], k[group]), dim=-1), v[group], out=out[group])
+    return out.reshape(batch, heads, tokens, head_dim)
 
 
 _compiled_flex = None

@@ -21,5 +21,9 @@ AUTO_MODEL = "auto"
 #: The most classes one prompt set can hold: beyond it two prompt colours would sit closer than 51 RGB units.
 MAX_CLASSES = 124
 
+#: One setting for every adapter: how the network computes. "auto": bfloat16 on CUDA and on CPUs that compute
+#: it in hardware, float32 elsewhere (loading.pick_dtype); "int8": int8 linear layers, on the CPU only.
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+
 #: Where a user (or a deployment) names the model for every entry point at once.
 MODEL_ENV = "SEGGPT_MODEL"

@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+# One precision for the whole suite on any CPU: "auto" picks bfloat16 where the CPU computes it in hardware
+# (loading.pick_dtype), which would make results depend on the machine the tests run on. The automatic
+# choice and the reduced precisions have tests of their own (test_cpu_precision.py).
+os.environ.setdefault("SEGGPT_DTYPE", "float32")
 
 
 def pytest_configure(config):
