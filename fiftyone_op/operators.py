@@ -26,7 +26,7 @@ import fiftyone.operators.types as types
 from fiftyone.operators.constants import ViewTarget
 
 from seggpt_plugins.errors import SegGPTError
-from seggpt_plugins.vocabulary import AUTO_MODEL
+from seggpt_plugins.vocabulary import AUTO_MODEL, PRECISIONS
 
 from seggpt_plugins.fiftyone.app import colour_fields, shown_fields
 from seggpt_plugins.fiftyone.commit import declare_output
@@ -43,8 +43,8 @@ LABEL = "Propagate labels with SegGPT"
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
 SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
 PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
-ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "memory", "batch_size", "device", "mask_dir",
-            "skip_existing", "overwrite_field", "num_shards", "gt_field")  # behind the Advanced settings switch
+ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "memory", "batch_size", "device", "precision",
+            "mask_dir", "skip_existing", "overwrite_field", "num_shards", "gt_field")  # behind the Advanced settings switch
 # request params of the run that queues shards that must not reach the shards themselves
 _NOT_FOR_SHARDS = {"selected", "selected_samples", "selected_labels", "current_sample", "extended_selection",
                    "run_doc", "results", "request_delegation", "filters", "extended", "view_name", "target",
@@ -185,6 +185,12 @@ class PropagateLabels(foo.Operator):
             devices.add_choice(device, label=device)
         field("device", inputs.str, default="auto", view=devices,
               description="auto: cuda, then mps, then cpu (of the machine that runs the operation)")
+        precisions = types.Dropdown()
+        for precision in PRECISIONS:
+            precisions.add_choice(precision, label=precision)
+        field("precision", inputs.str, default="auto", view=precisions,
+              description="auto: bfloat16 on a GPU and on CPUs that compute it in hardware, else float32; "
+                          "int8: int8 linear layers on the CPU (fastest there, slightly less exact)")
         field("mask_dir", inputs.str, required=False,
               description="Absolute folder for mask PNGs (mask_path; <folder>/<output field>/<file>.png). "
                           "Empty: masks inline in the database (fine for small views)")
@@ -351,7 +357,7 @@ class PropagateLabels(foo.Operator):
     # ----------------------------------------------------------------------------------------- Python
 
     def __call__(self, sample_collection, label_field, output_field=None, *, prompt_tag=None, max_prompts=4,
-                 embedding_type=None, batch_size=8, model=AUTO_MODEL, device=None, mask_dir=None,
+                 embedding_type=None, batch_size=8, model=AUTO_MODEL, device=None, precision=None, mask_dir=None,
                  skip_existing=True, num_shards=1, gt_field=None, overwrite_field=False, ensemble=None,
                  tile=None, halo=None, memory=None, view_target=None, selected=None, delegate=False):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does).
@@ -365,7 +371,8 @@ class PropagateLabels(foo.Operator):
         """
         params = dict(label_field=label_field, output_field=output_field, prompt_tag=prompt_tag,
                       max_prompts=max_prompts, embedding_type=embedding_type, batch_size=batch_size, model=model,
-                      device=device, mask_dir=mask_dir, skip_existing=skip_existing, num_shards=num_shards,
+                      device=device, precision=precision, mask_dir=mask_dir, skip_existing=skip_existing,
+                      num_shards=num_shards,
                       gt_field=gt_field, overwrite_field=overwrite_field, ensemble=ensemble,
                       tile=None if tile is None else str(tile), halo=halo,  # the form's tile is text
                       memory=memory)

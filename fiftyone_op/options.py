@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from seggpt_plugins.ensembles import ENSEMBLES, tile_size
 from seggpt_plugins.errors import InputError
-from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
+from seggpt_plugins.vocabulary import AUTO_MODEL, PRECISIONS, SEG_TYPES
 
 CONFIDENCE_SUFFIX = "_confidence"  # per-sample predicted IoU (lower: review first), to sort the review queue by
 EVAL_SUFFIX = "_eval"  # evaluation key of a run with gt_field (not in shard runs: see evaluation.evaluate)
@@ -45,6 +45,7 @@ class Options:
     batch_size: int = 8
     model: str = AUTO_MODEL
     device: str | None = None
+    precision: str = "auto"  # how the network computes (core loading.PRECISIONS): auto, float32, bfloat16, int8
     mask_dir: str | None = None
     skip_existing: bool = True
     num_shards: int = 1
@@ -108,6 +109,9 @@ class Options:
         device = text("device")
         if device is not None and device.lower() == "auto":
             device = None
+        precision = text("precision") or "auto"
+        if precision not in PRECISIONS:
+            errors["precision"] = f"must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         mask_dir = text("mask_dir")
         if mask_dir is not None:
             mask_dir = os.path.expanduser(mask_dir)
@@ -135,7 +139,7 @@ class Options:
         opts = cls(label_field=label_field, output_field=output_field, prompt_tag=text("prompt_tag"),
                    max_prompts=integer("max_prompts", 4), embedding_type=embedding_type,
                    batch_size=integer("batch_size", 8), model=text("model") or AUTO_MODEL, device=device,
-                   mask_dir=mask_dir, skip_existing=boolean("skip_existing", True),
+                   precision=precision, mask_dir=mask_dir, skip_existing=boolean("skip_existing", True),
                    num_shards=integer("num_shards", 1), gt_field=text("gt_field"),
                    overwrite_field=boolean("overwrite_field", False), ensemble=ensemble, tile=tile, halo=halo,
                    memory=integer("memory", 8, low=0))

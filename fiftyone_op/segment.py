@@ -20,7 +20,7 @@ import numpy as np
 
 from seggpt_plugins.errors import InputError, ModelSourceError
 from seggpt_plugins.images import to_rgb8
-from seggpt_plugins.loading import get_model
+from seggpt_plugins.loading import get_model, precision_options
 from seggpt_plugins.prompts import PromptPool
 
 from seggpt_plugins.fiftyone.codecs import make_codec
@@ -38,10 +38,11 @@ PROGRESS_INTERVAL = 1.0  # seconds between progress reports (besides the first a
 def load_model(opts: Options):
     """The model of the run; a load failure names the Model (or Device) field, in the App's words."""
     try:
-        return get_model(opts.model, opts.device)
+        return get_model(opts.model, opts.device, **precision_options(opts.precision))
     except ModelSourceError as exc:
         text = str(exc).split(" Alternatives:")[0].replace("use --device cpu", "choose Device cpu")
-        name = "device" if text.startswith("device ") else "model"
+        text = text.replace("use dtype bfloat16", "choose Precision bfloat16")
+        name = "device" if text.startswith("device ") else "precision" if text.startswith("quantize ") else "model"
         raise ParamError({name: text}) from None
 
 

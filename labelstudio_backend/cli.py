@@ -40,7 +40,10 @@ def register(subparsers) -> None:
     serve.add_argument("--model", default=None, help="hub id, transformers directory, Painter .pth, 'demo' or "
                        "'auto' (default: $SEGGPT_MODEL, else the hub weights if cached, else demo)")
     serve.add_argument("--device", default=None, help="cuda, mps or cpu (default: $SEGGPT_DEVICE or the best available)")
-    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: $SEGGPT_DTYPE, else bf16 "
+                       "on CUDA and on CPUs that compute it in hardware, else fp32)")
+    serve.add_argument("--quantize", choices=["int8"], default=None,
+                       help="CPU: int8 linear layers, the fastest CPU path (default: $SEGGPT_QUANTIZE, else none)")
     serve.add_argument("--workers", type=int, default=1, help="processes, one model each (default: %(default)s)")
     serve.add_argument("--threads", type=int, default=4, help="request threads per process; inference is "
                        "serialised per process, the threads keep /health answering (default: %(default)s)")
@@ -102,7 +105,7 @@ def cmd_serve(args) -> int:
     try:
         settings = Settings.from_env(
             label_studio_url=args.label_studio_url, api_key=args.api_key, model=args.model, device=args.device,
-            dtype=args.dtype, basic_auth_user=args.basic_auth_user, basic_auth_pass=args.basic_auth_pass,
+            dtype=args.dtype, quantize=args.quantize, basic_auth_user=args.basic_auth_user, basic_auth_pass=args.basic_auth_pass,
             max_prompts=args.max_prompts, batch_size=args.batch_size, predict_timeout=args.predict_timeout,
             state_dir=args.state_dir, allowed_hosts=args.allow_host, server_names=args.server_name,
             bind_host=args.host)
@@ -129,6 +132,11 @@ def cmd_serve(args) -> int:
         log.warning("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are not both set: the Label Studio URL and token "
                     "that /setup reports are used, if that URL is a public host or allowed (--allow-host)")
     log.info("settings: %s", settings.public())
+    if args.workers > 1 and not os.environ.get("SEGGPT_THREADS"):
+        # every worker would otherwise run as many CPU threads as the machine has cores: N times too many
+        from seggpt_plugins.loading import cpu_count
+
+        os.environ["SEGGPT_THREADS"] = str(max(1, cpu_count() // args.workers))
     _Gunicorn(settings, {
         "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
         "workers": args.workers,

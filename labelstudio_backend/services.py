@@ -90,7 +90,8 @@ class Services:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DefaultModelWarning)
-                model = get_model(self.settings.model, self.settings.device, self.settings.dtype)
+                model = get_model(self.settings.model, self.settings.device, self.settings.dtype,
+                                  self.settings.quantize)
             for warning in caught:
                 log.warning("%s", warning.message)
             self._model = model

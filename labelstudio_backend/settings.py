@@ -52,7 +52,8 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY (legacy token or PAT)
     model: str = AUTO_MODEL  # SEGGPT_MODEL; "auto": the one default rule (seggpt_plugins.loading.resolve_source)
     device: str | None = None  # SEGGPT_DEVICE
-    dtype: str | None = None  # SEGGPT_DTYPE
+    dtype: str | None = None  # SEGGPT_DTYPE: float32, bfloat16, float16; None: the core's choice (loading.pick_dtype)
+    quantize: str | None = None  # SEGGPT_QUANTIZE: "int8" = int8 linear layers on the CPU
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
     max_prompts: int = 4  # SEGGPT_MAX_PROMPTS: references per target (feature ensemble)
@@ -84,6 +85,7 @@ class Settings:
             model=_env("SEGGPT_MODEL", AUTO_MODEL),
             device=_env("SEGGPT_DEVICE"),
             dtype=_env("SEGGPT_DTYPE"),
+            quantize=_env("SEGGPT_QUANTIZE"),
             basic_auth_user=_env("BASIC_AUTH_USER"),
             basic_auth_pass=_env("BASIC_AUTH_PASS"),
             max_prompts=_env_int("SEGGPT_MAX_PROMPTS", 4),
@@ -124,6 +126,10 @@ class Settings:
         from seggpt_plugins.ensembles import ENSEMBLES, tile_size
         from seggpt_plugins.errors import InputError
 
+        if self.dtype not in (None, "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            problems.append(f"SEGGPT_DTYPE must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in (None, "none", "int8"):
+            problems.append(f"SEGGPT_QUANTIZE must be int8 (or unset), got {self.quantize!r}")
         if self.ensemble not in ENSEMBLES:
             problems.append(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
         try:

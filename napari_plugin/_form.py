@@ -22,7 +22,7 @@ from magicgui.widgets import (
 )
 
 from seggpt_plugins.ensembles import ENSEMBLES
-from seggpt_plugins.vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV, SEG_TYPES
+from seggpt_plugins.vocabulary import AUTO_MODEL, DEMO_MODEL, HUB_MODEL, MODEL_ENV, PRECISIONS, SEG_TYPES
 
 #: The device field's choices; "auto" picks CUDA, then Apple MPS, then the CPU (loading.pick_device).
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -98,6 +98,10 @@ def build_form(w: Container) -> None:
     w._browse_btn = PushButton(text="Browse…")
     w._device = ComboBox(label="Device", choices=list(DEVICES), value="auto",
                          tooltip="auto: CUDA, then Apple MPS, then CPU.")
+    w._precision = ComboBox(label="Precision", choices=list(PRECISIONS), value="auto",
+                            tooltip="auto: bfloat16 on a GPU and on CPUs that compute it in hardware (recent "
+                                    "Intel Xeon, AMD Zen 4+), else float32. int8: int8 layers on the CPU, the "
+                                    "fastest there, slightly less exact.")
     w._num_prompts = SpinBox(label="Prompts", min=1, max=32, value=3,
                              tooltip="How many annotated slices are shown to the model for each target (the "
                                      "nearest ones).")
@@ -138,9 +142,9 @@ def build_form(w: Container) -> None:
         w._image, w._labels, w._series_btn, w._axis, w._slices, w._slices_info,
         w._segment_btn, w._propagate_btn, w._targets, w._targets_btn,
         _row("Progress", w._progress, w._cancel_btn), w._status, w._review, w._accept_btn, w._export_btn,
-        Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn), w._device, w._num_prompts,
-        w._memory, w._mode, w._output, w._batch, w._ensemble, _row("Tile", w._tile, w._tile_auto), w._halo,
-        w._confidence,
+        Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn), w._device, w._precision,
+        w._num_prompts, w._memory, w._mode, w._output, w._batch, w._ensemble, _row("Tile", w._tile, w._tile_auto),
+        w._halo, w._confidence,
     ])
     w._status.native.setWordWrap(True)
     w._slices_info.native.setWordWrap(True)

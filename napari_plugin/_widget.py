@@ -871,7 +871,7 @@ class SegGPTWidget(Container):
         self._active = self._proposal = _RunState(action, results, confidences)
         self._update_review(self._active)
         worker = thread_worker(load_and_work, start_thread=False)(self._model.value, self._device.value,
-                                                                  action.work)
+                                                                  action.work, self._precision.value)
         worker.yielded.connect(self._on_yielded)
         worker.finished.connect(self._on_finished)
         self._worker = worker

@@ -34,14 +34,14 @@ def cached_bytes(folder: Path | None) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
-def _load(source: str, device: str) -> Iterator:
+def _load(source: str, device: str, options: dict) -> Iterator:
     """Load the model in a helper thread; yield ("loading", source, seconds, bytes downloaded) meanwhile.
     Returns the model (`yield from` gives it)."""
     box: dict[str, Any] = {}
 
     def load():
         try:
-            box["model"] = loading.get_model(source, device)
+            box["model"] = loading.get_model(source, device, **options)
         except BaseException as exc:  # handed to the worker thread
             box["error"] = exc
 
@@ -61,8 +61,9 @@ def _load(source: str, device: str) -> Iterator:
     return box["model"]
 
 
-def load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator]):
-    """Worker body (runs in a thread): load the model once, then yield one result per plane.
+def load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator], precision: str = "auto"):
+    """Worker body (runs in a thread): load the model once (at `precision`: vocabulary.PRECISIONS), then
+    yield one result per plane.
 
     Yields ("note", text) for warnings (e.g. the demo model stands in for the real one), ("loading",
     source, seconds, bytes) while the model loads, ("running", device), ("result", *what `work`
@@ -71,14 +72,15 @@ def load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator
     from seggpt_plugins import SegGPTError
 
     try:
-        model = loading.cached(model_source, device)
+        options = loading.precision_options(precision)
+        model = loading.cached(model_source, device, **options)
         if model is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", loading.DefaultModelWarning)
                 resolved = loading.resolve_source(model_source)  # what "auto" stands for here
             for warning in caught:
                 yield ("note", str(warning.message))
-            model = yield from _load(resolved, device)
+            model = yield from _load(resolved, device, options)
         yield ("running", str(model.device))
         for item in work(model):
             yield ("result", *item)

@@ -630,12 +630,27 @@ def _fails(view, params, *expected):
     ({"label_field": "labels", "embedding_type": "panoptic"}, ["Path: embedding_type. Reason: must be one of"]),
     ({"label_field": "labels", "max_prompts": 0}, ["Path: max_prompts. Reason: must be >= 1, got 0"]),
     ({"label_field": "labels", "mask_dir": "relative/dir"}, ["Path: mask_dir. Reason: must be an absolute path"]),
+    ({"label_field": "labels", "precision": "int4"}, ["Path: precision. Reason: must be one of auto, float32, "
+                                                      "bfloat16, int8, got 'int4'"]),
     ({"label_field": "instances", "gt_field": "gt"}, ["evaluation uses evaluate_segmentations"]),
     ({"label_field": "labels", "gt_field": "gt_instances"}, ["'gt_instances' holds Detections; evaluation needs"]),
 ])
 def test_bad_parameters_are_refused_with_a_clear_message(base, params, expected):
     _fails(base.view(), demo(**{"output_field": "out", **params}), *expected)
     assert not base.has_field("out") and not base.has_field("out_confidence")
+
+
+def test_precision_reaches_the_model(dataset):
+    """The Precision setting loads the model as it says: int8 linear layers on the CPU."""
+    from seggpt_plugins import loading
+
+    view = dataset.select(prompt_ids(dataset) + dataset.match_tags("prompt", bool=False).limit(2).values("id"))
+    result = run(view, demo(label_field="labels", output_field="out", prompt_tag="prompt", precision="int8"))
+    assert result.error is None, result.error
+    model = loading.cached("demo", "cpu", quantize="int8")
+    assert model is not None and model.quantize == "int8"
+    dataset.reload()
+    assert dataset.count("out") == 2
 
 
 def test_form_marks_bad_fields_for_the_app(base):
@@ -1158,7 +1173,7 @@ def test_form_essentials_first_and_advanced_behind_a_switch(base):
     assert fields == ["view_target", "label_field", "prompt_tag", "output_field", "model", "advanced"]
     assert (props["label_field"].view.label, props["output_field"].view.label) == ("Label field", "Output field")
     advanced = form(base, demo(label_field="labels", output_field="out", prompt_tag="prompt", advanced=True))
-    assert {"max_prompts", "batch_size", "device", "num_shards", "gt_field", "tile"} <= set(advanced)
+    assert {"max_prompts", "batch_size", "device", "precision", "num_shards", "gt_field", "tile"} <= set(advanced)
     assert (advanced["gt_field"].view.label, advanced["max_prompts"].view.label) == ("Ground truth field",
                                                                                      "Max prompts")
     # an error in a hidden setting opens the section

@@ -184,6 +184,25 @@ def test_model_loading_is_shown_in_the_widget(make_napari_viewer, qtbot, stack, 
     assert any(sev == "warning" and "demo model" in msg for sev, msg in new_notifications(start))
 
 
+def test_precision_setting_loads_the_model_at_that_precision(make_napari_viewer, qtbot, stack):
+    """Settings > Precision: int8 loads the model with int8 linear layers (the CPU's fastest path)."""
+    from seggpt_plugins import loading
+
+    sub, annotation = sub_stack(stack, 1, 1)
+    viewer = make_napari_viewer()
+    add_stack(viewer, sub, annotation)
+    widget = open_widget(viewer)
+    fast(widget)
+    assert widget._precision.choices == ("auto", "float32", "bfloat16", "int8")
+    widget._precision.value = "int8"
+    viewer.dims.set_current_step(0, 0)
+    click(widget._segment_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["error"] is None
+    model = loading.cached(widget._model.value, widget._device.value, quantize="int8")
+    assert model is not None and model.quantize == "int8"
+
+
 # ------------------------------------------------------------------------------ workflows
 
 
