@@ -858,6 +858,15 @@ def test_settings_read_the_environment(monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_URL", "ls:8080")
     with pytest.raises(ValueError, match="http"):
         Settings.from_env(basic_auth_pass="p")
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080")
+    monkeypatch.setenv("SEGGPT_QUANTIZE", "int8")
+    assert Settings.from_env(basic_auth_pass="p").quantize == "int8"
+    monkeypatch.setenv("SEGGPT_QUANTIZE", "int4")
+    with pytest.raises(ValueError, match="SEGGPT_QUANTIZE must be int8 \\(or unset\\), got 'int4'"):
+        Settings.from_env(basic_auth_pass="p")
+    monkeypatch.delenv("SEGGPT_QUANTIZE")
+    with pytest.raises(ValueError, match="SEGGPT_DTYPE must be float32, bfloat16 or float16, got 'int8'"):
+        Settings.from_env(basic_auth_pass="p", dtype="int8")
 
 
 def test_cli_is_light_and_registered():
