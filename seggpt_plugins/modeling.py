@@ -63,8 +63,8 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
     kernel "folded": the bias folded into the dot product, so fused kernels never build an N x N bias:
                      q' = [q d^-0.5, q.Rh(row), q.Rw(col)], k' = [k, onehot(key row), onehot(key col)].
     kernel "flex":   FlexAttention with the bias as a score_mod (compiled; CUDA).
-    kernel "chunked": one head at a time, matrix products with the bias added in place (fastest on CPU:
-                     the N x N scores of one head stay the only large buffer).
+    kernel "chunked": the folded product a few heads at a time (fastest on CPU, fp32 and bf16 alike: the
+                     N x N scores of those heads stay the only large buffer).
     """
     return attention.proj(attend(attention, attention.qkv(hidden), kernel))
 
