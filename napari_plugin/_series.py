@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seggpt_plugins.cli import IMAGE_SUFFIXES
+from seggpt_plugins.vocabulary import IMAGE_SUFFIXES
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.images import read_image
 

@@ -101,6 +101,25 @@ def _quality(parser: argparse.ArgumentParser, choices: list[str]) -> None:
                                         choices else "") + " or off (default: %(default)s)")
 
 
+def _scale(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("at scale (seggpt_plugins.scale; docs/scale.md)")
+    group.add_argument("--engine", choices=["local", "ray"], default=None,
+                       help="run the resumable pipeline: local (in this process; the default when a TARGET is a "
+                            "manifest .csv/.jsonl/.parquet or a URL such as s3://) or ray (Ray Data: a local Ray, or "
+                            "the cluster of --ray-address / $RAY_ADDRESS). Each input's files are written as it is "
+                            "done, a rerun finishes an interrupted run, review.parquet has one row per input, and "
+                            "failed inputs make the exit status 1. Without it: one in-process run whose outputs "
+                            "appear all together at the end")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="ray: an existing Ray cluster (implies --engine ray; default: $RAY_ADDRESS, else a local "
+                            "Ray started for the run)")
+    group.add_argument("--actors", type=int, default=1, help="ray: model copies (actors) (default: %(default)s)")
+    group.add_argument("--gpus-per-actor", type=float, default=0, help="ray: GPUs per actor (default: %(default)s)")
+    group.add_argument("--cpus-per-actor", type=float, default=1, help="ray: CPUs per actor (default: %(default)s)")
+    group.add_argument("--most-similar", type=int, default=None, metavar="K",
+                       help="show each target only the K examples (of --prompt) most alike it")
+
+
 def _quality_option(args):
     """--quality as segment()/propagate() take it."""
     return None if args.quality == "off" else args.quality
@@ -134,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ensemble(p)
     _export(p)
     _quality(p, ["fast", "full", "off"])
+    _scale(p)
 
     p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack, or a video")
     p.add_argument("stack", metavar="STACK_OR_VIDEO",
@@ -274,36 +294,12 @@ def _require_files(paths) -> None:
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: is not a file")
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-
-
 def _expand_targets(targets: list[str]) -> list[tuple[Path, str]]:
     """(file, output stem) per target: files as they are; folders searched recursively and globs expanded,
     their files' stems relative to the folder (or the glob's fixed part), so the output tree mirrors them."""
-    import glob
+    from .scale.sources import local_targets
 
-    from .errors import InputError
-
-    found: list[tuple[Path, str]] = []
-    for target in targets:
-        path = Path(target)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not files:
-                raise InputError(f"{path}: a folder with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            found += [(f, str(f.relative_to(path).with_suffix(""))) for f in files]
-        elif glob.has_magic(target):
-            files = sorted(Path(p) for p in glob.glob(target, recursive=True) if Path(p).is_file())
-            if not files:
-                raise InputError(f"{target}: matches no file")
-            root = Path(target.split("*")[0].split("?")[0].split("[")[0])
-            root = root if str(target).endswith(("/", "*")) and root.is_dir() else root.parent
-            found += [(f, str(f.relative_to(root).with_suffix("")) if f.is_relative_to(root) else f.stem)
-                      for f in files]
-        else:
-            found.append((path, path.stem))
-    return found
+    return local_targets(targets)
 
 
 def _export_options(args, default_format: str):
@@ -325,7 +321,47 @@ def _prompt_ids(masks) -> list[int]:
     return [int(i) for i in ColorCode.from_masks(masks).ids] if masks else []
 
 
+def _at_scale(args) -> bool:
+    """Whether `segment` runs the resumable pipeline (seggpt_plugins.scale): --engine, --ray-address or
+    --most-similar given, or a target only it reads (a manifest or a URL)."""
+    from .scale.sources import is_manifest, is_url
+
+    return (args.engine is not None or args.ray_address is not None or args.most_similar is not None
+            or any(is_url(t) or is_manifest(t) for t in args.targets))
+
+
+def _segment_at_scale(args) -> int:
+    from .errors import InputError
+    from .scale import run
+
+    used = [flag for flag, on in (("--overlay", args.overlay), ("--scores", args.scores),
+                                  ("--skip-existing", args.skip_existing), ("--review", args.review)) if on]
+    if used:
+        raise InputError(f"{', '.join(used)}: not with --engine (a scaled run resumes by itself and always writes "
+                         "review.parquet)")
+    if args.engine == "local" and args.ray_address:
+        raise InputError("--ray-address names a Ray cluster: use it with --engine ray")
+    _check_numbers(args, batch_size=1, actors=1, most_similar=1)
+    engine = args.engine or ("ray" if args.ray_address else "local")
+    summary = run(args.targets, args.prompt, args.out, tuned_prompts=args.tuned_prompt, engine=engine,
+                  ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                  cpus_per_actor=args.cpus_per_actor, model=args.model, device=args.device, dtype=args.dtype,
+                  quantize=getattr(args, "quantize", None), threads=getattr(args, "threads", None),
+                  batch_size=args.batch_size, most_similar=args.most_similar, seg_type=args.seg_type,
+                  intensity_range=_intensity(args), ensemble=args.ensemble, tile=_tile(args), halo=args.halo,
+                  quality=_quality_option(args), options=_export_options(args, "png"), overwrite=args.overwrite)
+    print(f"{summary.done} of {summary.inputs} input(s) labelled into {summary.out} ({summary.labelled_now} by this "
+          f"run, {summary.seconds:.1f} s, engine {summary.engine}); review: {summary.review}")
+    if summary.failed:
+        print(f"seggpt segment: {summary.failed} input(s) failed; their reasons are in {summary.review}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_segment(args) -> int:
+    if _at_scale(args):
+        return _segment_at_scale(args)
     import numpy as np
     from tqdm import tqdm
 

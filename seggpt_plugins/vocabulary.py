@@ -25,5 +25,8 @@ MAX_CLASSES = 124
 #: it in hardware, float32 elsewhere (loading.pick_dtype); "int8": int8 linear layers, on the CPU only.
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
+#: File suffixes read as images when a folder (or an object-store prefix) is searched for inputs.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
+
 #: Where a user (or a deployment) names the model for every entry point at once.
 MODEL_ENV = "SEGGPT_MODEL"

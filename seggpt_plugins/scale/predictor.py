@@ -1,0 +1,196 @@
+"""SegGPTPredictor: the model and the prepared prompts held once, applied to batches of inputs.
+
+The prediction stage of both engines, and a callable class for anyone's Ray Data pipeline:
+
+    ds = ray.data.read_binary_files("s3://bucket/images/", include_paths=True)
+    ds = ds.map_batches(SegGPTPredictor, fn_constructor_kwargs=dict(prompts=[("ex.png", "ex_mask.png")]),
+                        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=8)
+
+A batch is a dict of columns (numpy arrays): `bytes` (encoded image files, as `read_binary_files`
+gives) or `image` (decoded arrays, as `read_images` gives), and `path`; other columns pass through.
+It returns one row per input: path, status ("done" or "failed"), reason (why it failed), labels (the
+label map, or the instance map with output="instances"; empty when failed), classes, instances (object
+count; -1 when not counted), confidence (Prediction.confidence; NaN when failed), model, prompts (the
+examples this input was shown) and annotations (its COCO annotations as JSON, with output="instances").
+An input that cannot be decoded or segmented is a failed row, never an exception.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from ..errors import InputError
+from ..images import TIFF_SUFFIXES, _check_pixels, decode_image, to_mask, to_rgb8
+from ..vocabulary import AUTO_MODEL
+from .sources import read_bytes
+
+STATUS_DONE, STATUS_FAILED = "done", "failed"
+OUTPUT_COLUMNS = ("path", "status", "reason", "labels", "classes", "instances", "confidence", "model", "prompts",
+                  "annotations")
+PROMPT_SETS_KEPT = 32  # prepared prompt sets a predictor keeps when it chooses examples per target
+
+
+def decode(data: bytes, name: str, as_mask: bool = False) -> np.ndarray:
+    """Image file bytes -> array, as `images.read_image` reads the file (TIFFs through tifffile)."""
+    if PurePosixPath(name).suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                series = tif.series[0]
+                _check_pixels(tuple(series.shape[-3:-1] if series.shape[-1] in (3, 4) else series.shape[-2:]), name)
+                return series.asarray()
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{name}: not a readable TIFF image ({exc})") from None
+    try:
+        return decode_image(data, name=name, as_mask=as_mask)
+    except InputError as exc:  # the same words for the same file, in any process: no buffer addresses
+        raise InputError(re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))) from None
+
+
+def read_pair(image: str, mask: str) -> tuple[np.ndarray, np.ndarray]:
+    """An example (image array, label mask) from two files or URLs."""
+    try:
+        image_data, mask_data = read_bytes(image), read_bytes(mask)
+    except OSError as exc:
+        raise InputError(f"--prompt {image} {mask}: cannot be read ({exc})") from None
+    return decode(image_data, image), to_mask(decode(mask_data, mask, as_mask=True), name=f"--prompt {image} {mask}")
+
+
+def coco_annotations(instances) -> list[dict]:
+    """One image's COCO annotations (RLE masks; ids are given when the shards are merged)."""
+    from pycocotools import mask as mask_utils
+
+    annotations = []
+    for obj in instances.objects:
+        rle = mask_utils.encode(np.asfortranarray((instances.map == obj.id).astype(np.uint8)))
+        area, box = float(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]
+        rle["counts"] = rle["counts"].decode("ascii")
+        annotations.append({"category_id": int(obj.class_id), "segmentation": rle, "area": area, "bbox": box,
+                            "iscrowd": 0, "score": round(obj.score, 4)})
+    return annotations
+
+
+class SegGPTPredictor:
+    """SegGPT on batches of inputs, model and prompts loaded once (per Ray actor, or per process).
+
+    prompts: example (image, mask) file pairs (local paths or URLs); tuned_prompts: .safetensors files.
+    most_similar: show each target only the k examples most alike it (prompts.PromptPool), chosen here.
+    output: "labels" (class ids) or "instances" (one id per object, with COCO annotations).
+    The other arguments are those of SegGPT.from_pretrained (model, device, dtype, quantize, threads) and
+    SegGPT.iter_segment.
+    """
+
+    def __init__(self, prompts=(), tuned_prompts=(), *, model: str = AUTO_MODEL, device=None, dtype=None,
+                 quantize: str | None = None, threads: int | None = None, most_similar: int | None = None,
+                 batch_size: int = 8, seg_type: str = "instance", intensity_range=None, ensemble: str = "feature",
+                 tile=None, halo: int = 32, quality: str | None = "fast", output: str = "labels", min_area: int = 16,
+                 split_touching: bool = False):
+        from ..engine import SegGPT
+        from ..prompts import PromptPool
+
+        pairs = [read_pair(image, mask) for image, mask in prompts]
+        self.names = [str(image) for image, _ in prompts] + [str(t) for t in tuned_prompts]
+        if not self.names:
+            raise InputError("give at least one example (prompts=[(image, mask)]) or tuned prompt")
+        if most_similar is not None and (tuned_prompts or most_similar < 1):
+            raise InputError("most_similar chooses among example pairs: a whole number >= 1, without tuned prompts")
+        self.model = SegGPT.from_pretrained(model, device=device, dtype=dtype, quantize=quantize, threads=threads)
+        self.options = dict(batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range, tile=tile,
+                            halo=halo, quality=quality)
+        self.output, self.min_area, self.split_touching = output, min_area, split_touching
+        self.intensity_range, self.ensemble, self.tile = intensity_range, ensemble, tile
+        self.code = self.model.color_code([], [m for _, m in pairs]) if pairs else None
+        self.pool = PromptPool.from_pairs(self.names, [(to_rgb8(i, intensity_range, name=n), m) for (i, m), n
+                                                       in zip(pairs, self.names)]) if most_similar else None
+        self.most_similar = most_similar
+        self._sets: dict[tuple, object] = {}
+        if not most_similar:
+            self._sets[()] = self.model.prepare_prompts([i for i, _ in pairs] + list(tuned_prompts),
+                                                        [m for _, m in pairs], intensity_range, ensemble=ensemble,
+                                                        tile=tile)
+
+    def _prompts_for(self, rgb: np.ndarray):
+        """(PromptSet, example names) for one target: all examples, or the k most alike it."""
+        if self.pool is None:
+            return self._sets[()], self.names
+        chosen = self.pool.choose(rgb, self.most_similar)
+        if chosen not in self._sets:
+            if len(self._sets) >= PROMPT_SETS_KEPT:
+                self._sets.pop(next(iter(self._sets)))
+            images, masks = self.pool.pairs(chosen)
+            self._sets[chosen] = self.model.prepare_prompts(images, masks, (0, 255), code=self.code,
+                                                            ensemble=self.ensemble, tile=self.tile)
+        return self._sets[chosen], [self.names[i] for i in chosen]
+
+    def __call__(self, batch: dict) -> dict:
+        paths = [str(p) for p in batch.get("path", range(len(next(iter(batch.values()), []))))]
+        if not paths:
+            return {key: np.asarray([], dtype=object) for key in OUTPUT_COLUMNS}
+        errors = batch.get("error")
+        rows: list[dict | None] = [None] * len(paths)
+        targets = []  # (row, rgb)
+        for k, path in enumerate(paths):
+            if errors is not None and errors[k]:
+                rows[k] = self._failed(path, str(errors[k]))
+                continue
+            try:
+                image = batch["image"][k] if "image" in batch else decode(bytes(batch["bytes"][k]), path)
+                targets.append((k, to_rgb8(image, self.intensity_range, name=path)))
+            except InputError as exc:
+                rows[k] = self._failed(path, str(exc))
+            except Exception as exc:
+                rows[k] = self._failed(path, f"{path}: cannot be read ({type(exc).__name__}: {exc})")
+        if targets:
+            try:
+                self._segment(targets, paths, rows)
+            except Exception:  # one input spoiled the batch: segment each alone to tell which
+                for target in targets:
+                    try:
+                        self._segment([target], paths, rows)
+                    except Exception as exc:
+                        rows[target[0]] = self._failed(paths[target[0]], f"{paths[target[0]]}: segmentation "
+                                                                         f"failed ({type(exc).__name__}: {exc})")
+        out = {key: np.asarray([row[key] for row in rows]) for key in rows[0] if key != "labels"}
+        out["labels"] = _ragged([row["labels"] for row in rows])
+        for key, column in batch.items():  # pass through the caller's other columns
+            if key not in out and key not in ("bytes", "image", "error"):
+                out[key] = column
+        return out
+
+    def _segment(self, targets, paths, rows) -> None:
+        chosen = [self._prompts_for(rgb) for _, rgb in targets]
+        predictions = self.model.iter_segment([rgb for _, rgb in targets], [c[0] for c in chosen], **self.options)
+        for prediction in predictions:
+            k = targets[prediction.index][0]
+            instances = prediction.instances(self.min_area, self.split_touching) if self.output == "instances" \
+                else None
+            rows[k] = dict(path=paths[k], status=STATUS_DONE, reason="",
+                           labels=instances.map if instances is not None else prediction.labels,
+                           classes=json.dumps(sorted(int(c) for c in np.unique(prediction.labels) if c)),
+                           instances=len(instances) if instances is not None else -1,
+                           confidence=round(float(prediction.confidence), 4), model=self.model.source,
+                           prompts=json.dumps(chosen[prediction.index][1]),
+                           annotations=json.dumps(coco_annotations(instances)) if instances is not None else "")
+
+    def _failed(self, path: str, reason: str) -> dict:
+        return dict(path=path, status=STATUS_FAILED, reason=reason, labels=np.zeros((0, 0), np.uint8),
+                    classes="[]", instances=-1, confidence=math.nan, model=self.model.source, prompts="[]",
+                    annotations="")
+
+
+def _ragged(maps: list[np.ndarray]) -> np.ndarray:
+    """Label maps of different sizes as one object column, in one dtype (the widest of the batch)."""
+    dtype = np.result_type(*[m.dtype for m in maps if m.size] or [np.uint8])
+    column = np.empty(len(maps), dtype=object)
+    for k, labels in enumerate(maps):
+        column[k] = labels.astype(dtype, copy=False)
+    return column
