@@ -656,7 +656,8 @@ def _tracked_instances(predictions: dict, annotations: dict, depth: int, options
     from .instances import annotated_objects, find_instances, track_stack
 
     annotated = annotated_objects(annotations)
-    found = {z: find_instances(p.labels, p.scores, min_area=options.min_area, split_touching=options.split_touching)
+    found = {z: p.with_object_quality(find_instances(p.labels, p.scores, min_area=options.min_area,
+                                                     split_touching=options.split_touching))
              for z, p in predictions.items()}
     tracked = {**track_stack(found, annotated, depth), **annotated}
     top = max((int(o.map.max()) for o in tracked.values()), default=0)
@@ -810,8 +811,9 @@ def cmd_fit_quality(args) -> int:
         raise InputError(f"--tasks must be at least 20 to fit an estimate, got {args.tasks}")
     check_outputs([out], overwrite=args.overwrite)
     model = _load(args)
-    rows, ious = generated_samples(model, args.tasks, FIT_SEED)
-    save_models(out, fit_models(rows, ious), fitted_on=f"{model.source}: {len(rows)} generated tasks from seed "
+    objects: list = []  # (object features, true IoU) of every predicted object: the per-object estimate
+    rows, ious = generated_samples(model, args.tasks, FIT_SEED, objects=objects)
+    save_models(out, fit_models(rows, ious, objects), fitted_on=f"{model.source}: {len(rows)} generated tasks from seed "
                                                         f"{FIT_SEED}")
     print(json.dumps({"tasks": len(rows), "mean_iou": round(float(sum(ious) / len(ious)), 4)}))
     print(f"wrote {out}")

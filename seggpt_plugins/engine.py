@@ -44,6 +44,7 @@ class Prediction:
     colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # label id -> prompt colour
     quality: float | None = None  # the predicted IoU of this proposal (quality.py), when estimated
     quality_features: dict[str, float] | None = None  # what the estimate read (quality.features)
+    object_context: Any = field(default=None, repr=False, compare=False)  # quality.ObjectContext: for instances()
 
     @property
     def confidence(self) -> float:
@@ -61,11 +62,21 @@ class Prediction:
     def instances(self, min_area: int = 16, split_touching: bool = False, object_radius: float | None = None,
                   classes: dict[int, int] | None = None):
         """One id per object (instances.find_instances): an `Instances` with the id map and, per object, its
-        class (the label id it was painted with, or `classes[id]`), area, box and mean score."""
+        class (the label id it was painted with, or `classes[id]`), area, box, mean score and, when this
+        prediction's quality was estimated, its predicted IoU (`quality`, quality.ObjectContext)."""
         from .instances import find_instances
 
-        return find_instances(self.labels, self.scores, min_area=min_area, split_touching=split_touching,
-                              object_radius=object_radius, classes=classes)
+        found = find_instances(self.labels, self.scores, min_area=min_area, split_touching=split_touching,
+                               object_radius=object_radius, classes=classes)
+        return self.with_object_quality(found)
+
+    def with_object_quality(self, instances):
+        """`instances` of this prediction (e.g. tracked through a stack) with each object's predicted IoU,
+        when this prediction's quality was estimated with a per-object estimate; else unchanged."""
+        context = self.object_context
+        if context is None or context.model is None or not len(instances):
+            return instances
+        return instances.with_quality(context.qualities(instances.map, self.scores))
 
 
 def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
@@ -403,15 +414,19 @@ class SegGPT:
         """The predicted IoU of one prediction on its target `rgb` (H, W, 3) given the examples' stats
         (PromptSet.examples); "full" needs the mirrored target's labels, mirrored back (quality.py).
         strided: the arrays are a strided view of the target already (quality.features)."""
-        from .quality import features, models_for
+        from .quality import OBJECT_MODEL, ObjectContext, features, models_for
 
         if self._quality_models is None:
             self._quality_models = models_for(self.source)
         examples = examples if examples is not None else ExampleStats(float("nan"), None)
-        estimate = self._quality_models[quality]
+        estimate, maps = self._quality_models[quality], {}
         values = features(prediction.labels, prediction.scores, examples, rgb, mirrored_labels, strided,
-                          names=estimate.names)
+                          names=estimate.names, maps=maps)
         prediction.quality_features = values
+        if "foreground" in maps:  # kept small (uint8, strided) for the per-object estimate of instances()
+            prediction.object_context = ObjectContext(np.round(maps["foreground"] * 255).astype(np.uint8),
+                                                      maps["stride"], examples.diameter,
+                                                      self._quality_models.get(OBJECT_MODEL))
         return estimate.predict(values)
 
     def _iter_tiled(self, targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range, with_painting,
@@ -482,7 +497,7 @@ class SegGPT:
             mirrored = views[True][0].labels[:, ::-1][::stride, ::stride] if True in views else None
             view = Prediction(labels[::stride, ::stride], scores[::stride, ::stride])
             prediction.quality = self.assess(view, prompts.examples, rgb, quality, mirrored, strided=stride)
-            prediction.quality_features = view.quality_features
+            prediction.quality_features, prediction.object_context = view.quality_features, view.object_context
         return prediction
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,

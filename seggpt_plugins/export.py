@@ -164,7 +164,9 @@ class CocoWriter:
         self._annotations = 0
 
     def add(self, file_name: str, instances: Instances) -> int:
-        """One image and its objects (`Instance.class_id` must be a category id); returns the image id."""
+        """One image and its objects (`Instance.class_id` must be a category id); returns the image id. Each
+        annotation's `score` is the object's confidence (its predicted IoU when estimated, else its mean snap
+        score, which `snap_score` always holds)."""
         from pycocotools import mask as mask_utils
 
         self._images += 1
@@ -178,7 +180,8 @@ class CocoWriter:
             self._arrays.append("annotations", {
                 "id": self._annotations, "image_id": self._images, "category_id": obj.class_id,
                 "segmentation": rle, "area": float(mask_utils.area(rle)),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0, "score": round(obj.score, 4)})
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
+                "score": round(float(obj.confidence), 4), "snap_score": round(obj.score, 4)})
         return self._images
 
     def close(self) -> Path:
@@ -261,10 +264,13 @@ class ReviewTable:
         self._rows.append(row)
 
     def add_prediction(self, path: str, prediction, instances: Instances | None = None, **extra) -> None:
-        """The row of one prediction: classes found, objects (when counted), its confidence (the predicted
-        IoU, or the mean snap score when quality was not estimated) and the snap score."""
+        """The row of one prediction: classes found, objects (when counted) with the lowest object quality
+        (`worst_object`, when estimated), its confidence (the predicted IoU, or the mean snap score when
+        quality was not estimated) and the snap score."""
+        qualities = [o.quality for o in instances.objects if o.quality is not None] if instances is not None else []
         self.add(path=path, classes=sorted(int(c) for c in np.unique(prediction.labels) if c),
                  instances=len(instances) if instances is not None else None,
+                 worst_object=round(float(min(qualities)), 4) if qualities else None,
                  confidence=round(float(prediction.confidence), 4),
                  confidence_is="predicted IoU" if prediction.quality is not None else "mean snap score",
                  snap_score=round(float(prediction.snap_confidence), 4), **extra)
@@ -367,15 +373,15 @@ class Exporter:
             self._review = ReviewTable(outputs.stage(self.out / "review.jsonl"))
 
     def instances_of(self, prediction) -> Instances:
-        from .instances import find_instances
-
-        return find_instances(prediction.labels, prediction.scores, min_area=self.options.min_area,
-                              split_touching=self.options.split_touching)
+        """The objects of a prediction, with their predicted IoU when its quality was estimated."""
+        return prediction.instances(min_area=self.options.min_area, split_touching=self.options.split_touching)
 
     def write(self, i: int, prediction, source: str, instances: Instances | None = None, **review) -> None:
         """Write target i's maps and entries; `instances` (e.g. tracked through a stack) or found here."""
         if self.options.objects and instances is None:
             instances = self.instances_of(prediction)
+        elif instances is not None and all(o.quality is None for o in instances.objects):
+            instances = prediction.with_object_quality(instances)  # e.g. tracked: the same objects, new ids
         if self.options.output == "labels":
             picture = prediction.labels
         elif self.options.output == "instances":

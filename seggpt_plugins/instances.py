@@ -6,7 +6,7 @@ belong to one object, as in OpenCV and scikit-image).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,6 +44,13 @@ class Instance:
     area: int  # pixels
     box: tuple[slice, slice]  # rows, columns of its bounding box in the instance map
     score: float  # mean confidence over its pixels (1.0 without scores)
+    quality: float | None = None  # its predicted IoU with the true object (quality.ObjectContext), when estimated
+
+    @property
+    def confidence(self) -> float:
+        """How far to trust this object, to review the lowest first: its predicted IoU when estimated, else
+        its mean snap score."""
+        return self.quality if self.quality is not None else self.score
 
 
 def split_instances(labels: np.ndarray, scores: np.ndarray | None = None, min_area: int = 1,
@@ -95,7 +102,11 @@ class Instances:
         top = int(self.map.max()) + offset if self.map.size else offset
         dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
         moved = np.where(self.map > 0, self.map.astype(np.int64) + offset, 0).astype(dtype)
-        return Instances(moved, [Instance(o.id + offset, o.class_id, o.area, o.box, o.score) for o in self.objects])
+        return Instances(moved, [replace(o, id=o.id + offset) for o in self.objects])
+
+    def with_quality(self, qualities: dict[int, float]) -> "Instances":
+        """The same objects with their predicted IoU ({object id: quality}; ids left out keep theirs)."""
+        return Instances(self.map, [replace(o, quality=qualities.get(o.id, o.quality)) for o in self.objects])
 
     @classmethod
     def of_map(cls, id_map: np.ndarray, scores: np.ndarray | None = None) -> "Instances":
@@ -282,7 +293,7 @@ class IdentityTracker:
         for old, new in mapping.items():
             lut[old] = new
         dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
-        objects = [Instance(mapping[o.id], o.class_id, o.area, o.box, o.score) for o in instances.objects]
+        objects = [replace(o, id=mapping[o.id]) for o in instances.objects]
         return Instances(lut[instances.map].astype(dtype), sorted(objects, key=lambda o: o.id))
 
 

@@ -22,6 +22,13 @@ scores, the uncertain share, size and fragment ratios against the examples); an 
 the groups its blend uses (`Prediction.quality_features`), and fitting reads them all. How each relates
 to the true IoU is how the blend was chosen (docs/quality.md).
 
+Per object (`ObjectContext`, `object_features`): `Prediction.instances()` gives each object its own
+predicted IoU with the true object (`Instance.quality`), a fixed blend (OBJECT_BLEND) of its snap score,
+how well its ring of background and its own pixels agree with the naive model, its extent and its size
+against the examples' objects, calibrated the same way on the objects of generated tasks (the "object"
+entry of quality.json). The prediction keeps what that needs (the naive P(foreground) on the strided view,
+uint8), so objects found later, or tracked through a stack, are estimated without the target.
+
 Numpy only (scipy to fit); the estimates are small JSON files.
 """
 
@@ -153,16 +160,20 @@ FEATURE_GROUPS = {"snap": ("snap_foreground", "snap_all", "uncertain"), "size": 
                   "objects": ("diameter_ratio", "fragments"),
                   "appearance": ("appearance_fit", "appearance_agreement", "appearance_fit_foreground",
                                  "appearance_agreement_foreground"),
-                  "flip": ("flip_agreement", "flip_agreement_foreground")}
+                  "flip": ("flip_agreement", "flip_agreement_foreground"),
+                  "parts": ("parts_size", "parts_bad_size", "parts_ring_fit", "parts_snap", "parts_agreement",
+                            "parts_extent", "boundary_fit")}
 CANDIDATES = tuple(name for group in FEATURE_GROUPS.values() for name in group)
 
 
 def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb: np.ndarray | None = None,
-             flipped: np.ndarray | None = None, strided: int | None = None, names=CANDIDATES) -> dict[str, float]:
+             flipped: np.ndarray | None = None, strided: int | None = None, names=CANDIDATES,
+             maps: dict | None = None) -> dict[str, float]:
     """The features of one prediction (labels and scores (H, W)) given the target (H, W, 3): the groups
     of FEATURE_GROUPS that hold any of `names` (the flip group only with `flipped`, the mirrored target's
     labels, mirrored back). They are read on a view of at most FEATURE_SIDE pixels a side; `strided`:
-    the arrays are such a view already, of that stride."""
+    the arrays are such a view already, of that stride. `maps`: a dict that receives the naive model's
+    P(foreground) on that view ("foreground") and the stride ("stride"), for the per-object estimate."""
     from .ensembles import object_diameter
     from .instances import connected_components
 
@@ -194,7 +205,8 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
             out["fragments"] = float((areas * stride ** 2 < examples.diameter ** 2 / 4).mean()) if count else 0.0
         else:
             out["fragments"] = 0.0
-    if "appearance" in wanted:
+    foreground_p = None
+    if wanted & {"appearance", "parts"}:
         naive = examples.appearance(rgb) if rgb is not None else None
         if naive is not None:
             posterior, ids = naive
@@ -203,6 +215,8 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
             out["appearance_fit"] = float(fits.mean())
             out["appearance_agreement"] = agreement(labels, ids[posterior.argmax(-1)])
             foreground_p = posterior[..., ids != 0].sum(-1)  # P(any label | appearance)
+            if maps is not None:
+                maps.update(foreground=foreground_p, stride=stride)
             out["appearance_fit_foreground"] = float(np.where(foreground, foreground_p, 1 - foreground_p).mean())
             out["appearance_agreement_foreground"] = agreement(foreground, foreground_p > 0.5)
         else:
@@ -211,7 +225,39 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
     if "flip" in wanted and flipped is not None:
         out["flip_agreement"] = agreement(labels, flipped)
         out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)
+    if "parts" in wanted:
+        out.update(_parts_features(labels, scores, foreground_p, stride, examples.diameter))
     return out
+
+
+def _parts_features(labels, scores, foreground_p, stride: int, diameter: float | None) -> dict[str, float]:
+    """The image's objects' features (object_features, on the strided view), pooled by area: parts_size
+    (mean |log size ratio|), parts_bad_size (the area share of objects over 2x off the examples' diameter),
+    parts_ring_fit, parts_snap, parts_agreement, parts_extent; and boundary_fit: the naive model's agreement
+    with the proposal on a band around the predicted boundaries (where a wrong proposal differs most from a
+    right one)."""
+    from scipy import ndimage
+
+    from .instances import find_instances
+
+    empty = {"parts_size": 0.0, "parts_bad_size": 0.0, "parts_ring_fit": 0.5, "parts_snap": 1.0,
+             "parts_agreement": 0.5, "parts_extent": 1.0}
+    if foreground_p is None:
+        return {**empty, "boundary_fit": 0.5}
+    found = find_instances(labels, min_area=max(1, 16 // stride ** 2))
+    rows = object_features(found.map, scores, foreground_p, 1, diameter / stride if diameter else None)
+    foreground = labels != 0
+    band = ndimage.binary_dilation(foreground, iterations=2) & ~ndimage.binary_erosion(foreground, iterations=2)
+    boundary = (float(np.where(foreground, foreground_p, 1 - foreground_p)[band].mean()) if band.any() else 0.5)
+    if not rows:
+        return {**empty, "boundary_fit": boundary}
+    areas = np.array([o.area for o in found.objects], np.float64)
+    weights = areas / areas.sum()
+    pooled = lambda name: float(sum(w * rows[o.id][name] for w, o in zip(weights, found.objects)))  # noqa: E731
+    bad = float(sum(w for w, o in zip(weights, found.objects) if rows[o.id]["object_size"] > math.log(2)))
+    return {"parts_size": pooled("object_size"), "parts_bad_size": bad, "parts_ring_fit": pooled("object_ring_fit"),
+            "parts_snap": pooled("object_snap"), "parts_agreement": pooled("object_agreement"),
+            "parts_extent": pooled("object_extent"), "boundary_fit": boundary}
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -242,7 +288,8 @@ class QualityModel:
 
 
 def save_models(path, models: dict[str, QualityModel], fitted_on: str) -> None:
-    """One file holding the "fast" and "full" estimates fitted for one set of weights (replaced whole)."""
+    """One file holding the "fast" and "full" estimates fitted for one set of weights, and optionally the
+    per-object one (OBJECT_MODEL) (replaced whole)."""
     from .io import atomic_write
 
     text = json.dumps({"format": "seggpt-quality/1", "fitted_on": fitted_on,
@@ -255,7 +302,7 @@ def load_models(path) -> dict[str, QualityModel]:
         data = json.loads(Path(path).read_text())
         if data.get("format") != "seggpt-quality/1":
             raise ValueError("not a seggpt-quality/1 file")
-        models = {name: QualityModel.from_dict(m) for name, m in data["models"].items()}
+        models = {name: QualityModel.from_dict(m) for name, m in data["models"].items()}  # OBJECT_MODEL optional
         missing = [q for q in QUALITIES if q not in models]
         if missing:
             raise ValueError(f"no {', '.join(missing)} estimate in it")
@@ -318,17 +365,25 @@ def fit(rows: list[dict[str, float]], ious: list[float], blend: dict[str, float]
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3)) -> tuple[list[dict], list[float]]:
-    """The "full" features and the true IoU (mean over labels, quality.agreement) of `count` generated
-    tasks (synthetic.py, deterministic in `seed`; the prompt count cycles through `prompts`)."""
+def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3), objects: list | None = None,
+                      quality: str = "full") -> tuple[list[dict], list[float]]:
+    """The `quality` ("full": all) features and the true IoU (mean over labels, quality.agreement) of `count`
+    generated tasks (synthetic.py, deterministic in `seed`; the prompt count cycles through `prompts`).
+    objects: a list that receives (object features, IoU with the true object it overlaps best) of each
+    predicted object (Prediction.instances(), defaults), the truth's objects being its connected parts."""
     import warnings
 
     from .colors import ColorCode
     from .synthetic import SyntheticTasks
 
-    count_all = len(CANDIDATES)  # a stand-in that reads every candidate: the features are what we need
-    placeholder = QualityModel(CANDIDATES, np.zeros(count_all), np.ones(count_all), np.zeros(count_all), 0.0)
-    saved, model._quality_models = model._quality_models, {q: placeholder for q in QUALITIES}
+    from .instances import find_instances
+
+    def placeholder(names):  # a stand-in that reads every candidate: the features are what we need
+        return QualityModel(names, np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names)), 0.0)
+
+    fast = tuple(n for n in CANDIDATES if n not in FEATURE_GROUPS["flip"])  # "fast" reads no mirrored target
+    saved, model._quality_models = model._quality_models, {"fast": placeholder(fast), "full": placeholder(CANDIDATES),
+                                                           OBJECT_MODEL: placeholder(OBJECT_CANDIDATES)}
     generator = SyntheticTasks(model.input_size[0], device="cpu")
     to_np = lambda t: t.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()  # noqa: E731
     rows, ious = [], []
@@ -344,16 +399,137 @@ def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # empty example masks of generated tasks
                 pred = model.segment(to_np(batch.target_images[0] * 255), images, masks, seg_type=batch.seg_type,
-                                     quality="full")[0]
+                                     quality=quality)[0]
             code, prompt_code = ColorCode.from_masks(masks + [truth]), ColorCode.from_masks(masks)
-            predicted = code.labels_of_colors(prompt_code.encode(pred.labels))
+            predicted, true_labels = code.labels_of_colors(prompt_code.encode(pred.labels)), code.labels_of_colors(truth)
             rows.append(pred.quality_features)
-            ious.append(agreement(predicted, code.labels_of_colors(truth)))
+            ious.append(agreement(predicted, true_labels))
+            if objects is not None and pred.object_context is not None:
+                found, truth_objects = find_instances(predicted, pred.scores), find_instances(true_labels, min_area=1)
+                context = pred.object_context
+                values = object_features(found.map, pred.scores, context.foreground / 255, context.stride,
+                                         context.diameter)
+                matched = object_ious(found.map, truth_objects.map, {o.id: o.class_id for o in found.objects},
+                                      {o.id: o.class_id for o in truth_objects.objects})
+                objects.extend((values[i], matched[i]) for i in values)
     finally:
         model._quality_models = saved
     return rows, ious
 
 
-def fit_models(rows: list[dict], ious: list[float]) -> dict[str, QualityModel]:
-    """The "fast" and "full" estimates calibrated on the same samples."""
-    return {name: fit(rows, ious, blend) for name, blend in BLENDS.items()}
+def fit_models(rows: list[dict], ious: list[float], objects: list[tuple[dict, float]] | None = None
+               ) -> dict[str, QualityModel]:
+    """The "fast" and "full" estimates calibrated on the same samples, and the per-object one on `objects`
+    ((object features, true IoU) of the same tasks' objects, `generated_samples(objects=...)`) when given."""
+    models = {name: fit(rows, ious, blend) for name, blend in BLENDS.items()}
+    if objects:
+        models[OBJECT_MODEL] = fit([row for row, _ in objects], [iou for _, iou in objects], OBJECT_BLEND)
+    return models
+
+
+# ----------------------------------------------------------------------------------- per-object estimate
+
+#: the per-object candidates (`object_features`); OBJECT_BLEND is what the per-object estimate adds up
+OBJECT_CANDIDATES = ("object_snap", "object_fit", "object_ring_fit", "object_agreement", "object_size",
+                     "object_extent")
+#: (equal weights, the signs their relation to the IoU has on generated tasks; object_fit left out: its sign
+#: reverses on real nuclei slices, see docs/quality.md)
+OBJECT_BLEND = {"object_snap": 1.0, "object_ring_fit": 1.0, "object_agreement": 1.0, "object_extent": 1.0,
+                "object_size": -1.0}
+OBJECT_MODEL = "object"  # its key in a quality.json (optional: files fitted before it have none)
+
+
+@dataclass
+class ObjectContext:
+    """What a prediction keeps to estimate its objects' quality later (`Prediction.instances`): the naive
+    model's P(foreground) on the strided view the image features were read on (uint8, 0-255), that view's
+    stride, the examples' object diameter and the per-object estimate (None: the estimate file has none)."""
+
+    foreground: np.ndarray  # (h, w) uint8: P(any label | appearance) * 255 on the strided view
+    stride: int
+    diameter: float | None
+    model: QualityModel | None
+
+    def qualities(self, id_map: np.ndarray, scores: np.ndarray | None) -> dict[int, float]:
+        """{object id: predicted IoU with its true object} for the objects of an instance map of the target."""
+        rows = object_features(id_map, scores, self.foreground.astype(np.float32) / 255, self.stride, self.diameter)
+        return {object_id: self.model.predict(row) for object_id, row in rows.items()}
+
+
+def object_features(id_map: np.ndarray, scores: np.ndarray | None, foreground: np.ndarray, stride: int,
+                    diameter: float | None) -> dict[int, dict[str, float]]:
+    """{object id: features} of each object of an instance map (H, W) of a target, given the naive model's
+    P(foreground) on its view of stride `stride` (quality.features), and the examples' object diameter:
+
+    - object_snap: the object's mean snap score;
+    - object_fit: the mean P(foreground) over its pixels (an object painted where the examples' background
+      looks alike is suspect);
+    - object_ring_fit: the mean P(background) over the background in a ring around it (a quarter of the
+      examples' object diameter wide): an object cut too small leaves foreground-like pixels around it;
+    - object_agreement: the IoU, over the object and its ring, of the object with the naive foreground;
+    - object_size: |log(sqrt(area) / the examples' object diameter)| (0 without one);
+    - object_extent: its area over its bounding box's (touching objects painted as one fill less of it).
+
+    Objects too small to show on the strided view get the mean of the others (0.5 when none shows). One pass
+    of bincounts over the map: cheap for thousands of objects."""
+    from scipy import ndimage
+
+    id_map = np.asarray(id_map)
+    top = int(id_map.max()) if id_map.size else 0
+    if not top:
+        return {}
+    flat_full = id_map.ravel().astype(np.int64)
+    areas = np.bincount(flat_full, minlength=top + 1).astype(np.float64)
+    snaps = (np.bincount(flat_full, np.asarray(scores, np.float64).ravel(), minlength=top + 1) / np.maximum(areas, 1)
+             if scores is not None else np.ones(top + 1))
+    small = id_map[::stride, ::stride].astype(np.int64) if stride > 1 else id_map.astype(np.int64)
+    p = np.asarray(foreground, np.float64)
+    width = max(1, int(round((diameter or 4 * stride) / 4 / stride)))
+    grown = ndimage.grey_dilation(small, footprint=np.ones((2 * width + 1,) * 2, bool))  # a neighbour's id
+    ring = np.where(small == 0, grown, 0)
+    inside = np.bincount(small.ravel(), minlength=top + 1).astype(np.float64)
+    around = np.bincount(ring.ravel(), minlength=top + 1).astype(np.float64)
+    fit = np.bincount(small.ravel(), p.ravel(), minlength=top + 1) / np.maximum(inside, 1)
+    ring_fg = np.bincount(ring.ravel(), p.ravel(), minlength=top + 1)
+    ring_fit = 1 - ring_fg / np.maximum(around, 1)
+    naive = p > 0.5
+    hits = np.bincount(small.ravel(), naive.ravel(), minlength=top + 1)
+    ring_hits = np.bincount(ring.ravel(), naive.ravel(), minlength=top + 1)
+    agree = hits / np.maximum(inside + ring_hits, 1)  # |object & naive| / |object | naive| within object + ring
+    shown = inside > 0
+    shown[0] = False
+    fallback = {name: float(values[shown].mean()) if shown.any() else 0.5
+                for name, values in (("fit", fit), ("ring", ring_fit), ("agree", agree))}
+    boxes = ndimage.find_objects(id_map.astype(np.int64))
+    out = {}
+    for object_id in np.flatnonzero(areas > 0):
+        if object_id == 0:
+            continue
+        seen = shown[object_id]
+        size = math.sqrt(areas[object_id])
+        out[int(object_id)] = {
+            "object_snap": float(snaps[object_id]),
+            "object_fit": float(fit[object_id]) if seen else fallback["fit"],
+            "object_ring_fit": float(ring_fit[object_id]) if seen and around[object_id] else fallback["ring"],
+            "object_agreement": float(agree[object_id]) if seen else fallback["agree"],
+            "object_size": abs(math.log(size / diameter)) if diameter else 0.0,
+            "object_extent": float(areas[object_id] / np.prod([b.stop - b.start for b in boxes[object_id - 1]]))}
+    return out
+
+
+def object_ious(predicted: np.ndarray, truth: np.ndarray, predicted_classes: dict[int, int] | None = None,
+                true_classes: dict[int, int] | None = None) -> dict[int, float]:
+    """{predicted object id: IoU with the true object it overlaps best} of two instance maps of one image
+    (objects of another class never match when classes are given; 0 when an object overlaps none)."""
+    pred_ids, pred_index = np.unique(predicted, return_inverse=True)
+    true_ids, true_index = np.unique(truth, return_inverse=True)
+    overlap = np.bincount(pred_index.ravel() * len(true_ids) + true_index.ravel(),
+                          minlength=len(pred_ids) * len(true_ids)).reshape(len(pred_ids), len(true_ids))
+    union = overlap.sum(1)[:, None] + overlap.sum(0)[None, :] - overlap
+    iou = overlap / np.maximum(union, 1)
+    iou[:, true_ids == 0] = 0
+    if predicted_classes is not None and true_classes is not None:
+        same = np.array([[predicted_classes.get(int(p), -1) == true_classes.get(int(t), -2) for t in true_ids]
+                         for p in pred_ids])
+        iou = np.where(same, iou, 0)
+    return {int(p): float(iou[k].max()) if len(true_ids) else 0.0 for k, p in enumerate(pred_ids) if p != 0}

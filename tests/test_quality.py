@@ -10,8 +10,9 @@ import pytest
 from scipy.stats import spearmanr
 
 from seggpt_plugins.errors import InputError
-from seggpt_plugins.quality import (BLENDS, SHIPPED, ExampleStats, QualityModel, UncalibratedQualityWarning,
-                                    agreement, features, fit, fit_models, load_models, models_for, save_models)
+from seggpt_plugins.quality import (BLENDS, OBJECT_BLEND, OBJECT_MODEL, SHIPPED, ExampleStats, QualityModel,
+                                    UncalibratedQualityWarning, agreement, features, fit, fit_models, load_models,
+                                    models_for, object_features, object_ious, save_models)
 
 
 def _bright_blobs(rng, size=64, count=6):
@@ -82,7 +83,7 @@ def test_which_estimate_a_model_gets(tmp_path, monkeypatch):
     monkeypatch.delenv("SEGGPT_QUALITY_MODEL", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert set(models_for("demo")) == {"fast", "full"}  # shipped, fitted for it: no warning
+        assert set(models_for("demo")) == {"fast", "full", OBJECT_MODEL}  # shipped, fitted for it: no warning
     shipped = load_models(SHIPPED)
     own = {name: QualityModel(m.names, m.mean, m.scale, m.weights, m.bias + 1.0) for name, m in shipped.items()}
     save_models(tmp_path / "quality.json", own, fitted_on="these weights")
@@ -139,7 +140,7 @@ def test_cli_fit_quality_writes_an_estimate_any_model_can_use(tmp_path):
                                          "--out", str(out), *extra], capture_output=True, text=True)
     result = run("--tasks", "24")
     assert result.returncode == 0, result.stderr
-    assert set(load_models(out)) == {"fast", "full"} and "fitted_on" in json.loads(out.read_text())
+    assert set(load_models(out)) == {"fast", "full", "object"} and "fitted_on" in json.loads(out.read_text())
     again = run("--tasks", "24")
     assert again.returncode == 2 and "exists" in again.stderr
     few = run("--tasks", "5", "--overwrite")
@@ -161,3 +162,92 @@ def test_cli_propagate_takes_quality(tmp_path, nuclei3d, quality, kind):
     rows = [json.loads(line) for line in (tmp_path / "labels_review.jsonl").read_text().splitlines()]
     assert rows and all(r["confidence_is"] == kind for r in rows if "confidence_is" in r)
     assert any("confidence_is" in r for r in rows)
+
+
+# ------------------------------------------------------------------------------------------ per object
+
+
+def test_object_ious_match_each_object_to_the_true_object_it_overlaps_best():
+    truth = np.zeros((10, 20), np.uint8)
+    truth[1:5, 1:5], truth[1:5, 10:14] = 1, 2
+    predicted = np.zeros_like(truth)
+    predicted[1:5, 1:5] = 3  # exactly object 1
+    predicted[1:5, 10:12] = 4  # half of object 2
+    predicted[7:9, 16:18] = 5  # nothing there
+    assert object_ious(predicted, truth) == {3: 1.0, 4: 0.5, 5: 0.0}
+    assert object_ious(predicted, truth, {3: 1, 4: 1, 5: 1}, {1: 1, 2: 2})[4] == 0.0  # another class: no match
+
+
+def test_an_object_painted_on_background_or_cut_short_looks_worse(rng):
+    image, mask = _bright_blobs(rng, size=96, count=4)
+    stats = ExampleStats.of([mask], [image])
+    target = np.full((64, 64, 3), 40, np.uint8)
+    target[10:20, 10:20] = 200  # a bright object
+    target[40:50, 40:50] = 200  # another, which the proposal cuts short
+    objects = np.zeros((64, 64), np.uint16)
+    objects[10:20, 10:20] = 1  # right
+    objects[42:48, 42:48] = 2  # the middle of the second only
+    objects[30:40, 5:15] = 3  # painted on background
+    posterior, ids = stats.appearance(target)
+    foreground = posterior[..., ids != 0].sum(-1)
+    values = object_features(objects, np.full((64, 64), 0.9, np.float32), foreground, 1, stats.diameter)
+    assert set(values) == {1, 2, 3} and all(v["object_snap"] == pytest.approx(0.9) for v in values.values())
+    assert values[1]["object_fit"] > 0.9 > 0.1 > values[3]["object_fit"]  # on background
+    assert values[1]["object_ring_fit"] > 0.9 > 0.1 > values[2]["object_ring_fit"]  # foreground left around it
+    assert values[1]["object_agreement"] > 0.9 > 0.5 > max(values[2]["object_agreement"], values[3]["object_agreement"])
+    strided = object_features(objects, None, foreground[::2, ::2], 2, stats.diameter)  # a view of stride 2
+    assert strided[1]["object_fit"] == pytest.approx(values[1]["object_fit"], abs=0.05)
+
+
+def test_fit_models_adds_the_object_estimate_and_old_files_still_load(tmp_path, rng):
+    rows = [{"appearance_fit_foreground": v, "appearance_agreement": v, "flip_agreement": v} for v in rng.random(50)]
+    objects = [({name: v for name in OBJECT_BLEND}, 0.1 + 0.8 * v) for v in rng.random(300)]
+    models = fit_models(rows, [r["appearance_agreement"] for r in rows], objects)
+    assert set(models) == {"fast", "full", OBJECT_MODEL}
+    predicted = [models[OBJECT_MODEL].predict(row) for row, _ in objects]
+    assert np.mean(np.abs(np.subtract(predicted, [iou for _, iou in objects]))) < 0.05
+    save_models(tmp_path / "old.json", {q: models[q] for q in ("fast", "full")}, fitted_on="before objects")
+    assert set(load_models(tmp_path / "old.json")) == {"fast", "full"}
+
+
+def test_instances_carry_each_objects_predicted_iou(demo_model, nuclei2d, monkeypatch):
+    monkeypatch.delenv("SEGGPT_QUALITY_MODEL", raising=False)
+    image, truth = nuclei2d
+    example, mask = image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8)
+    target = image[256:384, 256:384]
+    pred = demo_model.segment(target, example, mask)[0]
+    found = pred.instances()
+    assert len(found) > 3 and all(0 < o.quality < 1 and o.confidence == o.quality for o in found.objects)
+    moved = found.shifted(100)
+    assert [o.quality for o in moved.objects] == [o.quality for o in found.objects]
+    off = demo_model.segment(target, example, mask, quality=None)[0].instances()
+    assert all(o.quality is None and o.confidence == o.score for o in off.objects)
+    # on real nuclei, it ranks the objects as their true IoU does (20 objects here: 0.75)
+    spots = [(256, 256), (128, 384), (384, 128), (256, 0)]
+    predicted, true = [], []
+    for pred, (r, c) in zip(demo_model.segment([image[r:r + 128, c:c + 128] for r, c in spots], example, mask), spots):
+        found = pred.instances()
+        matched = object_ious(found.map, truth[r:r + 128, c:c + 128])
+        predicted += [o.quality for o in found.objects]
+        true += [matched[o.id] for o in found.objects]
+    assert len(true) > 10 and spearmanr(predicted, true)[0] > 0.4
+
+
+def test_coco_scores_and_review_rows_use_the_object_quality(tmp_path, demo_model, nuclei2d):
+    from seggpt_plugins.export import CocoWriter, ReviewTable, categories_for
+
+    image, truth = nuclei2d
+    example, mask = image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8)
+    pred = demo_model.segment(image[256:384, 256:384], example, mask)[0]
+    found = pred.instances()
+    writer = CocoWriter(tmp_path / "coco.json", categories_for([1], None))
+    writer.add("a.png", found)
+    writer.close()
+    annotations = json.loads((tmp_path / "coco.json").read_text())["annotations"]
+    assert [a["score"] for a in annotations] == [round(o.quality, 4) for o in found.objects]
+    assert [a["snap_score"] for a in annotations] == [round(o.score, 4) for o in found.objects]
+    table = ReviewTable(tmp_path / "review.jsonl")
+    table.add_prediction("a.png", pred, found)
+    table.close()
+    row = json.loads((tmp_path / "review.jsonl").read_text())
+    assert row["worst_object"] == round(min(o.quality for o in found.objects), 4)
