@@ -68,6 +68,9 @@ def register(subparsers) -> None:
                        "(default: $SEGGPT_STATE_DIR or ~/.local/state/seggpt-labelstudio)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=cmd_serve)
+    from .bulk_cli import register_predict
+
+    register_predict(commands)
 
     def usage(args) -> int:
         parser.print_help()

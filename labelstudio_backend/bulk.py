@@ -1,0 +1,379 @@
+"""`seggpt labelstudio predict`: pre-annotate a whole Label Studio project outside Label Studio.
+
+"Retrieve predictions" is one synchronous /predict call, cut after Label Studio's ML_TIMEOUT_PREDICT; for
+big projects Label Studio's maintainers advise computing predictions outside and importing them. This does
+that with the backend's own parts and the core's scale pipeline:
+
+    check      Label Studio answers, the key works, the project exists, its config has a brush/polygon
+               control, it has annotated tasks (one line each, exit 2, before any model work);
+    prompts    the annotated tasks as (image, mask) files (references.py, media.py, labeling.py);
+    targets    the tasks with no annotation and no prediction of this model version, downloaded;
+    run        seggpt_plugins.scale.run over a manifest of them (local or Ray), in a working folder;
+    post       each label map as the regions /predict would give (labeling.prediction_to_results),
+               imported in batches with the backend's model_version and the prediction's confidence.
+
+The working folder is keyed by the model version (weights, references, project settings, config): a
+killed run started again resumes where it stopped, and tasks already posted are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .labeling import ConfigError, View, annotation_to_mask, prediction_to_results
+from .media import MediaError
+from .params import RequestError
+
+log = logging.getLogger("seggpt_plugins.labelstudio")
+
+POST_BATCH = 100  # predictions per import request
+TASK_PAGE = 100
+
+
+class BulkError(ValueError):
+    """A bad input found before any model work (the message is the one line the command prints)."""
+
+
+@dataclass
+class BulkSummary:
+    project: int
+    model_version: str = ""
+    seen: int = 0  # tasks of the project
+    references: int = 0  # annotated tasks (the prompts)
+    predicted: int = 0  # predictions posted by this run
+    segmented: int = 0  # images this run segmented (the others were done by an earlier, killed run)
+    skipped: int = 0  # tasks that already had a prediction of this model version
+    failed: int = 0
+    reasons: list = field(default_factory=list)  # (task id, why), for the failed ones
+    work: str = ""
+
+    def line(self) -> str:
+        return (f"project {self.project}: {self.seen} tasks seen, {self.predicted} predicted now, {self.skipped} "
+                f"skipped (already predicted by {self.model_version}), {self.failed} failed; "
+                f"{self.references} annotated task(s) as prompts, {self.segmented} image(s) segmented by this run")
+
+
+def _field(obj, name, default=None):
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def _api_error(exc: Exception, url: str, project_id: int) -> BulkError:
+    """One line for what the first API calls can meet: no server, a refused key, no such project."""
+    status = getattr(exc, "status_code", None)
+    if status in (401, 403):
+        return BulkError(f"Label Studio at {url} refused the API key (HTTP {status}): set LABEL_STUDIO_API_KEY to "
+                         "an access token of that server (Account & Settings: legacy token or personal access token)")
+    if status == 404:
+        return BulkError(f"project {project_id} does not exist in Label Studio at {url} (or this key cannot see it)")
+    if status is not None:
+        return BulkError(f"Label Studio at {url} answered HTTP {status} for project {project_id}")
+    return BulkError(f"cannot reach Label Studio at {url} ({type(exc).__name__}: {str(exc)[:200]}); check "
+                     "--label-studio-url / LABEL_STUDIO_URL and that the server is up")
+
+
+class ProjectPredictor:
+    """One project's bulk pre-annotation. `check()` does everything that can fail cheaply; `run()` the rest."""
+
+    def __init__(self, settings, project_id: int, *, work: str | None = None, engine: str = "local",
+                 ray_address: str | None = None, actors: int = 1, gpus_per_actor: float = 0,
+                 cpus_per_actor: float = 1, threads: int | None = None, progress: bool = True,
+                 post_batch: int = POST_BATCH):
+        self.settings = settings
+        self.project_id = int(project_id)
+        self.work_root = work
+        self.run_options = dict(engine=engine, ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
+                                cpus_per_actor=cpus_per_actor, threads=threads)
+        self.progress = progress
+        self.post_batch = max(1, int(post_batch))
+        self.summary = BulkSummary(self.project_id)
+
+    # ------------------------------------------------------------------------------------------ check
+
+    def check(self) -> None:
+        """Label Studio, the key, the project, its config and its annotated tasks; BulkError otherwise."""
+        from label_studio_sdk import LabelStudio
+
+        from .backend import SegGPTBackend
+        from .services import Services
+
+        url, key = self.settings.label_studio_url, self.settings.api_key
+        if not url or not key:
+            raise BulkError("set LABEL_STUDIO_URL (or --label-studio-url) and LABEL_STUDIO_API_KEY: predictions are "
+                            "read from and posted to that Label Studio")
+        url = url.rstrip("/")
+        if self.project_id < 1:
+            raise BulkError(f"--project must be a project id (a whole number >= 1), got {self.project_id}")
+        self.client = LabelStudio(base_url=url, api_key=key, timeout=60)
+        try:
+            project = self.client.projects.get(id=self.project_id, request_options={"max_retries": 0, "timeout": 30})
+        except Exception as exc:  # the SDK's ApiError (HTTP status) or httpx's transport errors
+            raise _api_error(exc, url, self.project_id) from None
+        # the driver's services never hold a GPU model: the version needs only the weights' fingerprint
+        self.services = Services(dataclasses.replace(self.settings, device="cpu"))
+        try:
+            self.backend = SegGPTBackend(self.project_id, project.label_config or "", self.services)
+        except ConfigError as exc:
+            raise BulkError(f"project {self.project_id}: {exc}") from None
+        except RequestError as exc:
+            raise BulkError(f"project {self.project_id}: {exc}") from None
+        try:
+            refs = self.services.store.list_annotated(self.project_id, url, key, self.backend.reference_task_ids)
+        except Exception as exc:
+            raise _api_error(exc, url, self.project_id) from None
+        self.refs = sorted(refs.values(), key=lambda r: r.task_id)
+        if not self.refs:
+            raise BulkError(f"project {self.project_id} has no annotated task: annotate at least one task with brush "
+                            "or polygon regions (the examples SegGPT learns from), then run this again")
+        self.summary.references = len(self.refs)
+        self.fetcher = self.services.fetcher_for(self.services.state.get(self.project_id))
+
+    # -------------------------------------------------------------------------------------------- run
+
+    def run(self) -> BulkSummary:
+        self._load_model()
+        version = self.summary.model_version = self.backend.model_version(self.refs)
+        tasks = self._tasks()
+        self.summary.seen = len(tasks)
+        done = self._predicted_tasks(version)
+        annotated = {r.task_id for r in self.refs}
+        targets = []
+        for task in tasks:
+            task_id = int(_field(task, "id"))
+            if task_id in annotated or (_field(task, "total_annotations", 0) or 0) > 0:
+                continue
+            if task_id in done:
+                self.summary.skipped += 1
+            else:
+                targets.append(task)
+        self.work = self._work_folder(version)
+        self.summary.work = self.work
+        if targets:
+            outcomes = self._segment(targets)
+            self._post(targets, outcomes, version)
+        return self.summary
+
+    def _load_model(self) -> None:
+        """Load the model here once: its weights' fingerprint names the version, as in `serve`."""
+        from .services import ModelNotReady
+
+        quiet = log.level
+        log.setLevel(logging.CRITICAL)  # the loader logs its failure; here it is the command's one line
+        try:
+            self.services.model(wait=3600)
+        except ModelNotReady:
+            detail = getattr(self.services, "_model_error", None) or "see the log"
+            raise BulkError(f"the model {self.settings.model!r} cannot be loaded ({detail})") from None
+        finally:
+            log.setLevel(quiet)
+
+    def _tasks(self) -> list:
+        pager = self.client.tasks.list(project=self.project_id, page_size=TASK_PAGE)
+        return list(pager)
+
+    def _predicted_tasks(self, version: str) -> set:
+        """The ids of the tasks that already have a prediction of `version`."""
+        predictions = self.client.predictions.list(project=self.project_id)
+        return {int(_field(p, "task")) for p in predictions
+                if _field(p, "model_version") == version and _field(p, "task") is not None}
+
+    def _work_folder(self, version: str) -> str:
+        root = self.work_root
+        if not root:
+            base = self.settings.state_dir or tempfile.gettempdir()
+            root = os.path.join(base, "bulk", f"project-{self.project_id}")
+        folder = os.path.join(os.path.abspath(os.path.expanduser(root)), version)
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    # ---------------------------------------------------------------------------------------- segment
+
+    def _segment(self, targets: list) -> dict:
+        """{task id: TaskOutcome} over every view of the config."""
+        from .backend import TaskOutcome
+
+        outcomes = {int(_field(t, "id")): TaskOutcome() for t in targets}
+        for number, view in enumerate(self.backend.spec.views):
+            folder = os.path.join(self.work, f"view-{number}-{_safe(view.image_name)}")
+            prompts = self._write_prompts(view, folder)
+            if not prompts:  # the tasks are failed, not posted empty: a later run tries them again
+                reason = (f"none of the {len(self.refs)} annotated task(s) has usable regions on <Image "
+                          f"name={view.image_name!r}> (or their images cannot be read: see the warnings)")
+                for task_id, outcome in outcomes.items():
+                    outcome.failed = True
+                    self.summary.reasons.append((task_id, reason))
+                continue
+            ready = self._write_targets(view, folder, targets, outcomes)
+            if not ready:
+                continue
+            manifest = os.path.join(folder, "manifest.csv")
+            _write_atomic(manifest, "path\n" + "".join(f"{name}\n" for name in ready.values()))
+            self._run_pipeline(view, folder, manifest, prompts, ready, outcomes)
+        return outcomes
+
+    def _write_prompts(self, view: View, folder: str) -> list[tuple[str, str]]:
+        """The references with regions on `view` as (image.png, mask.png) files of the working folder."""
+        from seggpt_plugins.images import to_rgb8
+
+        controls = {c.name for c in view.controls}
+        os.makedirs(os.path.join(folder, "prompts"), exist_ok=True)
+        pairs = []
+        for ref in self.refs:
+            if not any(isinstance(r, dict) and r.get("from_name") in controls for r in ref.result):
+                continue
+            image_path = os.path.join(folder, "prompts", f"task_{ref.task_id}.png")
+            mask_path = os.path.join(folder, "prompts", f"task_{ref.task_id}_mask.png")
+            if not (os.path.exists(image_path) and os.path.exists(mask_path)):
+                try:
+                    rgb = to_rgb8(self.fetcher.fetch_image(ref.data.get(view.value_key), ref.task_id),
+                                  name=f"task {ref.task_id} image")
+                except (MediaError, ValueError) as exc:
+                    log.warning("project %s: reference task %s is skipped: %s", self.project_id, ref.task_id, exc)
+                    continue
+                mask = annotation_to_mask(list(ref.result), view, rgb.shape[:2])
+                if not mask.any():
+                    continue
+                _save_png(mask_path, mask)
+                _save_png(image_path, rgb)  # last: the pair is whole when the image exists
+            pairs.append((image_path, mask_path))
+        return pairs
+
+    def _write_targets(self, view: View, folder: str, targets: list, outcomes: dict) -> dict:
+        """Download the targets' images on `view` (those not already in the working folder), in parallel.
+        Returns {task id: path relative to the folder}; a task whose image cannot be used is failed."""
+        from seggpt_plugins.images import to_rgb8
+
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+
+        def download(task) -> tuple[int, str | None]:
+            task_id = int(_field(task, "id"))
+            name = f"images/task_{task_id}.png"
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                return task_id, name
+            try:
+                data = _field(task, "data") or {}
+                value = data.get(view.value_key) if isinstance(data, dict) else None
+                if value is None:
+                    raise MediaError(f"the task data has no {view.value_key!r} field "
+                                     f"(<Image name={view.image_name!r} value=\"${view.value_key}\">)")
+                rgb = to_rgb8(self.fetcher.fetch_image(value, task_id), name=f"task {task_id} image")
+            except (MediaError, ValueError) as exc:
+                outcomes[task_id].failed = True
+                self.summary.reasons.append((task_id, str(exc)))
+                return task_id, None
+            _save_png(path, rgb)
+            return task_id, name
+
+        return {task_id: name for task_id, name in self.services.downloads.map(download, targets) if name}
+
+    def _run_pipeline(self, view: View, folder: str, manifest: str, prompts: list, ready: dict,
+                      outcomes: dict) -> None:
+        import pyarrow.parquet as pq
+        from PIL import Image
+
+        from seggpt_plugins.scale import run
+        from seggpt_plugins.scale.records import map_name
+
+        backend, settings = self.backend, self.settings
+        options = dict(model=settings.model, device=settings.device, dtype=settings.dtype, quantize=settings.quantize,
+                       batch_size=settings.batch_size, threads=self.run_options["threads"],
+                       most_similar=backend.max_prompts if len(prompts) > backend.max_prompts else None,
+                       seg_type=backend.seg_type, ensemble=backend.ensemble, tile=backend.tile, halo=backend.halo)
+        # one output folder per set of run options: a rerun with other flags starts its own, never a clash
+        key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        summary = run([manifest], prompts, os.path.join(folder, f"out-{key}"), progress=self.progress,
+                      **options, **{k: v for k, v in self.run_options.items() if k != "threads"})
+        self.summary.segmented += summary.labelled_now
+        by_stem = {os.path.splitext(name)[0]: task_id for task_id, name in ready.items()}
+        shows = {image: np.unique(np.asarray(Image.open(mask))) for image, mask in prompts}
+        columns = ["stem", "status", "reason", "confidence", "prompts"]
+        review = pq.read_table(summary.review, columns=columns).to_pylist()
+        for row in review:
+            task_id = by_stem.get(row["stem"])
+            if task_id is None:
+                continue
+            outcome = outcomes[task_id]
+            if row["status"] != "done":
+                outcome.failed = True
+                self.summary.reasons.append((task_id, row["reason"] or "segmentation failed"))
+                continue
+            labels = np.array(Image.open(os.path.join(summary.out, map_name(row["stem"], "labels", "png"))))
+            shown = [shows[p] for p in row["prompts"] or () if p in shows]
+            if shown:  # as /predict: a label none of the target's chosen references shows cannot be meant
+                labels[np.isin(labels, np.concatenate(shown), invert=True)] = 0
+            confidence = float(row["confidence"] or 0.0)
+            scores = np.full(labels.shape, confidence, np.float32)  # the run keeps no per-pixel scores
+            outcome.regions.extend(prediction_to_results(
+                labels, scores, view, prefer=backend.prefer, min_area=backend.min_area,
+                tolerance=backend.polygon_tolerance, objects=backend.objects))
+            outcome.scores.append(confidence if labels.any() else 0.0)
+
+    # ------------------------------------------------------------------------------------------- post
+
+    def _post(self, targets: list, outcomes: dict, version: str) -> None:
+        """Import the predictions in batches; a failed task with no regions is not posted (a later run tries
+        it again), and counts as failed."""
+        batch = []
+        for task in targets:
+            task_id = int(_field(task, "id"))
+            item = outcomes[task_id].item(version)
+            if not item:
+                self.summary.failed += 1
+                continue
+            batch.append(dict(item, task=task_id))
+            if len(batch) >= self.post_batch:
+                self._import(batch)
+                batch = []
+        if batch:
+            self._import(batch)
+
+    def _import(self, batch: list) -> None:
+        try:
+            self.client.projects.import_predictions(id=self.project_id, request=batch)
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            detail = f"HTTP {status}: {str(getattr(exc, 'body', ''))[:200]}" if status else f"{type(exc).__name__}: {exc}"
+            self.summary.failed += len(batch)
+            self.summary.reasons.extend((p["task"], f"posting the prediction failed ({detail})") for p in batch)
+            return
+        self.summary.predicted += len(batch)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40] or "image"
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+    """Write a PNG whole (a temporary name, then a rename): a killed run never leaves half a file."""
+    from PIL import Image
+
+    if array.ndim == 2 and array.dtype != np.uint8:
+        array = array.astype(np.uint16 if array.max() > 255 else np.uint8)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def predict_project(settings, project_id: int, **options) -> BulkSummary:
+    """Check, then segment and post (see the module docstring). BulkError before any model work."""
+    predictor = ProjectPredictor(settings, project_id, **options)
+    predictor.check()
+    return predictor.run()
+
+
+__all__ = ["BulkError", "BulkSummary", "ProjectPredictor", "predict_project"]
