@@ -123,11 +123,9 @@ def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale, s
     k = torch.cat([key.transpose(-2, -1), onehot.expand(batch, heads, -1, -1)], dim=-2).reshape(batch * heads, -1, tokens)
     v = value.reshape(batch * heads, tokens, head_dim)
     step = max(1, scores_bytes // (tokens * tokens * query.element_size()))
-    out = torch.empty_like(v)
-    for start in range(0, batch * heads, step):
-        group = slice(start, start + step)
-        torch.bmm(torch.softmax(torch.bmm(q[group], k[group]), dim=-1), v[group], out=out[group])
-    return out.reshape(batch, heads, tokens, head_dim)
+    out = [torch.bmm(torch.softmax(torch.bmm(q[start:start + step], k[start:start + step]), dim=-1),
+                     v[start:start + step]) for start in range(0, batch * heads, step)]
+    return torch.cat(out).reshape(batch, heads, tokens, head_dim)
 
 
 _compiled_flex = None

@@ -131,11 +131,13 @@ def test_demo_model_loads_offline_and_is_small():
     assert model.input_size == (128, 128) and model.dtype == torch.float32
 
 
-def test_device_and_dtype_choice():
-    from seggpt_plugins.loading import pick_device, pick_dtype
+def test_device_and_dtype_choice(monkeypatch):
+    from seggpt_plugins.loading import cpu_has_native_bf16, pick_device, pick_dtype
 
     assert pick_device(None).type in ("cpu", "cuda", "mps")
-    assert pick_dtype(None, torch.device("cpu")) == torch.float32
+    assert pick_dtype(None, torch.device("cpu")) == torch.float32  # the suite's $SEGGPT_DTYPE (conftest.py)
+    monkeypatch.delenv("SEGGPT_DTYPE")
+    assert pick_dtype(None, torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert pick_dtype(None, torch.device("cuda")) == torch.bfloat16
     assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ModelSourceError, match="dtype"):
