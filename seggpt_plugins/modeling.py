@@ -63,8 +63,8 @@ def attention_forward(attention, hidden: torch.Tensor, kernel: str = "sdpa") -> 
     kernel "folded": the bias folded into the dot product, so fused kernels never build an N x N bias:
                      q' = [q d^-0.5, q.Rh(row), q.Rw(col)], k' = [k, onehot(key row), onehot(key col)].
     kernel "flex":   FlexAttention with the bias as a score_mod (compiled; CUDA).
-    kernel "chunked": the folded product a few heads at a time (fastest on CPU, fp32 and bf16 alike: the
-                     N x N scores of those heads stay the only large buffer).
+    kernel "chunked": a few heads at a time, the bias added in place (fp32) or folded into the product
+                     (bf16); fastest on CPU: the N x N scores of those heads stay the only large buffer.
     """
     return attention.proj(attend(attention, attention.qkv(hidden), kernel))
 
@@ -108,23 +108,38 @@ def attend(attention, qkv: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
 
 
 def _chunked_attention(query, key, value, rel_h, rel_w, grid_h, grid_w, scale, scores_bytes: int = 32 << 20):
-    """softmax(q k^T * scale + rel_h + rel_w) v, a few heads at a time (the N x N scores of those heads
-    stay the only large buffer, at most `scores_bytes`), with the bias folded into the product as the
-    folded kernel does: q' = [q scale, rel_h, rel_w], k' = [k, onehot(key row), onehot(key col)], so
-    one matrix product gives the biased scores (no broadcast adds: slow in bf16, and a parallel region
-    each, which costs most when the cores are shared)."""
+    """softmax(q k^T * scale + rel_h + rel_w) v, head by head in float32 (the bias added to the scores in
+    place), a few heads at a time in reduced precision (their N x N scores, at most `scores_bytes`, stay the
+    only large buffer). There broadcast adds are slow on CPU, so the bias is folded
+    into the product as the folded kernel does: q' = [q scale, rel_h, rel_w], k' = [k, onehot(key row),
+    onehot(key col)], and one matrix product gives the biased scores."""
     batch, heads, tokens, head_dim = query.shape
-    rows = torch.arange(tokens, device=query.device) // grid_w
-    cols = torch.arange(tokens, device=query.device) % grid_w
-    # onehot: (Hp + Wp, N): which row and column each key sits in
-    onehot = torch.cat([F.one_hot(rows, grid_h), F.one_hot(cols, grid_w)], dim=1).to(key.dtype).T
-    # q: (B heads, N, d + Hp + Wp); k: (B heads, d + Hp + Wp, N); v: (B heads, N, d)
-    q = torch.cat([query * scale, rel_h, rel_w], dim=-1).reshape(batch * heads, tokens, -1)
-    k = torch.cat([key.transpose(-2, -1), onehot.expand(batch, heads, -1, -1)], dim=-2).reshape(batch * heads, -1, tokens)
     v = value.reshape(batch * heads, tokens, head_dim)
-    step = max(1, scores_bytes // (tokens * tokens * query.element_size()))
-    out = [torch.bmm(torch.softmax(torch.bmm(q[start:start + step], k[start:start + step]), dim=-1),
-                     v[start:start + step]) for start in range(0, batch * heads, step)]
+    out = []
+    if query.dtype == torch.float32:  # one head at a time: measured fastest in fp32 (its scores stay in cache)
+        step = 1
+        q = (query * scale).reshape(batch * heads, tokens, head_dim)
+        k = key.reshape(batch * heads, tokens, head_dim).transpose(1, 2)
+        rel_h = rel_h.reshape(batch * heads, tokens, grid_h, 1)
+        rel_w = rel_w.reshape(batch * heads, tokens, 1, grid_w)
+        for start in range(0, batch * heads, step):
+            group = slice(start, start + step)
+            scores = torch.bmm(q[group], k[group])  # (heads in the group, N, N)
+            scores.view(-1, tokens, grid_h, grid_w).add_(rel_h[group]).add_(rel_w[group])
+            out.append(torch.bmm(torch.softmax(scores, dim=-1), v[group]))
+    else:
+        step = max(1, scores_bytes // (tokens * tokens * query.element_size()))
+        rows = torch.arange(tokens, device=query.device) // grid_w
+        cols = torch.arange(tokens, device=query.device) % grid_w
+        # onehot: (Hp + Wp, N): which row and column each key sits in
+        onehot = torch.cat([F.one_hot(rows, grid_h), F.one_hot(cols, grid_w)], dim=1).to(key.dtype).T
+        # q: (B heads, N, d + Hp + Wp); k: (B heads, d + Hp + Wp, N)
+        q = torch.cat([query * scale, rel_h, rel_w], dim=-1).reshape(batch * heads, tokens, -1)
+        k = torch.cat([key.transpose(-2, -1), onehot.expand(batch, heads, -1, -1)], dim=-2).reshape(
+            batch * heads, -1, tokens)
+        for start in range(0, batch * heads, step):
+            group = slice(start, start + step)
+            out.append(torch.bmm(torch.softmax(torch.bmm(q[group], k[group]), dim=-1), v[group]))
     return torch.cat(out).reshape(batch, heads, tokens, head_dim)
 
 
