@@ -155,9 +155,10 @@ def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row):
     import copy
 
     from seggpt_plugins import SegGPT
+    from seggpt_plugins.loading import precision_options
 
-    options = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
-    models = {p: SegGPT(net if p == "float32" else copy.deepcopy(net), device="cpu", **options[p]) for p in precisions}
+    models = {p: SegGPT(net if p == "float32" else copy.deepcopy(net), device="cpu", **precision_options(p))
+              for p in precisions}
     tgt, pim, pms = inputs(1, 1)
     for model in models.values():  # oneDNN builds its bf16/int8 kernels on first use
         model.segment(tgt, pim, pms, quality=None)

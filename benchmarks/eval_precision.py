@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import report  # noqa: E402
 
-PRECISIONS = {"float32": {"dtype": "float32"}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
+PRECISIONS = ("float32", "bfloat16", "int8")  # through loading.precision_options
 
 
 def full_size_errors() -> dict:
@@ -36,6 +36,7 @@ def full_size_errors() -> dict:
     from transformers import SegGptConfig, SegGptForImageSegmentation
 
     from seggpt_plugins import SegGPT
+    from seggpt_plugins.loading import precision_options
 
     torch.manual_seed(0)
     net = SegGptForImageSegmentation(SegGptConfig()).eval()
@@ -44,8 +45,8 @@ def full_size_errors() -> dict:
             torch.nn.init.normal_(param, std=0.02)
     targets, prompt_images, prompt_masks = inputs(1, 1)
     rows, reference = {}, None
-    for name, options in PRECISIONS.items():
-        model = SegGPT(copy.deepcopy(net), device="cpu", **options)
+    for name in PRECISIONS:
+        model = SegGPT(copy.deepcopy(net), device="cpu", **precision_options(name))
         prompts = model.prepare_prompts(prompt_images, prompt_masks)
         encoded = model.encode_images(targets)
         with torch.inference_mode():
@@ -83,11 +84,12 @@ def nuclei_tiles_iou(model) -> float:
 def demo_accuracy(tasks: int) -> dict:
     """mIoU of the demo model at each precision on generated and on real tasks."""
     from seggpt_plugins import SegGPT
+    from seggpt_plugins.loading import precision_options
     from seggpt_plugins.training import evaluate_generated
 
     rows = {}
-    for name, options in PRECISIONS.items():
-        model = SegGPT.from_pretrained("demo", device="cpu", **options)
+    for name in PRECISIONS:
+        model = SegGPT.from_pretrained("demo", device="cpu", **precision_options(name))
         started = time.perf_counter()
         rows[name] = {"generated_miou": evaluate_generated(model, tasks=tasks, prompts=1)["miou"],
                       "stardist_2d_iou": nuclei_tiles_iou(model), "seconds": round(time.perf_counter() - started, 1)}

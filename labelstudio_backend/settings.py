@@ -124,11 +124,12 @@ class Settings:
         if self.seg_type not in SEG_TYPES:
             problems.append(f"seg_type must be one of {SEG_TYPES}, got {self.seg_type!r}")
         from seggpt_plugins.ensembles import ENSEMBLES, tile_size
+        from seggpt_plugins.loading import DTYPE_NAMES, QUANTIZE_CHOICES
         from seggpt_plugins.errors import InputError
 
-        if self.dtype not in (None, "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        if self.dtype not in (None, "auto", *DTYPE_NAMES):
             problems.append(f"SEGGPT_DTYPE must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantize not in (None, "none", "int8"):
+        if self.quantize not in (None, "none", *QUANTIZE_CHOICES):
             problems.append(f"SEGGPT_QUANTIZE must be int8 (or unset), got {self.quantize!r}")
         if self.ensemble not in ENSEMBLES:
             problems.append(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")

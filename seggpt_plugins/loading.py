@@ -67,6 +67,7 @@ def pick_device(device=None):
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}
+DTYPE_NAMES = tuple(_DTYPES)  # every spelling pick_dtype takes
 DTYPE_ENV = "SEGGPT_DTYPE"  # the default precision for every entry point (float32, bfloat16, float16, auto)
 QUANTIZE_ENV = "SEGGPT_QUANTIZE"  # "int8": dynamic int8 linear layers on the CPU for every entry point
 THREADS_ENV = "SEGGPT_THREADS"  # CPU threads for every entry point (default: the CPUs this process may use)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ._metadata import standard_metadata_finder
+from .test_fiftyone_operator import _fails, form, run
 
 pytestmark = pytest.mark.slow
 
@@ -123,10 +124,6 @@ def dataset(base):
     clone.delete()
 
 
-def run(view, params, delegate=False, **ctx):
-    import fiftyone.operators as foo
-
-    return foo.execute_operator(URI, dict(view=view, params=params, **ctx), request_delegation=delegate)
 
 
 def demo(**params):
@@ -324,13 +321,6 @@ def test_a_failed_commit_leaves_no_frame_field_and_a_killed_move_is_finished(dat
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def _fails(view, params, *expected):
-    import fiftyone.operators.executor as foe
-
-    with pytest.raises(foe.ExecutionError) as info:
-        run(view, params)
-    for text in expected:
-        assert text in str(info.value), str(info.value)[-800:]
 
 
 def test_sample_fields_on_a_video_dataset_and_a_video_without_prompts(dataset):
@@ -386,15 +376,6 @@ def test_corrupt_video_and_wrong_mask_size_fail_before_the_model(dataset, fo_env
     assert not dataset.has_field("frames.x")
 
 
-def form(dataset, params, view=None):
-    """The App form (resolve_input) for these params: {property name: Property}."""
-    import fiftyone.operators as foo
-    from fiftyone.operators.executor import ExecutionContext
-
-    request = {"dataset_name": dataset.name, "params": dict(params)}
-    if view is not None:
-        request["view"] = view._serialize()
-    return foo.get_operator(URI).resolve_input(ExecutionContext(request_params=request)).type.properties
 
 
 def test_form_offers_frame_fields_and_says_what_a_run_will_do(dataset):

@@ -45,13 +45,13 @@ def sub_stack(stack, before, after):
 
 
 @pytest.fixture(scope="module")
-def stack():
-    return tifffile.imread(SAMPLES / "nuclei3d.tif"), tifffile.imread(SAMPLES / "nuclei3d_mask.tif")
+def stack(nuclei3d):
+    return nuclei3d
 
 
 @pytest.fixture(scope="module")
-def field():
-    return tifffile.imread(SAMPLES / "nuclei2d.tif"), tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
+def field(nuclei2d):
+    return nuclei2d
 
 
 # ------------------------------------------------------------------------- defects 1 to 5
