@@ -22,13 +22,17 @@ with memory 8 (on CPU only the smallest sizes fit in the budget).
 On CPU, --precisions times our path at each precision (float32, bfloat16, int8 = int8 linear layers)
 against the same float32 reference, and --contention repeats the sweep with a second process burning
 one core for the whole phase (started and stopped by the script): the ratio under contention next to
-the quiet one shows whether our lead survives a busy desktop.
+the quiet one shows whether our lead survives a busy desktop. int8 keeps the rest of the model at the
+default dtype (bf16 on CPUs with bf16 hardware); to time a CPU without bf16 or AMX on one that has them:
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI SEGGPT_DTYPE=float32 python benchmarks/bench_core.py --device cpu \
+        --precisions float32 int8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -237,7 +241,11 @@ def main():
             peaks["bfloat16"] = measure_peak_tflops(device, torch.bfloat16)
         else:
             peaks["bfloat16"] = peaks["float32"]
-        report.update(peak_tflops=peaks, native_bf16=cpu_has_native_bf16(), cpu_count=__import__("os").cpu_count())
+        from seggpt_plugins.quantization import int8_kernel
+
+        report.update(peak_tflops=peaks, native_bf16=cpu_has_native_bf16(), cpu_count=os.cpu_count(),
+                      int8_kernel=int8_kernel(), onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                      seggpt_dtype=os.environ.get("SEGGPT_DTYPE"))
         sizes = [(1, 1), (2, 1), (1, 4)]
         cpu_sweep(net, reference, sizes, args.precisions or ["float32"], args.contention, flops, peaks, row)
         report["seconds"] = round(time.time() - started, 1)

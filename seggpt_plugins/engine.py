@@ -119,26 +119,33 @@ class SegGPT:
     def __init__(self, net, device=None, dtype=None, attention: str = "auto", source: str | None = None,
                  compile: str | None = None, quantize: str | None = None, threads: int | None = None):
         """dtype: None ("auto") = bf16 on CUDA and on CPUs with bf16 hardware, fp32 elsewhere (see
-        loading.pick_dtype). quantize: None or "int8" (CPU: dynamic int8 linear layers, fp32 elsewhere).
-        threads: CPU threads (default: the CPUs this process may use). compile: None, or a torch.compile
-        mode for the forward ("default", "max-autotune", "reduce-overhead" = CUDA graphs too). Each new
-        batch shape compiles once."""
+        loading.pick_dtype). quantize: None or "int8" (CPU: int8 linear layers; on oneDNN the rest keeps
+        `dtype`, with torch's dynamic quantization it is float32: see quantization.py). threads: CPU
+        threads (default: the CPUs this process may use). compile: None, or a torch.compile mode for the
+        forward ("default", "max-autotune", "reduce-overhead" = CUDA graphs too). Each new batch shape
+        compiles once."""
         import torch
 
         from . import modeling
-        from .loading import pick_device, pick_dtype, pick_quantize, quantize_linear_int8, set_cpu_threads
+        from .loading import pick_device, pick_dtype, pick_quantize, set_cpu_threads
         from .modeling import ATTENTION_KERNELS, half_size
 
         self.device = pick_device(device)
         self.quantize = pick_quantize(quantize, self.device)
-        if self.quantize and dtype not in (None, "auto") and pick_dtype(dtype, self.device) != torch.float32:
-            raise InputError(f"quantize {self.quantize!r} computes in float32 around int8 weights: leave dtype "
-                             f"unset (got {dtype!r})")
-        self.dtype = torch.float32 if self.quantize else pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.threads = set_cpu_threads(threads) if self.device.type == "cpu" else None
+        net = net.to(device=self.device, dtype=self.dtype)
         if self.quantize == "int8":
-            net = quantize_linear_int8(net)
-        self.net = net.to(device=self.device, dtype=self.dtype).eval()
+            from .quantization import int8_kernel, quantize_linear_int8
+
+            kernel = int8_kernel()
+            if kernel == "dynamic" and self.dtype != torch.float32:
+                if dtype not in (None, "auto"):
+                    raise InputError(f"quantize {self.quantize!r} computes in float32 around int8 weights on "
+                                     f"this torch (no oneDNN int8): leave dtype unset (got {dtype!r})")
+                self.dtype = torch.float32
+            net = quantize_linear_int8(net, kernel)
+        self.net = net.eval()
         self.source = source
         self.input_size = half_size(net.config)  # (h, w) of one half
         if attention == "auto":

@@ -69,7 +69,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat1
            "float16": "float16", "fp16": "float16", "half": "float16"}
 DTYPE_NAMES = tuple(_DTYPES)  # every spelling pick_dtype takes
 DTYPE_ENV = "SEGGPT_DTYPE"  # the default precision for every entry point (float32, bfloat16, float16, auto)
-QUANTIZE_ENV = "SEGGPT_QUANTIZE"  # "int8": dynamic int8 linear layers on the CPU for every entry point
+QUANTIZE_ENV = "SEGGPT_QUANTIZE"  # "int8": int8 linear layers on the CPU for every entry point
 THREADS_ENV = "SEGGPT_THREADS"  # CPU threads for every entry point (default: the CPUs this process may use)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 QUANTIZE_CHOICES = ("int8",)
@@ -116,8 +116,8 @@ def pick_dtype(dtype, device):
 
 
 def pick_quantize(quantize, device) -> str | None:
-    """None (the default: $SEGGPT_QUANTIZE when set) or "int8": PyTorch's dynamic int8 quantization of
-    the linear layers, for the CPU only (activations stay float32, weights int8: VNNI/AMX kernels)."""
+    """None (the default: $SEGGPT_QUANTIZE when set) or "int8": int8 linear layers (quantization.py), for
+    the CPU only (weights int8 per output channel, activations int8 per call: VNNI/AMX kernels)."""
     if quantize is None:
         quantize = os.environ.get(QUANTIZE_ENV, "").strip() or None
     if quantize in (None, "none", "off", ""):
@@ -127,21 +127,6 @@ def pick_quantize(quantize, device) -> str | None:
     if device.type != "cpu":
         raise ModelSourceError(f"quantize {quantize!r} is for the CPU; on {device.type} use dtype bfloat16")
     return quantize
-
-
-def quantize_linear_int8(net):
-    """`net` (float32) with every nn.Linear replaced by a dynamically quantized one, through torch's own
-    quantization API: weights int8 (one scale per tensor), activations quantized on the fly per call."""
-    import torch
-
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it still works
-        warnings.simplefilter("ignore")
-        try:
-            from torch.ao.quantization import quantize_dynamic
-        except ImportError:
-            raise ModelSourceError("int8 quantization needs torch.ao.quantization.quantize_dynamic, which this "
-                                   f"torch ({torch.__version__}) no longer has; use dtype bfloat16") from None
-        return quantize_dynamic(net.float(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def cpu_count() -> int:

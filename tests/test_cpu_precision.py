@@ -69,30 +69,60 @@ def example():
     return image[:128, :128], (mask[:128, :128] > 0).astype(np.uint8), image[128:256, 128:256], mask[128:256, 128:256] > 0
 
 
+PRECISIONS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"},
+              "int8+bf16": {"quantize": "int8", "dtype": "bfloat16"}}
+
+
 def test_each_precision_paints_what_float32_paints(example):
-    """The demo model at bf16 and with int8 linear layers against fp32 on one real nuclei tile: the
-    painting close, the foreground nearly the same pixels."""
+    """The demo model at bf16 and with int8 linear layers (around them fp32, and bf16) against fp32 on
+    one real nuclei tile: the painting close, the foreground nearly the same pixels."""
+    from seggpt_plugins.quantization import Int8Linear, int8_kernel
+
     prompt, prompt_mask, target, _ = example
-    models = {name: SegGPT.from_pretrained("demo", device="cpu", **options) for name, options in
-              {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}.items()}
+    models = {name: SegGPT.from_pretrained("demo", device="cpu", **options) for name, options in PRECISIONS.items()}
     assert models["bf16"].dtype == torch.bfloat16
-    assert models["int8"].dtype == torch.float32 and models["int8"].quantize == "int8"
+    assert models["int8"].dtype == torch.float32 and models["int8"].quantize == "int8"  # conftest: fp32
+    assert models["int8+bf16"].dtype == torch.bfloat16
     assert "quantize=int8" in repr(models["int8"])
-    linear = type(models["int8"].net.model.encoder.layers[0].attention.qkv)
-    assert "quantized" in linear.__module__  # the layers really are int8
+    qkv = models["int8+bf16"].net.model.encoder.layers[0].attention.qkv
+    assert isinstance(qkv, Int8Linear) == (int8_kernel() == "onednn")  # the layers really are int8
+    assert not any(isinstance(m, torch.nn.Linear) for m in models["int8+bf16"].net.modules())
     paintings, labels = {}, {}
     for name, model in models.items():
         pred = model.segment(target, prompt, prompt_mask, with_painting=True, quality=None)[0]
         paintings[name], labels[name] = pred.painting.astype(np.float32), pred.labels > 0
-    for name in ("bf16", "int8"):
+    for name in ("bf16", "int8", "int8+bf16"):
         error = np.linalg.norm(paintings[name] - paintings["fp32"]) / np.linalg.norm(paintings["fp32"])
         assert error < 0.08, (name, error)
         assert (labels[name] != labels["fp32"]).mean() < 0.03, name
 
 
-def test_int8_with_a_reduced_dtype_is_refused(net64):
+def test_int8_linear_matches_the_float_layer():
+    from seggpt_plugins.quantization import Int8Linear, int8_kernel
+
+    if int8_kernel() != "onednn":
+        pytest.skip("this torch has no oneDNN int8 linear")
+    linear = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 5, 7, 64)  # any leading dims
+    with torch.inference_mode():
+        ref = linear(x)
+        for dtype in (torch.float32, torch.bfloat16):
+            out = Int8Linear(linear)(x.to(dtype))
+            assert out.shape == ref.shape and out.dtype == dtype
+            assert ((out.float() - ref).norm() / ref.norm()) < 0.03
+        zeros = Int8Linear(linear)(torch.zeros(3, 64))  # an all-zero input has no scale: the bias comes out
+        assert torch.allclose(zeros, linear.bias.expand(3, -1), atol=1e-6)
+
+
+def test_int8_with_a_reduced_dtype_is_refused_without_onednn(net64, monkeypatch):
+    from seggpt_plugins import quantization
+
+    monkeypatch.setattr(quantization, "int8_kernel", lambda: "dynamic")
     with pytest.raises(InputError, match="computes in float32 around int8 weights"):
         SegGPT(net64, device="cpu", dtype="bfloat16", quantize="int8")
+    model = SegGPT(net64, device="cpu", quantize="int8")  # auto: float32 around torch's dynamic int8
+    assert model.dtype == torch.float32
+    assert "quantized" in type(model.net.model.encoder.layers[0].attention.qkv).__module__
 
 
 def test_threads_follow_the_cpus_the_process_may_use():
