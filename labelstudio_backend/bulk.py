@@ -116,8 +116,10 @@ class ProjectPredictor:
             project = self.client.projects.get(id=self.project_id, request_options={"max_retries": 0, "timeout": 30})
         except Exception as exc:  # the SDK's ApiError (HTTP status) or httpx's transport errors
             raise _api_error(exc, url, self.project_id) from None
-        # the driver's services never hold a GPU model: the version needs only the weights' fingerprint
-        self.services = Services(dataclasses.replace(self.settings, device="cpu"))
+        # The version needs the weights' fingerprint, so the driver loads the model: with the local engine it
+        # is the very model the run uses (the process's cache); with Ray the driver never holds a GPU model.
+        local = self.run_options["engine"] == "local"
+        self.services = Services(self.settings if local else dataclasses.replace(self.settings, device="cpu"))
         try:
             self.backend = SegGPTBackend(self.project_id, project.label_config or "", self.services)
         except ConfigError as exc:

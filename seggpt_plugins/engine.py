@@ -127,13 +127,14 @@ class SegGPT:
         import torch
 
         from . import modeling
-        from .loading import pick_device, pick_dtype, pick_quantize, set_cpu_threads
+        from .loading import pick_device, pick_dtype, pick_quantize, set_cpu_threads, weights_fingerprint
         from .modeling import ATTENTION_KERNELS, half_size
 
         self.device = pick_device(device)
         self.quantize = pick_quantize(quantize, self.device)
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = set_cpu_threads(threads) if self.device.type == "cpu" else None
+        self.fingerprint = weights_fingerprint(net)  # of the weights as given: the same at every precision
         net = net.to(device=self.device, dtype=self.dtype)
         if self.quantize == "int8":
             from .quantization import int8_kernel, quantize_linear_int8

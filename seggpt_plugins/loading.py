@@ -251,6 +251,23 @@ _cache_lock = threading.Lock()
 _cache: dict[tuple, object] = {}
 
 
+def weights_fingerprint(net) -> str:
+    """A short hash of a network's weights (64 values sampled from every tensor, read as float32), so that
+    other weights give another fingerprint. SegGPT takes it before converting or quantizing the network:
+    the same weights at any precision, on any device, have the same fingerprint (Label Studio's
+    model_version is built on it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        if not hasattr(tensor, "reshape"):
+            continue
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:6]
+
+
 def _cache_key(source, device, dtype, quantize=None) -> tuple:
     return resolve_source(source), str(device or "auto"), str(dtype or "auto"), str(quantize or "none")
 

@@ -85,8 +85,8 @@ class SegGPTPredictor:
     prompts: example (image, mask) file pairs (local paths or URLs); tuned_prompts: .safetensors files.
     most_similar: show each target only the k examples most alike it (prompts.PromptPool), chosen here.
     output: "labels" (class ids) or "instances" (one id per object, with COCO annotations).
-    The other arguments are those of SegGPT.from_pretrained (model, device, dtype, quantize, threads) and
-    SegGPT.iter_segment.
+    The other arguments are those of SegGPT.from_pretrained (model, device, dtype, quantize, threads: the
+    model comes from the process's cache, loading.get_model) and SegGPT.iter_segment.
     """
 
     def __init__(self, prompts=(), tuned_prompts=(), *, model: str = AUTO_MODEL, device=None, dtype=None,
@@ -94,7 +94,7 @@ class SegGPTPredictor:
                  batch_size: int = 8, seg_type: str = "instance", intensity_range=None, ensemble: str = "feature",
                  tile=None, halo: int = 32, quality: str | None = "fast", output: str = "labels", min_area: int = 16,
                  split_touching: bool = False):
-        from ..engine import SegGPT
+        from ..loading import get_model, set_cpu_threads
         from ..prompts import PromptPool
 
         pairs = [read_pair(image, mask) for image, mask in prompts]
@@ -103,7 +103,10 @@ class SegGPTPredictor:
             raise InputError("give at least one example (prompts=[(image, mask)]) or tuned prompt")
         if most_similar is not None and (tuned_prompts or most_similar < 1):
             raise InputError("most_similar chooses among example pairs: a whole number >= 1, without tuned prompts")
-        self.model = SegGPT.from_pretrained(model, device=device, dtype=dtype, quantize=quantize, threads=threads)
+        # the process's one model (loading.get_model): a driver that loaded it already does not load it again
+        self.model = get_model(model, device, dtype, quantize)
+        if threads is not None and self.model.device.type == "cpu":
+            set_cpu_threads(threads)
         self.options = dict(batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range, tile=tile,
                             halo=halo, quality=quality)
         self.output, self.min_area, self.split_touching = output, min_area, split_touching
