@@ -177,11 +177,11 @@ def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row):
                     our_s = timed(lambda: model.segment(tgt, pim, pms, batch_size=targets, quality=None),
                                   torch.device("cpu"), 1)
                     executed = flops[prompts]["ours"] * pairs / our_s
-                    peak = peaks["bfloat16" if precision == "bfloat16" else "float32"]
+                    peak = peaks.get(precision)  # int8: no int8 peak is measured
                     row(kind="segment", phase=phase, precision=precision, targets=targets, prompts=prompts,
                         pairs=pairs, ours_s_per_pair=round(our_s / pairs, 2), ref_s_per_pair=round(ref_s / pairs, 2),
                         ratio=round(ref_s / our_s, 2), ours_tflops=round(executed, 3),
-                        ours_fraction_of_peak=round(executed / peak, 3))
+                        ours_fraction_of_peak=round(executed / peak, 3) if peak else None)
         finally:
             if burner is not None:
                 burner.kill()

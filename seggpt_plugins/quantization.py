@@ -1,17 +1,18 @@
 """int8 linear layers for the CPU (`quantize="int8"`): weights int8, activations quantized on each call.
 
 Two kernels, picked by what this torch and CPU offer (`int8_kernel`):
-    "onednn"   oneDNN's int8 GEMM (VNNI, AMX-INT8 on Xeons that have it) through `Int8Linear`: weights
+    "onednn"   oneDNN's int8 GEMM on AMX (Xeons since Sapphire Rapids) through `Int8Linear`: weights
                int8 per output channel, prepacked once; activations int8 per tensor, scaled by their
                absolute maximum on each call; the result comes back in the activations' own dtype,
                so the rest of the model keeps computing in bf16 where the CPU has it.
-    "dynamic"  torch's dynamic quantization (`torch.ao.quantization.quantize_dynamic`, fbgemm/qnnpack):
-               float32 activations in and out, so the rest of the model stays float32.
+    "dynamic"  elsewhere, torch's dynamic quantization (`torch.ao.quantization.quantize_dynamic`,
+               fbgemm's VNNI/AVX2 kernels): float32 activations in and out, so the rest stays float32.
 Notation: M rows (tokens), K input features, N output features.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -24,13 +25,21 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", categor
 
 
 def int8_kernel() -> str:
-    """"onednn" where this torch has oneDNN's int8 linear op for this CPU, else "dynamic"."""
+    """"onednn" where this torch has oneDNN's int8 linear op and the CPU has AMX (as torch's own CPU
+    detection and oneDNN's ISA cap, $ONEDNN_MAX_CPU_ISA, report it), else "dynamic". Without AMX, oneDNN
+    ran this op on its reference kernel (`ref_int8`: about 100 s for one 784x1024x4096 product, measured
+    with the ISA capped at AVX512_CORE_VNNI), while torch's dynamic quantization uses fbgemm's VNNI/AVX2
+    kernels."""
     try:
-        ok = (torch.backends.mkldnn.is_available() and "onednn" in torch.backends.quantized.supported_engines
-              and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"))
+        has_op = (torch.backends.mkldnn.is_available() and "onednn" in torch.backends.quantized.supported_engines
+                  and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"))
+        amx = bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
-        ok = False
-    return "onednn" if ok else "dynamic"
+        return "dynamic"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        amx = False
+    return "onednn" if has_op and amx else "dynamic"
 
 
 class Int8Linear(torch.nn.Module):
