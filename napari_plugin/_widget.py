@@ -29,7 +29,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from seggpt_plugins import loading
-from seggpt_plugins.ensembles import auto_tile, tile_size
+from seggpt_plugins.ensembles import tile_size
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.instances import IdentityTracker, StackTracker, annotated_objects
 from seggpt_plugins.prompts import nearest, spread
@@ -65,14 +65,6 @@ def _intensity_range(layer) -> tuple[float, float]:
     """The layer's contrast limits: the model sees what the user sees (HU windows, 16-bit ranges)."""
     lo, hi = (float(v) for v in layer.contrast_limits)
     return lo, hi
-
-
-def _halo_for(prepared, shapes, halo: int) -> int:
-    """The halo for auto tiles: at most a quarter of the smallest tile the core will cut (so a tile always
-    keeps a core, however small the examples' objects)."""
-    sizes = [auto_tile(prepared.sizes, shape) for shape in shapes]
-    sides = [min(size) for size in sizes if size]
-    return min([halo] + [side // 4 for side in sides])
 
 
 def _with_objects(work, follow=None):
@@ -545,10 +537,9 @@ class SegGPTWidget(Container):
                 tile = None  # it fits the canvas: seen whole
             prepared = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range,
                                              ensemble=ensemble, tile=tile)
-            tile_halo = _halo_for(prepared, shapes, halo) if tile == "auto" else halo
             batch = options["batch_size"]
             for t, data, keys, layer in plans:
-                call = dict(options, intensity_range=_intensity_range(layer), tile=tile, halo=tile_halo)
+                call = dict(options, intensity_range=_intensity_range(layer), tile=tile, halo=halo)  # auto tiles: the core caps the halo
                 for start in range(0, len(keys), batch):
                     chunk = keys[start:start + batch]
                     for pred in model.iter_segment([np.asarray(data[k]) for k in chunk], prepared, **call):
