@@ -1,6 +1,7 @@
 """The built wheel: one import namespace, the entry points, the data files, and that it works installed."""
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,11 +12,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "seggpt_plugins", "napari_plugin", "labelstudio_backend",
+           "fiftyone_op")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """Built from a clean copy of the sources: setuptools packs whatever a stale build/ folder holds, which
+    would hide a package missing from pyproject's list."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=skip)
+        else:
+            shutil.copy2(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     (path,) = out.glob("seggpt_plugins-*.whl")
     return path
@@ -31,6 +44,13 @@ def test_every_path_in_the_wheel_is_under_the_project_namespace(wheel):
                      "seggpt_plugins/demo/samples/nuclei2d.tif",
                      "seggpt_plugins/demo/samples/LICENSE-stardist.txt"):
         assert expected in names, expected
+    # every package of the source tree (a folder with an __init__.py) ships, under its import name
+    folders = {"seggpt_plugins": "seggpt_plugins", "napari_plugin": "seggpt_plugins/napari",
+               "labelstudio_backend": "seggpt_plugins/labelstudio", "fiftyone_op": "seggpt_plugins/fiftyone"}
+    for folder, installed in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            module = init.relative_to(ROOT / folder).as_posix()
+            assert f"{installed}/{module}" in names, f"{folder}/{module} is missing from the wheel"
 
 
 def test_the_wheel_declares_the_entry_points(wheel):
