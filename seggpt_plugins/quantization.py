@@ -19,7 +19,6 @@ import torch
 
 from .errors import ModelSourceError
 
-INT8_KERNELS = ("onednn", "dynamic")
 # torch announces that quantized tensors will go; Int8Linear uses one only as a fused rounding kernel.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
 
@@ -74,7 +73,8 @@ class Int8Linear(torch.nn.Module):
 
 def quantize_linear_int8(net, kernel: str | None = None):
     """`net` with every nn.Linear replaced by an int8 one (`kernel`: None = `int8_kernel()`). With
-    "onednn", call it after the net has its final dtype; with "dynamic" the net becomes float32."""
+    "onednn" the layers are replaced in place: call it after the net has its final dtype. With "dynamic"
+    a float32 copy is returned."""
     kernel = kernel or int8_kernel()
     if kernel == "onednn":
         for parent in list(net.modules()):
