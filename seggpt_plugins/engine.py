@@ -135,16 +135,18 @@ class SegGPT:
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = set_cpu_threads(threads) if self.device.type == "cpu" else None
         self.fingerprint = weights_fingerprint(net)  # of the weights as given: the same at every precision
-        net = net.to(device=self.device, dtype=self.dtype)
+        kernel = None
         if self.quantize == "int8":
             from .quantization import int8_kernel, quantize_linear_int8
 
             kernel = int8_kernel()
-            if kernel == "dynamic" and self.dtype != torch.float32:
+            if kernel == "dynamic" and self.dtype != torch.float32:  # decided before the weights are converted
                 if dtype not in (None, "auto"):
                     raise InputError(f"quantize {self.quantize!r} computes in float32 around int8 weights on "
-                                     f"this torch (no oneDNN int8): leave dtype unset (got {dtype!r})")
+                                     f"this CPU (no oneDNN int8 on AMX): leave dtype unset (got {dtype!r})")
                 self.dtype = torch.float32
+        net = net.to(device=self.device, dtype=self.dtype)
+        if kernel is not None:
             net = quantize_linear_int8(net, kernel)
         self.net = net.eval()
         self.source = source

@@ -4,6 +4,7 @@ benchmarks/eval_precision.py; here: the choices are right and each precision pai
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -136,11 +137,19 @@ def test_int8_with_a_reduced_dtype_is_refused_without_onednn(net64, monkeypatch)
     from seggpt_plugins import quantization
 
     monkeypatch.setattr(quantization, "int8_kernel", lambda: "dynamic")
+    original = net64.model.embeddings.patch_embeddings.projection.weight.detach().clone()
     with pytest.raises(InputError, match="computes in float32 around int8 weights"):
         SegGPT(net64, device="cpu", dtype="bfloat16", quantize="int8")
+    assert torch.equal(net64.model.embeddings.patch_embeddings.projection.weight, original)  # refused untouched
     model = SegGPT(net64, device="cpu", quantize="int8")  # auto: float32 around torch's dynamic int8
     assert model.dtype == torch.float32
     assert "quantized" in type(model.net.model.encoder.layers[0].attention.qkv).__module__
+    # on a CPU with bf16 hardware "auto" would be bf16: the weights are never rounded through it first
+    monkeypatch.delenv("SEGGPT_DTYPE", raising=False)
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    model = SegGPT(copy.deepcopy(net64), device="cpu", quantize="int8")
+    assert model.dtype == torch.float32
+    assert torch.equal(model.net.model.embeddings.patch_embeddings.projection.weight, original)
 
 
 def test_threads_follow_the_cpus_the_process_may_use():
