@@ -538,8 +538,8 @@ class SegGPTWidget(Container):
             prepared = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range,
                                              ensemble=ensemble, tile=tile)
             batch = options["batch_size"]
-            for t, data, keys, layer in plans:
-                call = dict(options, intensity_range=_intensity_range(layer), tile=tile, halo=halo)  # auto tiles: the core caps the halo
+            for t, data, keys, layer in plans:  # with auto tiles the core caps the halo per plane
+                call = dict(options, intensity_range=_intensity_range(layer), tile=tile, halo=halo)
                 for start in range(0, len(keys), batch):
                     chunk = keys[start:start + batch]
                     for pred in model.iter_segment([np.asarray(data[k]) for k in chunk], prepared, **call):

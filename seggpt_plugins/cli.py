@@ -27,8 +27,9 @@ def _common(parser: argparse.ArgumentParser, model_default: str = AUTO_MODEL) ->
                        help="float32, bfloat16 or float16 (default: $SEGGPT_DTYPE, else bf16 on CUDA and on CPUs "
                             "that compute bf16 in hardware (AVX512_BF16, AMX), else fp32)")
     group.add_argument("--quantize", choices=["int8"], default=None,
-                       help="CPU: int8 linear layers (oneDNN's VNNI/AMX kernels, the rest at --dtype; slightly "
-                            "less exact; default: $SEGGPT_QUANTIZE, else none)")
+                       help="CPU: int8 linear layers (on CPUs with AMX oneDNN's kernels, the rest at --dtype; "
+                            "elsewhere torch's dynamic quantization, the rest float32; slightly less exact; "
+                            "default: $SEGGPT_QUANTIZE, else none)")
     group.add_argument("--threads", type=int, default=None,
                        help="CPU threads (default: $SEGGPT_THREADS, else the CPUs this process may use)")
     group.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (default: %(default)s)")
