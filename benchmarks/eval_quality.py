@@ -1,19 +1,23 @@
 """Does the confidence predict errors? The quality estimate (predicted IoU) against today's snap score.
 
     seggpt fit-quality --model demo --out seggpt_plugins/demo/model/quality.json --overwrite   # (re)fit
-    OMP_NUM_THREADS=1 python benchmarks/eval_quality.py --out benchmarks/results/eval_quality_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/eval_quality.py --baseline benchmarks/baselines/quality_appearance.json \
+        --out benchmarks/results/eval_quality_cpu.json
 
 Three sets, none used for fitting (the estimate is fitted on generated tasks from quality.FIT_SEED):
-- generated: held-out generated tasks (quality.HELD_OUT_SEED), 1-3 examples, mean IoU over labels;
+- generated: held-out generated tasks (quality.HELD_OUT_SEED), 1-3 examples, mean IoU over labels (600 by
+  default: Spearman's rho over 150 tasks has a standard error near 0.07);
 - nuclei 2D: stardist's 512x512 field as 49 tiles of 128x128 (stride 64), each segmented from one other
   tile (chosen at random, not overlapping it) with its foreground mask; foreground IoU;
 - nuclei 3D: each slice of stardist's 3D stack segmented from a slice 1-7 planes away; foreground IoU.
 
 Per set and per confidence (snap: the mean snap score over the foreground, what `confidence` was;
-fast; full): Spearman's rank correlation with the true IoU, the share of the worst 10% (by true IoU)
+fast; full; and with --baseline, the fast and full estimates of another quality.json, judged on the same
+predictions): Spearman's rank correlation with the true IoU, the share of the worst 10% (by true IoU)
 found among the lowest-scored 20%, the calibration error (mean |predicted - true| over 5 equal-count
 bins, for the estimates) and a reliability table. Time per target of segment() on the 2D tiles with
-quality off, fast and full (best of two, alternated), with the extra time of each option.
+quality off, fast and full (best of five, alternated), with the extra time of each option, and the fast
+estimate's own time (its features and curve on a finished prediction).
 """
 
 from __future__ import annotations
@@ -77,9 +81,12 @@ def real_samples(model, cases):
     return rows, ious
 
 
-def scores_of(models, rows) -> dict[str, list[float]]:
-    return {"snap": [r["snap_foreground"] for r in rows],
-            "fast": [models["fast"].predict(r) for r in rows], "full": [models["full"].predict(r) for r in rows]}
+def scores_of(models, rows, baseline=None) -> dict[str, list[float]]:
+    scores = {"snap": [r["snap_foreground"] for r in rows],
+              "fast": [models["fast"].predict(r) for r in rows], "full": [models["full"].predict(r) for r in rows]}
+    for name in ("fast", "full") if baseline else ():
+        scores[f"baseline_{name}"] = [baseline[name].predict(r) for r in rows]
+    return scores
 
 
 def judge(score: list[float], iou: list[float], calibrated: bool) -> dict:
@@ -102,7 +109,9 @@ def judge(score: list[float], iou: list[float], calibrated: bool) -> dict:
     return out
 
 
-def timing(model, cases, repeats: int = 2) -> dict:
+def timing(model, cases, repeats: int = 5) -> dict:
+    """segment() per target with quality off, fast and full (best of `repeats`, the settings alternated),
+    and the estimate alone (SegGPT.assess on the predictions, the forward passes left out)."""
     targets = [c[0] for c in cases]
     examples, masks = [cases[0][1]], [cases[0][2]]
     prompts = model.prepare_prompts(examples, masks)
@@ -113,8 +122,17 @@ def timing(model, cases, repeats: int = 2) -> dict:
             model.segment(targets, prompts, seg_type="semantic", quality=None if q == "off" else q)
             best[q] = min(best[q], time.perf_counter() - started)
     ms = {q: 1000 * t / len(targets) for q, t in best.items()}
+    predictions = model.segment(targets, prompts, seg_type="semantic", quality=None)
+    rgbs = [np.repeat(t[..., None], 3, -1) if t.ndim == 2 else t for t in targets]
+    estimate = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for prediction, rgb in zip(predictions, rgbs):
+            model.assess(prediction, prompts.examples, rgb, "fast")
+        estimate = min(estimate, time.perf_counter() - started)
     return {"ms_per_target": {q: round(v, 1) for q, v in ms.items()},
-            "extra_vs_off": {q: f"{ms[q] / ms['off'] - 1:+.0%}" for q in ("fast", "full")}}
+            "extra_vs_off": {q: f"{ms[q] / ms['off'] - 1:+.0%}" for q in ("fast", "full")},
+            "fast_estimate_alone_ms": round(1000 * estimate / len(targets), 2)}
 
 
 def main() -> None:
@@ -126,23 +144,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=600, help="held-out generated tasks")
     parser.add_argument("--estimate", default=str(SHIPPED), help="the quality estimate file to judge")
+    parser.add_argument("--baseline", default=None, help="another quality estimate file, judged on the same predictions")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     model = SegGPT.from_pretrained(args.model, device=args.device)
     models = load_models(args.estimate)
+    baseline = load_models(args.baseline) if args.baseline else None
     sets = {"generated": generated_samples(model, args.tasks, HELD_OUT_SEED),
             "nuclei_2d": real_samples(model, nuclei_2d()), "nuclei_3d": real_samples(model, nuclei_3d())}
     results = {}
     for name, (rows, ious) in sets.items():
+        scores = scores_of(models, rows, baseline)
         results[name] = {"targets": len(ious), "mean_iou": round(float(np.mean(ious)), 3),
-                         **{kind: judge(score, ious, kind != "snap") for kind, score in scores_of(models, rows).items()}}
-    report({"model": args.model, "device": args.device, "estimate": str(Path(args.estimate).relative_to(ROOT))
-            if Path(args.estimate).resolve().is_relative_to(ROOT) else args.estimate,
-            "results": results, "time_nuclei_2d": timing(model, nuclei_2d())}, args.out)
+                         **{kind: judge(score, ious, kind != "snap") for kind, score in scores.items()}}
+    report({"model": args.model, "device": args.device, "estimate": in_repo(args.estimate),
+            "baseline": in_repo(args.baseline), "results": results, "time_nuclei_2d": timing(model, nuclei_2d())},
+           args.out)
 
+
+def in_repo(path: str | None) -> str | None:
+    """A path as the repository names it, where it lies inside."""
+    if path and Path(path).resolve().is_relative_to(ROOT):
+        return str(Path(path).resolve().relative_to(ROOT))
+    return path
 
 if __name__ == "__main__":
     main()

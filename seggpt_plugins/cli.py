@@ -815,7 +815,7 @@ def cmd_fit_quality(args) -> int:
     objects: list = []  # (object features, true IoU) of every predicted object: the per-object estimate
     rows, ious = generated_samples(model, args.tasks, FIT_SEED, objects=objects)
     save_models(out, fit_models(rows, ious, objects), fitted_on=f"{model.source}: {len(rows)} generated tasks from seed "
-                                                        f"{FIT_SEED}")
+                                                        f"{FIT_SEED}; per-object: {len(objects)} objects of those tasks")
     print(json.dumps({"tasks": len(rows), "mean_iou": round(float(sum(ious) / len(ious)), 4)}))
     print(f"wrote {out}")
     return 0

@@ -4,22 +4,25 @@
     model.segment(targets, prompts, quality="full")      # + the mirrored target: twice the forward passes
     pred.confidence                                       # = pred.quality: what every adapter sorts by
 
-The snap score (how cleanly the painting snapped to a prompt colour) says little about being right: a
-model that copies too much of an example paints it cleanly. The estimate asks the examples instead. A
-naive per-pixel model of the task is read off the examples (`ExampleStats`: how often each label takes
-each grey level or coarse colour), and a proposal is doubted where it disagrees with it:
+The snap score (how cleanly the painting snapped to a prompt colour) alone says little about being
+right: a model that copies too much of an example paints it cleanly. The "fast" estimate reads three views
+of a proposal, each blind where another sees ("full" adds a fourth):
 
-- appearance_fit_foreground: the mean probability, under the naive model, of each pixel's predicted
-  foreground/background (predicted foreground that looks like the examples' background is suspect);
-- appearance_agreement: the mean IoU per label between the proposal and the naive model's labels;
+- snap_foreground: the mean snap score over the predicted foreground (how sure the painting is);
+- boundary_edges: whether the proposal's boundaries lie on the target's edges (`boundary_edges`): an
+  over- or under-painted region has its boundary across flat background or through an object;
+- texture_agreement: the mean IoU per label between the proposal and the labels a naive per-pixel model
+  of the task gives the target (`ExampleStats.texture_labels`: naive Bayes over each pixel's grey level
+  or coarse colour, its neighbourhood's mean and its spread, all read off the examples);
 - flip_agreement ("full"): the mean IoU per label between the proposal and the proposal for the
   mirrored target, mirrored back (a model that is unsure changes its mind).
 
 `BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); `fit` fits only
 the curve that maps that score to an IoU, on generated tasks whose truth is known (`seggpt fit-quality`,
-quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`: snap
-scores, the uncertain share, size and fragment ratios against the examples); an estimate reads only
-the groups its blend uses (`Prediction.quality_features`), and fitting reads them all. How each relates
+quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`: the
+uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit); an
+estimate reads only the groups its blend uses (`Prediction.quality_features`; the naive model's
+P(foreground) is always read, for the per-object estimate), and fitting reads them all. How each relates
 to the true IoU is how the blend was chosen (docs/quality.md).
 
 Per object (`ObjectContext`, `object_features`): `Prediction.instances()` gives each object its own
@@ -29,7 +32,7 @@ against the examples' objects, calibrated the same way on the objects of generat
 entry of quality.json). The prediction keeps what that needs (the naive P(foreground) on the strided view,
 uint8), so objects found later, or tracked through a stack, are estimated without the target.
 
-Numpy only (scipy to fit); the estimates are small JSON files.
+Numpy and scipy; the estimates are small JSON files.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ from .errors import InputError
 QUALITIES = ("fast", "full")
 FIT_SEED = 30_000_000  # generated tasks the estimate is fitted on (training uses seeds far below)
 HELD_OUT_SEED = 20_240_403  # the held-out generated tasks every evaluation uses
-#: the features each estimate blends, with their weights (on standardised features): the ones whose
-#: relation to the true IoU held on generated tasks AND real nuclei (benchmarks/eval_quality.py)
-BLENDS = {"fast": {"appearance_fit_foreground": 1.0, "appearance_agreement": 1.0},
-          "full": {"appearance_fit_foreground": 1.0, "appearance_agreement": 1.0, "flip_agreement": 0.5}}
+#: the features each estimate blends, with their weights (on standardised features): three views of a
+#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py)
+BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0},
+          "full": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0, "flip_agreement": 0.25}}
 UNCERTAIN_MARGIN = 0.5
 FEATURE_SIDE = 512  # features are read on a view of at most this many pixels a side
 QUALITY_FILE = "quality.json"  # next to a model's weights: the estimate fitted for them
@@ -82,6 +85,46 @@ def is_grey(rgb: np.ndarray) -> bool:
     return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
+MEAN_LEVELS, SPREAD_LEVELS = 16, 8  # texture words: levels of the local mean and of the local spread
+TEXTURE_SIGMA = 1.0  # the Gaussian window (pixels) the texture words and the edges are read in
+
+
+def texture_words(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two (H, W) level indices of each pixel of an (H, W, 3) uint8 image: its neighbourhood's mean grey
+    level (MEAN_LEVELS) and spread (standard deviation, SPREAD_LEVELS on a log scale up to 128), in a
+    Gaussian window of TEXTURE_SIGMA: what the pixel's surroundings look like, beyond its own colour."""
+    from scipy import ndimage
+
+    grey = rgb.astype(np.float32).mean(-1) if rgb.ndim == 3 else rgb.astype(np.float32)
+    mean = ndimage.gaussian_filter(grey, TEXTURE_SIGMA)
+    spread = np.sqrt(np.maximum(ndimage.gaussian_filter(grey * grey, TEXTURE_SIGMA) - mean * mean, 0))
+    mean_level = np.clip(mean, 0, 255).astype(np.int64) * MEAN_LEVELS // 256
+    spread_level = np.clip(np.log1p(spread) / np.log1p(128) * SPREAD_LEVELS, 0, SPREAD_LEVELS - 1).astype(np.int64)
+    return mean_level, spread_level
+
+
+def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
+    """How well a proposal's boundaries follow the image's edges: log((mean gradient magnitude on its
+    label boundaries + 1) / (mean gradient magnitude over the image + 1)), the gradient read after a
+    Gaussian of TEXTURE_SIGMA on each distinct channel. 0 without boundaries."""
+    from scipy import ndimage
+
+    edge = np.zeros(labels.shape, bool)  # pixels with a 4-neighbour of another label, on both sides
+    vertical, horizontal = labels[:-1] != labels[1:], labels[:, :-1] != labels[:, 1:]
+    edge[:-1] |= vertical
+    edge[1:] |= vertical
+    edge[:, :-1] |= horizontal
+    edge[:, 1:] |= horizontal
+    if not edge.any():
+        return 0.0
+    squared = np.zeros(labels.shape, np.float32)
+    for c in (0,) if is_grey(rgb) else range(rgb.shape[-1]):
+        channel = ndimage.gaussian_filter(rgb[..., c].astype(np.float32), TEXTURE_SIGMA)
+        squared += ndimage.sobel(channel, 0) ** 2 + ndimage.sobel(channel, 1) ** 2
+    gradient = np.sqrt(squared)
+    return float(np.log((gradient[edge].mean() + 1) / (gradient.mean() + 1)))
+
+
 @dataclass(frozen=True)
 class ExampleStats:
     """What the examples show: the mean share of labelled pixels, their objects' typical diameter, and
@@ -92,6 +135,8 @@ class ExampleStats:
     ids: tuple = ()  # label ids of the counts' columns, background 0 first
     counts: np.ndarray | None = None  # (bins, len(ids)) pixel counts
     grey: bool = True
+    local_mean: np.ndarray | None = None  # (MEAN_LEVELS, len(ids)) pixel counts (texture_words)
+    local_spread: np.ndarray | None = None  # (SPREAD_LEVELS, len(ids)) pixel counts
 
     @classmethod
     def of(cls, masks, images=None) -> "ExampleStats":
@@ -108,10 +153,15 @@ class ExampleStats:
         grey = all(is_grey(rgb) for rgb in images)
         ids = tuple(int(i) for i in np.union1d([0], np.concatenate([np.unique(m) for m in masks])))
         counts = np.zeros((GREY_LEVELS if grey else 512, len(ids)), np.float64)
+        local_mean, local_spread = np.zeros((MEAN_LEVELS, len(ids))), np.zeros((SPREAD_LEVELS, len(ids)))
         for rgb, mask in zip(images, masks):
             columns = np.searchsorted(ids, mask)
             np.add.at(counts, (appearance_bins(rgb, grey).ravel(), columns.ravel()), 1)
-        return cls(foreground, diameter, ids, counts, grey)
+            stride = feature_stride(mask.shape)  # texture is read on the view the target's features are read on
+            mean, spread = texture_words(rgb[::stride, ::stride])
+            np.add.at(local_mean, (mean.ravel(), columns[::stride, ::stride].ravel()), 1)
+            np.add.at(local_spread, (spread.ravel(), columns[::stride, ::stride].ravel()), 1)
+        return cls(foreground, diameter, ids, counts, grey, local_mean, local_spread)
 
     @classmethod
     def combine(cls, stats) -> "ExampleStats | None":
@@ -124,10 +174,13 @@ class ExampleStats:
         first = with_counts[0] if with_counts else None
         if first is not None and all(s.ids == first.ids and s.grey == first.grey for s in with_counts):
             ids, counts, grey = first.ids, sum(s.counts for s in with_counts), first.grey
+            textured = all(s.local_mean is not None for s in with_counts)
+            local_mean = sum(s.local_mean for s in with_counts) if textured else None
+            local_spread = sum(s.local_spread for s in with_counts) if textured else None
         else:
-            ids, counts, grey = (), None, True
+            ids, counts, grey, local_mean, local_spread = (), None, True, None, None
         return cls(float(np.mean([s.foreground for s in stats])), float(np.median(diameters)) if diameters else None,
-                   ids, counts, grey)
+                   ids, counts, grey, local_mean, local_spread)
 
     def appearance(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The naive model on a target (H, W, 3): (P(label | appearance) (H, W, K), the label ids (K,));
@@ -137,6 +190,22 @@ class ExampleStats:
         prior = self.counts.sum(0) / self.counts.sum()
         posterior = (self.counts + prior) / (self.counts.sum(1, keepdims=True) + 1.0)  # (bins, K), smoothed
         return posterior[appearance_bins(rgb, self.grey)], np.asarray(self.ids)
+
+    def texture_labels(self, rgb: np.ndarray) -> np.ndarray | None:
+        """The labels (H, W) a naive Bayes model of the examples gives a target (H, W, 3): per pixel, the
+        label k with the largest P(k) P(appearance | k) P(local mean | k) P(local spread | k), each read
+        off the examples (texture_words; add-one smoothed). None without counts."""
+        if self.counts is None or self.local_mean is None:
+            return None
+
+        def log_likelihood(counts):  # (levels, K): log P(level | label)
+            return np.log((counts + 1) / (counts.sum(0, keepdims=True) + len(counts)))
+
+        prior = self.counts.sum(0)
+        mean, spread = texture_words(rgb)
+        score = (np.log(prior / prior.sum() + 1e-12) + log_likelihood(self.counts)[appearance_bins(rgb, self.grey)]
+                 + log_likelihood(self.local_mean)[mean] + log_likelihood(self.local_spread)[spread])  # (H, W, K)
+        return np.asarray(self.ids)[score.argmax(-1)]
 
 
 def feature_stride(shape) -> int:
@@ -160,6 +229,7 @@ FEATURE_GROUPS = {"snap": ("snap_foreground", "snap_all", "uncertain"), "size": 
                   "objects": ("diameter_ratio", "fragments"),
                   "appearance": ("appearance_fit", "appearance_agreement", "appearance_fit_foreground",
                                  "appearance_agreement_foreground"),
+                  "texture": ("texture_agreement",), "edges": ("boundary_edges",),
                   "flip": ("flip_agreement", "flip_agreement_foreground"),
                   "parts": ("parts_size", "parts_bad_size", "parts_ring_fit", "parts_snap", "parts_agreement",
                             "parts_extent", "boundary_fit")}
@@ -206,7 +276,7 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
         else:
             out["fragments"] = 0.0
     foreground_p = None
-    if wanted & {"appearance", "parts"}:
+    if wanted & {"appearance", "parts"} or maps is not None:
         naive = examples.appearance(rgb) if rgb is not None else None
         if naive is not None:
             posterior, ids = naive
@@ -222,6 +292,11 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
         else:
             out["appearance_fit"] = out["appearance_agreement"] = 0.5
             out["appearance_fit_foreground"] = out["appearance_agreement_foreground"] = 0.5
+    if "texture" in wanted:
+        naive_labels = examples.texture_labels(rgb) if rgb is not None else None
+        out["texture_agreement"] = agreement(labels, naive_labels) if naive_labels is not None else 0.5
+    if "edges" in wanted:
+        out["boundary_edges"] = boundary_edges(labels, rgb) if rgb is not None else 0.0
     if "flip" in wanted and flipped is not None:
         out["flip_agreement"] = agreement(labels, flipped)
         out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)
