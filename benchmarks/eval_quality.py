@@ -76,13 +76,13 @@ def real_samples(model, cases):
     rows, ious = [], []
     for target, example, mask, truth in cases:
         pred = model.segment(target, example, mask, seg_type="semantic", quality="full")[0]
-        rows.append({**pred.quality_features, "snap_foreground": pred.snap_confidence})  # the old confidence
+        rows.append({**pred.quality_features, "snap_confidence": pred.snap_confidence})  # the old confidence
         ious.append(agreement(pred.labels != 0, truth))
     return rows, ious
 
 
 def scores_of(models, rows, baseline=None) -> dict[str, list[float]]:
-    scores = {"snap": [r["snap_foreground"] for r in rows],
+    scores = {"snap": [r.get("snap_confidence", r["snap_foreground"]) for r in rows],  # (the same on these sets)
               "fast": [models["fast"].predict(r) for r in rows], "full": [models["full"].predict(r) for r in rows]}
     for name in ("fast", "full") if baseline else ():
         scores[f"baseline_{name}"] = [baseline[name].predict(r) for r in rows]

@@ -57,9 +57,11 @@ def real_rows(model, cases) -> tuple[list[dict], list[float]]:
 
 
 def spearman(x, y) -> float:
+    """Spearman's rho, a feature that could not be read (NaN) counted as the set's average."""
     from scipy.stats import spearmanr
 
-    return round(float(spearmanr(x, y)[0]), 3)
+    x = np.asarray(x, np.float64)
+    return round(float(spearmanr(np.where(np.isnan(x), np.nanmean(x), x), y)[0]), 3)
 
 
 def main() -> None:
@@ -84,7 +86,7 @@ def main() -> None:
     standardised = {}
     for name, (rows, ious) in sets.items():
         x = np.array([[r[c] for c in names] for r in rows], np.float64)
-        standardised[name] = ((x - x.mean(0)) / (x.std(0) + 1e-9), ious)
+        standardised[name] = (np.nan_to_num((x - np.nanmean(x, 0)) / (np.nanstd(x, 0) + 1e-9)), ious)
     blends = []
     for weights in itertools.product(*GRID.values()):
         w = np.array(weights, np.float64)

@@ -420,10 +420,12 @@ class SegGPT:
                 yield prediction
 
     def assess(self, prediction: Prediction, examples, rgb: np.ndarray, quality: str = "fast",
-               mirrored_labels: np.ndarray | None = None, strided: int | None = None) -> float:
+               mirrored_labels: np.ndarray | None = None, strided: int | None = None,
+               texture: tuple | None = None) -> float:
         """The predicted IoU of one prediction on its target `rgb` (H, W, 3) given the examples' stats
         (PromptSet.examples); "full" needs the mirrored target's labels, mirrored back (quality.py).
-        strided: the arrays are a strided view of the target already (quality.features)."""
+        strided: the arrays are a strided view of the target already, and texture its texture words read
+        at the pixel scale, strided alike (quality.features)."""
         from .quality import OBJECT_MODEL, ObjectContext, features, models_for
 
         if self._quality_models is None:
@@ -431,7 +433,7 @@ class SegGPT:
         examples = examples if examples is not None else ExampleStats(float("nan"), None)
         estimate, maps = self._quality_models[quality], {}
         values = features(prediction.labels, prediction.scores, examples, rgb, mirrored_labels, strided,
-                          names=estimate.names, maps=maps)
+                          names=estimate.names, maps=maps, texture=texture)
         prediction.quality_features = values
         if "foreground" in maps:  # kept small (uint8, strided) for the per-object estimate of instances()
             prediction.object_context = ObjectContext(np.round(maps["foreground"] * 255).astype(np.uint8),
@@ -445,10 +447,10 @@ class SegGPT:
         target's Prediction is stitched and yielded as soon as its last tile is done. With quality "full",
         the mirrored target is tiled and stitched too."""
         from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid
-        from .quality import feature_stride
+        from .quality import feature_stride, texture_words
 
         views = (False, True) if quality == "full" else (False,)
-        small: dict[int, tuple] = {}  # (stride, strided view) of each target in flight, for its quality
+        small: dict[int, tuple] = {}  # (stride, strided view, its texture words) of each target in flight, for quality
 
         def pieces():  # (target, mirrored, its shape, tile count, tile, crop), one target read at a time
             for i, target in enumerate(targets):
@@ -459,7 +461,8 @@ class SegGPT:
                 grid = tile_grid(rgb.shape, size, overlap) if size else [Tile((0, height, 0, width),
                                                                               (0, height, 0, width))]
                 stride = feature_stride(rgb.shape)
-                small[i] = (stride, np.ascontiguousarray(rgb[::stride, ::stride]))
+                words = tuple(w[::stride, ::stride] for w in texture_words(rgb)) if quality else None  # pixel scale
+                small[i] = (stride, np.ascontiguousarray(rgb[::stride, ::stride]), words)
                 for mirrored in views:
                     view = rgb[:, ::-1] if mirrored else rgb
                     for part in grid:
@@ -498,15 +501,16 @@ class SegGPT:
 
     def _stitched(self, i: int, views: dict, small: tuple, prompts: PromptSet, quality) -> Prediction:
         """The Prediction of a tiled target from its stitched view(s); its quality is read on the strided
-        view `small` (stride, rgb) of the target."""
+        view `small` (stride, rgb, texture words) of the target."""
         stitcher, colors = views[False]
         labels, scores = stitcher.result()
         prediction = Prediction(labels=labels, scores=scores, painting=stitcher.painting, index=i, colors=colors)
         if quality:
-            stride, rgb = small
+            stride, rgb, words = small
             mirrored = views[True][0].labels[:, ::-1][::stride, ::stride] if True in views else None
             view = Prediction(labels[::stride, ::stride], scores[::stride, ::stride])
-            prediction.quality = self.assess(view, prompts.examples, rgb, quality, mirrored, strided=stride)
+            prediction.quality = self.assess(view, prompts.examples, rgb, quality, mirrored, strided=stride,
+                                             texture=words)
             prediction.quality_features, prediction.object_context = view.quality_features, view.object_context
         return prediction
 

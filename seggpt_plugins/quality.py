@@ -106,8 +106,11 @@ def texture_words(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
     """How well a proposal's boundaries follow the image's edges: log((mean gradient magnitude on its
     label boundaries + 1) / (mean gradient magnitude over the image + 1)), the gradient read after a
-    Gaussian of TEXTURE_SIGMA on each distinct channel. 0 without boundaries."""
+    Gaussian of TEXTURE_SIGMA on each distinct channel. NaN without boundaries (nothing to judge: an
+    estimate reads a NaN feature as average, QualityModel)."""
     from scipy import ndimage
+
+    rgb = rgb[..., None] if rgb.ndim == 2 else rgb
 
     edge = np.zeros(labels.shape, bool)  # pixels with a 4-neighbour of another label, on both sides
     vertical, horizontal = labels[:-1] != labels[1:], labels[:, :-1] != labels[:, 1:]
@@ -116,9 +119,9 @@ def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
     edge[:, :-1] |= horizontal
     edge[:, 1:] |= horizontal
     if not edge.any():
-        return 0.0
+        return float("nan")
     squared = np.zeros(labels.shape, np.float32)
-    for c in (0,) if is_grey(rgb) else range(rgb.shape[-1]):
+    for c in (0,) if rgb.shape[-1] == 1 or is_grey(rgb) else range(rgb.shape[-1]):
         channel = ndimage.gaussian_filter(rgb[..., c].astype(np.float32), TEXTURE_SIGMA)
         squared += ndimage.sobel(channel, 0) ** 2 + ndimage.sobel(channel, 1) ** 2
     gradient = np.sqrt(squared)
@@ -128,7 +131,8 @@ def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
 @dataclass(frozen=True)
 class ExampleStats:
     """What the examples show: the mean share of labelled pixels, their objects' typical diameter, and
-    how often each label takes each appearance (a naive per-pixel model of the task: counts (bins, ids))."""
+    how often each label takes each appearance, local mean and local spread (a naive per-pixel model of
+    the task: counts (levels, ids); `appearance`, `texture_labels`)."""
 
     foreground: float
     diameter: float | None
@@ -157,10 +161,9 @@ class ExampleStats:
         for rgb, mask in zip(images, masks):
             columns = np.searchsorted(ids, mask)
             np.add.at(counts, (appearance_bins(rgb, grey).ravel(), columns.ravel()), 1)
-            stride = feature_stride(mask.shape)  # texture is read on the view the target's features are read on
-            mean, spread = texture_words(rgb[::stride, ::stride])
-            np.add.at(local_mean, (mean.ravel(), columns[::stride, ::stride].ravel()), 1)
-            np.add.at(local_spread, (spread.ravel(), columns[::stride, ::stride].ravel()), 1)
+            mean, spread = texture_words(rgb)  # at the pixel scale, as a target's are read (features)
+            np.add.at(local_mean, (mean.ravel(), columns.ravel()), 1)
+            np.add.at(local_spread, (spread.ravel(), columns.ravel()), 1)
         return cls(foreground, diameter, ids, counts, grey, local_mean, local_spread)
 
     @classmethod
@@ -171,14 +174,20 @@ class ExampleStats:
             return None
         diameters = [s.diameter for s in stats if s.diameter]
         with_counts = [s for s in stats if s.counts is not None]
-        first = with_counts[0] if with_counts else None
-        if first is not None and all(s.ids == first.ids and s.grey == first.grey for s in with_counts):
-            ids, counts, grey = first.ids, sum(s.counts for s in with_counts), first.grey
-            textured = all(s.local_mean is not None for s in with_counts)
-            local_mean = sum(s.local_mean for s in with_counts) if textured else None
-            local_spread = sum(s.local_spread for s in with_counts) if textured else None
-        else:
-            ids, counts, grey, local_mean, local_spread = (), None, True, None, None
+        ids, counts, grey, local_mean, local_spread = (), None, True, None, None
+        if with_counts and len({s.grey for s in with_counts}) == 1:  # grey levels and colours do not add up
+            ids, grey = tuple(sorted(set().union(*(s.ids for s in with_counts)))), with_counts[0].grey
+
+            def total(tables):  # each set's columns put under the union's ids, then added up
+                out = np.zeros((len(tables[0][1]), len(ids)))
+                for set_ids, table in tables:
+                    out[:, [ids.index(i) for i in set_ids]] += table
+                return out
+
+            counts = total([(s.ids, s.counts) for s in with_counts])
+            if all(s.local_mean is not None for s in with_counts):
+                local_mean = total([(s.ids, s.local_mean) for s in with_counts])
+                local_spread = total([(s.ids, s.local_spread) for s in with_counts])
         return cls(float(np.mean([s.foreground for s in stats])), float(np.median(diameters)) if diameters else None,
                    ids, counts, grey, local_mean, local_spread)
 
@@ -191,21 +200,28 @@ class ExampleStats:
         posterior = (self.counts + prior) / (self.counts.sum(1, keepdims=True) + 1.0)  # (bins, K), smoothed
         return posterior[appearance_bins(rgb, self.grey)], np.asarray(self.ids)
 
-    def texture_labels(self, rgb: np.ndarray) -> np.ndarray | None:
+    def texture_labels(self, rgb: np.ndarray, words: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> np.ndarray | None:
         """The labels (H, W) a naive Bayes model of the examples gives a target (H, W, 3): per pixel, the
         label k with the largest P(k) P(appearance | k) P(local mean | k) P(local spread | k), each read
-        off the examples (texture_words; add-one smoothed). None without counts."""
+        off the examples (texture_words; add-one smoothed). `words`: the target's texture words if read
+        already (features reads them at the pixel scale, then strides). None without the examples' counts
+        or texture tables."""
         if self.counts is None or self.local_mean is None:
             return None
 
         def log_likelihood(counts):  # (levels, K): log P(level | label)
             return np.log((counts + 1) / (counts.sum(0, keepdims=True) + len(counts)))
 
+        mean, spread = words if words is not None else texture_words(rgb)
+        combination = (appearance_bins(rgb, self.grey) * MEAN_LEVELS + mean) * SPREAD_LEVELS + spread
+        present, pixel = np.unique(combination, return_inverse=True)  # scored once per combination, not per pixel
+        bins, rest = np.divmod(present, MEAN_LEVELS * SPREAD_LEVELS)
         prior = self.counts.sum(0)
-        mean, spread = texture_words(rgb)
-        score = (np.log(prior / prior.sum() + 1e-12) + log_likelihood(self.counts)[appearance_bins(rgb, self.grey)]
-                 + log_likelihood(self.local_mean)[mean] + log_likelihood(self.local_spread)[spread])  # (H, W, K)
-        return np.asarray(self.ids)[score.argmax(-1)]
+        score = (np.log(prior / prior.sum() + 1e-12) + log_likelihood(self.counts)[bins]
+                 + log_likelihood(self.local_mean)[rest // SPREAD_LEVELS]
+                 + log_likelihood(self.local_spread)[rest % SPREAD_LEVELS])  # (combinations, K)
+        return np.asarray(self.ids)[score.argmax(-1)][pixel.reshape(combination.shape)]
 
 
 def feature_stride(shape) -> int:
@@ -238,21 +254,26 @@ CANDIDATES = tuple(name for group in FEATURE_GROUPS.values() for name in group)
 
 def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb: np.ndarray | None = None,
              flipped: np.ndarray | None = None, strided: int | None = None, names=CANDIDATES,
-             maps: dict | None = None) -> dict[str, float]:
+             maps: dict | None = None, texture: tuple | None = None) -> dict[str, float]:
     """The features of one prediction (labels and scores (H, W)) given the target (H, W, 3): the groups
     of FEATURE_GROUPS that hold any of `names` (the flip group only with `flipped`, the mirrored target's
     labels, mirrored back). They are read on a view of at most FEATURE_SIDE pixels a side; `strided`:
-    the arrays are such a view already, of that stride. `maps`: a dict that receives the naive model's
-    P(foreground) on that view ("foreground") and the stride ("stride"), for the per-object estimate."""
+    the arrays are such a view already, of that stride, and `texture` the target's texture_words read at
+    the pixel scale then strided alike (without it they are read on the view). `maps`: a dict that
+    receives the naive model's P(foreground) on that view ("foreground") and the stride ("stride"), for the
+    per-object estimate. A feature that cannot be read (no boundaries, no examples' counts) is NaN."""
     from .ensembles import object_diameter
     from .instances import connected_components
 
     wanted = {group for group, members in FEATURE_GROUPS.items() if set(members) & set(names)}
     stride = strided or feature_stride(labels.shape)
+    if "texture" in wanted and texture is None and rgb is not None and not strided:
+        texture = texture_words(rgb)  # at the pixel scale, as the examples' are counted
     if stride > 1 and not strided:
         labels, scores = labels[::stride, ::stride], scores[::stride, ::stride]
         rgb = rgb[::stride, ::stride] if rgb is not None else None
         flipped = flipped[::stride, ::stride] if flipped is not None else None
+        texture = tuple(words[::stride, ::stride] for words in texture) if texture is not None else None
     foreground = labels != 0
     share = float(foreground.mean())
     out = {}
@@ -293,10 +314,10 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
             out["appearance_fit"] = out["appearance_agreement"] = 0.5
             out["appearance_fit_foreground"] = out["appearance_agreement_foreground"] = 0.5
     if "texture" in wanted:
-        naive_labels = examples.texture_labels(rgb) if rgb is not None else None
-        out["texture_agreement"] = agreement(labels, naive_labels) if naive_labels is not None else 0.5
+        naive_labels = examples.texture_labels(rgb, texture) if rgb is not None else None
+        out["texture_agreement"] = agreement(labels, naive_labels) if naive_labels is not None else float("nan")
     if "edges" in wanted:
-        out["boundary_edges"] = boundary_edges(labels, rgb) if rgb is not None else 0.0
+        out["boundary_edges"] = boundary_edges(labels, rgb) if rgb is not None else float("nan")
     if "flip" in wanted and flipped is not None:
         out["flip_agreement"] = agreement(labels, flipped)
         out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)
@@ -340,7 +361,8 @@ def _parts_features(labels, scores, foreground_p, stride: int, diameter: float |
 
 @dataclass
 class QualityModel:
-    """predicted IoU = sigmoid(bias + sum(weights * (x - mean) / scale)) over named features."""
+    """predicted IoU = sigmoid(bias + sum(weights * (x - mean) / scale)) over named features; a feature
+    that could not be read (NaN) counts as average (0 after standardising)."""
 
     names: tuple
     mean: np.ndarray
@@ -349,7 +371,7 @@ class QualityModel:
     bias: float
 
     def predict(self, values: dict[str, float]) -> float:
-        x = (np.array([values[n] for n in self.names]) - self.mean) / self.scale
+        x = np.nan_to_num((np.array([values[n] for n in self.names], np.float64) - self.mean) / self.scale)
         return float(1.0 / (1.0 + np.exp(-(self.bias + x @ self.weights))))
 
     def as_dict(self) -> dict:
@@ -423,9 +445,9 @@ def fit(rows: list[dict[str, float]], ious: list[float], blend: dict[str, float]
     names = tuple(blend)
     x = np.array([[r[n] for n in names] for r in rows], np.float64)
     y = np.asarray(ious, np.float64)
-    mean, scale = x.mean(0), x.std(0) + 1e-6
+    mean, scale = np.nanmean(x, 0), np.nanstd(x, 0) + 1e-6  # (NaN: a feature that could not be read)
     direction = np.array([blend[n] for n in names], np.float64)
-    score = ((x - mean) / scale) @ direction
+    score = np.nan_to_num((x - mean) / scale) @ direction
 
     def loss(theta):
         p = 1.0 / (1.0 + np.exp(-(theta[0] * score + theta[1])))

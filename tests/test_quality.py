@@ -48,9 +48,13 @@ def test_a_proposal_that_paints_background_looks_worse_than_the_truth(rng):
     target, truth = _bright_blobs(rng)
     scores = np.full(truth.shape, 0.9, np.float32)
     right = features(truth, scores, stats, target)
-    swollen = features(np.ones_like(truth), scores, stats, target)  # everything painted as foreground
+    from scipy import ndimage
+
+    swollen = features(ndimage.binary_dilation(truth, iterations=4).astype(np.uint8), scores, stats, target)
     for name in set(BLENDS["fast"]) - {"snap_foreground"}:  # (the scores are the same by construction)
         assert right[name] > swollen[name]
+    everything = features(np.ones_like(truth), scores, stats, target)  # no boundary to judge: unknown
+    assert np.isnan(everything["boundary_edges"]) and everything["texture_agreement"] < right["texture_agreement"]
     assert "flip_agreement" not in right
     assert features(truth, scores, stats, target, flipped=truth)["flip_agreement"] == 1.0
 
@@ -78,7 +82,47 @@ def test_boundaries_on_the_images_edges_score_higher(rng):
     image, truth = _bright_blobs(rng)
     shifted = np.roll(truth, 4, axis=1)  # the same shapes, drawn off the discs' edges
     assert boundary_edges(truth, image) > boundary_edges(shifted, image) > 0
-    assert boundary_edges(np.zeros_like(truth), image) == 0.0
+    assert boundary_edges(truth, image[..., 0]) == pytest.approx(boundary_edges(truth, image))  # 2D: one channel
+    assert np.isnan(boundary_edges(np.zeros_like(truth), image))  # nothing to judge
+
+
+def test_an_unreadable_feature_counts_as_average():
+    model = QualityModel(("a", "b"), np.array([0.5, 0.5]), np.array([0.1, 0.1]), np.array([1.0, 1.0]), 0.0)
+    assert model.predict({"a": 0.5, "b": float("nan")}) == pytest.approx(0.5)
+    assert model.predict({"a": 0.7, "b": float("nan")}) > 0.5
+    rows = [{"snap_foreground": v, "boundary_edges": float("nan") if k % 5 == 0 else v, "texture_agreement": v,
+             "flip_agreement": v} for k, v in enumerate(np.linspace(0, 1, 50))]
+    fitted = fit(rows, [0.2 + 0.6 * r["snap_foreground"] for r in rows], BLENDS["fast"])
+    assert np.isfinite(fitted.mean).all() and 0 < fitted.predict(rows[0]) < 1
+
+
+def test_examples_with_different_labels_combine_under_the_union_of_their_ids(rng):
+    image, mask = _bright_blobs(rng)
+    one, two = ExampleStats.of([mask], [image]), ExampleStats.of([mask * 2], [image])  # label 1, label 2
+    both = ExampleStats.combine([one, two])
+    assert both.ids == (0, 1, 2) and both.counts.sum() == one.counts.sum() + two.counts.sum()
+    assert both.local_mean[:, 1].sum() == (mask == 1).sum() == both.local_mean[:, 2].sum()
+    assert both.texture_labels(image) is not None
+    old = ExampleStats(one.foreground, one.diameter, one.ids, one.counts, one.grey)  # made without texture tables
+    assert ExampleStats.combine([one, old]).local_mean is None and ExampleStats.combine([one, old]).counts is not None
+
+
+def test_texture_is_read_at_the_pixel_scale_on_a_large_target(rng):
+    """A target read on a strided view: its texture words are read at full resolution first, as the
+    examples' are, so a small example still describes it."""
+    def scene(size):
+        mask = np.zeros((size, size), np.uint8)
+        mask[:, size // 2:] = 1
+        speckle = rng.random((size, size)) < 0.5
+        blocks = np.kron(rng.random((size // 8,) * 2) < 0.5, np.ones((8, 8), bool))
+        grey = np.where(np.where(mask > 0, speckle, blocks), 200, 60).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, -1), mask
+
+    (image, mask), (target, truth) = scene(96), scene(1536)  # the target is read with stride 3
+    stats = ExampleStats.of([mask], [image])
+    values = features(truth, np.ones(truth.shape, np.float32), stats, target, names=["texture_agreement"])
+    on_the_view = agreement(truth[::3, ::3], stats.texture_labels(target[::3, ::3]))  # its blocks look speckled
+    assert values["texture_agreement"] > 0.7 and values["texture_agreement"] > on_the_view + 0.1
 
 
 def test_features_of_a_large_target_are_read_on_a_strided_view(rng):
@@ -160,9 +204,12 @@ def test_a_proposal_swollen_or_shifted_off_its_objects_looks_worse(demo_model, n
     image, truth = nuclei2d
     example, mask = image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8)
     target = image[256:384, 256:384]
+    from seggpt_plugins.images import to_rgb8
+
     prompts = demo_model.prepare_prompts([example], [mask])
     pred = demo_model.segment(target, prompts)[0]
-    rgb = np.repeat(target[..., None], 3, -1) if target.ndim == 2 else target
+    rgb = to_rgb8(target)  # what segment() reads the target as
+    assert demo_model.assess(pred, prompts.examples, rgb) == pytest.approx(pred.quality)
     for spoilt in (ndimage.binary_dilation(pred.labels != 0, iterations=3), np.roll(pred.labels, 5, axis=1)):
         worse = type(pred)(labels=spoilt.astype(pred.labels.dtype), scores=pred.scores)
         assert demo_model.assess(worse, prompts.examples, rgb) < pred.quality
