@@ -6,6 +6,7 @@ belong to one object, as in OpenCV and scikit-image).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -301,20 +302,26 @@ class StackTracker:
     """Stable ids through a stack, one frame at a time as `SegGPT.propagate` yields them: from each annotated
     frame outward (as `propagation.plan_runs` visits the frames), each frame's objects matched to those of
     the frame before it in its run. `annotated`: {frame: Instances} of the annotated frames (see
-    `annotated_objects`); their ids are kept and never given to other objects."""
+    `annotated_objects`); their ids are kept and never given to other objects. It holds only the object
+    maps a frame still to come will be matched against (one per run), so memory stays flat through a long
+    stack or video."""
 
     def __init__(self, num_frames: int, annotated: dict[int, Instances], min_iou: float = 0.1):
         from .propagation import plan_runs
 
+        self.annotated = annotated
         self.before: dict[int, int | None] = {}
         self.order: list[int] = []  # frames run by run, each after the frame before it
+        self.waiting: Counter = Counter()  # frame -> frames still to be matched against it
         for run in plan_runs(num_frames, list(annotated)):
             previous = run.origin
             for frame in run.frames:
                 self.before[frame] = previous
                 self.order.append(frame)
+                if previous is not None:
+                    self.waiting[previous] += 1
                 previous = frame
-        self.maps = {frame: objects.map for frame, objects in annotated.items()}
+        self.maps = {frame: objects.map for frame, objects in annotated.items() if self.waiting[frame]}
         self.tracker = IdentityTracker(min_iou)
         for objects in annotated.values():
             self.tracker.seen([o.id for o in objects.objects])
@@ -324,7 +331,12 @@ class StackTracker:
         must have been followed already: propagate's order guarantees it)."""
         before = self.before.get(frame)
         tracked = self.tracker.follow(instances, self.maps.get(before) if before is not None else None)
-        self.maps[frame] = tracked.map
+        if before is not None:
+            self.waiting[before] -= 1
+            if self.waiting[before] <= 0:
+                self.maps.pop(before, None)
+        if self.waiting[frame]:
+            self.maps[frame] = tracked.map
         return tracked
 
 

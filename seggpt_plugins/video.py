@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import time as _time
 from bisect import bisect_right
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -620,7 +620,7 @@ def propagate_video(model, frames: Frames, annotations: dict | None = None, prom
     """
     from .engine import Prediction
     from .images import to_mask
-    from .instances import annotated_objects
+    from .instances import StackTracker, annotated_objects
 
     masks = {}
     for index, mask in sorted((annotations or {}).items()):
@@ -630,7 +630,7 @@ def propagate_video(model, frames: Frames, annotations: dict | None = None, prom
             raise InputError(f"annotation of frame {index}: a label mask of {frames.size[1]}x{frames.size[0]} (width x "
                              f"height) is needed, like the frames of {frames.path}; got shape {mask.shape}")
         masks[position] = mask
-    tracker = _RunTracker(len(frames), annotated_objects(masks)) if objects else None
+    tracker = StackTracker(len(frames), annotated_objects(masks)) if objects else None
     predictions = model.propagate(frames, prompt_images, prompt_masks, annotations=masks, **options)
     for position, mask in masks.items():
         index = frames.indices[position]
@@ -644,42 +644,6 @@ def propagate_video(model, frames: Frames, annotations: dict | None = None, prom
         if objects:
             instances = tracker.follow(position, prediction.instances(min_area=min_area, split_touching=split_touching))
         yield FrameResult(prediction.index, frames.time(position), prediction, instances)
-
-
-class _RunTracker:
-    """Object ids through a video as propagate yields its frames (instances.StackTracker's rule: each
-    frame's objects matched to those of the frame before it in its run), holding only the object maps
-    that a frame still to come will be matched against: one per run."""
-
-    def __init__(self, num_frames: int, annotated: dict, min_iou: float = 0.1):
-        from .instances import IdentityTracker
-        from .propagation import plan_runs
-
-        self.annotated = annotated
-        self.before: dict[int, int | None] = {}
-        self.waiting: Counter = Counter()  # frame -> frames still to be matched against it
-        for run in plan_runs(num_frames, list(annotated)):
-            previous = run.origin
-            for frame in run.frames:
-                self.before[frame] = previous
-                if previous is not None:
-                    self.waiting[previous] += 1
-                previous = frame
-        self.maps = {frame: objects.map for frame, objects in annotated.items() if self.waiting[frame]}
-        self.tracker = IdentityTracker(min_iou)
-        for objects in annotated.values():
-            self.tracker.seen([o.id for o in objects.objects])
-
-    def follow(self, frame: int, instances):
-        before = self.before.get(frame)
-        tracked = self.tracker.follow(instances, self.maps.get(before) if before is not None else None)
-        if before is not None:
-            self.waiting[before] -= 1
-            if self.waiting[before] <= 0:
-                self.maps.pop(before, None)
-        if self.waiting[frame]:
-            self.maps[frame] = tracked.map
-        return tracked
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -12,7 +12,7 @@ from PIL import Image
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.export import (Category, CocoWriter, PanopticWriter, check_ids_fit, load_label_names,
                                    panoptic_segments, rgb_to_segment_ids, segment_ids_to_rgb)
-from seggpt_plugins.instances import annotated_objects, find_instances, match_objects, track_stack
+from seggpt_plugins.instances import StackTracker, annotated_objects, find_instances, match_objects, track_stack
 
 
 def discs(shape, centres, radius):
@@ -67,6 +67,19 @@ def test_identity_is_kept_through_a_moving_sequence():
     newcomer = {int(tracked[t].map[10, 80]) for t in range(5, 10)}
     assert len(newcomer) == 1 and newcomer.isdisjoint({0, 7, 9})  # a new id, kept, never a recycled one
     assert match_objects(annotated, np.zeros_like(annotated)) == {}
+
+
+def test_the_stack_tracker_holds_only_the_maps_still_to_be_matched():
+    """Annotated in the middle, a stack runs both ways: at most one map per run is held, none at the end."""
+    frames = [np.any(discs((64, 96), [(32, 10 + 5 * t)], 6), axis=0).astype(np.uint8) for t in range(12)]
+    annotated = annotated_objects({5: frames[5] * 3})
+    tracker = StackTracker(12, annotated)
+    held = []
+    for t in tracker.order:
+        tracked = tracker.follow(t, find_instances(frames[t], min_area=4))
+        assert tracked.map[32, 10 + 5 * t] == 3
+        held.append(len(tracker.maps))
+    assert max(held) <= 2 and held[-1] == 0 and len(tracker.order) == 11
 
 
 def test_coco_export_reads_back_with_pycocotools(tmp_path):
