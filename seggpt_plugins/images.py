@@ -226,6 +226,17 @@ def display_colors(ids) -> dict[int, tuple[int, int, int]]:
     return out
 
 
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of a label map with a 4-neighbour of another label, on both sides."""
+    edge = np.zeros(labels.shape, bool)
+    vertical, horizontal = labels[:-1] != labels[1:], labels[:, :-1] != labels[:, 1:]
+    edge[:-1] |= vertical
+    edge[1:] |= vertical
+    edge[:, :-1] |= horizontal
+    edge[:, 1:] |= horizontal
+    return edge
+
+
 def overlay(image_rgb8: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[int, int, int]] | None = None,
             alpha=0.45, outline=True) -> np.ndarray:
     """Colour the labelled pixels of an RGB image, with an outline around each label region
@@ -239,11 +250,7 @@ def overlay(image_rgb8: np.ndarray, labels: np.ndarray, colors: dict[int, tuple[
             continue
         out[region] = (1 - alpha) * out[region] + alpha * np.asarray(color, np.float32)
     if outline:
-        edge = np.zeros(labels.shape, bool)
-        edge[:-1] |= labels[:-1] != labels[1:]
-        edge[1:] |= labels[:-1] != labels[1:]
-        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-        edge[:, 1:] |= labels[:, :-1] != labels[:, 1:]
+        edge = label_boundaries(labels)
         for label_id, color in colors.items():
             out[edge & (labels == label_id)] = color
     return np.clip(out, 0, 255).astype(np.uint8)

@@ -110,14 +110,10 @@ def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
     estimate reads a NaN feature as average, QualityModel)."""
     from scipy import ndimage
 
-    rgb = rgb[..., None] if rgb.ndim == 2 else rgb
+    from .images import label_boundaries
 
-    edge = np.zeros(labels.shape, bool)  # pixels with a 4-neighbour of another label, on both sides
-    vertical, horizontal = labels[:-1] != labels[1:], labels[:, :-1] != labels[:, 1:]
-    edge[:-1] |= vertical
-    edge[1:] |= vertical
-    edge[:, :-1] |= horizontal
-    edge[:, 1:] |= horizontal
+    rgb = rgb[..., None] if rgb.ndim == 2 else rgb
+    edge = label_boundaries(labels)
     if not edge.any():
         return float("nan")
     squared = np.zeros(labels.shape, np.float32)
