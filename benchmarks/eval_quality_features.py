@@ -20,40 +20,18 @@ import warnings
 
 import numpy as np
 from _report import report
-from eval_quality import nuclei_2d, nuclei_3d
+from eval_quality import nuclei_2d, nuclei_3d, real_samples
 
 GRID = {"snap_foreground": (0, 0.5, 1), "boundary_edges": (0, 0.5, 1, 1.5), "texture_agreement": (0, 0.5, 1, 1.5),
         "appearance_agreement": (0, 0.5, 1), "appearance_fit_foreground": (0, 0.5), "flip_agreement": (0, 0.25, 0.5)}
 
 
-def reading_every_candidate(model):
-    """A context in which the model's estimates read every candidate feature (what fitting reads)."""
-    from contextlib import contextmanager
-
-    from seggpt_plugins.quality import CANDIDATES, QualityModel
-
-    @contextmanager
-    def swapped():
-        n = len(CANDIDATES)
-        everything = QualityModel(CANDIDATES, np.zeros(n), np.ones(n), np.zeros(n), 0.0)
-        saved, model._quality_models = model._quality_models, {"fast": everything, "full": everything}
-        try:
-            yield
-        finally:
-            model._quality_models = saved
-    return swapped()
-
-
 def real_rows(model, cases) -> tuple[list[dict], list[float]]:
-    from seggpt_plugins.quality import agreement
+    """eval_quality's real samples, every candidate read."""
+    from seggpt_plugins.quality import reading_every_candidate
 
-    rows, ious = [], []
     with reading_every_candidate(model):
-        for target, example, mask, truth in cases:
-            pred = model.segment(target, example, mask, seg_type="semantic", quality="full")[0]
-            rows.append(pred.quality_features)
-            ious.append(agreement(pred.labels != 0, truth))
-    return rows, ious
+        return real_samples(model, cases)
 
 
 def spearman(x, y) -> float:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,16 +472,10 @@ def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3)
 
     from .instances import find_instances
 
-    def placeholder(names):  # a stand-in that reads every candidate: the features are what we need
-        return QualityModel(names, np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names)), 0.0)
-
-    fast = tuple(n for n in CANDIDATES if n not in FEATURE_GROUPS["flip"])  # "fast" reads no mirrored target
-    saved, model._quality_models = model._quality_models, {"fast": placeholder(fast), "full": placeholder(CANDIDATES),
-                                                           OBJECT_MODEL: placeholder(OBJECT_CANDIDATES)}
     generator = SyntheticTasks(model.input_size[0], device="cpu")
     to_np = lambda t: t.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()  # noqa: E731
     rows, ious = [], []
-    try:
+    with reading_every_candidate(model):
         for k in range(count):
             count_k = prompts[k % len(prompts)]
             batch = generator.sample(1, prompts=count_k, seed=seed + k)
@@ -505,9 +500,23 @@ def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3)
                 matched = object_ious(found.map, truth_objects.map, {o.id: o.class_id for o in found.objects},
                                       {o.id: o.class_id for o in truth_objects.objects})
                 objects.extend((values[i], matched[i]) for i in values)
+    return rows, ious
+
+
+@contextmanager
+def reading_every_candidate(model):
+    """Within it, the model's estimates are stand-ins that read every candidate feature (what fitting and the
+    benchmarks need: `Prediction.quality_features` then holds them all; "fast" reads no mirrored target)."""
+    def placeholder(names):
+        return QualityModel(names, np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names)), 0.0)
+
+    fast = tuple(n for n in CANDIDATES if n not in FEATURE_GROUPS["flip"])
+    saved, model._quality_models = model._quality_models, {"fast": placeholder(fast), "full": placeholder(CANDIDATES),
+                                                           OBJECT_MODEL: placeholder(OBJECT_CANDIDATES)}
+    try:
+        yield model
     finally:
         model._quality_models = saved
-    return rows, ious
 
 
 def fit_models(rows: list[dict], ious: list[float], objects: list[tuple[dict, float]] | None = None
