@@ -21,7 +21,9 @@ from .colors import ColorCode
 from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
 from .ensembles import example_windows, groups, stitch_examples, tile_size
+from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
+from .runner import Runner, Target
 from .quality import ExampleStats, check_quality
 from .vocabulary import AUTO_MODEL, SEG_TYPES
 
@@ -31,52 +33,6 @@ SNAP_CHUNK_PIXELS = 1 << 22  # snap at most 4 M pixels at a time (bounds memory 
 
 class EmptyPromptWarning(UserWarning):
     """A prompt mask holds no labels: there is nothing for SegGPT to propagate from it."""
-
-
-@dataclass
-class Prediction:
-    """One target's result, at the target's own size."""
-
-    labels: np.ndarray  # (H, W) integer label ids (the prompt's own ids; 0 = background)
-    scores: np.ndarray  # (H, W) float32 in [0, 1]: how clearly each pixel snapped to its colour
-    painting: np.ndarray | None = None  # (H, W, 3) uint8: the model's raw RGB painting, resized (on request)
-    index: int = 0  # which target (segment) or frame (propagate) this is
-    colors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # label id -> prompt colour
-    quality: float | None = None  # the predicted IoU of this proposal (quality.py), when estimated
-    quality_features: dict[str, float] | None = None  # what the estimate read (quality.features)
-    object_context: Any = field(default=None, repr=False, compare=False)  # quality.ObjectContext: for instances()
-
-    @property
-    def confidence(self) -> float:
-        """How far to trust this proposal, in [0, 1], to review the lowest first: the predicted IoU
-        (`quality`) when it was estimated, else the mean snap score over the foreground."""
-        return self.quality if self.quality is not None else self.snap_confidence
-
-    @property
-    def snap_confidence(self) -> float:
-        """Mean score over the pixels predicted as foreground (1.0 when there are none): how cleanly the
-        painting snapped to prompt colours, not how right it is (see quality.py)."""
-        foreground = self.labels != 0
-        return float(self.scores[foreground].mean()) if foreground.any() else 1.0
-
-    def instances(self, min_area: int = 16, split_touching: bool = False, object_radius: float | None = None,
-                  classes: dict[int, int] | None = None):
-        """One id per object (instances.find_instances): an `Instances` with the id map and, per object, its
-        class (the label id it was painted with, or `classes[id]`), area, box, mean score and, when this
-        prediction's quality was estimated, its predicted IoU (`quality`, quality.ObjectContext)."""
-        from .instances import find_instances
-
-        found = find_instances(self.labels, self.scores, min_area=min_area, split_touching=split_touching,
-                               object_radius=object_radius, classes=classes)
-        return self.with_object_quality(found)
-
-    def with_object_quality(self, instances):
-        """`instances` of this prediction (e.g. tracked through a stack) with each object's predicted IoU,
-        when this prediction's quality was estimated with a per-object estimate; else unchanged."""
-        context = self.object_context
-        if context is None or context.model is None or not len(instances):
-            return instances
-        return instances.with_quality(context.qualities(instances.map, self.scores))
 
 
 def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
@@ -261,9 +217,11 @@ class SegGPT:
             if tuple(t.image.shape[-2:]) != self.input_size:
                 raise InputError(f"tuned prompt of size {tuple(t.image.shape[-2:])} does not fit this model's "
                                  f"input size {self.input_size}")
+        shown = None if tuned else tuple(int(i) for i in np.unique(np.concatenate(
+            [code.labels_of_colors(m).ravel() if m.ndim == 3 else np.unique(m) for _, m, _ in pairs])) if i)
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
                          tuple(rgb.shape[:2] for rgb, _, _ in pairs),
-                         _example_stats(pairs, code) if pairs else None)
+                         _example_stats(pairs, code) if pairs else None, shown)
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:
@@ -389,35 +347,15 @@ class SegGPT:
         targets = as_list(images) if not isinstance(images, np.ndarray) else [images]
         if not targets:
             raise InputError("no target images given")
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        if seg_type not in SEG_TYPES:
-            raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
-        tile = tile_size(tile, halo)
-        quality = check_quality(quality)
+        runner = Runner(self, batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range,
+                        ensemble=ensemble, tile=tile, halo=halo, quality=quality, with_painting=with_painting)
         prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids,
-                                            ensemble, tile)
-        name = lambda i: f"target {i}" + (  # noqa: E731
-            f" ({targets[i]})" if isinstance(targets[i], (str, os.PathLike)) else "")
-        if tile is not None:
-            yield from self._iter_tiled(targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range,
-                                        with_painting, name, quality)
-            return
-        for start in range(0, len(targets), batch_size):
-            chunk = range(start, min(start + batch_size, len(targets)))
-            rgbs = [to_rgb8(targets[i], intensity_range, name=name(i)) for i in chunk]
-            sets, sizes, codes = [prompt_sets[i] for i in chunk], [rgb.shape[:2] for rgb in rgbs], \
-                [prompt_sets[i].code for i in chunk]
-            encoded = self.encode_images(rgbs)
-            predictions = self.to_predictions(self.paint_targets(encoded, sets, seg_type), sizes, codes, list(chunk),
-                                              with_painting)
-            mirrored = (self.to_predictions(self.paint_targets(encoded.flip(-1), sets, seg_type), sizes, codes,
-                                            list(chunk)) if quality == "full" else None)
-            for k, prediction in enumerate(predictions):
-                if quality:
-                    prediction.quality = self.assess(prediction, sets[k].examples, rgbs[k], quality,
-                                                     mirrored[k].labels[:, ::-1] if mirrored else None)
-                yield prediction
+                                            ensemble, runner.tile)
+        items = [Target(i, target, name=f"target {i}" + (f" ({target})" if isinstance(target, (str, os.PathLike))
+                                                          else ""), prompts=prompt_sets[i])
+                 for i, target in enumerate(targets)]
+        for result in runner.run(items, errors="raise"):
+            yield result.prediction
 
     def assess(self, prediction: Prediction, examples, rgb: np.ndarray, quality: str = "fast",
                mirrored_labels: np.ndarray | None = None, strided: int | None = None,
@@ -440,79 +378,6 @@ class SegGPT:
                                                       maps["stride"], examples.diameter,
                                                       self._quality_models.get(OBJECT_MODEL))
         return estimate.predict(values)
-
-    def _iter_tiled(self, targets, prompt_sets, tile, halo, batch_size, seg_type, intensity_range, with_painting,
-                    name, quality) -> Iterator[Prediction]:
-        """Tiles of every target in batches of `batch_size` (tiles of several targets share a batch); each
-        target's Prediction is stitched and yielded as soon as its last tile is done. With quality "full",
-        the mirrored target is tiled and stitched too."""
-        from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid
-        from .quality import feature_stride, texture_words
-
-        views = (False, True) if quality == "full" else (False,)
-        small: dict[int, tuple] = {}  # (stride, strided view, its texture words) of each target in flight, for quality
-
-        def pieces():  # (target, mirrored, its shape, tile count, tile, crop), one target read at a time
-            for i, target in enumerate(targets):
-                rgb = to_rgb8(target, intensity_range, name=name(i))
-                size = auto_tile(prompt_sets[i].sizes, rgb.shape) if tile == "auto" else tile
-                height, width = rgb.shape[:2]
-                overlap = auto_halo(size, halo) if tile == "auto" and size else halo
-                grid = tile_grid(rgb.shape, size, overlap) if size else [Tile((0, height, 0, width),
-                                                                              (0, height, 0, width))]
-                stride = feature_stride(rgb.shape)
-                words = tuple(w[::stride, ::stride] for w in texture_words(rgb)) if quality else None  # pixel scale
-                small[i] = (stride, np.ascontiguousarray(rgb[::stride, ::stride]), words)
-                for mirrored in views:
-                    view = rgb[:, ::-1] if mirrored else rgb
-                    for part in grid:
-                        yield i, mirrored, rgb.shape[:2], len(grid), part, np.ascontiguousarray(view[part.slices])
-
-        stitchers: dict[tuple, tuple[Stitcher, int]] = {}
-        finished: dict[int, dict] = {}
-        batch: list = []
-
-        def flush():
-            crops = [piece[5] for piece in batch]
-            paintings = self.paint_targets(self.encode_images(crops), [prompt_sets[p[0]] for p in batch], seg_type)
-            predictions = self.to_predictions(paintings, [c.shape[:2] for c in crops],
-                                              [prompt_sets[p[0]].code for p in batch], [p[0] for p in batch],
-                                              with_painting and not any(p[1] for p in batch))
-            for (i, mirrored, shape, count, part, _), pred in zip(batch, predictions):
-                key = (i, mirrored)
-                stitcher, done = stitchers.get(key) or (Stitcher(shape, pred.labels.dtype,
-                                                                 with_painting and not mirrored), 0)
-                stitcher.add(part, pred.labels, pred.scores, pred.painting)
-                stitchers[key] = (stitcher, done + 1)
-                if done + 1 < count:
-                    continue
-                del stitchers[key]
-                finished.setdefault(i, {})[mirrored] = (stitcher, pred.colors)
-                if len(finished[i]) == len(views):
-                    yield self._stitched(i, finished.pop(i), small.pop(i), prompt_sets[i], quality)
-            batch.clear()
-
-        for piece in pieces():
-            batch.append(piece)
-            if len(batch) == batch_size:
-                yield from flush()
-        if batch:
-            yield from flush()
-
-    def _stitched(self, i: int, views: dict, small: tuple, prompts: PromptSet, quality) -> Prediction:
-        """The Prediction of a tiled target from its stitched view(s); its quality is read on the strided
-        view `small` (stride, rgb, texture words) of the target."""
-        stitcher, colors = views[False]
-        labels, scores = stitcher.result()
-        prediction = Prediction(labels=labels, scores=scores, painting=stitcher.painting, index=i, colors=colors)
-        if quality:
-            stride, rgb, words = small
-            mirrored = views[True][0].labels[:, ::-1][::stride, ::stride] if True in views else None
-            view = Prediction(labels[::stride, ::stride], scores[::stride, ::stride])
-            prediction.quality = self.assess(view, prompts.examples, rgb, quality, mirrored, strided=stride,
-                                             texture=words)
-            prediction.quality_features, prediction.object_context = view.quality_features, view.object_context
-        return prediction
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
                          ensemble="feature", tile=None):

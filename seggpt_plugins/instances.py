@@ -7,7 +7,7 @@ belong to one object, as in OpenCV and scikit-image).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -121,6 +121,29 @@ class Instances:
         for o in self.objects:
             lut[o.id] = o.class_id
         return lut[self.map]
+
+
+@dataclass(frozen=True)
+class ObjectRule:
+    """The one rule that turns a label map into objects, for every host (`find_instances`).
+
+    Connected parts of each label (8-connectivity); parts under `min_area` pixels join the object they
+    share most border with, or are dropped; `split_touching` separates touching objects by a watershed
+    (`object_radius`: their typical radius, default from the parts' median area). `classes` maps label
+    ids to class ids when several ids stand for one class. More than `max_instances` objects is a
+    ValueError.
+    """
+
+    min_area: int = 16
+    split_touching: bool = False
+    object_radius: float | None = None
+    classes: dict | None = field(default=None, hash=False, compare=False)
+    max_instances: int | None = None
+
+    def find(self, labels: np.ndarray, scores: np.ndarray | None = None) -> "Instances":
+        return find_instances(labels, scores, min_area=self.min_area, split_touching=self.split_touching,
+                              object_radius=self.object_radius, classes=self.classes,
+                              max_instances=self.max_instances)
 
 
 def find_instances(labels: np.ndarray, scores: np.ndarray | None = None, *, min_area: int = 16,

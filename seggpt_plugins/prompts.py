@@ -48,6 +48,7 @@ class PromptSet:
     code: ColorCode
     sizes: tuple = ()  # (H, W) of each example as given: the scale at which "auto" tiles a target
     examples: Any = None  # quality.ExampleStats of the example masks (None for tuned prompts alone)
+    shown: tuple | None = None  # the label ids the example masks hold (None: all of the code's, e.g. tuned)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -57,13 +58,13 @@ class PromptSet:
         import torch
 
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
-                         self.examples)
+                         self.examples, self.shown)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
         if count is None or count >= len(self):
             return self
-        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples)
+        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples, self.shown)
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
@@ -74,7 +75,9 @@ class PromptSet:
 
         return PromptSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), sets[0].code,
                          tuple(size for s in sets for size in s.sizes),
-                         ExampleStats.combine([s.examples for s in sets]))
+                         ExampleStats.combine([s.examples for s in sets]),
+                         None if any(s.shown is None for s in sets) else
+                         tuple(sorted(set().union(*(s.shown for s in sets)))))
 
 
 @dataclass
@@ -184,6 +187,14 @@ def most_similar(descriptor: np.ndarray, pool: np.ndarray, k: int) -> tuple[int,
     return tuple(sorted(int(i) for i in order))
 
 
+def _mask_values(mask) -> np.ndarray:
+    """The distinct values of a mask, shaped as a small mask of the same kind (ids (N, 1), colours (N, 1, 3))."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        return np.unique(mask.reshape(-1, mask.shape[-1]), axis=0)[:, None, :]
+    return np.unique(mask)[:, None]
+
+
 class PromptPool:
     """Candidate example pairs for a collection of targets: each target is shown the k most alike.
 
@@ -198,9 +209,11 @@ class PromptPool:
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = max(1, cache)
         self.descriptors = np.zeros((len(self.keys), DESCRIPTOR_SIZE), np.float32)
+        self._values: list[np.ndarray] = []
         for i in range(len(self.keys)):
             pair = self._load(i)
             self.descriptors[i] = describe(pair[0])
+            self._values.append(_mask_values(pair[1]))
             self._remember(i, pair)
 
     @classmethod
@@ -213,10 +226,16 @@ class PromptPool:
         pool.descriptors = (np.asarray(descriptors, np.float32) if descriptors is not None else
                             np.stack([describe(p[0]) for p in pairs]) if len(pairs) else
                             np.zeros((0, DESCRIPTOR_SIZE), np.float32))
+        pool._values = [_mask_values(p[1]) for p in pairs]
         return pool
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def code(self) -> ColorCode:
+        """One colour code over every pair's mask: each choice of examples paints each label alike."""
+        return ColorCode.from_masks(self._values)
 
     def choose(self, target_rgb: np.ndarray, k: int, exclude: Sequence = ()) -> tuple[int, ...]:
         """The k pairs most alike `target_rgb` (sorted indices), leaving out the pairs whose key is in `exclude`."""
