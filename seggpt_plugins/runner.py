@@ -271,7 +271,7 @@ class Runner:
                     pending.append(self._missed(index, target, stop.reason))
                     continue
                 if exc is not None:
-                    pending.append(self._failed(index, target, exc))
+                    pending.append(self._failed(index, target, exc, "cannot be read"))
                     yield from ready(limit)
                     continue
                 job = self._job(index, target, rgb)
@@ -434,12 +434,12 @@ class Runner:
         return prediction, mirrored
 
     @staticmethod
-    def _failed(index: int, target: Target, exc: BaseException) -> Result:
+    def _failed(index: int, target: Target, exc: BaseException, what: str = "segmentation failed") -> Result:
         name = target.name or str(target.key)
         if isinstance(exc, SegGPTError):
             message = str(exc)
         else:
-            message = f"{name}: segmentation failed ({type(exc).__name__}: {exc})"
+            message = f"{name}: {what} ({type(exc).__name__}: {exc})"
         return Result(target.key, index, error=message, exception=exc)
 
     @staticmethod

@@ -27,13 +27,15 @@ import numpy as np
 
 from ..errors import InputError
 from ..images import TIFF_SUFFIXES, _check_pixels, decode_image, to_mask, to_rgb8
+from ..instances import ObjectRule
+from ..prompts import PromptPool
+from ..runner import Runner, Target
 from ..vocabulary import AUTO_MODEL
 from .sources import read_bytes
 
 STATUS_DONE, STATUS_FAILED = "done", "failed"
 OUTPUT_COLUMNS = ("path", "status", "reason", "labels", "classes", "instances", "confidence", "model", "prompts",
                   "annotations")
-PROMPT_SETS_KEPT = 32  # prepared prompt sets a predictor keeps when it chooses examples per target
 
 
 def decode(data: bytes, name: str, as_mask: bool = False) -> np.ndarray:
@@ -83,10 +85,11 @@ class SegGPTPredictor:
     """SegGPT on batches of inputs, model and prompts loaded once (per Ray actor, or per process).
 
     prompts: example (image, mask) file pairs (local paths or URLs); tuned_prompts: .safetensors files.
-    most_similar: show each target only the k examples most alike it (prompts.PromptPool), chosen here.
+    most_similar: show each target only the k examples most alike it (prompts.PromptPool, runner.Runner).
     output: "labels" (class ids) or "instances" (one id per object, with COCO annotations).
     The other arguments are those of SegGPT.from_pretrained (model, device, dtype, quantize, threads: the
-    model comes from the process's cache, loading.get_model) and SegGPT.iter_segment.
+    model comes from the process's cache, loading.get_model) and SegGPT.iter_segment. Each batch goes
+    through the core's one loop (runner.Runner): an input that cannot be read or segmented fails alone.
     """
 
     def __init__(self, prompts=(), tuned_prompts=(), *, model: str = AUTO_MODEL, device=None, dtype=None,
@@ -95,7 +98,6 @@ class SegGPTPredictor:
                  tile=None, halo: int = 32, quality: str | None = "fast", output: str = "labels", min_area: int = 16,
                  split_touching: bool = False):
         from ..loading import get_model, set_cpu_threads
-        from ..prompts import PromptPool
 
         pairs = [read_pair(image, mask) for image, mask in prompts]
         self.names = [str(image) for image, _ in prompts] + [str(t) for t in tuned_prompts]
@@ -107,32 +109,17 @@ class SegGPTPredictor:
         self.model = get_model(model, device, dtype, quantize)
         if threads is not None and self.model.device.type == "cpu":
             set_cpu_threads(threads)
-        self.options = dict(batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range, tile=tile,
-                            halo=halo, quality=quality)
-        self.output, self.min_area, self.split_touching = output, min_area, split_touching
-        self.intensity_range, self.ensemble, self.tile = intensity_range, ensemble, tile
-        self.code = self.model.color_code([], [m for _, m in pairs]) if pairs else None
-        self.pool = PromptPool.from_pairs(self.names, [(to_rgb8(i, intensity_range, name=n), m) for (i, m), n
-                                                       in zip(pairs, self.names)]) if most_similar else None
-        self.most_similar = most_similar
-        self._sets: dict[tuple, object] = {}
-        if not most_similar:
-            self._sets[()] = self.model.prepare_prompts([i for i, _ in pairs] + list(tuned_prompts),
-                                                        [m for _, m in pairs], intensity_range, ensemble=ensemble,
-                                                        tile=tile)
-
-    def _prompts_for(self, rgb: np.ndarray):
-        """(PromptSet, example names) for one target: all examples, or the k most alike it."""
-        if self.pool is None:
-            return self._sets[()], self.names
-        chosen = self.pool.choose(rgb, self.most_similar)
-        if chosen not in self._sets:
-            if len(self._sets) >= PROMPT_SETS_KEPT:
-                self._sets.pop(next(iter(self._sets)))
-            images, masks = self.pool.pairs(chosen)
-            self._sets[chosen] = self.model.prepare_prompts(images, masks, (0, 255), code=self.code,
-                                                            ensemble=self.ensemble, tile=self.tile)
-        return self._sets[chosen], [self.names[i] for i in chosen]
+        self.output = output
+        if most_similar:
+            examples = PromptPool.from_pairs(self.names, [(to_rgb8(i, intensity_range, name=n), m)
+                                                          for (i, m), n in zip(pairs, self.names)])
+        else:
+            examples = self.model.prepare_prompts([i for i, _ in pairs] + list(tuned_prompts), [m for _, m in pairs],
+                                                  intensity_range, ensemble=ensemble, tile=tile)
+        self.runner = Runner(self.model, examples, most_similar=most_similar, batch_size=batch_size,
+                             seg_type=seg_type, intensity_range=intensity_range, ensemble=ensemble, tile=tile,
+                             halo=halo, quality=quality,
+                             objects=ObjectRule(min_area, split_touching) if output == "instances" else None)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch.get("path", range(len(next(iter(batch.values()), []))))]
@@ -140,28 +127,17 @@ class SegGPTPredictor:
             return {key: np.asarray([], dtype=object) for key in OUTPUT_COLUMNS}
         errors = batch.get("error")
         rows: list[dict | None] = [None] * len(paths)
-        targets = []  # (row, rgb)
+        targets = []
         for k, path in enumerate(paths):
             if errors is not None and errors[k]:
                 rows[k] = self._failed(path, str(errors[k]))
-                continue
-            try:
-                image = batch["image"][k] if "image" in batch else decode(bytes(batch["bytes"][k]), path)
-                targets.append((k, to_rgb8(image, self.intensity_range, name=path)))
-            except InputError as exc:
-                rows[k] = self._failed(path, str(exc))
-            except Exception as exc:
-                rows[k] = self._failed(path, f"{path}: cannot be read ({type(exc).__name__}: {exc})")
-        if targets:
-            try:
-                self._segment(targets, paths, rows)
-            except Exception:  # one input spoiled the batch: segment each alone to tell which
-                for target in targets:
-                    try:
-                        self._segment([target], paths, rows)
-                    except Exception as exc:
-                        rows[target[0]] = self._failed(paths[target[0]], f"{paths[target[0]]}: segmentation "
-                                                                         f"failed ({type(exc).__name__}: {exc})")
+            elif "image" in batch:
+                targets.append(Target(k, batch["image"][k], name=path))
+            else:
+                targets.append(Target(k, lambda data=batch["bytes"][k], path=path: decode(bytes(data), path), name=path))
+        for result in self.runner.run(targets):
+            k = result.key
+            rows[k] = self._row(paths[k], result) if result.ok else self._failed(paths[k], result.error)
         out = {key: np.asarray([row[key] for row in rows]) for key in rows[0] if key != "labels"}
         out["labels"] = _ragged([row["labels"] for row in rows])
         for key, column in batch.items():  # pass through the caller's other columns
@@ -169,20 +145,15 @@ class SegGPTPredictor:
                 out[key] = column
         return out
 
-    def _segment(self, targets, paths, rows) -> None:
-        chosen = [self._prompts_for(rgb) for _, rgb in targets]
-        predictions = self.model.iter_segment([rgb for _, rgb in targets], [c[0] for c in chosen], **self.options)
-        for prediction in predictions:
-            k = targets[prediction.index][0]
-            instances = prediction.instances(self.min_area, self.split_touching) if self.output == "instances" \
-                else None
-            rows[k] = dict(path=paths[k], status=STATUS_DONE, reason="",
-                           labels=instances.map if instances is not None else prediction.labels,
-                           classes=json.dumps(sorted(int(c) for c in np.unique(prediction.labels) if c)),
-                           instances=len(instances) if instances is not None else -1,
-                           confidence=round(float(prediction.confidence), 4), model=self.model.source,
-                           prompts=json.dumps(chosen[prediction.index][1]),
-                           annotations=json.dumps(coco_annotations(instances)) if instances is not None else "")
+    def _row(self, path: str, result) -> dict:
+        prediction, instances = result.prediction, result.instances
+        return dict(path=path, status=STATUS_DONE, reason="",
+                    labels=instances.map if instances is not None else prediction.labels,
+                    classes=json.dumps(sorted(int(c) for c in np.unique(prediction.labels) if c)),
+                    instances=len(instances) if instances is not None else -1,
+                    confidence=round(float(prediction.confidence), 4), model=self.model.source,
+                    prompts=json.dumps(list(result.prompts) or self.names),
+                    annotations=json.dumps(coco_annotations(instances)) if instances is not None else "")
 
     def _failed(self, path: str, reason: str) -> dict:
         return dict(path=path, status=STATUS_FAILED, reason=reason, labels=np.zeros((0, 0), np.uint8),
