@@ -1,0 +1,161 @@
+"""The options several commands share: their argument groups, and reading them back (checked before any work).
+
+Imports stay lazy: adding the arguments loads argparse and the vocabulary only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..vocabulary import AUTO_MODEL, HUB_MODEL, MODEL_ENV, SEG_TYPES
+
+
+# ------------------------------------------------------------------------------------------ arguments
+
+
+def add_model(parser: argparse.ArgumentParser, model_default: str = AUTO_MODEL) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=model_default,
+                       help=f"hub id, transformers directory, Painter .pth checkpoint, 'demo', or 'auto' (default: "
+                            f"%(default)s; auto = ${MODEL_ENV}, else {HUB_MODEL} when cached, else demo)")
+    group.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    group.add_argument("--dtype", default=None,
+                       help="float32, bfloat16 or float16 (default: $SEGGPT_DTYPE, else bf16 on CUDA and on CPUs "
+                            "that compute bf16 in hardware (AVX512_BF16, AMX), else fp32)")
+    group.add_argument("--quantize", choices=["int8"], default=None,
+                       help="CPU: int8 linear layers (on CPUs with AMX oneDNN's kernels, the rest at --dtype; "
+                            "elsewhere torch's dynamic quantization, the rest float32; slightly less exact; "
+                            "default: $SEGGPT_QUANTIZE, else none)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads (default: $SEGGPT_THREADS, else the CPUs this process may use)")
+    group.add_argument("--batch-size", type=int, default=8, help="targets per forward pass (default: %(default)s)")
+
+
+def add_ensemble(parser: argparse.ArgumentParser, tiles: bool = True) -> None:
+    group = parser.add_argument_group("examples and large images")
+    group.add_argument("--ensemble", choices=["feature", "spatial", "both"], default="feature",
+                       help="several examples: feature (Painter's feature ensemble, one prompt each), spatial "
+                            "(stitched into one prompt canvas, the paper's spatial ensemble), both (canvases of 4, "
+                            "combined by the feature ensemble) (default: %(default)s)")
+    if tiles:
+        group.add_argument("--tile", nargs="+", default=None, metavar="PIXELS",
+                           help="cut large targets into tiles: H W, one size for both, or 'auto' (six object "
+                                "diameters of the examples); larger examples are cut to their most labelled "
+                                "tile, so both are seen at one scale")
+        group.add_argument("--halo", type=int, default=32, help="overlap of neighbouring tiles, pixels (default: 32)")
+
+
+def add_inference(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seg-type", choices=list(SEG_TYPES), default="instance",
+                        help="SegGPT's type token (default: %(default)s, as Painter)")
+    parser.add_argument("--intensity-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="map this intensity range to 0..255 (default: robust percentiles for non-8-bit images)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+
+
+def add_export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--output", choices=["labels", "instances", "panoptic"], default="labels",
+                       help="labels: class ids; instances: one id per object" + (" (kept through the stack)" if stack
+                            else "") + "; panoptic: objects of 'thing' classes, regions of 'stuff' classes "
+                       "(default: %(default)s)")
+    group.add_argument("--format", nargs="+", dest="formats", default=None, metavar="FORMAT",
+                       help="png, tiff, coco (COCO instances JSON with RLE masks), panoptic (COCO panoptic PNG + "
+                            "JSON); several at once (default: " + ("tiff" if stack else "png") + ")")
+    group.add_argument("--label-names", default=None, metavar="FILE",
+                       help="class names for the export: JSON/YAML {id: name} or text lines `ID NAME [thing|stuff]`")
+    group.add_argument("--min-area", type=int, default=16,
+                       help="objects: parts smaller than this (pixels) join a neighbour or are dropped (default: 16)")
+    group.add_argument("--split-touching", action="store_true",
+                       help="objects: separate touching objects (watershed on the distance transform)")
+    group.add_argument("--review", action="store_true",
+                       help="also write review.jsonl: one row per image (classes, objects, confidence, model), "
+                            "worst first")
+
+
+def add_quality(parser: argparse.ArgumentParser, choices: list[str]) -> None:
+    parser.add_argument("--quality", choices=choices, default="fast",
+                        help="estimate each proposal's IoU (the confidence of --review, worst first): fast (nearly "
+                             "free)" + (", full (also segments each target mirrored: twice the time)" if "full" in
+                                        choices else "") + " or off (default: %(default)s)")
+
+
+# ------------------------------------------------------------------------------------------ reading them
+
+
+def check_numbers(args: argparse.Namespace, **limits: int) -> None:
+    """Whole-number options against their lower bounds, before any work (InputError names the flag)."""
+    from ..errors import InputError
+
+    for name, low in limits.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def require_files(paths) -> None:
+    """Every input file exists (checked before the model loads; reading them tells what else is wrong)."""
+    from ..errors import InputError
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: is not a file")
+
+
+def tile_option(args: argparse.Namespace):
+    """--tile as segment() takes it, checked before any work."""
+    from ..ensembles import tile_size
+    from ..errors import InputError
+
+    if args.tile is None:
+        return None
+    if args.tile == ["auto"]:
+        return "auto"
+    try:
+        numbers = [int(v) for v in args.tile]
+    except ValueError:
+        raise InputError(f"--tile takes H W, one size, or 'auto'; got {' '.join(args.tile)}") from None
+    if len(numbers) not in (1, 2):
+        raise InputError(f"--tile takes H W, one size, or 'auto'; got {' '.join(args.tile)}")
+    return tile_size(tuple(numbers * 2 if len(numbers) == 1 else numbers), args.halo)
+
+
+def quality_option(args: argparse.Namespace) -> str | None:
+    """--quality as segment()/propagate() take it."""
+    return None if args.quality == "off" else args.quality
+
+
+def intensity_option(args: argparse.Namespace) -> tuple[float, float] | None:
+    return tuple(args.intensity_range) if args.intensity_range else None
+
+
+def export_options(args: argparse.Namespace, default_format: str):
+    """The export.ExportOptions of the output arguments, checked against --seg-type."""
+    from ..export import ExportOptions, load_label_names
+
+    options = ExportOptions(output=args.output, formats=tuple(args.formats or [default_format]),
+                            min_area=args.min_area, split_touching=args.split_touching, review=args.review,
+                            names=load_label_names(args.label_names) if args.label_names else None)
+    options.check(args.seg_type)
+    return options
+
+
+def prompt_ids(masks) -> list[int]:
+    """The label ids of the prompt masks (colour masks: 1..K in sorted colour order, as the model labels them)."""
+    from ..colors import ColorCode
+
+    return [int(i) for i in ColorCode.from_masks(masks).ids] if masks else []
+
+
+def load_model(args: argparse.Namespace):
+    """The model of the model arguments, its load time reported on stderr."""
+    from ..engine import SegGPT
+
+    started = time.time()
+    model = SegGPT.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                   quantize=getattr(args, "quantize", None), threads=getattr(args, "threads", None))
+    print(f"loaded {model} in {time.time() - started:.1f} s", file=sys.stderr)
+    return model

@@ -1,0 +1,287 @@
+"""`seggpt propagate`: annotated slices through a TIFF stack (one stack out), or annotated frames through a
+video, GIF, folder of frames or TIFF (frames mode: one label file per frame, written as it comes)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_numbers, export_options,
+                      intensity_option, load_model, prompt_ids, quality_option, require_files)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("propagate", help="propagate annotated slices/frames through a 3D or time stack, or a video")
+    p.add_argument("stack", metavar="STACK_OR_VIDEO",
+                   help="a TIFF stack (Z, Y, X) or (Z, Y, X, C); or frames: a video (mp4, mov, avi, mkv, webm; "
+                        "needs the [video] extra), an animated GIF, a folder of frame images, or a TIFF stack "
+                        "with --prompt-frame")
+    p.add_argument("--prompt-slice", nargs=2, action="append", default=[], metavar=("Z", "MASK"),
+                   help="an annotated slice index and its label mask file; repeat for more")
+    p.add_argument("--prompt-frame", nargs=2, action="append", default=[], metavar=("N", "MASK"),
+                   help="frames: an annotated frame (N counts from 0) and its label mask file; repeat for more")
+    p.add_argument("--prompt", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                   help="an example pair from outside the stack; repeat for more")
+    p.add_argument("--out", required=True, help="stack: output label TIFF (Z, Y, X); frames: output folder, one "
+                   "label file per frame named by its frame index (000042_labels.tif)")
+    p.add_argument("--memory", type=int, default=8, help="recent predictions used as extra prompts (default: 8)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many fixed prompts per slice")
+    group = p.add_argument_group("frames (videos)")
+    group.add_argument("--start", type=int, default=None, help="first frame to use (default: 0)")
+    group.add_argument("--stop", type=int, default=None, help="use frames before this one (default: the end)")
+    group.add_argument("--every", type=int, default=None, help="use every K-th frame from --start (default: 1)")
+    group.add_argument("--overlay", action="store_true",
+                       help="also write overlay.mp4 for review: the frames with their labels, at their own times")
+    add_model(p)
+    add_inference(p)
+    add_ensemble(p, tiles=False)
+    add_export(p, stack=True)
+    add_quality(p, ["fast", "off"])
+    p.set_defaults(handler=cmd_propagate)
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    if _frames_mode(args):
+        return _propagate_frames(args)
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..errors import InputError
+    from ..export import CocoWriter, ReviewTable, categories_for
+    from ..images import label_dtype, read_image, to_mask
+    from ..io import OutputSet
+
+    check_numbers(args, batch_size=1, memory=0, max_prompts=1)
+    options = export_options(args, "tiff")
+    if not set(options.formats) <= {"tiff", "coco"} or options.output == "panoptic":
+        raise InputError("propagate writes a TIFF stack (--format tiff) and, with --output instances, COCO "
+                         "(--format coco); --output panoptic and PNG are for `seggpt segment`")
+    inputs = [args.stack, *(m for _, m in args.prompt_slice), *(p for pair in args.prompt for p in pair)]
+    require_files(inputs)
+    out = Path(args.out)
+    extra = {"coco": out.with_name(f"{out.stem}_coco.json"), "review": out.with_name(f"{out.stem}_review.jsonl")}
+    outputs = OutputSet([out] + [extra["coco"]] * ("coco" in options.formats) + [extra["review"]] * options.review,
+                        inputs=inputs, overwrite=args.overwrite)
+    if not args.prompt_slice and not args.prompt:
+        raise InputError("give at least one --prompt-slice Z MASK or --prompt IMAGE MASK")
+    stack = read_image(args.stack)
+    if stack.ndim not in (3, 4) or (stack.ndim == 4 and stack.shape[-1] not in (3, 4)):
+        raise InputError(f"{args.stack}: expected a stack (Z, Y, X) or (Z, Y, X, C), got shape {stack.shape}")
+    depth, height, width = stack.shape[:3]
+    annotations = {}
+    for z, mask in args.prompt_slice:
+        try:
+            z = int(z)
+        except ValueError:
+            raise InputError(f"--prompt-slice: slice index must be an integer, got {z!r}") from None
+        if not 0 <= z < depth:
+            raise InputError(f"--prompt-slice {z}: {args.stack} has {depth} slices (0..{depth - 1})")
+        annotation = to_mask(mask, name=f"--prompt-slice {z} {mask}")
+        if annotation.ndim != 2 or annotation.shape != (height, width):
+            raise InputError(f"--prompt-slice {z} {mask}: a label mask of {width}x{height} (width x height) is "
+                             f"needed, like the slices of {args.stack}; got shape {annotation.shape}")
+        annotations[z] = annotation
+    prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
+    categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
+        if options.objects else {}
+    model = load_model(args)
+    ids = [np.unique(m) for m in [*annotations.values(), *prompt_masks]]
+    labels = np.zeros(stack.shape[:3], dtype=label_dtype(int(max(i.max() for i in ids))))
+    for z, mask in annotations.items():
+        labels[z] = mask
+    predictions = model.propagate(stack, [i for i, _ in args.prompt], prompt_masks,
+                                  annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
+                                  batch_size=args.batch_size, seg_type=args.seg_type,
+                                  intensity_range=intensity_option(args), ensemble=args.ensemble,
+                                  quality=quality_option(args))
+    todo = depth - len(annotations)
+    found = {}
+    for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
+        labels[prediction.index] = prediction.labels
+        if options.objects or options.review:
+            found[prediction.index] = prediction
+    with outputs:
+        picture = labels
+        if options.objects:
+            picture, objects = _tracked_instances(found, annotations, depth, options)
+        if "tiff" in options.formats:
+            outputs.write_tiff(out, picture)
+        if "coco" in options.formats:
+            coco = CocoWriter(outputs.stage(extra["coco"]), categories)
+            for z in range(depth):
+                coco.add(f"{Path(args.stack).name}#z{z}", objects[z])
+            coco.close()
+        if options.review:
+            review = ReviewTable(outputs.stage(extra["review"]))
+            for z, prediction in sorted(found.items()):
+                review.add_prediction(f"{args.stack}#z{z}", prediction, objects[z] if options.objects else None,
+                                      slice=z, model=model.source)
+            review.close()
+    print(f"wrote {out} ({depth} slices, {todo} predicted; {options.output})")
+    return 0
+
+
+def _tracked_instances(predictions: dict, annotations: dict, depth: int, options):
+    """Objects of every slice with ids kept through the stack (instances.track_stack, from the annotated
+    slices' own objects). Returns (id stack, {slice: Instances})."""
+    import numpy as np
+
+    from ..instances import annotated_objects, find_instances, track_stack
+
+    annotated = annotated_objects(annotations)
+    found = {z: p.with_object_quality(find_instances(p.labels, p.scores, min_area=options.min_area,
+                                                     split_touching=options.split_touching))
+             for z, p in predictions.items()}
+    tracked = {**track_stack(found, annotated, depth), **annotated}
+    top = max((int(o.map.max()) for o in tracked.values()), default=0)
+    stack = np.zeros((depth, *next(iter(tracked.values())).map.shape), np.uint16 if top < 65536 else np.uint32)
+    for z, objects in tracked.items():
+        stack[z] = objects.map
+    return stack, tracked
+
+
+# ------------------------------------------------------------------------------------------ frames mode
+
+
+def _frames_mode(args: argparse.Namespace) -> bool:
+    """Whether `propagate` reads frames (a video, GIF or folder, or a TIFF with --prompt-frame): one label
+    file per frame in a folder; else one TIFF stack in, one out. InputError for options of the other mode."""
+    from ..errors import InputError
+    from ..video import is_video
+
+    frames = bool(args.prompt_frame) or is_video(args.stack)
+    if frames and args.prompt_slice:
+        raise InputError(f"--prompt-slice is for TIFF stacks; annotate frames of {args.stack} with "
+                         "--prompt-frame N MASK")
+    used = [f"--{name}" for name in ("start", "stop", "every") if getattr(args, name) is not None]
+    if not frames and (used or args.overlay):
+        raise InputError(f"{', '.join(used + ['--overlay'] * args.overlay)}: for frames (a video, GIF or folder, or "
+                         "a TIFF with --prompt-frame); a stack with --prompt-slice is propagated whole")
+    return frames
+
+
+def _propagate_frames(args: argparse.Namespace) -> int:
+    """`propagate` over frames: one label file per frame (named by its index) written as it comes, so
+    memory stays flat however long the video; an overlay video made from them at the end."""
+    from tqdm import tqdm
+
+    from ..errors import InputError
+    from ..export import Exporter, categories_for
+    from ..images import to_mask
+    from ..io import OutputSet
+    from ..propagation import stack_intensity_range
+    from ..video import open_frames, propagate_video
+
+    check_numbers(args, batch_size=1, memory=0, max_prompts=1, start=0, stop=1, every=1)
+    options = export_options(args, "tiff")
+    if not args.prompt_frame and not args.prompt:
+        raise InputError("give at least one --prompt-frame N MASK or --prompt IMAGE MASK")
+    files = [*(m for _, m in args.prompt_frame), *(p for pair in args.prompt for p in pair)]
+    require_files(files)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; for frames, --out names the output folder")
+    with open_frames(args.stack, start=args.start or 0, stop=args.stop, every=args.every or 1) as frames:
+        annotations = _frame_annotations(args, frames)
+        width = max(6, len(str(frames.count - 1)))
+        exporter = Exporter(out, [f"{i:0{width}d}" for i in frames.indices], options)
+        overlay_path = out / "overlay.mp4"
+        outputs = OutputSet(exporter.paths() + [overlay_path] * args.overlay, inputs=[args.stack, *files],
+                            overwrite=args.overwrite)
+        prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
+        categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
+            if options.objects else {}
+        model = load_model(args)
+        intensity = intensity_option(args) or stack_intensity_range(frames)
+        results = propagate_video(model, frames, annotations, [i for i, _ in args.prompt], prompt_masks,
+                                  objects=options.objects, min_area=options.min_area,
+                                  split_touching=options.split_touching, memory=args.memory,
+                                  max_prompts=args.max_prompts, batch_size=args.batch_size, seg_type=args.seg_type,
+                                  intensity_range=intensity, ensemble=args.ensemble,
+                                  quality=quality_option(args))
+        with outputs:
+            exporter.open(outputs, categories)
+            with _FrameMaps(out if args.overlay else None) as maps:
+                for result in tqdm(results, total=len(frames), desc="propagating", unit="frame"):
+                    exporter.write(frames.indices.index(result.index), result.prediction,
+                                   f"{Path(args.stack).name}#frame{result.index}", result.instances,
+                                   frame=result.index, time=round(result.time, 4), annotated=result.annotated,
+                                   model=model.source)
+                    maps.put(result.index, result.prediction.labels if options.output == "labels"
+                             else result.instances.map)
+                exporter.close()
+                if args.overlay:
+                    from ..video import write_overlay_video
+
+                    write_overlay_video(outputs.stage(overlay_path), frames, maps.get, intensity)
+    print(f"wrote {len(frames)} frames' {options.output} to {out} ({len(frames) - len(annotations)} predicted, "
+          f"{len(annotations)} annotated; {', '.join(options.formats)})" + ("; overlay.mp4" if args.overlay else ""))
+    return 0
+
+
+def _frame_annotations(args: argparse.Namespace, frames) -> dict:
+    """{frame index: label mask} of --prompt-frame, each checked against the chosen frames and their size."""
+    from ..errors import InputError
+    from ..images import to_mask
+
+    annotations = {}
+    for n, mask in args.prompt_frame:
+        name = f"--prompt-frame {n} {mask}"
+        try:
+            n = int(n)
+        except ValueError:
+            raise InputError(f"--prompt-frame: the frame index must be an integer (from 0), got {n!r}") from None
+        if n in annotations:
+            raise InputError(f"{name}: frame {n} is annotated twice")
+        frames.position(n, name=name)
+        annotation = to_mask(mask, name=name)
+        if annotation.ndim != 2 or annotation.shape != frames.size:
+            raise InputError(f"{name}: a label mask of {frames.size[1]}x{frames.size[0]} (width x height) is needed, "
+                             f"like the frames of {args.stack}; got shape {annotation.shape}")
+        annotations[n] = annotation
+    return annotations
+
+
+class _FrameMaps:
+    """Each frame's label map kept on disk until the overlay video is made (in order, at the end), in a
+    hidden staging folder inside `out` that is removed on exit (and by a later run, if this one is killed).
+    With `out` None, nothing is kept."""
+
+    def __init__(self, out):
+        self.out, self.folder = out, None
+
+    def __enter__(self) -> "_FrameMaps":
+        import os
+        import tempfile
+
+        from ..io import STAGING_PREFIX
+
+        if self.out is not None:
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-maps-", dir=self.out))
+        return self
+
+    def put(self, index: int, labels) -> None:
+        import io
+        import zlib
+
+        import numpy as np
+
+        if self.folder is not None:  # label maps compress well: a 4K frame's is tens of kB
+            buffer = io.BytesIO()
+            np.save(buffer, labels)
+            (self.folder / f"{index}.npy.z").write_bytes(zlib.compress(buffer.getvalue(), 1))
+
+    def get(self, index: int):
+        import io
+        import zlib
+
+        import numpy as np
+
+        return np.load(io.BytesIO(zlib.decompress((self.folder / f"{index}.npy.z").read_bytes())))
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,166 @@
+"""`seggpt segment`: target images from example image/mask pairs, in this process or with the scale pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_numbers, export_options,
+                      intensity_option, load_model, prompt_ids, quality_option, require_files, tile_option)
+
+LABELS_SUFFIX = "_labels"  # output names never equal an input's name
+
+
+def register(sub) -> None:
+    p = sub.add_parser("segment", help="segment target images from example image/mask pairs")
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="target image files, folders (searched recursively; the output tree mirrors them) or "
+                        "globs such as 'data/**/*.png'")
+    p.add_argument("--prompt", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                   help="an example image and its mask (label map, or RGB colour mask); repeat for more")
+    p.add_argument("--tuned-prompt", action="append", default=[], metavar="FILE",
+                   help="a prompt learned by `seggpt tune-prompt` (in place of an example pair)")
+    p.add_argument("--out", required=True, help=f"output folder: one label PNG per target (<name>{LABELS_SUFFIX}.png)")
+    p.add_argument("--overlay", action="store_true", help="also write a colour overlay PNG per target")
+    p.add_argument("--scores", action="store_true", help="also write the confidence map as a float TIFF")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave out targets whose outputs exist (resume an interrupted run)")
+    add_model(p)
+    add_inference(p)
+    add_ensemble(p)
+    add_export(p)
+    add_quality(p, ["fast", "full", "off"])
+    _add_scale(p)
+    p.set_defaults(handler=cmd_segment)
+
+
+def _add_scale(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("at scale (seggpt_plugins.scale; docs/scale.md)")
+    group.add_argument("--engine", choices=["local", "ray"], default=None,
+                       help="run the resumable pipeline: local (in this process; the default when a TARGET is a "
+                            "manifest .csv/.jsonl/.parquet or a URL such as s3://) or ray (Ray Data: a local Ray, or "
+                            "the cluster of --ray-address / $RAY_ADDRESS). Each input's files are written as it is "
+                            "done, a rerun finishes an interrupted run, review.parquet has one row per input, and "
+                            "failed inputs make the exit status 1. Without it: one in-process run whose outputs "
+                            "appear all together at the end")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="ray: an existing Ray cluster (implies --engine ray; default: $RAY_ADDRESS, else a local "
+                            "Ray started for the run)")
+    group.add_argument("--actors", type=int, default=1, help="ray: model copies (actors) (default: %(default)s)")
+    group.add_argument("--gpus-per-actor", type=float, default=0, help="ray: GPUs per actor (default: %(default)s)")
+    group.add_argument("--cpus-per-actor", type=float, default=1, help="ray: CPUs per actor (default: %(default)s)")
+    group.add_argument("--most-similar", type=int, default=None, metavar="K",
+                       help="show each target only the K examples (of --prompt) most alike it")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    if _at_scale(args):
+        return _segment_at_scale(args)
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..errors import InputError
+    from ..export import Exporter, categories_for
+    from ..images import display_colors, overlay, to_mask, to_rgb8
+    from ..io import OutputSet
+
+    if not args.prompt and not args.tuned_prompt:
+        raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
+    check_numbers(args, batch_size=1)
+    tile = tile_option(args)
+    options = export_options(args, "png")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; --out names the output folder")
+    prompt_files = [*(p for pair in args.prompt for p in pair), *args.tuned_prompt]
+    require_files(prompt_files)
+    targets = _expand_targets(args.targets)
+    require_files([f for f, _ in targets])
+    exporter = Exporter(out, [stem for _, stem in targets], options)
+    if args.skip_existing:
+        if options.review or {"coco", "panoptic"} & set(options.formats):
+            raise InputError("--skip-existing resumes per-image files; a run-wide file (--format coco/panoptic, "
+                             "--review) covers every target: run those without --skip-existing")
+        keep = [i for i in range(len(targets)) if not all(exporter.map_path(i, f).exists()
+                                                            for f in options.formats)]
+        print(f"skipping {len(targets) - len(keep)} target(s) whose outputs exist", file=sys.stderr)
+        targets = [targets[i] for i in keep]
+        exporter = Exporter(out, [stem for _, stem in targets], options)
+        if not targets:
+            return 0
+    stems = exporter.stems
+    overlays = [out / f"{stem}_overlay.png" for stem in stems] if args.overlay else []
+    scores = [out / f"{stem}_scores.tif" for stem in stems] if args.scores else []
+    files = [f for f, _ in targets]
+    outputs = OutputSet(exporter.paths() + overlays + scores, inputs=[*files, *prompt_files], overwrite=args.overwrite)
+    prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
+    if options.objects:
+        categories_for(prompt_ids(prompt_masks), options.names)  # names checked before the model loads
+    model = load_model(args)
+    prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
+                                    intensity_option(args), ensemble=args.ensemble, tile=tile)
+    categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
+    predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
+                                     intensity_range=intensity_option(args), tile=tile, halo=args.halo,
+                                     quality=quality_option(args))
+    with outputs:
+        exporter.open(outputs, categories)
+        for prediction in tqdm(predictions, total=len(files), desc="segmenting", unit="image"):
+            i = prediction.index
+            exporter.write(i, prediction, str(files[i]), model=model.source, prompts=len(prompts))
+            if args.overlay:
+                image = to_rgb8(files[i], intensity_option(args))
+                outputs.write_png(overlays[i], overlay(image, prediction.labels, display_colors(prediction.colors)))
+            if args.scores:
+                outputs.write_tiff(scores[i], prediction.scores.astype(np.float32))
+        exporter.close()
+    print(f"wrote the {options.output} of {len(files)} image(s) to {out} ({', '.join(options.formats)})")
+    return 0
+
+
+def _expand_targets(targets: list[str]) -> list[tuple[Path, str]]:
+    """(file, output stem) per target: files as they are; folders searched recursively and globs expanded,
+    their files' stems relative to the folder (or the glob's fixed part), so the output tree mirrors them."""
+    from ..scale.sources import local_targets
+
+    return local_targets(targets)
+
+
+def _at_scale(args: argparse.Namespace) -> bool:
+    """Whether `segment` runs the resumable pipeline (seggpt_plugins.scale): --engine, --ray-address or
+    --most-similar given, or a target only it reads (a manifest or a URL)."""
+    from ..scale.sources import is_manifest, is_url
+
+    return (args.engine is not None or args.ray_address is not None or args.most_similar is not None
+            or any(is_url(t) or is_manifest(t) for t in args.targets))
+
+
+def _segment_at_scale(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..scale import run
+
+    used = [flag for flag, on in (("--overlay", args.overlay), ("--scores", args.scores),
+                                  ("--skip-existing", args.skip_existing), ("--review", args.review)) if on]
+    if used:
+        raise InputError(f"{', '.join(used)}: not with --engine (a scaled run resumes by itself and always writes "
+                         "review.parquet)")
+    if args.engine == "local" and args.ray_address:
+        raise InputError("--ray-address names a Ray cluster: use it with --engine ray")
+    check_numbers(args, batch_size=1, actors=1, most_similar=1)
+    engine = args.engine or ("ray" if args.ray_address else "local")
+    summary = run(args.targets, args.prompt, args.out, tuned_prompts=args.tuned_prompt, engine=engine,
+                  ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                  cpus_per_actor=args.cpus_per_actor, model=args.model, device=args.device, dtype=args.dtype,
+                  quantize=getattr(args, "quantize", None), threads=getattr(args, "threads", None),
+                  batch_size=args.batch_size, most_similar=args.most_similar, seg_type=args.seg_type,
+                  intensity_range=intensity_option(args), ensemble=args.ensemble, tile=tile_option(args),
+                  halo=args.halo, quality=quality_option(args), options=export_options(args, "png"),
+                  overwrite=args.overwrite)
+    print(f"{summary.done} of {summary.inputs} input(s) labelled into {summary.out} ({summary.labelled_now} by this "
+          f"run, {summary.seconds:.1f} s, engine {summary.engine}); review: {summary.review}")
+    if summary.failed:
+        print(f"seggpt segment: {summary.failed} input(s) failed; their reasons are in {summary.review}",
+              file=sys.stderr)
+        return 1
+    return 0
