@@ -69,8 +69,7 @@ def cmd_predict(args) -> int:
     from seggpt_plugins.errors import SegGPTError
 
     from .bulk import BulkError, predict_project
-    from .cli import default_state_dir
-    from .settings import Settings
+    from .settings import Settings, default_state_dir
 
     try:
         settings = Settings.from_env(label_studio_url=args.label_studio_url, model=args.model, device=args.device,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .bulk_cli import register_predict
+
 ENV_HELP = """environment (used when the flag is not given):
   LABEL_STUDIO_URL        Label Studio's URL, e.g. http://localhost:8080
   LABEL_STUDIO_API_KEY    an access token (legacy token or personal access token) to read tasks and images
@@ -68,8 +70,6 @@ def register(subparsers) -> None:
                        "(default: $SEGGPT_STATE_DIR or ~/.local/state/seggpt-labelstudio)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=cmd_serve)
-    from .bulk_cli import register_predict
-
     register_predict(commands)
 
     def usage(args) -> int:
@@ -79,17 +79,12 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=usage)
 
 
-def default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "seggpt-labelstudio")
-
-
 def cmd_serve(args) -> int:
     import logging
     import sys
 
     from .netguard import is_loopback
-    from .settings import Settings
+    from .settings import Settings, default_state_dir
 
     def fail(message: str) -> int:
         print(f"seggpt labelstudio serve: {message}", file=sys.stderr)

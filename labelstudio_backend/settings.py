@@ -8,6 +8,12 @@ from dataclasses import asdict, dataclass, field
 from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
 
 
+def default_state_dir() -> str:
+    """Where project settings and references persist when neither --state-dir nor $SEGGPT_STATE_DIR says."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "seggpt-labelstudio")
+
+
 def _env(name: str, default=None):
     value = os.environ.get(name)
     return value if value not in (None, "") else default
