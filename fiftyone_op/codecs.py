@@ -16,13 +16,13 @@ import numpy as np
 
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.images import resize_nearest, to_mask
-from seggpt_plugins.instances import split_instances
+from seggpt_plugins.instances import Instances, ObjectRule
 from seggpt_plugins.vocabulary import MAX_CLASSES
 
 from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION
 
-MIN_INSTANCE_PIXELS = 4  # predicted connected components smaller than this are not made Detections
 MAX_INSTANCES = 65535  # instances of one image (staged as a 16-bit PNG)
+OBJECTS = ObjectRule(max_instances=MAX_INSTANCES)  # the core's object rule, as every host applies it
 
 
 class SegmentationCodec:
@@ -45,8 +45,8 @@ class SegmentationCodec:
         self.rgb = self.rgb or mask.ndim == 3
         return mask
 
-    def decode(self, pred) -> tuple[np.ndarray, Any]:
-        """Prediction -> (array to stage as PNG, metadata kept in memory)."""
+    def decode(self, pred, instances=None) -> tuple[np.ndarray, Any]:
+        """Prediction -> (array to stage as PNG, metadata kept in memory); `instances` are not used."""
         labels = pred.labels
         top = int(labels.max()) if labels.size else 0
         if self.rgb:  # ids 1..K stand for the prompts' colours
@@ -70,8 +70,8 @@ class DetectionsCodec:
     Instance encoding (type token "instance", when it fits SegGPT's colour budget): every class gets a
     range of ids as wide as its largest object count in one prompt, each object its own id in its class's
     range, so a painted colour tells both the object and its class. Class encoding ("semantic", or too
-    many objects): one id per class. Either way each predicted id region is split into connected
-    components (the core's `split_instances`), one Detection each, labelled with the id's class.
+    many objects): one id per class. Either way the prediction's objects are the core's (OBJECTS, the
+    rule every host applies), one Detection each, labelled with its id's class.
     """
 
     kind = DETECTIONS
@@ -124,15 +124,17 @@ class DetectionsCodec:
         c = int(np.searchsorted(self.offsets, label_id - 1, side="right")) - 1
         return self.classes[c]
 
-    def decode(self, pred) -> tuple[np.ndarray, list]:
-        """Prediction -> (instance map 1..N, [(class, confidence, box)] per instance)."""
-        try:
-            instances, found = split_instances(pred.labels, pred.scores, min_area=MIN_INSTANCE_PIXELS,
-                                               max_instances=MAX_INSTANCES)
-        except ValueError:
-            raise InputError(f"more than {MAX_INSTANCES} predicted instances in one image") from None
-        meta = [(self.class_of(i.class_id), i.score, i.box) for i in found]
-        return instances.astype(np.uint16, copy=False), meta
+    def decode(self, pred, instances: Instances | None = None) -> tuple[np.ndarray, list]:
+        """Prediction -> (instance map 1..N, [(class, confidence, box)] per instance): its objects by the core's
+        rule (OBJECTS, or `instances` found by it already, e.g. by the runner), each with its confidence (its
+        predicted IoU when the prediction's quality was estimated)."""
+        if instances is None:
+            try:
+                instances = pred.objects(OBJECTS)
+            except ValueError:
+                raise InputError(f"more than {MAX_INSTANCES} predicted instances in one image") from None
+        meta = [(self.class_of(o.class_id), o.confidence, o.box) for o in instances.objects]
+        return instances.map.astype(np.uint16, copy=False), meta
 
     def decode_objects(self, instances) -> tuple[np.ndarray, list]:
         """Tracked objects of a video frame (the core's `Instances`, ids that follow each object through the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,16 +21,15 @@ from seggpt_plugins.errors import InputError, ModelSourceError
 from seggpt_plugins.images import to_rgb8
 from seggpt_plugins.loading import get_model, precision_options
 from seggpt_plugins.prompts import PromptPool
+from seggpt_plugins.runner import Runner, Target
 
-from seggpt_plugins.fiftyone.codecs import make_codec
+from seggpt_plugins.fiftyone.codecs import MAX_INSTANCES, OBJECTS, make_codec
 from seggpt_plugins.fiftyone.commit import Commit, recover
 from seggpt_plugins.fiftyone.evaluation import evaluate
 from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION
 from seggpt_plugins.fiftyone.models import shown_name
 from seggpt_plugins.fiftyone.options import Options, ParamError
 
-READ_CHUNK = 32  # targets read (and grouped by their prompts) at a time; at least one batch
-PROMPT_SETS = 16  # prepared prompt sets (one per distinct choice of prompts) kept for reuse across chunks
 PROGRESS_INTERVAL = 1.0  # seconds between progress reports (besides the first and last)
 
 
@@ -126,36 +124,22 @@ def segment_view(dataset, opts: Options, prompts: list[str], targets: list[str],
 
 
 def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, commit: Commit):
-    """Predict the targets chunk by chunk, each with its most similar prompts; stage every prediction."""
+    """Predict the targets through the core's runner, each shown its most similar prompts; stage every
+    prediction (Detections: the runner's objects, by the core's rule)."""
     progress = Progress()
-    prepared: OrderedDict = OrderedDict()  # prompt choice -> PromptSet, prepared once and reused
-
-    def prompt_set(choice):
-        found = prepared.get(choice)
-        if found is None:
-            images, masks = pool.pairs(choice)
-            found = prepared[choice] = model.prepare_prompts(images, masks, ensemble=opts.ensemble,
-                                                                tile=opts.tile)
-        prepared.move_to_end(choice)
-        while len(prepared) > PROMPT_SETS:
-            prepared.popitem(last=False)
-        return found
-
+    runner = Runner(model, pool, most_similar=opts.max_prompts, batch_size=opts.batch_size, seg_type=seg_type,
+                    ensemble=opts.ensemble, tile=opts.tile, halo=opts.halo,
+                    objects=OBJECTS if codec.kind == DETECTIONS else None)
+    filepaths = dataset.select(targets, ordered=True).values("filepath")
+    items = [Target(sample_id, filepath, name=f"image {filepath}") for sample_id, filepath in zip(targets, filepaths)]
     done = 0
-    chunk_size = max(opts.batch_size, READ_CHUNK)
-    for start in range(0, len(targets), chunk_size):
-        ids = targets[start:start + chunk_size]
-        filepaths = dataset.select(ids, ordered=True).values("filepath")
-        images = [to_rgb8(filepath, name=f"image {filepath}") for filepath in filepaths]
-        chosen = [pool.choose(image, opts.max_prompts) for image in images]
-        sets = [prompt_set(c) for c in chosen]
-        prompts = sets[0] if all(s is sets[0] for s in sets) else sets
-        for pred in model.iter_segment(images, prompts, batch_size=opts.batch_size, seg_type=seg_type,
-                                       tile=opts.tile, halo=opts.halo):
-            sample_id = ids[pred.index]
-            staged, info = codec.decode(pred)
-            commit.stage(sample_id, staged, info, float(pred.confidence), [pool.keys[i] for i in chosen[pred.index]])
-            done += 1
-            if progress.due(force=done in (1, len(targets))):
-                commit.heartbeat()
-                yield 0.95 * done / len(targets), f"Predicted {done}/{len(targets)} samples"
+    for result in runner.run(items, errors="raise"):
+        try:
+            staged, info = codec.decode(result.prediction, result.instances)
+        except ValueError:  # the object rule's max_instances
+            raise InputError(f"image {filepaths[result.index]}: more than {MAX_INSTANCES} predicted instances") from None
+        commit.stage(result.key, staged, info, result.confidence, list(result.prompts))
+        done += 1
+        if progress.due(force=done in (1, len(targets))):
+            commit.heartbeat()
+            yield 0.95 * done / len(targets), f"Predicted {done}/{len(targets)} samples"

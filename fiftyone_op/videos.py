@@ -30,7 +30,7 @@ from seggpt_plugins.images import to_rgb8
 from seggpt_plugins.prompts import PromptPool
 from seggpt_plugins.video import open_frames, propagate_video
 
-from seggpt_plugins.fiftyone.codecs import MIN_INSTANCE_PIXELS, make_codec
+from seggpt_plugins.fiftyone.codecs import OBJECTS, make_codec
 from seggpt_plugins.fiftyone.commit import Commit, frame_key, recover
 from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, frame_field
 from seggpt_plugins.fiftyone.models import shown_name
@@ -185,7 +185,7 @@ def _propagate(model, opts: Options, seg_type: str, codec, pool, videos: list[Vi
                 used += [pool.keys[i] for i in chosen]
             todo = set(video.todo)
             results = propagate_video(model, frames, annotations, images or None, masks or None,
-                                      objects=codec.kind == DETECTIONS, min_area=MIN_INSTANCE_PIXELS,
+                                      objects=codec.kind == DETECTIONS, min_area=OBJECTS.min_area,
                                       memory=opts.memory, batch_size=opts.batch_size, seg_type=seg_type,
                                       max_prompts=opts.max_prompts, ensemble=opts.ensemble)
             for result in results:

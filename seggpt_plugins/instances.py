@@ -54,37 +54,6 @@ class Instance:
         return self.quality if self.quality is not None else self.score
 
 
-def split_instances(labels: np.ndarray, scores: np.ndarray | None = None, min_area: int = 1,
-                    max_instances: int | None = None) -> tuple[np.ndarray, list[Instance]]:
-    """One id per connected part of each label: (instance map (H, W) with ids 1..N, the N instances).
-
-    Parts smaller than `min_area` pixels are left out (background in the map). The map is uint16 when
-    N fits, else uint32. ValueError when more than `max_instances` parts remain.
-    """
-    from scipy import ndimage
-
-    labels = np.asarray(labels)
-    instances: list[Instance] = []
-    out = np.zeros(labels.shape, np.uint32)
-    for class_id in np.unique(labels):
-        if class_id == 0:
-            continue
-        components, _ = connected_components(labels == class_id)
-        for k, box in enumerate(ndimage.find_objects(components), 1):
-            if box is None:
-                continue
-            inside = components[box] == k
-            area = int(inside.sum())
-            if area < max(min_area, 1):
-                continue
-            if max_instances is not None and len(instances) >= max_instances:
-                raise ValueError(f"more than {max_instances} objects in one image")
-            score = float(scores[box][inside].mean()) if scores is not None else 1.0
-            instances.append(Instance(len(instances) + 1, int(class_id), area, box, score))
-            out[box][inside] = len(instances)
-    return (out.astype(np.uint16) if len(instances) <= np.iinfo(np.uint16).max else out), instances
-
-
 # ----------------------------------------------------------------------------------------- objects
 
 

@@ -437,22 +437,23 @@ def test_spatial_ensemble_and_tiles_reach_the_core(dataset, monkeypatch):
     import fiftyone.operators as foo
 
     from seggpt_plugins.engine import SegGPT
+    from seggpt_plugins.runner import Runner
 
     calls = []
-    for name in ("prepare_prompts", "iter_segment"):
-        original = getattr(SegGPT, name)
+    for owner, name in ((SegGPT, "prepare_prompts"), (Runner, "__init__")):
+        original = getattr(owner, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
             calls.append((_name, {k: kwargs[k] for k in ("ensemble", "tile", "halo") if k in kwargs}))
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(SegGPT, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     targets = dataset.match_tags("prompt", bool=False).limit(3)
     result = run(targets, demo(label_field="labels", output_field="pred", prompt_tag="prompt", max_prompts=2,
                                ensemble="spatial", tile="64", halo=8))  # the App's text field
     assert result.error is None, result.error
-    assert ("prepare_prompts", {"ensemble": "spatial", "tile": 64}) in calls
-    assert ("iter_segment", {"tile": 64, "halo": 8}) in calls
+    assert ("prepare_prompts", {"ensemble": "spatial", "tile": (64, 64)}) in calls  # the runner's tile: (h, w)
+    assert ("__init__", {"ensemble": "spatial", "tile": 64, "halo": 8}) in calls
     dataset.reload()
     assert dataset.count("pred") == 3
     for path, pred in zip(*targets.values(["filepath", "pred"])):
@@ -466,7 +467,7 @@ def test_spatial_ensemble_and_tiles_reach_the_core(dataset, monkeypatch):
                                    device="cpu", ensemble="both", tile="auto")
     assert result.error is None, result.error
     assert ("prepare_prompts", {"ensemble": "both", "tile": "auto"}) in calls
-    assert ("iter_segment", {"tile": "auto", "halo": 32}) in calls
+    assert ("__init__", {"ensemble": "both", "tile": "auto", "halo": 32}) in calls
     assert dataset.count("pred2") == 3
 
 
@@ -695,10 +696,8 @@ def test_no_prompts_and_prompts_without_masks(dataset):
 
 
 def test_unreadable_media_leaves_no_partial_field(dataset, tmp_path, monkeypatch):
-    """The bad image comes after a first chunk was predicted and staged: nothing reaches the dataset."""
-    plugin = plugin_module()
-    monkeypatch.setattr(plugin, "READ_CHUNK", 2)
-    view = dataset.limit(6)  # targets: tiles 1, 2, 3, 4 (batch 1: chunks of 2)
+    """The bad image comes after earlier targets were predicted and staged: nothing reaches the dataset."""
+    view = dataset.limit(6)  # targets: tiles 1, 2, 3, 4 (batch 1)
     broken = view.skip(4).first()
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
