@@ -1,15 +1,5 @@
-"""Frames of videos, animated images and image folders, read one at a time; overlay videos written.
-
-    frames = open_frames("clip.mp4", start=0, stop=None, every=1)  # a lazy Sequence of (H, W, 3) uint8
-    len(frames), frames.indices[k], frames.times[k], frames[k]     # frames[k]: decoded on demand
-    for frame in frames.iter_frames(): frame.index, frame.time, frame.image
-    for result in propagate_video(model, frames, {0: mask}): ...   # every chosen frame once
-
-Sources: videos (mp4, mov, avi, mkv, webm, ...) through PyAV (`pip install "seggpt-plugins[video]"`,
-imported on first use); animated GIFs through Pillow; TIFF stacks (T, Y, X[, C]) page by page through
-tifffile; folders of image files (natural name order). Frame indices count from 0 in the file; times
-are seconds from the first frame (the container's timestamps for videos, variable frame rates
-included; GIF frame durations; 1 / fps for TIFFs and folders).
+"""Readers of one source's frames: TIFF stacks and image folders page by page, videos (PyAV) and animated
+images (Pillow) decoded on demand from keyframes behind a cache bounded in bytes.
 
 Videos are indexed by one pass over their packets (no decoding): the exact frame count, every frame's
 timestamp and the keyframes to seek to. Frames are then decoded on demand: a read just ahead of a
@@ -28,11 +18,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Containers read through PyAV (FFmpeg).
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".wmv", ".flv")
@@ -47,22 +37,12 @@ DEFAULT_FPS = 25.0
 CACHE_BYTES = 256 << 20
 
 
-def is_video(path) -> bool:
-    """Whether `path` is read as frames by this module rather than as one image or stack: a video or
-    animated-image file (by suffix) or a folder."""
-    path = Path(path)
-    return path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES + ANIMATED_SUFFIXES
-
-
 def natural_key(name: str):
     """Sort key that puts frame2 before frame10."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-# ------------------------------------------------------------------------------------------ readers
-
-
-class _Reader:
+class Reader:
     """All frames of one file or folder: `count`, `size` (h, w), `fps`, `time(i)`, `read(i)`; statistics
     `decoded` (frames decoded, including those decoded only to reach another) and `seconds` (spent reading)."""
 
@@ -99,7 +79,7 @@ class _Reader:
         pass
 
 
-class _TiffReader(_Reader):
+class TiffReader(Reader):
     """A TIFF stack (T, Y, X) or (T, Y, X, C), one page per frame."""
 
     def __init__(self, path):
@@ -134,7 +114,7 @@ class _TiffReader(_Reader):
         self._tif.close()
 
 
-class _FolderReader(_Reader):
+class FolderReader(Reader):
     """A folder of image files, one per frame, in natural name order (frame2 before frame10)."""
 
     def __init__(self, path):
@@ -160,7 +140,7 @@ class _FolderReader(_Reader):
                              f"{self.size[1]}x{self.size[0]} ({self.files[0].name}); all frames must have one size")
 
     def _read(self, i: int) -> np.ndarray:
-        from .images import read_image
+        from ..images import read_image
 
         self.decoded += 1
         image = read_image(self.files[i])
@@ -179,7 +159,7 @@ class _Cursor:
     next: int = 0
 
 
-class _SequentialReader(_Reader):
+class SequentialReader(Reader):
     """Frames that decode one after another from keyframes, behind two caches: the frames decoded on the
     way to a frame asked for (kept for a run going backwards, bounded in bytes, each dropped once read)
     and the few frames read last.
@@ -292,7 +272,7 @@ class _SequentialReader(_Reader):
         pass
 
 
-def _import_av():
+def import_av():
     try:
         import av
     except ImportError:
@@ -301,12 +281,12 @@ def _import_av():
     return av
 
 
-class _VideoReader(_SequentialReader):
+class VideoReader(SequentialReader):
     """A video file through PyAV: the first video stream, as RGB."""
 
     def __init__(self, path, cache_bytes: int = CACHE_BYTES, max_cursors: int = 4):
         super().__init__(path, cache_bytes, max_cursors)
-        self._av = _import_av()
+        self._av = import_av()
         container = self._open()
         try:
             self._index(container)
@@ -394,7 +374,7 @@ class _VideoReader(_SequentialReader):
         return frame.to_ndarray(format="rgb24")
 
 
-class _AnimatedReader(_SequentialReader):
+class AnimatedReader(SequentialReader):
     """An animated image (GIF) through Pillow: each frame decodes from the one before it."""
 
     def __init__(self, path, cache_bytes: int = CACHE_BYTES, max_cursors: int = 2):
@@ -452,296 +432,3 @@ def _tag_seconds(metadata) -> float | None:
     value = (metadata or {}).get("DURATION") or (metadata or {}).get("duration")
     match = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", value or "")
     return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]) if match else None
-
-
-# ------------------------------------------------------------------------------------------ frames
-
-
-@dataclass(frozen=True)
-class Frame:
-    index: int  # in the file, from 0
-    time: float  # seconds from the first frame
-    image: np.ndarray  # (H, W, 3) uint8 for videos; as stored for TIFF stacks and image folders
-
-
-class Frames(Sequence):
-    """Chosen frames of one source as a lazy Sequence: `frames[k]` decodes (or reads) frame
-    `frames.indices[k]` of the file when asked, so `SegGPT.propagate` and `propagate_video` touch frames as
-    they go. Arrays may be shared with the cache: do not modify them."""
-
-    def __init__(self, reader: _Reader, indices: range):
-        self.reader = reader
-        self.indices = indices
-
-    # the source
-    @property
-    def path(self) -> Path:
-        return self.reader.path
-
-    @property
-    def count(self) -> int:
-        """Frames in the whole file."""
-        return self.reader.count
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) of every frame."""
-        return tuple(self.reader.size)
-
-    @property
-    def fps(self) -> float:
-        """The source's frame rate (its average for variable rates)."""
-        return self.reader.fps
-
-    @property
-    def stats(self) -> dict:
-        """{"decoded": frames decoded so far, "seconds": time spent reading and decoding}."""
-        return {"decoded": self.reader.decoded, "seconds": self.reader.seconds}
-
-    # the chosen frames
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return Frames(self.reader, self.indices[k])
-        return self.reader.read(self.indices[k])
-
-    @property
-    def times(self) -> list[float]:
-        return [self.reader.time(i) for i in self.indices]
-
-    def time(self, k: int) -> float:
-        return self.reader.time(self.indices[k])
-
-    def position(self, index: int, name: str = "frame") -> int:
-        """Where frame `index` of the file is among the chosen frames; InputError (naming `name`) when it is
-        past the end or not chosen."""
-        if not 0 <= index < self.count:
-            raise InputError(f"{name}: frame {index} is past the end of {self.path}, which has {self.count} frames "
-                             f"(0..{self.count - 1})")
-        if index not in self.indices:
-            first, step = self.indices.start, self.indices.step
-            raise InputError(f"{name}: frame {index} is not among the chosen frames of {self.path} ({first}, "
-                             f"{first + step}, ... up to {self.indices[-1] if len(self.indices) else first}; "
-                             "see --start/--stop/--every)")
-        return self.indices.index(index)
-
-    def select(self, start: int = 0, stop: int | None = None, every: int = 1) -> "Frames":
-        """Frames start, start + every, ... before stop (indices of the file; stop past the end is the end)."""
-        if every < 1 or start < 0 or (stop is not None and stop <= start):
-            raise InputError(f"frames: need start >= 0, stop > start and every >= 1 (got start {start}, stop {stop}, "
-                             f"every {every})")
-        if start >= self.count:
-            raise InputError(f"start frame {start} is past the end of {self.path}, which has {self.count} frames "
-                             f"(0..{self.count - 1})")
-        stop = self.count if stop is None else min(stop, self.count)
-        return Frames(self.reader, range(start, stop, every))
-
-    def iter_frames(self) -> Iterator[Frame]:
-        """The chosen frames in order, each decoded once (a decoder running forward)."""
-        for i in self.indices:
-            yield Frame(i, self.reader.time(i), self.reader.read(i))
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> "Frames":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (f"Frames({str(self.path)!r}, {len(self)} of {self.count} frames, {self.size[1]}x{self.size[0]}, "
-                f"{self.fps:.3g} fps)")
-
-
-def open_frames(path, start: int = 0, stop: int | None = None, every: int = 1, *, cache_bytes: int = CACHE_BYTES,
-                max_decoders: int = 4, check: bool = True) -> Frames:
-    """The frames of a video file, an animated GIF, a TIFF stack (T, Y, X[, C]) or a folder of images,
-    chosen by `start`, `stop` (exclusive) and `every`, as a lazy `Frames` sequence.
-
-    cache_bytes bounds the decoded frames kept for reads that go backwards; max_decoders, how many decoders
-    may stay open at once (one per run that goes forwards). check: decode the first and the last frame now,
-    so a truncated or undecodable file fails before any work. InputError names the file and the problem.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        reader = _FolderReader(path)
-    elif suffix in TIFF_SUFFIXES:
-        reader = _TiffReader(path)
-    elif suffix in ANIMATED_SUFFIXES:
-        reader = _AnimatedReader(path, cache_bytes)
-    elif suffix in VIDEO_SUFFIXES:
-        reader = _VideoReader(path, cache_bytes, max_decoders)
-    else:
-        raise InputError(f"{path}: not a video ({', '.join(VIDEO_SUFFIXES + ANIMATED_SUFFIXES + TIFF_SUFFIXES)}) "
-                         "or a folder of frames")
-    try:
-        frames = Frames(reader, range(reader.count)).select(start, stop, every)
-        if check:
-            reader.check()
-    except BaseException:
-        reader.close()
-        raise
-    return frames
-
-
-# ------------------------------------------------------------------------------------------ propagation
-
-
-@dataclass
-class FrameResult:
-    """One chosen frame's labels: `prediction.labels` (the annotation itself for annotated frames, with
-    scores 1) and, with objects, `instances` whose ids follow each object through the video."""
-
-    index: int  # frame index in the file (prediction.index too)
-    time: float  # seconds from the first frame
-    prediction: Any  # engine.Prediction
-    instances: Any = None  # instances.Instances when objects were asked for
-    annotated: bool = False
-
-
-def propagate_video(model, frames: Frames, annotations: dict | None = None, prompt_images=None, prompt_masks=None,
-                    *, objects: bool = False, min_area: int = 16, split_touching: bool = False,
-                    **options) -> Iterator[FrameResult]:
-    """Every chosen frame once: the annotated frames first (as given), then SegGPT's predictions as
-    `model.propagate` yields them (runs outward from the annotated frames, both ways; in order without).
-
-    annotations: {frame index in the file: label mask (H, W)}; each must be a chosen frame of `frames`.
-    objects: also find each frame's objects (min_area, split_touching as instances.find_instances) with ids
-    that stay with them, from the annotated frames' objects outward. options: model.propagate's (memory,
-    batch_size, seg_type, intensity_range, max_prompts, ensemble, ...). Only the current frames and the last
-    object map of each run are held, so memory stays flat however long the video.
-    """
-    from .engine import Prediction
-    from .images import to_mask
-    from .instances import StackTracker, annotated_objects
-
-    masks = {}
-    for index, mask in sorted((annotations or {}).items()):
-        position = frames.position(int(index), name=f"annotation of frame {index}")
-        mask = to_mask(mask, name=f"annotation of frame {index}")
-        if mask.ndim != 2 or mask.shape != frames.size:
-            raise InputError(f"annotation of frame {index}: a label mask of {frames.size[1]}x{frames.size[0]} (width x "
-                             f"height) is needed, like the frames of {frames.path}; got shape {mask.shape}")
-        masks[position] = mask
-    tracker = StackTracker(len(frames), annotated_objects(masks)) if objects else None
-    predictions = model.propagate(frames, prompt_images, prompt_masks, annotations=masks, **options)
-    for position, mask in masks.items():
-        index = frames.indices[position]
-        prediction = Prediction(labels=mask, scores=np.ones(mask.shape, np.float32), index=index)
-        yield FrameResult(index, frames.time(position), prediction,
-                          tracker.annotated[position] if objects else None, annotated=True)
-    for prediction in predictions:
-        position = prediction.index
-        prediction.index = frames.indices[position]
-        instances = None
-        if objects:
-            instances = tracker.follow(position, prediction.instances(min_area=min_area, split_touching=split_touching))
-        yield FrameResult(prediction.index, frames.time(position), prediction, instances)
-
-
-# ------------------------------------------------------------------------------------------ writing
-
-
-def id_colors(ids) -> dict[int, tuple[int, int, int]]:
-    """A colour per label id that depends on the id alone (stable through a video as objects come and go)."""
-    import colorsys
-
-    out = {}
-    for label_id in (int(i) for i in ids):
-        if label_id:
-            r, g, b = colorsys.hsv_to_rgb((0.12 + (label_id - 1) * 0.618034) % 1.0, 0.85, 1.0)
-            out[label_id] = (int(r * 255), int(g * 255), int(b * 255))
-    return out
-
-
-class VideoWriter:
-    """RGB frames to a video file (the container from the suffix): H.264 (libx264) where this FFmpeg build
-    has it, else MPEG-4 part 2; frames keep the times they are given (variable rates too).
-
-        with VideoWriter("overlay.mp4", fps=25) as out:
-            out.write(rgb, time=0.04)
-    """
-
-    CODECS = ("libx264", "h264", "mpeg4")
-
-    def __init__(self, path, fps: float = DEFAULT_FPS, time_base: Fraction | None = None):
-        av = _import_av()
-        self._av = av
-        self.path = Path(path)
-        self.fps = Fraction(fps).limit_denominator(1001) if fps and fps > 0 else Fraction(int(DEFAULT_FPS))
-        fine = time_base is not None and time_base.denominator <= 65535  # MPEG-4 part 2's limit
-        self.time_base = time_base if fine else (Fraction(1, 1000) if time_base else 1 / self.fps)
-        self.codec = next((c for c in self.CODECS if _has_encoder(av, c)), None)
-        if self.codec is None:
-            raise InputError(f"{self.path}: this FFmpeg build (PyAV {av.__version__}) has no H.264 or MPEG-4 encoder")
-        self._container = av.open(str(self.path), "w")
-        self._stream = None
-        self._last_pts = -1
-
-    def _start(self, height: int, width: int) -> None:
-        stream = self._container.add_stream(self.codec, rate=self.fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.time_base = self.time_base
-        if self.codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}
-        self._stream = stream
-
-    def write(self, image: np.ndarray, time: float | None = None) -> None:
-        """Add one (H, W, 3) uint8 frame at `time` seconds (default: one frame after the last)."""
-        image = _even(np.ascontiguousarray(image[..., :3], dtype=np.uint8))
-        if self._stream is None:
-            self._start(*image.shape[:2])
-        pts = self._last_pts + 1 if time is None else max(self._last_pts + 1, round(Fraction(time) / self.time_base))
-        frame = self._av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts, frame.time_base = pts, self.time_base
-        self._last_pts = pts
-        self._container.mux(self._stream.encode(frame))
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._container.mux(self._stream.encode(None))
-        self._container.close()
-
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, kind, *rest) -> None:
-        self.close()
-
-
-def _has_encoder(av, name: str) -> bool:
-    try:
-        av.codec.Codec(name, "w")
-    except Exception:
-        return False
-    return True
-
-
-def _even(image: np.ndarray) -> np.ndarray:
-    """Pad an image by its edge to even height and width (yuv420p needs them)."""
-    pad = (image.shape[0] % 2, image.shape[1] % 2)
-    return np.pad(image, ((0, pad[0]), (0, pad[1]), (0, 0)), mode="edge") if any(pad) else image
-
-
-def write_overlay_video(path, frames: Frames, labels_of: Callable[[int], np.ndarray | None],
-                        intensity_range=None, colors: dict | None = None) -> Path:
-    """An overlay video of the chosen frames for review: each frame with its labels (`labels_of(index)`,
-    None for none) in colours per id (`colors`, default `id_colors`), at the frames' own times."""
-    from .images import overlay, to_rgb8
-
-    time_base = frames.reader.time_base
-    with VideoWriter(path, fps=frames.fps / max(1, frames.indices.step), time_base=time_base) as out:
-        for frame in frames.iter_frames():
-            image = to_rgb8(frame.image, intensity_range, name=f"{frames.path} frame {frame.index}")
-            labels = labels_of(frame.index)
-            if labels is not None:
-                image = overlay(image, labels, colors or id_colors(np.unique(labels)))
-            out.write(image, frame.time - frames.time(0))
-    return Path(path)
