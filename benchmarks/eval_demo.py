@@ -102,7 +102,7 @@ def main():
     args = parser.parse_args()
 
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.training import evaluate_generated
+    from seggpt_plugins.evaluation import evaluate_generated
 
     model = SegGPT.from_pretrained(args.model, device=args.device, dtype="float32")
     started = time.time()

@@ -7,7 +7,7 @@
    raw painting tensor of one 512x512 target with one 3-class prompt, and the share of pixels whose label
    differs from float32's.
 2. mIoU with the shipped demo model at each precision: held-out generated tasks (1-shot, the fixed seeds
-   of `training.evaluate_generated`) and stardist's 2D nuclei cut into 16 tiles of 128x128, each tile in
+   of `evaluation.evaluate_generated`) and stardist's 2D nuclei cut into 16 tiles of 128x128, each tile in
    turn the prompt of the other 15 (foreground IoU, as eval_demo.py). A precision that costs more than
    0.5 mIoU points is not a default (issue 19).
 """
@@ -85,7 +85,7 @@ def demo_accuracy(tasks: int) -> dict:
     """mIoU of the demo model at each precision on generated and on real tasks."""
     from seggpt_plugins import SegGPT
     from seggpt_plugins.loading import precision_options
-    from seggpt_plugins.training import evaluate_generated
+    from seggpt_plugins.evaluation import evaluate_generated
 
     rows = {}
     for name in PRECISIONS:

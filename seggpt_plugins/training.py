@@ -1,4 +1,4 @@
-"""Training: in-context training from scratch, fine-tuning, prompt tuning, and evaluation.
+"""Training: in-context training from scratch and fine-tuning (`train`), the loss, model configs.
 
 In-context training (SegGPT paper): a prompt pair and a target of the same task are stacked; the
 classes get random colours in every sample; the target half of the mask canvas is hidden; the loss
@@ -8,6 +8,9 @@ dominates the pixels and a plain loss collapses to painting everything black).
 Checkpoints (model, optimiser, schedule, step) are written atomically every `save_every` steps and
 on SIGINT/SIGTERM; a run resumes from its checkpoint. Data for step s depends only on (seed, s), so
 a resumed run sees exactly the batches an uninterrupted one would.
+
+Beside it: `datasets` (PairedSamples, tasks from files), `evaluation` (held-out mIoU), `prompt_tuning`
+(a prompt learned with the model frozen).
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
-import numpy as np
-
+from .datasets import PairedSamples
 from .errors import InputError
+from .evaluation import evaluate_generated, evaluate_samples
 
 DEMO_CONFIG = dict(
     hidden_size=256, num_hidden_layers=8, num_attention_heads=8, mlp_dim=1024, image_size=[256, 128],
@@ -74,109 +76,6 @@ def make_config(name_or_path: str | dict = "demo", **overrides):
         raise InputError(f"config {name_or_path!r}: expected {', '.join(NAMED_CONFIGS)}, vit-large or a JSON file")
     values.update(overrides)
     return SegGptConfig(**values)
-
-
-# ------------------------------------------------------------------------------------------ datasets
-
-
-class PairedSamples:
-    """In-context tasks from (image, label mask, task id) samples: a folder, or any iterable of triples.
-
-    Each draw picks a task, then a target and prompts from that task, gives the task's classes random
-    colours (in-context colouring), and applies the same random flip to prompt and target.
-    """
-
-    def __init__(self, samples: Iterable, size: int):
-        from .images import to_mask, to_rgb8
-
-        self.size = size
-        self.tasks: dict = {}
-        for k, (image, mask, task) in enumerate(samples):
-            rgb = to_rgb8(image, name=f"sample {k} image")
-            labels = to_mask(mask, name=f"sample {k} mask")
-            if labels.ndim != 2:
-                raise InputError(f"sample {k}: training needs label masks (H, W), got a colour mask")
-            if labels.shape != rgb.shape[:2]:
-                raise InputError(f"sample {k}: mask size {labels.shape} differs from image size {rgb.shape[:2]}")
-            self.tasks.setdefault(task, []).append((self._resize(rgb, False), self._resize(labels, True)))
-        if not self.tasks:
-            raise InputError("the dataset holds no samples")
-        self.ids = np.unique(np.concatenate([np.unique(m) for items in self.tasks.values() for _, m in items]))
-        self.ids = self.ids[self.ids != 0]
-
-    def _resize(self, arr, nearest):
-        from PIL import Image
-
-        if arr.shape[:2] == (self.size, self.size):
-            return arr
-        if nearest:
-            return np.asarray(Image.fromarray(arr.astype(np.int32)).resize((self.size, self.size), Image.NEAREST))
-        return np.asarray(Image.fromarray(arr).resize((self.size, self.size), Image.BICUBIC))
-
-    @classmethod
-    def from_folder(cls, root: str | os.PathLike, size: int) -> "PairedSamples":
-        """`root/images/X.*` with `root/masks/X.*` (same stem): one task; or subfolders of such: one task each."""
-        root = Path(root)
-        if not root.is_dir():
-            raise InputError(f"{root}: no such directory")
-        folders = [root] if (root / "images").is_dir() else sorted(p for p in root.iterdir() if (p / "images").is_dir())
-        if not folders:
-            raise InputError(f"{root}: expected images/ and masks/ folders (same file stems), or subfolders with them")
-        samples = []
-        for folder in folders:
-            masks = {p.stem: p for p in (folder / "masks").glob("*") if p.is_file()}
-            for image in sorted(p for p in (folder / "images").glob("*") if p.is_file()):
-                if image.stem not in masks:
-                    raise InputError(f"{image}: no mask with the same stem in {folder / 'masks'}")
-                samples.append((image, masks[image.stem], folder.name))
-        return cls(samples, size)
-
-    def split(self, holdout: float = 0.2, seed: int = 0) -> tuple["PairedSamples", "PairedSamples"]:
-        """Deterministic split of every task's samples into (train, held-out)."""
-        rng = random.Random(seed)
-        train, held = object.__new__(PairedSamples), object.__new__(PairedSamples)
-        for part in (train, held):
-            part.size, part.tasks, part.ids = self.size, {}, self.ids
-        for task, items in self.tasks.items():
-            order = list(range(len(items)))
-            rng.shuffle(order)
-            cut = max(1, int(round(len(items) * holdout))) if len(items) >= 3 else 0
-            held.tasks[task] = [items[i] for i in order[:cut]] if cut else []
-            train.tasks[task] = [items[i] for i in order[cut:]]
-        held.tasks = {k: v for k, v in held.tasks.items() if v}
-        return train, held
-
-    def sample(self, batch: int, prompts: int = 1, seed: int = 0, colours=None):
-        """A TaskBatch; `colours` ((K, 3) for self.ids) fixes the colouring, else random per sample."""
-        import torch
-
-        from .colors import palette
-        from .synthetic import TaskBatch
-
-        rng = np.random.default_rng(seed)
-        names = [t for t, items in self.tasks.items() if len(items) >= 2 or prompts == 0]
-        if not names:
-            raise InputError("every task needs at least two samples (a prompt and a target)")
-        p_img, p_mask, t_img, t_mask = [], [], [], []
-        for _ in range(batch):
-            items = self.tasks[names[rng.integers(len(names))]]
-            picks = rng.choice(len(items), size=min(prompts + 1, len(items)), replace=False)
-            picks = list(picks) + list(rng.choice(picks[:-1], size=prompts + 1 - len(picks)))
-            table = np.zeros((int(self.ids.max()) + 1 if len(self.ids) else 1, 3), np.float32)
-            if colours is None:
-                table[self.ids] = palette(124)[rng.permutation(124)[:len(self.ids)]] if rng.random() < 0.5 \
-                    else rng.uniform(60, 255, (len(self.ids), 3)).round()
-            else:
-                table[self.ids] = colours
-            flip = rng.random() < 0.5
-            pair = [(items[i][0][:, ::-1] if flip else items[i][0], table[items[i][1][:, ::-1] if flip else items[i][1]])
-                    for i in picks]
-            p_img.append(np.stack([p[0] for p in pair[:-1]]))
-            p_mask.append(np.stack([p[1] for p in pair[:-1]]))
-            t_img.append(pair[-1][0])
-            t_mask.append(pair[-1][1])
-        chw = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).float().movedim(-1, -3)  # noqa: E731
-        return TaskBatch(chw(p_img) / 255.0, chw(p_mask), chw(t_img) / 255.0, chw(t_mask), "instance")
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -403,125 +302,3 @@ def export(net, out_dir: Path, half: bool = False) -> Path:
         clone = clone.half()
     clone.save_pretrained(out_dir)
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------- evaluation
-
-
-def iou_per_label(pred: np.ndarray, truth: np.ndarray, ids) -> dict[int, float]:
-    """IoU of each label id present in truth or prediction (ids absent from both are skipped)."""
-    out = {}
-    for i in ids:
-        p, t = pred == i, truth == i
-        union = np.logical_or(p, t).sum()
-        if union:
-            out[int(i)] = float(np.logical_and(p, t).sum() / union)
-    return out
-
-
-def evaluate_generated(net_or_model, tasks: int = 96, prompts: int = 1, seed: int = 20_240_403, device=None,
-                       family: str | None = None) -> dict:
-    """mIoU on a fixed held-out set of generated tasks (seeds outside the training range).
-
-    Each task goes through the public `SegGPT.segment` with its RGB colour prompts; labels are the
-    prompt's colours in sorted order, and the target's truth is read through the same colour code.
-    """
-    from .colors import ColorCode
-    from .engine import SegGPT
-    from .synthetic import SyntheticTasks
-
-    model = net_or_model if isinstance(net_or_model, SegGPT) else SegGPT(net_or_model, device=device, dtype="float32")
-    generator = SyntheticTasks(model.input_size[0], device="cpu")
-    per_family: dict[str, list[float]] = {"semantic": [], "tracking": []}
-    for k in range(tasks):
-        fam = family or ("tracking" if k % 3 == 2 else "semantic")
-        batch = generator.sample(1, prompts=prompts, seed=seed + k, family=fam)
-        to_np = lambda t: t.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()  # noqa: E731
-        prompt_images = [to_np(batch.prompt_images[0, i] * 255) for i in range(prompts)]
-        prompt_masks = [to_np(batch.prompt_masks[0, i]) for i in range(prompts)]
-        truth_rgb = to_np(batch.target_masks[0])
-        code = ColorCode.from_masks(prompt_masks + [truth_rgb])
-        if len(code) == 0:
-            continue
-        prediction = model.segment(to_np(batch.target_images[0] * 255), prompt_images, prompt_masks,
-                                   seg_type=batch.seg_type)[0]
-        # prediction ids follow the prompts' colour code; read them back through the joint code by colour
-        predicted = code.labels_of_colors(ColorCode.from_masks(prompt_masks).encode(prediction.labels))
-        truth = code.labels_of_colors(truth_rgb)
-        scores = iou_per_label(predicted, truth, code.ids)
-        per_family[fam].extend(scores.values())
-    all_scores = per_family["semantic"] + per_family["tracking"]
-    return {"miou": round(float(np.mean(all_scores)), 4) if all_scores else 0.0,
-            "miou_semantic": round(float(np.mean(per_family["semantic"])), 4) if per_family["semantic"] else None,
-            "miou_tracking": round(float(np.mean(per_family["tracking"])), 4) if per_family["tracking"] else None,
-            "tasks": tasks, "prompts": prompts, "seed": seed}
-
-
-def evaluate_samples(net_or_model, prompts_from: PairedSamples, held_out: PairedSamples, prompts: int = 1,
-                     device=None, tuned=None) -> dict:
-    """mIoU per class on held-out samples, with prompts from the training samples of the same task."""
-    from .engine import SegGPT
-
-    model = net_or_model if isinstance(net_or_model, SegGPT) else SegGPT(net_or_model, device=device, dtype="float32")
-    per_class: dict[int, list[float]] = {}
-    for task, items in held_out.tasks.items():
-        examples = prompts_from.tasks.get(task, [])[:prompts]
-        if tuned is not None:
-            prompt_images, prompt_masks = [tuned], None
-        elif examples:
-            prompt_images, prompt_masks = [e[0] for e in examples], [e[1] for e in examples]
-        else:
-            continue
-        predictions = model.segment([image for image, _ in items], prompt_images, prompt_masks,
-                                    label_ids=None if tuned is not None else held_out.ids)
-        for prediction, (_, truth) in zip(predictions, items):
-            for label, value in iou_per_label(prediction.labels, truth, held_out.ids).items():
-                per_class.setdefault(label, []).append(value)
-    means = {str(k): round(float(np.mean(v)), 4) for k, v in sorted(per_class.items())}
-    return {"miou": round(float(np.mean(list(means.values()))), 4) if means else 0.0, "iou_per_class": means}
-
-
-# ------------------------------------------------------------------------------------ prompt tuning
-
-
-def tune_prompt(model, data, steps: int = 200, lr: float = 0.05, batch_size: int = 8, seed: int = 0,
-                seg_type: str = "semantic", foreground_weight: float = 10.0, progress: bool = True):
-    """In-context tuning: learn a prompt image and mask (model frozen) for a dataset; returns (TunedPrompt, log).
-
-    `model` is a SegGPT; `data` a folder or PairedSamples. The classes keep one fixed colour each.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from . import modeling
-    from .colors import ColorCode
-    from .prompts import TunedPrompt
-
-    samples = data if isinstance(data, PairedSamples) else PairedSamples.from_folder(data, model.input_size[0])
-    code = ColorCode.for_ids(samples.ids)
-    net = model.net
-    for p in net.parameters():
-        p.requires_grad_(False)
-    first_image, first_mask = next(iter(samples.tasks.values()))[0]
-    lut = np.zeros((int(samples.ids.max()) + 1, 3), np.float32)
-    lut[code.ids] = code.colors
-    init_image = torch.from_numpy(first_image.copy()).permute(2, 0, 1).float()[None].to(model.device)
-    init_mask = torch.from_numpy(lut[first_mask]).permute(2, 0, 1)[None].to(model.device)
-    prompt_image = modeling.normalize(init_image)[0].detach().clone().float().requires_grad_(True)
-    prompt_mask = modeling.normalize(init_mask)[0].detach().clone().float().requires_grad_(True)
-    optimizer = torch.optim.Adam([prompt_image, prompt_mask], lr=lr)
-    log = []
-    for step in tqdm(range(steps), disable=not progress, desc="tuning prompt", unit="step"):
-        batch = samples.sample(batch_size, prompts=1, seed=seed * 1_000_003 + step, colours=code.colors).to(model.device)
-        targets = modeling.normalize(batch.target_images * 255).to(model.dtype)
-        owner = torch.arange(batch_size, device=model.device)
-        with torch.enable_grad():
-            paintings = modeling.paint(net, targets, prompt_image.to(model.dtype).expand(batch_size, -1, -1, -1),
-                                       prompt_mask.to(model.dtype).expand(batch_size, -1, -1, -1), owner, seg_type,
-                                       model.attention)
-            loss = painting_loss(paintings, batch.target_masks, foreground_weight)
-            optimizer.zero_grad()
-            loss.backward()
-        optimizer.step()
-        log.append({"step": step + 1, "loss": round(loss.item(), 5)})
-    return TunedPrompt(prompt_image.detach().cpu(), prompt_mask.detach().cpu(), code, seg_type), log

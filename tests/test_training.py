@@ -11,8 +11,10 @@ from PIL import Image
 
 from seggpt_plugins import SegGPT
 from seggpt_plugins.synthetic import SyntheticTasks
-from seggpt_plugins.training import (PairedSamples, TrainSettings, evaluate_generated, forward_batch, make_config,
-                                     painting_loss, train, tune_prompt)
+from seggpt_plugins.datasets import PairedSamples
+from seggpt_plugins.evaluation import evaluate_generated
+from seggpt_plugins.prompt_tuning import tune_prompt
+from seggpt_plugins.training import TrainSettings, forward_batch, make_config, painting_loss, train
 
 
 def test_generator_is_deterministic_and_well_formed():

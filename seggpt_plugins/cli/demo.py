@@ -25,7 +25,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..images import display_colors, overlay, read_image, scale_to_uint8
     from ..io import OutputSet
-    from ..training import iou_per_label
+    from ..evaluation import iou_per_label
 
     check_numbers(args, batch_size=1)
     image = read_image(DEMO_SAMPLES / "nuclei2d.tif")

@@ -19,7 +19,7 @@ def register(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from ..training import evaluate_generated
+    from ..evaluation import evaluate_generated
 
     model = load_model(args)
     print(json.dumps({f"{p}-shot": evaluate_generated(model, tasks=args.tasks, prompts=p) for p in args.prompts},

@@ -103,7 +103,9 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
 
     from ..engine import SegGPT
     from ..errors import InputError
-    from ..training import PairedSamples, evaluate_samples, tune_prompt
+    from ..datasets import PairedSamples
+    from ..evaluation import evaluate_samples
+    from ..prompt_tuning import tune_prompt
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
