@@ -1,6 +1,7 @@
 """The napari layers the widget reads and makes, as plain functions of the viewer (no widget state).
 
-- an image's kind ('2d', 'stack' or 'series') and, for a series, its files;
+- an image's kind ('2d', 'stack' or 'series') and, for a series, its files; the layers offered and
+  chosen as targets and examples for an image; an image series opened as layers;
 - the output layers of a run ('<image> SegGPT', '<image> SegGPT confidence'), reused when they fit;
 - an image's own Labels layer ('<image> labels'), which Accept writes into (and creates);
 - how the Review list names a plane, and moving the viewer to one;
@@ -40,6 +41,37 @@ def series_names(image) -> list[str] | None:
     names = image.metadata.get(SERIES_KEY) if image is not None else None
     planes = int(np.prod(spatial_shape(image)[:-2])) if names else 0
     return list(names) if names and len(names) == planes else None
+
+
+def target_choices(image_choices: list, image) -> list:
+    """Image layers to segment ((name, layer) of `image_choices`): every image but a 2D example itself (a
+    stack or series: its own planes that are not annotated)."""
+    choices = []
+    for name, layer in image_choices:
+        if layer == image:
+            if image_kind(layer) == "2d":
+                continue
+            name += " (images not labelled)" if image_kind(layer) == "series" else " (slices not annotated)"
+        choices.append((name, layer))
+    return choices
+
+
+def default_targets(image, offered: list) -> list:
+    """Targets for a new example image: a series' other images, a 2D image's fellow 2D images."""
+    shape = image_kind(image)
+    if shape == "series":
+        return [image]
+    if shape == "2d":
+        return [layer for layer in offered if image_kind(layer) == "2d"]
+    return []
+
+
+def matching_labels(image, current, candidates: list):
+    """`current` when it covers the image's shape, else the first of `candidates` that does (None: none)."""
+    shape = spatial_shape(image)
+    if current is not None and tuple(level0(current.data).shape) == shape:
+        return current
+    return next((layer for layer in candidates if tuple(level0(layer.data).shape) == shape), None)
 
 
 def place(image) -> dict:
@@ -105,6 +137,24 @@ def add_own_labels(viewer, image, dtype) -> Labels:
     """An empty '<image> labels' over the image."""
     return viewer.add_labels(np.zeros(spatial_shape(image), dtype), name=image.name + LABELS_SUFFIX, opacity=0.6,
                              **place(image))
+
+
+def add_series(viewer, series) -> tuple[Image, Labels, list[Image]]:
+    """Layers for an image series (`_series.Series`): one stack when its images share a size, else one
+    layer each; and an empty Labels layer over the first (or the stack), the example image. Returns
+    (example image, its Labels layer, the target images)."""
+    axes = dict(axis_labels=("image", "y", "x"))
+    if series.stackable:
+        image = viewer.add_image(np.stack(series.images), name=series.folder.name,
+                                 metadata={SERIES_KEY: series.names}, **axes)
+        targets = [image]
+    else:
+        layers = [viewer.add_image(im, name=Path(n).stem, metadata={SERIES_KEY: [n]})
+                  for n, im in zip(series.names, series.images)]
+        image, targets = layers[0], layers[1:]
+    labels = viewer.add_labels(np.zeros(spatial_shape(image), np.uint16), name=image.name + LABELS_SUFFIX,
+                               **(axes if image.ndim == 3 else {}))
+    return image, labels, targets
 
 
 # --------------------------------------------------------------------------------------- review

@@ -1,0 +1,208 @@
+"""A run of the widget without Qt: its state as the worker's messages arrive, and what comes after it.
+
+`RunState` is a run as the UI thread sees it (results written into its output layers, progress, the
+status lines); after it ends it holds the proposals Accept and Review work on. Around it:
+`open_outputs` (the run's output layers, emptied), `review_rows` (least confident first),
+`accept` (the last run's shown proposals into each target's own Labels layer, every check before any
+write, one undo step per layer) and `export_sets` (what Export writes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._actions import Action, UserError, fmt_shape, plural
+from ._export import LabelSet
+from ._layers import PlaneKey, add_own_labels, label_set, output_layers, own_labels, plane_name
+from ._stack import accept_indices, level0, worst_first
+
+REFRESH_SECONDS = 0.3  # redraw the result layer at most this often while a run writes into it
+
+
+@dataclass
+class RunState:
+    """A run, as the UI thread sees it through the worker's messages; after it ends, its proposals."""
+
+    action: Action
+    results: list  # Labels: one per target
+    confidences: list  # Image or None: one per target
+    started: float = field(default_factory=time.monotonic)
+    running_since: float | None = None  # when the model was ready
+    done: int = 0
+    cancelled: bool = False
+    error: str | None = None
+    last_refresh: float = 0.0
+    keys: list = field(default_factory=list)  # (target, plane key) of each proposal, in order
+    scores: list = field(default_factory=list)  # ((target, plane key), Prediction.confidence)
+
+    @property
+    def total(self) -> int:
+        return self.action.total
+
+    def keys_of(self, target: int) -> list[PlaneKey]:
+        return [key for t, key in self.keys if t == target]
+
+    def start_running(self) -> None:
+        """The model is ready: progress is timed from now."""
+        self.running_since = time.monotonic()
+
+    def record(self, t: int, key: PlaneKey, pred) -> None:
+        """One result: its labels (and scores) into target t's output layers at plane `key`."""
+        self.results[t].data[key] = pred.labels
+        if self.confidences[t] is not None:
+            self.confidences[t].data[key] = pred.scores
+        self.done += 1
+        self.keys.append((t, key))
+        self.scores.append(((t, key), float(pred.confidence)))
+
+    def progress_text(self) -> str:
+        elapsed = time.monotonic() - (self.running_since or self.started)
+        per = elapsed / self.done
+        left = per * (self.total - self.done)
+        status = f"{self.done} / {self.total} slices · {per:.2f} s per slice"
+        if self.done < self.total:
+            status += f" · about {left:.0f} s left"
+        return status
+
+    def refresh_due(self) -> bool:
+        """Whether the output layers should be redrawn now (at most every REFRESH_SECONDS)."""
+        now = time.monotonic()
+        if now - self.last_refresh >= REFRESH_SECONDS:
+            self.last_refresh = now
+            return True
+        return False
+
+    def summary(self, seconds: float) -> dict:
+        """The widget's `last_run` (for scripts and tests)."""
+        return dict(kind=self.action.name, done=self.done, total=self.total, cancelled=self.cancelled,
+                    error=self.error, seconds=seconds, result=self.results[0].name,
+                    results=[r.name for r in self.results], keys=[key for _, key in self.keys],
+                    confidence=[score for _, score in self.scores])
+
+    def end_message(self, seconds: float) -> str:
+        names = ", ".join(f"'{r.name}'" for r in self.results)
+        if self.cancelled:
+            message = f"Cancelled: {self.done} of {self.total} slices done (kept in {names})."
+        else:
+            message = f"Done: {plural(self.done, 'slice')} in {seconds:.1f} s → {names}."
+        if self.action.note:
+            message += " " + self.action.note
+        return message
+
+
+def loading_text(source: str, seconds: float, downloaded: int) -> str:
+    """The status line while the model loads."""
+    status = f"Loading model '{source}' (first run only)…"
+    if seconds:
+        status += f" {seconds:.0f} s"
+    if downloaded:
+        status += f" · {downloaded / 1e6:.0f} MB downloaded"
+    return status
+
+
+def open_outputs(viewer, action: Action, previous: RunState | None, confidence: bool) -> tuple[list, list]:
+    """The run's output layers, emptied: a run's proposals are its own. The last run's output layers
+    that this run does not reuse are removed (their proposals can no longer be accepted)."""
+    results, confidences = [], []
+    for target in action.targets:
+        result, scores = output_layers(viewer, target.image, action.examples, action.objects, confidence)
+        for layer in (result, scores):
+            if layer is not None:
+                layer.data[...] = 0
+                layer.visible = True
+                layer.refresh()
+        results.append(result)
+        confidences.append(scores)
+    kept = [layer for layer in results + confidences if layer is not None]
+    if previous is not None:
+        for layer in previous.results + previous.confidences:
+            if layer is not None and layer not in kept and layer in viewer.layers:
+                viewer.layers.remove(layer)
+    return results, confidences
+
+
+def review_rows(run: RunState) -> tuple[list, list]:
+    """The run's planes, least confident first (Prediction.confidence): ((target, plane key) of each row,
+    the Review list's (text, row) choices)."""
+    rows = worst_first(run.scores)
+    several = len(run.results) > 1
+    choices = [(f"{score:.2f} · {plane_name(run.action.targets[t].image, key, several)}", k)
+               for k, ((t, key), score) in enumerate(rows)]
+    return [item for item, _ in rows], choices
+
+
+# ------------------------------------------------------------------------------------------- accept
+
+
+def accept(viewer, run: RunState | None) -> list[tuple]:
+    """Copy the last run's proposals that are shown into each target's own Labels layer, only into planes
+    still empty there; one undo step per layer. Returns (layer, planes written, image) per layer written;
+    UserError, before any write, when a layer cannot take its proposals."""
+    if run is None or not run.keys:
+        raise UserError("Nothing to accept yet: run SegGPT first (its proposals appear in '<image> SegGPT').")
+    shown = [t for t, result in enumerate(run.results)
+             if result in viewer.layers and result.visible and run.keys_of(t)]
+    if not shown:
+        names = ", ".join(f"'{r.name}'" for r in run.results)
+        raise UserError(f"Nothing shown to accept: the last run's proposals ({names}) are hidden or "
+                        "removed. Show them to accept them.")
+    plans = [(t, accept_plan(viewer, run, t)) for t in shown]  # every check before any write
+    written = []
+    for t, (dest, indices, values, planes) in plans:
+        if planes == 0:
+            continue
+        image, result = run.action.targets[t].image, run.results[t]
+        dest = dest if dest is not None else add_own_labels(viewer, image, result.data.dtype)
+        with dest.block_history():  # one undo item, however many slices
+            dest.data_setitem(indices, values.astype(dest.data.dtype, copy=False))
+        result.visible = False  # what is shown now is the accepted labels
+        written.append((dest, planes, image))
+    return written
+
+
+def accept_plan(viewer, run: RunState, t: int):
+    """What Accept writes for target t: (Labels layer or None to create it, indices, values, planes).
+    UserError when that layer cannot take the proposals."""
+    target, result = run.action.targets[t], run.results[t]
+    dest = target.labels if target.labels is not None and target.labels in viewer.layers else None
+    if dest is None:
+        dest = own_labels(viewer, target.image)
+    data = np.asarray(result.data)
+    if dest is None:
+        return None, *accept_indices(data, np.zeros_like(data), run.keys_of(t))
+    if not isinstance(dest.data, np.ndarray):
+        raise UserError(f"Labels '{dest.name}' is not an in-memory array ({type(dest.data).__name__}); "
+                        "Accept needs a layer napari can paint into.")
+    if tuple(data.shape) != tuple(dest.data.shape):
+        raise UserError(f"Shape mismatch: '{result.name}' is {fmt_shape(data.shape)} but Labels "
+                        f"'{dest.name}' is {fmt_shape(dest.data.shape)}.")
+    indices, values, planes = accept_indices(data, dest.data, run.keys_of(t))
+    top = int(values.max()) if values.size else 0
+    if np.issubdtype(dest.data.dtype, np.integer) and top > np.iinfo(dest.data.dtype).max:
+        raise UserError(f"'{result.name}' holds ids up to {top}, more than Labels '{dest.name}' "
+                        f"({dest.data.dtype}) can store. Convert that layer to a wider type (e.g. uint32) first.")
+    return dest, indices, values, planes
+
+
+def accepted_message(written: list[tuple]) -> str:
+    into = ", ".join(f"{plural(planes, 'slice')} into '{dest.name}'" for dest, planes, _ in written)
+    return f"Accepted {into}. Undo (Ctrl+Z on that layer) takes them back in one step."
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def export_sets(viewer, image, labels, accepted: dict) -> list[LabelSet]:
+    """The examples layer (with its image) and the layers Accept wrote into (`accepted`: layer -> image)."""
+    pairs = []
+    if labels is not None:
+        pairs.append((image, labels))
+    for layer, source in accepted.items():
+        if layer in viewer.layers and not any(layer == p[1] for p in pairs):
+            pairs.append((source, layer))
+    if not pairs or not any(np.any(np.asarray(level0(lab.data))) for _, lab in pairs):
+        raise UserError("Nothing to export: the examples layer is empty and nothing was accepted yet.")
+    return [label_set(source, layer) for source, layer in pairs]
