@@ -2,9 +2,10 @@
 
 `SegGPTBackend` is made per request for one project, as label-studio-ml makes its model class per
 project; what it shares with other requests is in `Services`. For each view (an <Image> with its label
-controls) the project's references become a `PromptPool`; every target is shown the `max_prompts`
-references that look most alike (`PromptPool.choose`), and each distinct choice of references is
-prepared once per request (`SegGPT.prepare_prompts`) and reused by every target that chose it.
+controls) the project's references become a `PromptPool`, and the tasks go through the core's one loop
+(`runner.Runner`): each is shown the `max_prompts` references that look most alike (never itself), each
+distinct choice is prepared once, downloads run ahead of the model, the deadline is checked between
+batches and tiles, and the objects and their confidences are the core's, as in every host.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from seggpt_plugins.ensembles import tile_size
 from seggpt_plugins.errors import InputError
+from seggpt_plugins.images import to_rgb8
+from seggpt_plugins.instances import ObjectRule
+from seggpt_plugins.prompts import PromptPool, describe
+from seggpt_plugins.runner import Runner, Target
 
 from .labeling import BRUSH, POLYGON, View, annotation_to_mask, parse_label_config, prediction_to_results
 from .media import MediaError, MediaFetcher, PixelBudget
@@ -29,7 +33,7 @@ from .services import Services, model_name
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
 
-PROMPT_SETS_PER_REQUEST = 32  # prepared reference choices kept for reuse within one request
+TARGET_DOWNLOADS = 4  # task images a request downloads and decodes ahead of the model
 
 
 @dataclass(frozen=True)
@@ -63,17 +67,6 @@ class TaskOutcome:
         return {"result": self.regions, "score": round(score, 4), "model_version": version}
 
 
-@dataclass
-class Target:
-    """A task of this request whose image is loaded, with the references chosen for it on one view."""
-
-    index: int  # into the request's tasks
-    task_id: object
-    rgb: np.ndarray
-    choice: tuple = ()  # indices into the view's PromptPool
-    shown: np.ndarray | None = None  # the label ids the chosen references show
-
-
 class SegGPTBackend:
     """One project's view of the backend, as label-studio-ml 2.x's LabelStudioMLBase subclasses."""
 
@@ -97,6 +90,7 @@ class SegGPTBackend:
         self.min_area = params.get("min_area", self.settings.min_area)
         self.polygon_tolerance = params.get("polygon_tolerance", self.settings.polygon_tolerance)
         self.objects = params.get("objects", False)
+        self.object_rule = ObjectRule(min_area=self.min_area, split_touching=params.get("split_touching", False))
         self.ensemble = params.get("ensemble", self.settings.ensemble)
         self.tile, self.halo = params.get("tile", self.settings.tile), params.get("halo", self.settings.halo)
         try:  # a project's halo with the backend's SEGGPT_TILE (or its tile with SEGGPT_HALO)
@@ -130,9 +124,6 @@ class SegGPTBackend:
         return f"seggpt-{self.services.model_tag or model_name(self.settings.model)}-{refs_part}"
 
     def _reference_image(self, ref: Reference, view: View, fetcher: MediaFetcher) -> dict:
-        from seggpt_plugins.images import to_rgb8
-        from seggpt_plugins.prompts import describe
-
         value = ref.data.get(view.value_key)
         key = ("img", fetcher.base_url, str(value), ref.task_id)
         cached = self.services.images.get(key)
@@ -236,114 +227,52 @@ class SegGPTBackend:
                         "raise ML_TIMEOUT_PREDICT in Label Studio's environment and --predict-timeout here",
                         self.project_id, left, self.settings.predict_timeout)
 
-    def _load_target(self, task, view: View, fetcher: MediaFetcher) -> np.ndarray | None:
-        from seggpt_plugins.images import to_rgb8
-
-        task_id = task.get("id") if isinstance(task, dict) else "?"
-        try:
-            if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-                raise MediaError("the task has no 'data' object")
-            value = task["data"].get(view.value_key)
-            if value is None:
-                raise MediaError(f"the task data has no {view.value_key!r} field "
-                                 f"(<Image name={view.image_name!r} value=\"${view.value_key}\">)")
-            image = fetcher.fetch_image(value, task.get("id"), self.budget, self.deadline)
-            return to_rgb8(image, name=f"task {str(task_id)[:40]} image")
-        except (MediaError, ValueError) as exc:
-            log.warning("project %s: task %s gets no prediction: %s", self.project_id, str(task_id)[:40], exc)
-            return None
+    def _load_target(self, task, view: View, fetcher: MediaFetcher) -> np.ndarray:
+        """A task's image for one view (downloaded within the request's pixel budget and deadline);
+        MediaError (the task gets no prediction) names what is wrong."""
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise MediaError("the task has no 'data' object")
+        value = task["data"].get(view.value_key)
+        if value is None:
+            raise MediaError(f"the task data has no {view.value_key!r} field "
+                             f"(<Image name={view.image_name!r} value=\"${view.value_key}\">)")
+        return fetcher.fetch_image(value, task.get("id"), self.budget, self.deadline)
 
     def _predict_view(self, model, tasks, view: View, prepared: list[PreparedReference], fetcher: MediaFetcher,
                       outcomes: list[TaskOutcome], deadline: float) -> None:
-        from seggpt_plugins.prompts import PromptPool
-
+        """Every task through the core's runner: shown the `max_prompts` most similar references (never
+        itself), its objects by the core's rule, one request at a time on the model."""
         pool = PromptPool.from_pairs([p.ref.task_id for p in prepared], [(p.rgb, p.mask) for p in prepared],
                                      descriptors=np.stack([p.descriptor for p in prepared]))
-        prompt_sets: OrderedDict = OrderedDict()  # reference choice -> (PromptSet, the label ids it shows)
-        chunk = max(1, self.settings.batch_size)
-        last_chunk_s = 0.0
-        for start in range(0, len(tasks), chunk):
-            if time.monotonic() + 1.2 * last_chunk_s > deadline:
-                for outcome in outcomes[start:]:
-                    outcome.missed = True
-                return
-            chunk_started = time.monotonic()
-            indices = list(range(start, min(start + chunk, len(tasks))))
-            images = list(self.services.downloads.map(lambda i: self._load_target(tasks[i], view, fetcher), indices))
-            try:
-                targets = []
-                for i, rgb in zip(indices, images):
-                    if rgb is None:
-                        outcomes[i].failed = True
-                        continue
-                    target = Target(i, task_id_of(tasks[i].get("id")), rgb)
-                    target.choice = pool.choose(rgb, self.max_prompts, exclude=(target.task_id,))
-                    if target.choice:  # else the task is the only reference: nothing else to learn from
-                        targets.append(target)
-                if targets:
-                    predictions = self._segment(model, targets, pool, prompt_sets, view, deadline)
-                    if predictions is None:  # other requests held the model until the deadline
-                        for outcome in outcomes[start:]:
-                            outcome.missed = True
-                        return
-                    for target, prediction in zip(targets, predictions):
-                        if prediction is None:
-                            outcomes[target.index].failed = True
-                            continue
-                        unseen = np.isin(prediction.labels, target.shown, invert=True)
-                        if unseen.any():  # a label no prompt of this target shows cannot be meant: background
-                            prediction.labels[unseen] = 0
-                        outcomes[target.index].regions.extend(prediction_to_results(
-                            prediction.labels, prediction.scores, view, prefer=self.prefer, min_area=self.min_area,
-                            tolerance=self.polygon_tolerance, objects=self.objects))
-                        outcomes[target.index].scores.append(prediction.confidence if prediction.labels.any() else 0.0)
-            finally:  # this chunk's images are let go
-                for rgb in images:
-                    if rgb is not None:
-                        self.budget.give(rgb.shape[0] * rgb.shape[1])
-            last_chunk_s = time.monotonic() - chunk_started
-
-    def _prompt_set(self, model, choice: tuple, pool, prompt_sets: OrderedDict, view: View):
-        """The prepared prompts of one choice of references, made once per request (a small LRU)."""
-        if choice in prompt_sets:
-            prompt_sets.move_to_end(choice)
-            return prompt_sets[choice]
-        images, masks = pool.pairs(choice)
-        prepared = model.prepare_prompts(images, masks, label_ids=list(view.label_ids.values()),
-                                         ensemble=self.ensemble, tile=self.tile)
-        shown = np.unique(np.concatenate([np.unique(m) for m in masks]))
-        prompt_sets[choice] = (prepared, shown)
-        while len(prompt_sets) > PROMPT_SETS_PER_REQUEST:
-            prompt_sets.popitem(last=False)
-        return prepared, shown
-
-    def _segment(self, model, targets: list[Target], pool, prompt_sets: OrderedDict, view: View, deadline: float):
-        """The batched forward passes, one request at a time per process; None if the model stayed busy
-        until the deadline. A batch that fails on bad input is retried target by target."""
-        from seggpt_plugins import InputError
-
-        kwargs = dict(batch_size=self.settings.batch_size, seg_type=self.seg_type, tile=self.tile, halo=self.halo)
+        runner = Runner(model, pool, most_similar=self.max_prompts, label_ids=list(view.label_ids.values()),
+                        batch_size=max(1, self.settings.batch_size), seg_type=self.seg_type, ensemble=self.ensemble,
+                        tile=self.tile, halo=self.halo, objects=self.object_rule,
+                        readers=TARGET_DOWNLOADS, read_ahead=0)  # the pixel budget counts one batch
+        targets = [Target(i, lambda task=task: self._load_target(task, view, fetcher),
+                          name=f"task {str(task.get('id') if isinstance(task, dict) else '?')[:40]} image",
+                          exclude=(task_id_of(task.get("id")) if isinstance(task, dict) else None,))
+                   for i, task in enumerate(tasks)]
         if not self.services.inference_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            return None
+            for outcome in outcomes:  # other requests held the model until the deadline
+                outcome.missed = True
+            return
         try:
-            try:
-                sets = []
-                for target in targets:
-                    prepared, target.shown = self._prompt_set(model, target.choice, pool, prompt_sets, view)
-                    sets.append(prepared)
-                return model.segment([t.rgb for t in targets], sets, **kwargs)
-            except InputError as exc:
-                log.warning("project %s: a batch failed (%s); retrying its targets one by one", self.project_id, exc)
-            predictions = []
-            for target in targets:
-                try:
-                    prepared, target.shown = self._prompt_set(model, target.choice, pool, prompt_sets, view)
-                    predictions.append(model.segment([target.rgb], [prepared], **kwargs)[0])
-                except InputError as exc:
+            for result in runner.run(targets, deadline=deadline):
+                outcome = outcomes[result.key]
+                if result.ok:
+                    self.budget.give(result.prediction.labels.size)
+                    outcome.regions.extend(prediction_to_results(result.instances, view, prefer=self.prefer,
+                                                                 tolerance=self.polygon_tolerance,
+                                                                 objects=self.objects))
+                    outcome.scores.append(result.confidence if result.prediction.labels.any() else 0.0)
+                elif result.missed:
+                    outcome.missed = True
+                elif not result.skipped:  # skipped: the task is the only reference, nothing else to learn from
+                    outcome.failed = True
+                    task = tasks[result.key]
                     log.warning("project %s: task %s gets no prediction: %s", self.project_id,
-                                str(target.task_id)[:40], exc)
-                    predictions.append(None)
-            return predictions
+                                str(task.get("id") if isinstance(task, dict) else "?")[:40],
+                                result.exception if isinstance(result.exception, MediaError) else result.error)
         finally:
             self.services.inference_lock.release()
 

@@ -314,7 +314,7 @@ class ProjectPredictor:
             confidence = float(row["confidence"] or 0.0)
             scores = np.full(labels.shape, confidence, np.float32)  # the run keeps no per-pixel scores
             outcome.regions.extend(prediction_to_results(
-                labels, scores, view, prefer=backend.prefer, min_area=backend.min_area,
+                backend.object_rule.find(labels, scores), view, prefer=backend.prefer,
                 tolerance=backend.polygon_tolerance, objects=backend.objects))
             outcome.scores.append(confidence if labels.any() else 0.0)
 

@@ -17,7 +17,6 @@ from functools import lru_cache
 import numpy as np
 
 from seggpt_plugins.images import resize_nearest
-from seggpt_plugins.instances import without_small_parts
 from seggpt_plugins.vocabulary import MAX_CLASSES
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
@@ -225,49 +224,45 @@ def mask_to_polygons(binary: np.ndarray, tolerance: float = 1.0, min_area: int =
     return polygons
 
 
-def prediction_to_results(labels: np.ndarray, scores: np.ndarray, view: View, *, prefer: str = BRUSH,
-                          min_area: int = 10, tolerance: float = 1.0, objects: bool = False) -> list[dict]:
-    """Label Studio result regions for one view's predicted label map (ids as in `view.label_ids`).
+def prediction_to_results(instances, view: View, *, prefer: str = BRUSH, tolerance: float = 1.0,
+                          objects: bool = False) -> list[dict]:
+    """Label Studio result regions for one view's predicted objects (the core's `Instances`, found by its one
+    object rule, with class ids as in `view.label_ids`).
 
-    Brush: one region per label (its whole mask, RLE), or with `objects` one per object. Polygon: one
-    region per connected part, or with `objects` one per object. Objects are the core's
-    (`instances.find_instances`: parts under `min_area` join the object they touch, touching objects
-    split). Each region carries the mean confidence of its pixels as `score`.
+    Brush: one region per label (the union of its objects), or with `objects` one per object. Polygon: the
+    polygons of each object. A region's `score` is its object's confidence (its predicted IoU when the
+    prediction's quality was estimated); a label's brush region carries its objects' confidence weighted by
+    their area.
     """
     from label_studio_sdk.converter.brush import mask2rle
 
-    from seggpt_plugins.instances import find_instances
-
-    height, width = labels.shape
-    regions = []
-    if objects:
-        found = find_instances(labels, scores, min_area=min_area, split_touching=True)
-        parts = [(obj.class_id, found.map == obj.id, obj.score) for obj in found.objects]
-    else:
-        parts = [(label_id, without_small_parts(labels == label_id, min_area), None)
-                 for label_id in view.label_ids.values()]
+    height, width = instances.map.shape
     names = {label_id: name for name, label_id in view.label_ids.items()}
-    for label_id, binary, score in parts:
-        name = names.get(int(label_id))
-        if name is None or not binary.any():
+    by_label: dict[int, list] = {}
+    for obj in instances.objects:
+        by_label.setdefault(int(obj.class_id), []).append(obj)
+    regions = []
+    for label_id, members in by_label.items():
+        name = names.get(label_id)
+        if name is None:
             continue
         control = view.control_for(name, prefer)
         base = {"from_name": control.name, "to_name": view.image_name, "type": control.kind,
                 "original_width": int(width), "original_height": int(height), "image_rotation": 0}
-        if control.kind == BRUSH:
-            regions.append(dict(base, id=_new_id(), score=round(float(scores[binary].mean() if score is None
-                                                                          else score), 4),
-                                value={"format": "rle", "rle": mask2rle(binary.astype(np.uint8) * 255),
-                                       BRUSH: [name]}))
-            continue
-        import cv2
-
-        for polygon in mask_to_polygons(binary, tolerance=tolerance, min_area=0 if objects else min_area):
-            part = np.zeros(binary.shape, np.uint8)
-            cv2.fillPoly(part, [np.round(polygon).astype(np.int32)], 1)
-            inside = part.astype(bool) & binary
-            part_score = float(scores[inside].mean()) if inside.any() else 0.0
-            regions.append(dict(base, id=_new_id(), score=round(part_score, 4),
-                                value={"points": pixels_to_points(polygon, (height, width)), "closed": True,
-                                       POLYGON: [name]}))
+        if control.kind == BRUSH and not objects:
+            binary = np.isin(instances.map, [o.id for o in members])
+            score = sum(o.confidence * o.area for o in members) / max(1, sum(o.area for o in members))
+            parts = [(binary, score)]
+        else:
+            parts = [(instances.map == o.id, o.confidence) for o in members]
+        for binary, score in parts:
+            if control.kind == BRUSH:
+                regions.append(dict(base, id=_new_id(), score=round(float(score), 4),
+                                    value={"format": "rle", "rle": mask2rle(binary.astype(np.uint8) * 255),
+                                           BRUSH: [name]}))
+                continue
+            for polygon in mask_to_polygons(binary, tolerance=tolerance, min_area=0):
+                regions.append(dict(base, id=_new_id(), score=round(float(score), 4),
+                                    value={"points": pixels_to_points(polygon, (height, width)), "closed": True,
+                                           POLYGON: [name]}))
     return regions

@@ -18,10 +18,12 @@ PARAMS = {  # extra_params a project may set in its ML backend connection, with 
     "max_prompts": "references per target, 1..64 (most similar first)",
     "seg_type": " or ".join(repr(t) for t in SEG_TYPES),
     "prefer": "'brush' or 'polygon': the output of a label that both kinds of control have",
-    "min_area": "predicted parts smaller than this many pixels are dropped",
+    "min_area": "predicted parts smaller than this many pixels join the object they touch or are dropped "
+                "(default 16, the core's object rule)",
     "polygon_tolerance": "polygon simplification in pixels (0: every contour pixel)",
-    "objects": "true: one region per object (brush and polygon), touching objects split; false: one brush "
-               "region per label",
+    "objects": "true: one brush region per object; false: one brush region per label (polygons are always "
+               "one per object)",
+    "split_touching": "true: touching objects are split by a watershed (default false, as in every host)",
     "ensemble": "how several references meet the model: " + ", ".join(repr(e) for e in ENSEMBLES)
                 + " (default 'feature')",
     "tile": "large images are cut into tiles of this many pixels (or 'auto': six object diameters of the references; larger references are cut to their most labelled tile), segmented "
@@ -110,10 +112,11 @@ def check_params(extra) -> dict:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
             raise RequestError(f"extra_params.polygon_tolerance must be a number from 0 to 100, got {value!r:.40}")
         params["polygon_tolerance"] = float(value)
-    if extra.get("objects") is not None:
-        if not isinstance(extra["objects"], bool):
-            raise RequestError(f"extra_params.objects must be true or false, got {extra['objects']!r:.40}")
-        params["objects"] = extra["objects"]
+    for flag in ("objects", "split_touching"):
+        if extra.get(flag) is not None:
+            if not isinstance(extra[flag], bool):
+                raise RequestError(f"extra_params.{flag} must be true or false, got {extra[flag]!r:.40}")
+            params[flag] = extra[flag]
     if extra.get("ensemble") is not None:
         if extra["ensemble"] not in ENSEMBLES:
             raise RequestError(f"extra_params.ensemble must be one of {', '.join(map(repr, ENSEMBLES))}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from seggpt_plugins.vocabulary import AUTO_MODEL, SEG_TYPES
+from seggpt_plugins.vocabulary import AUTO_MODEL, MIN_OBJECT_AREA, SEG_TYPES
 
 
 def default_state_dir() -> str:
@@ -71,7 +71,7 @@ class Settings:
     max_download_mb: float = 100.0  # SEGGPT_MAX_DOWNLOAD_MB
     max_image_pixels: int = 1 << 26  # SEGGPT_MAX_IMAGE_PIXELS (67 M)
     cache_mb: float = 1024.0  # SEGGPT_CACHE_MB: reference images and masks kept in memory per worker
-    min_area: int = 10  # SEGGPT_MIN_AREA: smaller predicted parts are dropped (pixels)
+    min_area: int = MIN_OBJECT_AREA  # SEGGPT_MIN_AREA: smaller predicted parts join a neighbour or are dropped
     polygon_tolerance: float = 1.0  # SEGGPT_POLYGON_TOLERANCE: polygon simplification (pixels)
     ensemble: str = "feature"  # SEGGPT_ENSEMBLE: feature, spatial or both (a project's extra_params override)
     tile: int | str | None = None  # SEGGPT_TILE: tiles of this many pixels, or "auto"; None: no tiling
@@ -103,7 +103,7 @@ class Settings:
             max_download_mb=_env_float("SEGGPT_MAX_DOWNLOAD_MB", 100.0),
             max_image_pixels=_env_int("SEGGPT_MAX_IMAGE_PIXELS", 1 << 26),
             cache_mb=_env_float("SEGGPT_CACHE_MB", 1024.0),
-            min_area=_env_int("SEGGPT_MIN_AREA", 10),
+            min_area=_env_int("SEGGPT_MIN_AREA", MIN_OBJECT_AREA),
             polygon_tolerance=_env_float("SEGGPT_POLYGON_TOLERANCE", 1.0),
             ensemble=_env("SEGGPT_ENSEMBLE", "feature"),
             tile=_env_tile("SEGGPT_TILE"),

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .vocabulary import MIN_OBJECT_AREA
+
 _EIGHT = np.ones((3, 3), bool)
 _FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
@@ -23,17 +25,6 @@ def connected_components(binary: np.ndarray, connectivity: int = 8) -> tuple[np.
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     components, count = ndimage.label(np.asarray(binary, bool), structure=_EIGHT if connectivity == 8 else _FOUR)
     return components.astype(np.int32, copy=False), int(count)
-
-
-def without_small_parts(binary: np.ndarray, min_area: int) -> np.ndarray:
-    """The binary mask without its connected parts of fewer than `min_area` pixels."""
-    binary = np.asarray(binary, bool)
-    if min_area <= 1 or not binary.any():
-        return binary
-    components, count = connected_components(binary)
-    keep = np.bincount(components.ravel(), minlength=count + 1) >= min_area
-    keep[0] = False
-    return keep[components]
 
 
 @dataclass(frozen=True)
@@ -103,7 +94,7 @@ class ObjectRule:
     ValueError.
     """
 
-    min_area: int = 16
+    min_area: int = MIN_OBJECT_AREA
     split_touching: bool = False
     object_radius: float | None = None
     classes: dict | None = field(default=None, hash=False, compare=False)

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -46,7 +47,7 @@ from .quality import check_quality
 from .vocabulary import SEG_TYPES
 
 PROMPT_SETS_KEPT = 32  # prepared prompt sets kept when examples are chosen per target
-READ_AHEAD_BATCHES = 2  # batches of targets decoded ahead of the one on the device
+READ_AHEAD_BATCHES = 1  # batches of targets decoded ahead of the one being assembled (by default)
 PENDING_BATCHES = 2  # batches of finished targets whose host work may wait in the workers
 NO_EXAMPLES = "no example left to show it (the only examples are the target itself)"
 
@@ -150,7 +151,9 @@ class Runner:
         objects: the object rule (instances.ObjectRule) to apply to every prediction, or None for label maps only.
         keep_images: give each Result the target's RGB as segmented (e.g. for an overlay).
         overlap: run host work in worker threads beside the device (default: on CUDA only).
-        readers: threads decoding targets ahead (default: 2 on CUDA, 1 elsewhere).
+        readers: threads decoding targets (default: 2 on CUDA, 1 elsewhere; 0: in the runner's thread).
+        read_ahead: batches decoded ahead of the one being assembled (0: a batch's images only; a host that
+            bounds the pixels it holds counts batch_size * (1 + read_ahead) targets, plus its results).
         prompt_sets_kept: prepared prompt sets cached for choices from a pool.
     """
 
@@ -158,7 +161,8 @@ class Runner:
                  label_ids=None, batch_size: int = 8, seg_type: str = "instance", intensity_range=None,
                  ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast",
                  with_painting: bool = False, objects: ObjectRule | None = None, keep_images: bool = False,
-                 overlap: bool | None = None, readers: int | None = None, prompt_sets_kept: int = PROMPT_SETS_KEPT):
+                 overlap: bool | None = None, readers: int | None = None, read_ahead: int = READ_AHEAD_BATCHES,
+                 prompt_sets_kept: int = PROMPT_SETS_KEPT):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if seg_type not in SEG_TYPES:
@@ -175,6 +179,7 @@ class Runner:
         on_cuda = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
         self.overlap = on_cuda if overlap is None else overlap
         self.readers = (2 if on_cuda else 1) if readers is None else readers
+        self.read_ahead = max(0, read_ahead)
         self.code = None
         if isinstance(prompts, PromptPool):
             self.code = model.color_code([], [], label_ids) if label_ids is not None else prompts.code
@@ -292,23 +297,29 @@ class Runner:
                 workers.shutdown(wait=True, cancel_futures=True)
 
     def _read(self, targets: Iterator) -> Iterator[tuple[int, Target, np.ndarray | None, BaseException | None]]:
-        """(index, Target, RGB or None, exception or None) per target, decoded ahead in reader threads."""
-        window = max(1, READ_AHEAD_BATCHES * self.batch_size)
+        """(index, Target, RGB or None, exception or None) per target. With reader threads, a batch's targets
+        are decoded together, and `read_ahead` batches more while it is assembled and painted."""
         items = (self._as_target(i, t) for i, t in enumerate(targets))
         if self.readers < 1:
             for index, target in items:
                 yield (index, target, *self._decode(target))
             return
         with ThreadPoolExecutor(self.readers, "seggpt-read") as readers:
-            ahead: deque = deque()
-            for index, target in items:
-                ahead.append((index, target, readers.submit(self._decode, target)))
-                if len(ahead) >= window:
-                    index, target, decoded = ahead.popleft()
+            chunks: deque = deque()
+
+            def submit() -> bool:
+                chunk = [(i, t, readers.submit(self._decode, t)) for i, t in islice(items, self.batch_size)]
+                if chunk:
+                    chunks.append(chunk)
+                return bool(chunk)
+
+            while True:
+                while len(chunks) <= self.read_ahead and submit():
+                    pass
+                if not chunks:
+                    return
+                for index, target, decoded in chunks.popleft():
                     yield (index, target, *decoded.result())
-            while ahead:
-                index, target, decoded = ahead.popleft()
-                yield (index, target, *decoded.result())
 
     @staticmethod
     def _as_target(index: int, item) -> tuple[int, Target]:

@@ -30,3 +30,4 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 
 #: Where a user (or a deployment) names the model for every entry point at once.
 MODEL_ENV = "SEGGPT_MODEL"
+MIN_OBJECT_AREA = 16  # pixels: smaller parts join the object they touch or are dropped (instances.ObjectRule)

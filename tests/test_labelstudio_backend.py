@@ -323,6 +323,13 @@ def test_unusable_configs_are_refused_with_the_reason(config, message):
 # ------------------------------------------------------------------------------- RLE and polygons
 
 
+def regions_of(labels, scores, view, min_area=16, split_touching=False, **options):
+    """The regions of a label map whose objects are found by the core's rule, as the backend finds them."""
+    from seggpt_plugins.instances import ObjectRule
+
+    return prediction_to_results(ObjectRule(min_area, split_touching).find(labels, scores), view, **options)
+
+
 def test_brush_masks_round_trip_through_the_sdk_rle(tiles):
     (view,) = parse_label_config(BRUSH_CONFIG).views
     nuclei = tiles[5]["nuclei"]
@@ -330,7 +337,7 @@ def test_brush_masks_round_trip_through_the_sdk_rle(tiles):
     debris[100:120, 3:40] = True
     labels = np.where(nuclei, 1, 0) + np.where(debris & ~nuclei, 2, 0)
     scores = np.linspace(0.2, 1.0, labels.size, dtype=np.float32).reshape(labels.shape)
-    regions = prediction_to_results(labels.astype(np.uint8), scores, view, min_area=0)
+    regions = regions_of(labels.astype(np.uint8), scores, view, min_area=0)
     assert [r["value"]["brushlabels"] for r in regions] == [["Nucleus"], ["Debris"]]
     for region, expected in zip(regions, (labels == 1, labels == 2)):
         assert region["type"] == "brushlabels" and region["from_name"] == "tag" and region["to_name"] == "image"
@@ -342,15 +349,15 @@ def test_brush_masks_round_trip_through_the_sdk_rle(tiles):
 
 
 def test_objects_give_one_region_per_object():
-    """extra_params.objects: one brush (or polygon) region per object, touching objects split (issue 13)."""
+    """extra_params.objects: one brush (or polygon) region per object; split_touching: touching objects split."""
     (view,) = parse_label_config(BRUSH_CONFIG).views
     yy, xx = np.mgrid[:80, :120]
     labels = np.zeros((80, 120), np.uint8)
     for cy, cx in [(40, 30), (40, 56), (40, 95)]:  # the first two touch
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 14 ** 2] = 1
     scores = np.full(labels.shape, 0.5, np.float32)
-    assert len(prediction_to_results(labels, scores, view, min_area=10)) == 1
-    per_object = prediction_to_results(labels, scores, view, min_area=10, objects=True)
+    assert len(regions_of(labels, scores, view, min_area=10)) == 1
+    per_object = regions_of(labels, scores, view, min_area=10, split_touching=True, objects=True)
     assert len(per_object) == 3 and all(r["value"]["brushlabels"] == ["Nucleus"] for r in per_object)
     union = np.zeros(labels.shape, bool)
     for region in per_object:
@@ -359,8 +366,8 @@ def test_objects_give_one_region_per_object():
         union |= mask
     assert np.array_equal(union, labels > 0)
     (polygons,) = parse_label_config(POLYGON_CONFIG).views
-    assert len(prediction_to_results(labels, scores, polygons, min_area=10, objects=True)) == 3
-    assert check_params({"objects": True}) == {"objects": True}
+    assert len(regions_of(labels, scores, polygons, min_area=10, split_touching=True, objects=True)) == 3
+    assert check_params({"objects": True, "split_touching": True}) == {"objects": True, "split_touching": True}
     with pytest.raises(RequestError, match="objects"):
         check_params({"objects": "yes"})
 
@@ -380,7 +387,7 @@ def test_polygons_round_trip_in_percent_coordinates(tiles):
     (view,) = parse_label_config(POLYGON_CONFIG).views
     nuclei = tiles[6]["nuclei"]
     scores = np.full(nuclei.shape, 0.75, np.float32)
-    regions = prediction_to_results(nuclei.astype(np.uint8), scores, view, min_area=10, tolerance=0.5)
+    regions = regions_of(nuclei.astype(np.uint8), scores, view, min_area=10, tolerance=0.5)
     parts = [p for p in mask_to_polygons(nuclei, tolerance=0.5, min_area=10)]
     assert len(regions) == len(parts) > 3
     for region in regions:
@@ -401,7 +408,7 @@ def test_polygons_round_trip_in_percent_coordinates(tiles):
     # a square is exact: its outline through the boundary pixel centres fills the same pixels
     square = np.zeros((50, 80), bool)
     square[10:30, 20:61] = True
-    (region,) = prediction_to_results(square.astype(np.uint8), np.ones(square.shape, np.float32), view)
+    (region,) = regions_of(square.astype(np.uint8), np.ones(square.shape, np.float32), view)
     assert len(region["value"]["points"]) == 4
     assert np.array_equal(annotation_to_mask([region], view, square.shape) > 0, square)
 
@@ -413,10 +420,10 @@ def test_both_kinds_of_control_each_label_goes_to_one_control():
     labels[30:50, 5:20] = 2  # Edge: both; brush preferred by default
     labels[30:50, 30:50] = 3  # Debris: polygon only
     scores = np.ones(labels.shape, np.float32)
-    by_type = {(r["from_name"], r["type"], r["value"][r["type"]][0]) for r in prediction_to_results(labels, scores, view)}
+    by_type = {(r["from_name"], r["type"], r["value"][r["type"]][0]) for r in regions_of(labels, scores, view)}
     assert by_type == {("tag", "brushlabels", "Nucleus"), ("tag", "brushlabels", "Edge"),
                        ("poly", "polygonlabels", "Debris")}
-    polygons = prediction_to_results(labels, scores, view, prefer="polygonlabels")
+    polygons = regions_of(labels, scores, view, prefer="polygonlabels")
     assert {(r["from_name"], r["value"][r["type"]][0]) for r in polygons} == {
         ("tag", "Nucleus"), ("poly", "Edge"), ("poly", "Debris")}
 
@@ -589,16 +596,17 @@ def test_predict_several_labels_keep_their_names_and_the_chosen_references(make_
 def test_predict_with_spatial_ensemble_and_tiles(make_client, fake_ls, tiles, monkeypatch):
     """extra_params ensemble, tile and halo (issue 14) reach prepare_prompts and segment."""
     from seggpt_plugins.engine import SegGPT
+    from seggpt_plugins.runner import Runner
 
     calls = []
-    for name in ("prepare_prompts", "segment"):
-        original = getattr(SegGPT, name)
+    for owner, name in ((SegGPT, "prepare_prompts"), (Runner, "__init__")):
+        original = getattr(owner, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
             calls.append((_name, {k: kwargs[k] for k in ("ensemble", "tile", "halo") if k in kwargs}))
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(SegGPT, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, max_prompts=2)
     for k in (0, 3):
         fake_ls.add_task(7, tiles[k], annotation_result=[brush_region(tiles[k]["nuclei"], "Nucleus")])
@@ -608,8 +616,8 @@ def test_predict_with_spatial_ensemble_and_tiles(make_client, fake_ls, tiles, mo
     assert setup.status_code == 200 and setup.json["model_version"] != plain
     response = client.post("/predict", json=predict_body([target]))
     assert response.status_code == 200, response.json
-    assert ("prepare_prompts", {"ensemble": "spatial", "tile": 64}) in calls  # examples cut as targets are
-    assert ("segment", {"tile": 64, "halo": 8}) in calls
+    assert ("prepare_prompts", {"ensemble": "spatial", "tile": (64, 64)}) in calls  # examples cut as targets are
+    assert ("__init__", {"ensemble": "spatial", "tile": 64, "halo": 8}) in calls
     (item,) = response.json["results"]
     view = parse_label_config(BRUSH_CONFIG).views[0]
     mask = annotation_to_mask(item["result"], view, (128, 128))
@@ -620,7 +628,7 @@ def test_predict_with_spatial_ensemble_and_tiles(make_client, fake_ls, tiles, mo
     response = client.post("/predict", json=predict_body([target]))
     assert response.status_code == 200 and response.json["results"][0]["result"]
     assert ("prepare_prompts", {"ensemble": "both", "tile": "auto"}) in calls
-    assert ("segment", {"tile": "auto", "halo": 32}) in calls
+    assert ("__init__", {"ensemble": "both", "tile": "auto", "halo": 32}) in calls
     bad = client.post("/setup", json=setup_body(extra_params={"tile": 40, "halo": 20}))
     assert bad.status_code == 400 and "halo" in bad.json["error"]
 
@@ -672,7 +680,7 @@ def test_predict_polygons_and_both_controls(make_client, fake_ls, tiles):
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
     outline = [{"from_name": "outline", "to_name": "img", "type": "polygonlabels", "original_width": 128,
                 "original_height": 128, "image_rotation": 0, "value": r["value"]}
-               for r in prediction_to_results(tiles[0]["nuclei"].astype(np.uint8), np.ones((128, 128), np.float32),
+               for r in regions_of(tiles[0]["nuclei"].astype(np.uint8), np.ones((128, 128), np.float32),
                                               parse_label_config(POLYGON_CONFIG).views[0])]
     fake_ls.add_task(7, tiles[0], key="picture", annotation_result=outline)
     target = fake_ls.add_task(7, tiles[5], key="picture")
