@@ -286,11 +286,11 @@ class Runner:
                 for piece in self._pieces(job):
                     batch.append(piece)
                     if len(batch) == self.batch_size:
-                        self._paint(batch, finished, on_event, raising)
+                        self._paint(batch, finished, on_event, raising, stop)
                         batch = []
                         yield from ready(limit)
             if batch:
-                self._paint(batch, finished, on_event, raising)
+                self._paint(batch, finished, on_event, raising, stop)
             yield from ready(0)
         finally:
             if workers is not None:
@@ -364,11 +364,18 @@ class Runner:
 
     # ----------------------------------------------------------------------------------- the device
 
-    def _paint(self, batch: list[_Piece], finished: Callable[[_Job], None], on_event, raising: bool) -> None:
+    def _paint(self, batch: list[_Piece], finished: Callable[[_Job], None], on_event, raising: bool,
+               stop: "_Stop") -> None:
         """One forward pass over a batch of pieces (retried piece by piece if it fails); each target whose
-        last piece is done goes to `finished`."""
+        last piece is done goes to `finished`. Past the deadline (or cancelled) the batch is not painted: its
+        targets are missed, even those with tiles done already."""
         live = [p for p in batch if p.job.failed is None]
-        if not live:
+        if stop():
+            for piece in live:
+                piece.job.failed = piece.job.failed or _Missed(stop.reason)
+        if stop() or not live:
+            for piece in batch:
+                self._count(piece.job, finished)
             return
         try:
             predictions = self._forward(live)
@@ -376,14 +383,11 @@ class Runner:
             if raising:
                 raise
             if len(live) == 1:
-                job = live[0].job
-                job.failed = exc
-                job.done += 1
-                if job.done == job.pieces:
-                    finished(job)
+                live[0].job.failed = exc
+                self._count(live[0].job, finished)
                 return
             for piece in live:  # one input spoiled the batch: each alone tells which
-                self._paint([piece], finished, on_event, raising)
+                self._paint([piece], finished, on_event, raising, stop)
             return
         for piece, prediction in zip(live, predictions):
             job = piece.job
@@ -395,11 +399,16 @@ class Runner:
                 stitcher.add(piece.tile, prediction.labels, prediction.scores, prediction.painting)
             else:
                 job.whole[piece.mirrored] = prediction
-            job.done += 1
             if job.tiled:
-                on_event(Event("tile", job.target.key, job.done, job.pieces))
-            if job.done == job.pieces:
-                finished(job)
+                on_event(Event("tile", job.target.key, job.done + 1, job.pieces))
+            self._count(job, finished)
+
+    @staticmethod
+    def _count(job: _Job, finished: Callable[[_Job], None]) -> None:
+        """One more piece of `job` done (painted, failed or skipped); the last one finishes it."""
+        job.done += 1
+        if job.done == job.pieces:
+            finished(job)
 
     def _forward(self, pieces: list[_Piece]) -> list:
         model = self.model
@@ -414,6 +423,8 @@ class Runner:
 
     def _finish(self, job: _Job) -> Result:
         """A target whose pieces are all painted -> its Result: stitched, judged, split into objects."""
+        if isinstance(job.failed, _Missed):
+            return self._missed(job.index, job.target, str(job.failed))
         if job.failed is not None:
             return self._failed(job.index, job.target, job.failed)
         try:
@@ -456,6 +467,10 @@ class Runner:
     @staticmethod
     def _missed(index: int, target: Target, reason: str) -> Result:
         return Result(target.key, index, error=reason, missed=True)
+
+
+class _Missed(Exception):
+    """A target left unfinished by the deadline or a cancel (its message says which)."""
 
 
 class _Stop:

@@ -132,3 +132,20 @@ def test_ids_no_chosen_example_shows_are_background(model64, examples, targets):
     results = list(Runner(model64, pool, label_ids=[1, 2, 3]).run(targets))
     for result in results:
         assert set(np.unique(result.prediction.labels)) <= {0, 1}
+
+
+def test_the_deadline_reaches_between_the_tiles_of_one_target(model64, examples, rng):
+    prompts = model64.prepare_prompts([examples[0][0]], [examples[0][1]], tile=64)
+    big = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    clock = iter(range(100))
+    stops = {"after": 2}
+    events = []
+
+    def cancelled():  # true once two tile batches have been painted
+        return sum(e.kind == "tile" for e in events) >= stops["after"]
+
+    [result] = list(Runner(model64, prompts, tile=64, halo=8, batch_size=1).run(
+        [big], cancelled=cancelled, on_event=events.append))
+    assert next(clock) == 0
+    assert result.missed and not result.ok and result.error == "cancelled"
+    assert sum(e.kind == "tile" for e in events) == 2
