@@ -4,13 +4,13 @@
     OMP_NUM_THREADS=1 python benchmarks/eval_object_quality.py --tasks 150 --out benchmarks/results/eval_object_quality_cpu.json
 
 --fit N: fit the per-object estimate (quality.OBJECT_BLEND, calibrated) on the objects of N generated tasks
-from quality.FIT_SEED and write it into the estimate file `--write` (its "fast"/"full" estimates kept;
-`seggpt fit-quality` fits all three when it passes `objects=` to quality.generated_samples).
+from quality_fit.FIT_SEED and write it into the estimate file `--write` (its "fast"/"full" estimates kept;
+`seggpt fit-quality` fits all three when it passes `objects=` to quality_fit.generated_samples).
 
 Every predicted object (Prediction.instances(), defaults: 8-connected parts of 16+ pixels) is scored by
-its IoU with the true object it overlaps best (quality.object_ious; 0 when it overlaps none). Sets, none
+its IoU with the true object it overlaps best (quality_fit.object_ious; 0 when it overlaps none). Sets, none
 used for fitting:
-- generated: held-out generated tasks (quality.HELD_OUT_SEED), 1-3 examples; the truth's objects are the
+- generated: held-out generated tasks (quality_fit.HELD_OUT_SEED), 1-3 examples; the truth's objects are the
   connected parts of each label, matched within their class;
 - nuclei 2D / 3D: the tiles and slices of benchmarks/eval_quality.py (semantic, one example each), the
   truth's objects being stardist's instance masks.
@@ -37,7 +37,8 @@ from eval_quality import ROOT, SAMPLES, judge, nuclei_2d, nuclei_3d
 
 def real_objects(model, cases, truth_maps):
     """(object features, predicted IoU, true IoU) of every predicted object of (target, example, mask, _)."""
-    from seggpt_plugins.quality import object_features, object_ious
+    from seggpt_plugins.quality import object_features
+    from seggpt_plugins.quality_fit import object_ious
 
     out = []
     for (target, example, mask, _), truth in zip(cases, truth_maps):
@@ -64,7 +65,7 @@ def slice_truths():
 
 
 def generated_objects(model, count: int, seed: int):
-    from seggpt_plugins.quality import generated_samples
+    from seggpt_plugins.quality_fit import generated_samples
 
     objects = []
     generated_samples(model, count, seed, objects=objects, quality="fast")
@@ -92,8 +93,8 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.quality import (FIT_SEED, HELD_OUT_SEED, OBJECT_BLEND, OBJECT_CANDIDATES, OBJECT_MODEL,
-                                        SHIPPED, fit, load_models, save_models)
+    from seggpt_plugins.quality import OBJECT_BLEND, OBJECT_CANDIDATES, OBJECT_MODEL, SHIPPED, load_models
+    from seggpt_plugins.quality_fit import FIT_SEED, HELD_OUT_SEED, fit, save_models
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")

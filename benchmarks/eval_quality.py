@@ -4,8 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/eval_quality.py --baseline benchmarks/baselines/quality_appearance.json \
         --out benchmarks/results/eval_quality_cpu.json
 
-Three sets, none used for fitting (the estimate is fitted on generated tasks from quality.FIT_SEED):
-- generated: held-out generated tasks (quality.HELD_OUT_SEED), 1-3 examples, mean IoU over labels (600 by
+Three sets, none used for fitting (the estimate is fitted on generated tasks from quality_fit.FIT_SEED):
+- generated: held-out generated tasks (quality_fit.HELD_OUT_SEED), 1-3 examples, mean IoU over labels (600 by
   default: Spearman's rho over 150 tasks has a standard error near 0.07);
 - nuclei 2D: stardist's 512x512 field as 49 tiles of 128x128 (stride 64), each segmented from one other
   tile (chosen at random, not overlapping it) with its foreground mask; foreground IoU;
@@ -139,7 +139,8 @@ def main() -> None:
     import warnings
 
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.quality import HELD_OUT_SEED, SHIPPED, generated_samples, load_models
+    from seggpt_plugins.quality import SHIPPED, load_models
+    from seggpt_plugins.quality_fit import HELD_OUT_SEED, generated_samples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")

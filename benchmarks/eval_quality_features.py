@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/eval_quality_features.py --out benchmarks/results/eval_quality_features.json
 
 Four sets, every candidate of quality.CANDIDATES read on the demo model's proposals ("full": the mirrored
-target too): generated tasks from quality.FIT_SEED (the choice set: 150 tasks), held-out generated tasks
-(quality.HELD_OUT_SEED, 600), and the two real sets of eval_quality.py (stardist 2D tiles, 3D slices).
+target too): generated tasks from quality_fit.FIT_SEED (the choice set: 150 tasks), held-out generated tasks
+(quality_fit.HELD_OUT_SEED, 600), and the two real sets of eval_quality.py (stardist 2D tiles, 3D slices).
 Printed per set: Spearman's rank correlation of each candidate with the true IoU. Then every blend of a
 small weight grid over six candidates (a standardised weighted sum, each set standardised on its own) is
 ranked by its worst Spearman over the choice set and the two real sets, and the ten best are printed with
@@ -28,7 +28,7 @@ GRID = {"snap_foreground": (0, 0.5, 1), "boundary_edges": (0, 0.5, 1, 1.5), "tex
 
 def real_rows(model, cases) -> tuple[list[dict], list[float]]:
     """eval_quality's real samples, every candidate read."""
-    from seggpt_plugins.quality import reading_every_candidate
+    from seggpt_plugins.quality_fit import reading_every_candidate
 
     with reading_every_candidate(model):
         return real_samples(model, cases)
@@ -44,7 +44,8 @@ def spearman(x, y) -> float:
 
 def main() -> None:
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.quality import CANDIDATES, FIT_SEED, HELD_OUT_SEED, generated_samples
+    from seggpt_plugins.quality import CANDIDATES
+    from seggpt_plugins.quality_fit import FIT_SEED, HELD_OUT_SEED, generated_samples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--choice-tasks", type=int, default=150)

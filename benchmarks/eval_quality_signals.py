@@ -74,7 +74,8 @@ def real_rows(model, cases) -> list[dict]:
 
 def generated_rows(model, count: int) -> list[dict]:
     from seggpt_plugins.colors import ColorCode
-    from seggpt_plugins.quality import HELD_OUT_SEED, agreement
+    from seggpt_plugins.quality import agreement
+    from seggpt_plugins.quality_fit import HELD_OUT_SEED
     from seggpt_plugins.synthetic import SyntheticTasks
 
     generator = SyntheticTasks(model.input_size[0], device="cpu")

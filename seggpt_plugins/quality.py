@@ -17,9 +17,9 @@ of a proposal, each blind where another sees ("full" adds a fourth):
 - flip_agreement ("full"): the mean IoU per label between the proposal and the proposal for the
   mirrored target, mirrored back (a model that is unsure changes its mind).
 
-`BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); `fit` fits only
-the curve that maps that score to an IoU, on generated tasks whose truth is known (`seggpt fit-quality`,
-quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`: the
+`BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); the curve that
+maps that score to an IoU is fitted on generated tasks whose truth is known (quality_fit.py, `seggpt
+fit-quality`, quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`: the
 uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit); an
 estimate reads only the groups its blend uses (`Prediction.quality_features`; the naive model's
 P(foreground) is always read, for the per-object estimate), and fitting reads them all. How each relates
@@ -32,24 +32,28 @@ against the examples' objects, calibrated the same way on the objects of generat
 entry of quality.json). The prediction keeps what that needs (the naive P(foreground) on the strided view,
 uint8), so objects found later, or tracked through a stack, are estimated without the target.
 
-Numpy and scipy; the estimates are small JSON files.
+Numpy and scipy; the estimates are small JSON files. This module is the runtime estimate only: fitting
+lives in quality_fit.py, which imports it (never the other way round).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .ensembles import object_diameter
 from .errors import InputError
+from .images import label_boundaries
+from .instances import connected_components, find_instances
+from .vocabulary import DEMO_MODEL
 
 QUALITIES = ("fast", "full")
-FIT_SEED = 30_000_000  # generated tasks the estimate is fitted on (training uses seeds far below)
-HELD_OUT_SEED = 20_240_403  # the held-out generated tasks every evaluation uses
 #: the features each estimate blends, with their weights (on standardised features): three views of a
 #: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py)
 BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0},
@@ -111,8 +115,6 @@ def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
     estimate reads a NaN feature as average, QualityModel)."""
     from scipy import ndimage
 
-    from .images import label_boundaries
-
     rgb = rgb[..., None] if rgb.ndim == 2 else rgb
     edge = label_boundaries(labels)
     if not edge.any():
@@ -142,8 +144,6 @@ class ExampleStats:
     @classmethod
     def of(cls, masks, images=None) -> "ExampleStats":
         """Stats of label masks (H, W) with, optionally, their (H, W, 3) uint8 images."""
-        from .ensembles import object_diameter
-
         masks = [np.asarray(m) for m in masks]
         if not masks:
             return cls(float("nan"), None)
@@ -259,9 +259,6 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
     the pixel scale then strided alike (without it they are read on the view). `maps`: a dict that
     receives the naive model's P(foreground) on that view ("foreground") and the stride ("stride"), for the
     per-object estimate. A feature that cannot be read (no boundaries, no examples' counts) is NaN."""
-    from .ensembles import object_diameter
-    from .instances import connected_components
-
     wanted = {group for group, members in FEATURE_GROUPS.items() if set(members) & set(names)}
     stride = strided or feature_stride(labels.shape)
     if "texture" in wanted and texture is None and rgb is not None and not strided:
@@ -331,8 +328,6 @@ def _parts_features(labels, scores, foreground_p, stride: int, diameter: float |
     right one)."""
     from scipy import ndimage
 
-    from .instances import find_instances
-
     empty = {"parts_size": 0.0, "parts_bad_size": 0.0, "parts_ring_fit": 0.5, "parts_snap": 1.0,
              "parts_agreement": 0.5, "parts_extent": 1.0}
     if foreground_p is None:
@@ -381,16 +376,6 @@ class QualityModel:
                    np.array(data["weights"], float), float(data["bias"]))
 
 
-def save_models(path, models: dict[str, QualityModel], fitted_on: str) -> None:
-    """One file holding the "fast" and "full" estimates fitted for one set of weights, and optionally the
-    per-object one (OBJECT_MODEL) (replaced whole)."""
-    from .io import atomic_write
-
-    text = json.dumps({"format": "seggpt-quality/1", "fitted_on": fitted_on,
-                       "models": {name: m.as_dict() for name, m in models.items()}}, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=True)
-
-
 def load_models(path) -> dict[str, QualityModel]:
     try:
         data = json.loads(Path(path).read_text())
@@ -412,11 +397,6 @@ class UncalibratedQualityWarning(UserWarning):
 def models_for(source: str | None) -> dict[str, QualityModel]:
     """The estimates for a model: $SEGGPT_QUALITY_MODEL, else the quality.json beside its weights (a
     model folder), else the demo model's, with a warning for loaded weights (fit one: `seggpt fit-quality`)."""
-    import os
-    import warnings
-
-    from .vocabulary import DEMO_MODEL
-
     configured = os.environ.get(QUALITY_ENV)
     if configured:
         return load_models(configured)
@@ -430,103 +410,6 @@ def models_for(source: str | None) -> dict[str, QualityModel]:
                       f"better than its scale; fit one with `seggpt fit-quality --model {source}` (quality.json "
                       f"beside the weights, or ${QUALITY_ENV})", UncalibratedQualityWarning, stacklevel=3)
     return load_models(SHIPPED)
-
-
-def fit(rows: list[dict[str, float]], ious: list[float], blend: dict[str, float]) -> QualityModel:
-    """Calibrate a fixed blend of features to the true IoUs: the features are standardised over `rows`,
-    summed with the `blend` weights, and only the curve's slope and offset are fitted (least squares of
-    sigmoid(a * score + b) against the IoUs). Fixed weights keep the estimate from leaning on features
-    that predict errors on generated tasks but not on real images (see docs/quality.md)."""
-    from scipy.optimize import minimize
-
-    names = tuple(blend)
-    x = np.array([[r[n] for n in names] for r in rows], np.float64)
-    y = np.asarray(ious, np.float64)
-    mean, scale = np.nanmean(x, 0), np.nanstd(x, 0) + 1e-6  # (NaN: a feature that could not be read)
-    direction = np.array([blend[n] for n in names], np.float64)
-    score = np.nan_to_num((x - mean) / scale) @ direction
-
-    def loss(theta):
-        p = 1.0 / (1.0 + np.exp(-(theta[0] * score + theta[1])))
-        residual = p - y
-        grad_p = 2 * residual * p * (1 - p) / len(y)
-        return float((residual ** 2).mean()), np.array([(grad_p * score).sum(), grad_p.sum()])
-
-    slope, bias = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B").x
-    return QualityModel(names, mean, scale, slope * direction, float(bias))
-
-
-# ------------------------------------------------------------------------------------------- fitting
-
-
-def generated_samples(model, count: int, seed: int = FIT_SEED, prompts=(1, 2, 3), objects: list | None = None,
-                      quality: str = "full") -> tuple[list[dict], list[float]]:
-    """The `quality` ("full": all) features and the true IoU (mean over labels, quality.agreement) of `count`
-    generated tasks (synthetic.py, deterministic in `seed`; the prompt count cycles through `prompts`).
-    objects: a list that receives (object features, IoU with the true object it overlaps best) of each
-    predicted object (Prediction.instances(), defaults), the truth's objects being its connected parts."""
-    import warnings
-
-    from .colors import ColorCode
-    from .synthetic import SyntheticTasks
-
-    from .instances import find_instances
-
-    generator = SyntheticTasks(model.input_size[0], device="cpu")
-    to_np = lambda t: t.permute(1, 2, 0).round().clamp(0, 255).byte().numpy()  # noqa: E731
-    rows, ious = [], []
-    with reading_every_candidate(model):
-        for k in range(count):
-            count_k = prompts[k % len(prompts)]
-            batch = generator.sample(1, prompts=count_k, seed=seed + k)
-            images = [to_np(batch.prompt_images[0, i] * 255) for i in range(count_k)]
-            masks = [to_np(batch.prompt_masks[0, i]) for i in range(count_k)]
-            truth = to_np(batch.target_masks[0])
-            if not any(m.any() for m in masks):
-                continue  # nothing to learn from: not a task
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # empty example masks of generated tasks
-                pred = model.segment(to_np(batch.target_images[0] * 255), images, masks, seg_type=batch.seg_type,
-                                     quality=quality)[0]
-            code, prompt_code = ColorCode.from_masks(masks + [truth]), ColorCode.from_masks(masks)
-            predicted, true_labels = code.labels_of_colors(prompt_code.encode(pred.labels)), code.labels_of_colors(truth)
-            rows.append(pred.quality_features)
-            ious.append(agreement(predicted, true_labels))
-            if objects is not None and pred.object_context is not None:
-                found, truth_objects = find_instances(predicted, pred.scores), find_instances(true_labels, min_area=1)
-                context = pred.object_context
-                values = object_features(found.map, pred.scores, context.foreground / 255, context.stride,
-                                         context.diameter)
-                matched = object_ious(found.map, truth_objects.map, {o.id: o.class_id for o in found.objects},
-                                      {o.id: o.class_id for o in truth_objects.objects})
-                objects.extend((values[i], matched[i]) for i in values)
-    return rows, ious
-
-
-@contextmanager
-def reading_every_candidate(model):
-    """Within it, the model's estimates are stand-ins that read every candidate feature (what fitting and the
-    benchmarks need: `Prediction.quality_features` then holds them all; "fast" reads no mirrored target)."""
-    def placeholder(names):
-        return QualityModel(names, np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names)), 0.0)
-
-    fast = tuple(n for n in CANDIDATES if n not in FEATURE_GROUPS["flip"])
-    saved, model._quality_models = model._quality_models, {"fast": placeholder(fast), "full": placeholder(CANDIDATES),
-                                                           OBJECT_MODEL: placeholder(OBJECT_CANDIDATES)}
-    try:
-        yield model
-    finally:
-        model._quality_models = saved
-
-
-def fit_models(rows: list[dict], ious: list[float], objects: list[tuple[dict, float]] | None = None
-               ) -> dict[str, QualityModel]:
-    """The "fast" and "full" estimates calibrated on the same samples, and the per-object one on `objects`
-    ((object features, true IoU) of the same tasks' objects, `generated_samples(objects=...)`) when given."""
-    models = {name: fit(rows, ious, blend) for name, blend in BLENDS.items()}
-    if objects:
-        models[OBJECT_MODEL] = fit([row for row, _ in objects], [iou for _, iou in objects], OBJECT_BLEND)
-    return models
 
 
 # ----------------------------------------------------------------------------------- per-object estimate
@@ -617,21 +500,3 @@ def object_features(id_map: np.ndarray, scores: np.ndarray | None, foreground: n
             "object_size": abs(math.log(size / diameter)) if diameter else 0.0,
             "object_extent": float(areas[object_id] / np.prod([b.stop - b.start for b in boxes[object_id - 1]]))}
     return out
-
-
-def object_ious(predicted: np.ndarray, truth: np.ndarray, predicted_classes: dict[int, int] | None = None,
-                true_classes: dict[int, int] | None = None) -> dict[int, float]:
-    """{predicted object id: IoU with the true object it overlaps best} of two instance maps of one image
-    (objects of another class never match when classes are given; 0 when an object overlaps none)."""
-    pred_ids, pred_index = np.unique(predicted, return_inverse=True)
-    true_ids, true_index = np.unique(truth, return_inverse=True)
-    overlap = np.bincount(pred_index.ravel() * len(true_ids) + true_index.ravel(),
-                          minlength=len(pred_ids) * len(true_ids)).reshape(len(pred_ids), len(true_ids))
-    union = overlap.sum(1)[:, None] + overlap.sum(0)[None, :] - overlap
-    iou = overlap / np.maximum(union, 1)
-    iou[:, true_ids == 0] = 0
-    if predicted_classes is not None and true_classes is not None:
-        same = np.array([[predicted_classes.get(int(p), -1) == true_classes.get(int(t), -2) for t in true_ids]
-                         for p in pred_ids])
-        iou = np.where(same, iou, 0)
-    return {int(p): float(iou[k].max()) if len(true_ids) else 0.0 for k, p in enumerate(pred_ids) if p != 0}

@@ -26,7 +26,7 @@ def cmd_fit_quality(args: argparse.Namespace) -> int:
 
     from ..errors import InputError
     from ..io import check_outputs
-    from ..quality import FIT_SEED, fit_models, generated_samples, save_models
+    from ..quality_fit import FIT_SEED, fit_models, generated_samples, save_models
 
     out = Path(args.out)
     if args.tasks < 20:
