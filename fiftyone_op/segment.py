@@ -19,7 +19,8 @@ import numpy as np
 
 from seggpt_plugins.errors import InputError, ModelSourceError
 from seggpt_plugins.images import to_rgb8
-from seggpt_plugins.loading import get_model, precision_options
+from seggpt_plugins.loading import precision_options
+from seggpt_plugins.model_cache import get_model
 from seggpt_plugins.prompts import PromptPool
 from seggpt_plugins.runner import Runner, Target
 

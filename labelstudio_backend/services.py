@@ -1,7 +1,7 @@
 """What one worker process shares between requests: the model, the project state, caches and metrics.
 
 The model is loaded in the worker (after gunicorn forks; never in the master) by a background thread,
-through the core's one-model-per-process cache (`seggpt_plugins.loading.get_model`), so `/health` answers
+through the core's one-model-per-process cache (`seggpt_plugins.model_cache.get_model`), so `/health` answers
 at once and says LOADING, UP or ERROR.
 """
 
@@ -84,7 +84,8 @@ class Services:
             self._loader.start()
 
     def _load(self) -> None:
-        from seggpt_plugins.loading import DefaultModelWarning, get_model
+        from seggpt_plugins.loading import DefaultModelWarning
+        from seggpt_plugins.model_cache import get_model
 
         started = time.time()
         try:

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from seggpt_plugins import loading
+from seggpt_plugins import loading, model_cache
 
 LOAD_POLL_SECONDS = 0.5  # how often the widget hears from a model that is still loading
 
@@ -41,7 +41,7 @@ def _load(source: str, device: str, options: dict) -> Iterator:
 
     def load():
         try:
-            box["model"] = loading.get_model(source, device, **options)
+            box["model"] = model_cache.get_model(source, device, **options)
         except BaseException as exc:  # handed to the worker thread
             box["error"] = exc
 
@@ -73,7 +73,7 @@ def load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator
 
     try:
         options = loading.precision_options(precision)
-        model = loading.cached(model_source, device, **options)
+        model = model_cache.cached(model_source, device, **options)
         if model is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", loading.DefaultModelWarning)

@@ -20,6 +20,8 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .images import label_dtype, to_mask, to_rgb8
+from .loading import (load_network, pick_device, pick_dtype, pick_quantize, resolve_source, set_cpu_threads,
+                      weights_fingerprint)
 from .ensembles import example_windows, groups, stitch_examples, tile_size
 from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
@@ -83,7 +85,6 @@ class SegGPT:
         import torch
 
         from . import modeling
-        from .loading import pick_device, pick_dtype, pick_quantize, set_cpu_threads, weights_fingerprint
         from .modeling import ATTENTION_KERNELS, half_size
 
         self.device = pick_device(device)
@@ -125,8 +126,6 @@ class SegGPT:
                         threads: int | None = None) -> "SegGPT":
         """Load from a hub id, a transformers directory, a Painter .pth checkpoint, "demo", or "auto"
         (the default: see loading.resolve_source)."""
-        from .loading import load_network, resolve_source
-
         source = resolve_source(source)
         return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source),
                    compile=compile, quantize=quantize, threads=threads)

@@ -247,10 +247,6 @@ def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
 
 # ------------------------------------------------------------------------------------- model cache
 
-_cache_lock = threading.Lock()
-_cache: dict[tuple, object] = {}
-
-
 def weights_fingerprint(net) -> str:
     """A short hash of a network's weights (64 values sampled from every tensor, read as float32), so that
     other weights give another fingerprint. SegGPT takes it before converting or quantizing the network:
@@ -266,39 +262,6 @@ def weights_fingerprint(net) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
         digest.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:6]
-
-
-def _cache_key(source, device, dtype, quantize=None) -> tuple:
-    return resolve_source(source), str(device or "auto"), str(dtype or "auto"), str(quantize or "none")
-
-
-def cached(source=AUTO_MODEL, device=None, dtype=None, quantize=None):
-    """The model `get_model` holds for these arguments, or None if it must be loaded first."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DefaultModelWarning)
-        return _cache.get(_cache_key(source, device, dtype, quantize))
-
-
-def get_model(source=AUTO_MODEL, device=None, dtype=None, quantize=None):
-    """A SegGPT for (source, device, dtype, quantize), loaded once per process and shared by every caller.
-    Only the latest model stays loaded (ViT-L weighs 1.5 GB): asking for another one frees the previous one."""
-    key = _cache_key(source, device, dtype, quantize)
-    with _cache_lock:
-        model = _cache.get(key)
-        if model is None:
-            from .engine import SegGPT
-
-            _cache.clear()
-            model = _cache[key] = SegGPT.from_pretrained(key[0], device=None if key[1] == "auto" else key[1],
-                                                         dtype=None if key[2] == "auto" else key[2],
-                                                         quantize=None if key[3] == "none" else key[3])
-        return model
-
-
-def clear() -> None:
-    """Forget the cached model (its memory is freed once no caller holds it)."""
-    with _cache_lock:
-        _cache.clear()
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -643,12 +643,12 @@ def test_bad_parameters_are_refused_with_a_clear_message(base, params, expected)
 
 def test_precision_reaches_the_model(dataset):
     """The Precision setting loads the model as it says: int8 linear layers on the CPU."""
-    from seggpt_plugins import loading
+    from seggpt_plugins import model_cache
 
     view = dataset.select(prompt_ids(dataset) + dataset.match_tags("prompt", bool=False).limit(2).values("id"))
     result = run(view, demo(label_field="labels", output_field="out", prompt_tag="prompt", precision="int8"))
     assert result.error is None, result.error
-    model = loading.cached("demo", "cpu", quantize="int8")
+    model = model_cache.cached("demo", "cpu", quantize="int8")
     assert model is not None and model.quantize == "int8"
     dataset.reload()
     assert dataset.count("out") == 2

@@ -351,12 +351,12 @@ def test_frame_fields_on_an_image_dataset(fo_env):
 def test_corrupt_video_and_wrong_mask_size_fail_before_the_model(dataset, fo_env, monkeypatch):
     import fiftyone as fo
 
-    from seggpt_plugins import loading
+    from seggpt_plugins import model_cache
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(loading, "get_model", no_model)
+    monkeypatch.setattr(model_cache, "get_model", no_model)
     monkeypatch.setattr(sys.modules["seggpt_plugins.fiftyone.segment"], "get_model", no_model)
 
     broken = fo_env / "broken.mp4"

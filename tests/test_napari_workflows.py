@@ -136,7 +136,7 @@ def test_model_loading_is_shown_in_the_widget(make_napari_viewer, qtbot, stack, 
     from the hub; the 'demo model stands in' warning is a notification, not terminal output."""
     from huggingface_hub import constants
 
-    from seggpt_plugins import loading
+    from seggpt_plugins import loading, model_cache
     from seggpt_plugins.napari import _worker
 
     sub, annotation = sub_stack(stack, 1, 1)
@@ -144,7 +144,7 @@ def test_model_loading_is_shown_in_the_widget(make_napari_viewer, qtbot, stack, 
     add_stack(viewer, sub, annotation)
     widget = open_widget(viewer)
     fast(widget)
-    demo = loading.get_model("demo", "auto")
+    demo = model_cache.get_model("demo", "auto")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     blobs = tmp_path / "models--someone--seggpt-large" / "blobs"
     blobs.mkdir(parents=True)
@@ -156,7 +156,7 @@ def test_model_loading_is_shown_in_the_widget(make_napari_viewer, qtbot, stack, 
             time.sleep(0.3)
         return demo
 
-    monkeypatch.setattr(loading, "get_model", downloading)
+    monkeypatch.setattr(model_cache, "get_model", downloading)
     monkeypatch.setattr(_worker, "LOAD_POLL_SECONDS", 0.1)
     seen = []
     widget.status_changed.connect(lambda text: seen.append((text, widget._progress.max)))
@@ -176,7 +176,7 @@ def test_model_loading_is_shown_in_the_widget(make_napari_viewer, qtbot, stack, 
         fallback = loading.resolve_source("auto") == "demo"
     if not fallback:
         pytest.skip("the real weights are in this machine's cache: 'auto' does not fall back to the demo model")
-    loading.clear()
+    model_cache.clear()
     widget._model.value = "auto"
     start = len(notification_manager.records)
     click(widget._segment_btn)
@@ -186,7 +186,7 @@ def test_model_loading_is_shown_in_the_widget(make_napari_viewer, qtbot, stack, 
 
 def test_precision_setting_loads_the_model_at_that_precision(make_napari_viewer, qtbot, stack):
     """Settings > Precision: int8 loads the model with int8 linear layers (the CPU's fastest path)."""
-    from seggpt_plugins import loading
+    from seggpt_plugins import model_cache
 
     sub, annotation = sub_stack(stack, 1, 1)
     viewer = make_napari_viewer()
@@ -199,7 +199,7 @@ def test_precision_setting_loads_the_model_at_that_precision(make_napari_viewer,
     click(widget._segment_btn)
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None
-    model = loading.cached(widget._model.value, widget._device.value, quantize="int8")
+    model = model_cache.cached(widget._model.value, widget._device.value, quantize="int8")
     assert model is not None and model.quantize == "int8"
 
 

@@ -88,7 +88,7 @@ class SegGPTPredictor:
     most_similar: show each target only the k examples most alike it (prompts.PromptPool, runner.Runner).
     output: "labels" (class ids) or "instances" (one id per object, with COCO annotations).
     The other arguments are those of SegGPT.from_pretrained (model, device, dtype, quantize, threads: the
-    model comes from the process's cache, loading.get_model) and SegGPT.iter_segment. Each batch goes
+    model comes from the process's cache, model_cache.get_model) and SegGPT.iter_segment. Each batch goes
     through the core's one loop (runner.Runner): an input that cannot be read or segmented fails alone.
     """
 
@@ -97,7 +97,8 @@ class SegGPTPredictor:
                  batch_size: int = 8, seg_type: str = "instance", intensity_range=None, ensemble: str = "feature",
                  tile=None, halo: int = 32, quality: str | None = "fast", output: str = "labels", min_area: int = 16,
                  split_touching: bool = False):
-        from ..loading import get_model, set_cpu_threads
+        from ..loading import set_cpu_threads
+        from ..model_cache import get_model
 
         pairs = [read_pair(image, mask) for image, mask in prompts]
         self.names = [str(image) for image, _ in prompts] + [str(t) for t in tuned_prompts]
@@ -105,7 +106,7 @@ class SegGPTPredictor:
             raise InputError("give at least one example (prompts=[(image, mask)]) or tuned prompt")
         if most_similar is not None and (tuned_prompts or most_similar < 1):
             raise InputError("most_similar chooses among example pairs: a whole number >= 1, without tuned prompts")
-        # the process's one model (loading.get_model): a driver that loaded it already does not load it again
+        # the process's one model (model_cache.get_model): a driver that loaded it already does not load it again
         self.model = get_model(model, device, dtype, quantize)
         if threads is not None and self.model.device.type == "cpu":
             set_cpu_threads(threads)
