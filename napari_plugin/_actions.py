@@ -19,7 +19,7 @@ import numpy as np
 
 from seggpt_plugins.ensembles import tile_size
 from seggpt_plugins.errors import InputError
-from seggpt_plugins.instances import IdentityTracker, StackTracker, annotated_objects
+from seggpt_plugins.tracking import IdentityTracker, StackTracker, annotated_objects
 from seggpt_plugins.prompts import nearest, spread
 from seggpt_plugins.vocabulary import MAX_CLASSES
 

@@ -25,8 +25,9 @@ from .loading import (load_network, pick_device, pick_dtype, pick_quantize, reso
 from .ensembles import example_windows, groups, stitch_examples, tile_size
 from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
-from .runner import Runner, Target
+from .propagation import propagate
 from .quality import ExampleStats, check_quality
+from .runner import Runner, Target
 from .vocabulary import AUTO_MODEL, SEG_TYPES
 
 COMPILE_MODES = (None, "default", "max-autotune", "reduce-overhead")
@@ -412,8 +413,6 @@ class SegGPT:
         (see prepare_prompts) arranges the fixed examples; the memory frames join as feature prompts.
         quality: "fast" (the default) or None, as in `segment`, judged against the fixed examples.
         """
-        from .propagation import propagate
-
         return propagate(self, frames, prompt_images, prompt_masks, memory=memory, annotations=annotations,
                          max_prompts=max_prompts, batch_size=batch_size, seg_type=seg_type,
                          intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble, quality=quality)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
+from .instances import connected_components
 
 ENSEMBLES = ("feature", "spatial", "both")
 
@@ -145,8 +146,6 @@ MIN_AUTO_TILE = 32
 def object_diameter(masks) -> float | None:
     """The examples' typical object size: the median over their objects (connected parts of one label or
     colour) of sqrt(area), in pixels; parts under 4 pixels are ignored. None when there are no objects."""
-    from .instances import connected_components
-
     areas = []
     for mask in masks:
         mask = np.asarray(mask)

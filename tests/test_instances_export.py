@@ -12,7 +12,8 @@ from PIL import Image
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.export import (Category, CocoWriter, PanopticWriter, check_ids_fit, load_label_names,
                                    panoptic_segments, rgb_to_segment_ids, segment_ids_to_rgb)
-from seggpt_plugins.instances import StackTracker, annotated_objects, find_instances, match_objects, track_stack
+from seggpt_plugins.instances import find_instances
+from seggpt_plugins.tracking import StackTracker, annotated_objects, match_objects, track_stack
 
 
 def discs(shape, centres, radius):

@@ -122,11 +122,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def _tracked_instances(predictions: dict, annotations: dict, depth: int, options):
-    """Objects of every slice with ids kept through the stack (instances.track_stack, from the annotated
+    """Objects of every slice with ids kept through the stack (tracking.track_stack, from the annotated
     slices' own objects). Returns (id stack, {slice: Instances})."""
     import numpy as np
 
-    from ..instances import annotated_objects, find_instances, track_stack
+    from ..instances import find_instances
+    from ..tracking import annotated_objects, track_stack
 
     annotated = annotated_objects(annotations)
     found = {z: p.with_object_quality(find_instances(p.labels, p.scores, min_area=options.min_area,

@@ -38,7 +38,7 @@ def propagate_video(model, frames: Frames, annotations: dict | None = None, prom
     """
     from ..engine import Prediction
     from ..images import to_mask
-    from ..instances import StackTracker, annotated_objects
+    from ..tracking import StackTracker, annotated_objects
 
     masks = {}
     for index, mask in sorted((annotations or {}).items()):
