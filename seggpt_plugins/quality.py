@@ -19,11 +19,16 @@ of a proposal, each blind where another sees ("full" adds a fourth):
 
 `BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); the curve that
 maps that score to an IoU is fitted on generated tasks whose truth is known (quality_fit.py, `seggpt
-fit-quality`, quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`: the
-uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit); an
+fit-quality`, quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`:
+the uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit); an
 estimate reads only the groups its blend uses (`Prediction.quality_features`; the naive model's
 P(foreground) is always read, for the per-object estimate), and fitting reads them all. How each relates
 to the true IoU is how the blend was chosen (docs/quality.md).
+
+Features are statistics: they are read on a strided view of at most FEATURE_SIDE pixels a side, the
+texture words at the pixel scale at that view's pixels (as the examples' are counted), and the naive
+model is a lookup table per example set (`ExampleStats`), so the estimate costs a few milliseconds per
+target whatever its size (benchmarks/bench_quality_host.py).
 
 Per object (`ObjectContext`, `object_features`): `Prediction.instances()` gives each object its own
 predicted IoU with the true object (`Instance.quality`), a fixed blend (OBJECT_BLEND) of its snap score,
@@ -49,7 +54,8 @@ import numpy as np
 
 from .ensembles import object_diameter
 from .errors import InputError
-from .images import label_boundaries
+from .example_stats import (GREY_LEVELS, MEAN_LEVELS, SPREAD_LEVELS, TEXTURE_SIGMA, ExampleStats,  # noqa: F401
+                            agreement, appearance_bins, boundary_edges, is_grey, texture_words)  # (re-exported)
 from .instances import connected_components, find_instances
 from .vocabulary import DEMO_MODEL
 
@@ -59,7 +65,9 @@ QUALITIES = ("fast", "full")
 BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0},
           "full": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0, "flip_agreement": 0.25}}
 UNCERTAIN_MARGIN = 0.5
-FEATURE_SIDE = 512  # features are read on a view of at most this many pixels a side
+#: features are read on a strided view of at most this many pixels a side (statistics: 16k pixels are
+#: plenty; benchmarks/eval_quality_large.py measures the ranking of 512x512 targets read this way)
+FEATURE_SIDE = 128
 QUALITY_FILE = "quality.json"  # next to a model's weights: the estimate fitted for them
 QUALITY_ENV = "SEGGPT_QUALITY_MODEL"  # or this file, for any weights
 SHIPPED = Path(__file__).resolve().parent / "demo" / "model" / QUALITY_FILE  # fitted for the demo model
@@ -75,166 +83,9 @@ def check_quality(quality) -> str | None:
 # ------------------------------------------------------------------------------------------ features
 
 
-GREY_LEVELS = 64  # appearance bins of grey images; colour images: 8 levels per channel (512 bins)
-
-
-def appearance_bins(rgb: np.ndarray, grey: bool) -> np.ndarray:
-    """(H, W) bin index of each pixel of an (H, W, 3) uint8 image: its grey level, or its coarse colour."""
-    if grey:
-        return (rgb.mean(-1) if rgb.ndim == 3 else rgb).astype(np.int64) * GREY_LEVELS // 256
-    q = rgb.astype(np.int64) >> 5
-    return (q[..., 0] << 6) | (q[..., 1] << 3) | q[..., 2]
-
-
-def is_grey(rgb: np.ndarray) -> bool:
-    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
-
-
-MEAN_LEVELS, SPREAD_LEVELS = 16, 8  # texture words: levels of the local mean and of the local spread
-TEXTURE_SIGMA = 1.0  # the Gaussian window (pixels) the texture words and the edges are read in
-
-
-def texture_words(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two (H, W) level indices of each pixel of an (H, W, 3) uint8 image: its neighbourhood's mean grey
-    level (MEAN_LEVELS) and spread (standard deviation, SPREAD_LEVELS on a log scale up to 128), in a
-    Gaussian window of TEXTURE_SIGMA: what the pixel's surroundings look like, beyond its own colour."""
-    from scipy import ndimage
-
-    grey = rgb.astype(np.float32).mean(-1) if rgb.ndim == 3 else rgb.astype(np.float32)
-    mean = ndimage.gaussian_filter(grey, TEXTURE_SIGMA)
-    spread = np.sqrt(np.maximum(ndimage.gaussian_filter(grey * grey, TEXTURE_SIGMA) - mean * mean, 0))
-    mean_level = np.clip(mean, 0, 255).astype(np.int64) * MEAN_LEVELS // 256
-    spread_level = np.clip(np.log1p(spread) / np.log1p(128) * SPREAD_LEVELS, 0, SPREAD_LEVELS - 1).astype(np.int64)
-    return mean_level, spread_level
-
-
-def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
-    """How well a proposal's boundaries follow the image's edges: log((mean gradient magnitude on its
-    label boundaries + 1) / (mean gradient magnitude over the image + 1)), the gradient read after a
-    Gaussian of TEXTURE_SIGMA on each distinct channel. NaN without boundaries (nothing to judge: an
-    estimate reads a NaN feature as average, QualityModel)."""
-    from scipy import ndimage
-
-    rgb = rgb[..., None] if rgb.ndim == 2 else rgb
-    edge = label_boundaries(labels)
-    if not edge.any():
-        return float("nan")
-    squared = np.zeros(labels.shape, np.float32)
-    for c in (0,) if rgb.shape[-1] == 1 or is_grey(rgb) else range(rgb.shape[-1]):
-        channel = ndimage.gaussian_filter(rgb[..., c].astype(np.float32), TEXTURE_SIGMA)
-        squared += ndimage.sobel(channel, 0) ** 2 + ndimage.sobel(channel, 1) ** 2
-    gradient = np.sqrt(squared)
-    return float(np.log((gradient[edge].mean() + 1) / (gradient.mean() + 1)))
-
-
-@dataclass(frozen=True)
-class ExampleStats:
-    """What the examples show: the mean share of labelled pixels, their objects' typical diameter, and
-    how often each label takes each appearance, local mean and local spread (a naive per-pixel model of
-    the task: counts (levels, ids); `appearance`, `texture_labels`)."""
-
-    foreground: float
-    diameter: float | None
-    ids: tuple = ()  # label ids of the counts' columns, background 0 first
-    counts: np.ndarray | None = None  # (bins, len(ids)) pixel counts
-    grey: bool = True
-    local_mean: np.ndarray | None = None  # (MEAN_LEVELS, len(ids)) pixel counts (texture_words)
-    local_spread: np.ndarray | None = None  # (SPREAD_LEVELS, len(ids)) pixel counts
-
-    @classmethod
-    def of(cls, masks, images=None) -> "ExampleStats":
-        """Stats of label masks (H, W) with, optionally, their (H, W, 3) uint8 images."""
-        masks = [np.asarray(m) for m in masks]
-        if not masks:
-            return cls(float("nan"), None)
-        shares = [float((m != 0).mean()) for m in masks]
-        foreground, diameter = float(np.mean(shares)), object_diameter(masks)
-        if images is None:
-            return cls(foreground, diameter)
-        grey = all(is_grey(rgb) for rgb in images)
-        ids = tuple(int(i) for i in np.union1d([0], np.concatenate([np.unique(m) for m in masks])))
-        counts = np.zeros((GREY_LEVELS if grey else 512, len(ids)), np.float64)
-        local_mean, local_spread = np.zeros((MEAN_LEVELS, len(ids))), np.zeros((SPREAD_LEVELS, len(ids)))
-        for rgb, mask in zip(images, masks):
-            columns = np.searchsorted(ids, mask)
-            np.add.at(counts, (appearance_bins(rgb, grey).ravel(), columns.ravel()), 1)
-            mean, spread = texture_words(rgb)  # at the pixel scale, as a target's are read (features)
-            np.add.at(local_mean, (mean.ravel(), columns.ravel()), 1)
-            np.add.at(local_spread, (spread.ravel(), columns.ravel()), 1)
-        return cls(foreground, diameter, ids, counts, grey, local_mean, local_spread)
-
-    @classmethod
-    def combine(cls, stats) -> "ExampleStats | None":
-        """The stats of several example sets together (None entries, tuned prompts, are left out)."""
-        stats = [s for s in stats if s is not None]
-        if not stats:
-            return None
-        diameters = [s.diameter for s in stats if s.diameter]
-        with_counts = [s for s in stats if s.counts is not None]
-        ids, counts, grey, local_mean, local_spread = (), None, True, None, None
-        if with_counts and len({s.grey for s in with_counts}) == 1:  # grey levels and colours do not add up
-            ids, grey = tuple(sorted(set().union(*(s.ids for s in with_counts)))), with_counts[0].grey
-
-            def total(tables):  # each set's columns put under the union's ids, then added up
-                out = np.zeros((len(tables[0][1]), len(ids)))
-                for set_ids, table in tables:
-                    out[:, [ids.index(i) for i in set_ids]] += table
-                return out
-
-            counts = total([(s.ids, s.counts) for s in with_counts])
-            if all(s.local_mean is not None for s in with_counts):
-                local_mean = total([(s.ids, s.local_mean) for s in with_counts])
-                local_spread = total([(s.ids, s.local_spread) for s in with_counts])
-        return cls(float(np.mean([s.foreground for s in stats])), float(np.median(diameters)) if diameters else None,
-                   ids, counts, grey, local_mean, local_spread)
-
-    def appearance(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """The naive model on a target (H, W, 3): (P(label | appearance) (H, W, K), the label ids (K,));
-        None without counts."""
-        if self.counts is None:
-            return None
-        prior = self.counts.sum(0) / self.counts.sum()
-        posterior = (self.counts + prior) / (self.counts.sum(1, keepdims=True) + 1.0)  # (bins, K), smoothed
-        return posterior[appearance_bins(rgb, self.grey)], np.asarray(self.ids)
-
-    def texture_labels(self, rgb: np.ndarray, words: tuple[np.ndarray, np.ndarray] | None = None
-                       ) -> np.ndarray | None:
-        """The labels (H, W) a naive Bayes model of the examples gives a target (H, W, 3): per pixel, the
-        label k with the largest P(k) P(appearance | k) P(local mean | k) P(local spread | k), each read
-        off the examples (texture_words; add-one smoothed). `words`: the target's texture words if read
-        already (features reads them at the pixel scale, then strides). None without the examples' counts
-        or texture tables."""
-        if self.counts is None or self.local_mean is None:
-            return None
-
-        def log_likelihood(counts):  # (levels, K): log P(level | label)
-            return np.log((counts + 1) / (counts.sum(0, keepdims=True) + len(counts)))
-
-        mean, spread = words if words is not None else texture_words(rgb)
-        combination = (appearance_bins(rgb, self.grey) * MEAN_LEVELS + mean) * SPREAD_LEVELS + spread
-        present, pixel = np.unique(combination, return_inverse=True)  # scored once per combination, not per pixel
-        bins, rest = np.divmod(present, MEAN_LEVELS * SPREAD_LEVELS)
-        prior = self.counts.sum(0)
-        score = (np.log(prior / prior.sum() + 1e-12) + log_likelihood(self.counts)[bins]
-                 + log_likelihood(self.local_mean)[rest // SPREAD_LEVELS]
-                 + log_likelihood(self.local_spread)[rest % SPREAD_LEVELS])  # (combinations, K)
-        return np.asarray(self.ids)[score.argmax(-1)][pixel.reshape(combination.shape)]
-
-
 def feature_stride(shape) -> int:
     """The stride of the view the features are read on (statistics: a strided view is enough)."""
     return max(1, math.ceil(max(shape[:2]) / FEATURE_SIDE))
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """The mean IoU, over the labels either map holds (background excluded), of two label maps; 1 when
-    both are empty."""
-    ids = np.union1d(np.unique(a), np.unique(b))
-    ious = []
-    for i in ids[ids != 0]:
-        x, y = a == i, b == i
-        ious.append(np.logical_and(x, y).sum() / np.logical_or(x, y).sum())
-    return float(np.mean(ious)) if ious else 1.0
 
 
 #: every candidate feature `features` can read, by group (a group is read when any of its names is asked for)
@@ -254,22 +105,27 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
              maps: dict | None = None, texture: tuple | None = None) -> dict[str, float]:
     """The features of one prediction (labels and scores (H, W)) given the target (H, W, 3): the groups
     of FEATURE_GROUPS that hold any of `names` (the flip group only with `flipped`, the mirrored target's
-    labels, mirrored back). They are read on a view of at most FEATURE_SIDE pixels a side; `strided`:
-    the arrays are such a view already, of that stride, and `texture` the target's texture_words read at
-    the pixel scale then strided alike (without it they are read on the view). `maps`: a dict that
-    receives the naive model's P(foreground) on that view ("foreground") and the stride ("stride"), for the
-    per-object estimate. A feature that cannot be read (no boundaries, no examples' counts) is NaN."""
+    labels, mirrored back). They are read on a strided view of at most FEATURE_SIDE pixels a side, the
+    texture words at the pixel scale at that view's pixels; `strided`: the arrays are such a view already,
+    of that stride, and `texture` the target's texture_words read at the pixel scale then strided alike
+    (without it they are read on the view). `maps`: a dict that receives the naive model's P(foreground) on
+    that view ("foreground") and the stride ("stride"), for the per-object estimate. A feature that cannot
+    be read (no boundaries, no examples' counts) is NaN."""
     wanted = {group for group, members in FEATURE_GROUPS.items() if set(members) & set(names)}
     stride = strided or feature_stride(labels.shape)
-    if "texture" in wanted and texture is None and rgb is not None and not strided:
-        texture = texture_words(rgb)  # at the pixel scale, as the examples' are counted
+    texture_wanted = "texture" in wanted and rgb is not None and examples.local_mean is not None
+    if texture is not None and stride > 1 and not strided:
+        texture = tuple(words[::stride, ::stride] for words in texture)
+    elif texture is None and texture_wanted:
+        texture = texture_words(rgb, 1 if strided else stride)  # at the pixel scale, as the examples' are counted
+    whole, whole_stride = labels, (stride if strided else 1)  # object sizes: read on every pixel (see below)
     if stride > 1 and not strided:
         labels, scores = labels[::stride, ::stride], scores[::stride, ::stride]
         rgb = rgb[::stride, ::stride] if rgb is not None else None
         flipped = flipped[::stride, ::stride] if flipped is not None else None
-        texture = tuple(words[::stride, ::stride] for words in texture) if texture is not None else None
     foreground = labels != 0
-    share = float(foreground.mean())
+    share = float(np.count_nonzero(foreground) / foreground.size)
+    bins = appearance_bins(rgb, examples.grey) if rgb is not None and examples.counts is not None else None
     out = {}
     if "snap" in wanted:
         out["snap_foreground"] = float(scores[foreground].mean()) if share else 1.0
@@ -279,37 +135,18 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
         eps = 1.0 / labels.size
         known = not math.isnan(examples.foreground)
         out["size_ratio"] = abs(math.log((share + eps) / (examples.foreground + eps))) if known else 0.0
-    if "objects" in wanted:
-        diameter = object_diameter([labels]) if share else None
-        diameter = diameter * stride if diameter else None
-        out["diameter_ratio"] = (abs(math.log(diameter / examples.diameter)) if diameter and examples.diameter
-                                 else (0.0 if not share and not examples.diameter else 2.0))
-        if share and examples.diameter:
-            parts, count = connected_components(foreground, connectivity=4)
-            areas = np.bincount(parts.ravel())[1:]
-            out["fragments"] = float((areas * stride ** 2 < examples.diameter ** 2 / 4).mean()) if count else 0.0
-        else:
-            out["fragments"] = 0.0
+    if "objects" in wanted:  # (a strided view loses objects a few pixels wide: these read the whole map)
+        out.update(_objects_features(whole, whole_stride, examples.diameter))
     foreground_p = None
-    if wanted & {"appearance", "parts"} or maps is not None:
-        naive = examples.appearance(rgb) if rgb is not None else None
-        if naive is not None:
-            posterior, ids = naive
-            column = np.searchsorted(ids, labels).clip(0, len(ids) - 1)
-            fits = np.take_along_axis(posterior, column[..., None], -1)[..., 0] * (ids[column] == labels)
-            out["appearance_fit"] = float(fits.mean())
-            out["appearance_agreement"] = agreement(labels, ids[posterior.argmax(-1)])
-            foreground_p = posterior[..., ids != 0].sum(-1)  # P(any label | appearance)
-            if maps is not None:
-                maps.update(foreground=foreground_p, stride=stride)
-            out["appearance_fit_foreground"] = float(np.where(foreground, foreground_p, 1 - foreground_p).mean())
-            out["appearance_agreement_foreground"] = agreement(foreground, foreground_p > 0.5)
-        else:
-            out["appearance_fit"] = out["appearance_agreement"] = 0.5
-            out["appearance_fit_foreground"] = out["appearance_agreement_foreground"] = 0.5
+    if bins is not None and (wanted & {"appearance", "parts"} or maps is not None):
+        foreground_p = examples.foreground_by_bin[bins]  # P(any label | appearance)
+        if maps is not None:
+            maps.update(foreground=foreground_p, stride=stride)
+    if "appearance" in wanted:
+        out.update(_appearance_features(labels, foreground, foreground_p, bins, examples))
     if "texture" in wanted:
-        naive_labels = examples.texture_labels(rgb, texture) if rgb is not None else None
-        out["texture_agreement"] = agreement(labels, naive_labels) if naive_labels is not None else float("nan")
+        out["texture_agreement"] = (agreement(labels, examples.texture_labels(rgb, texture, bins=bins))
+                                    if texture_wanted else float("nan"))
     if "edges" in wanted:
         out["boundary_edges"] = boundary_edges(labels, rgb) if rgb is not None else float("nan")
     if "flip" in wanted and flipped is not None:
@@ -318,6 +155,35 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
     if "parts" in wanted:
         out.update(_parts_features(labels, scores, foreground_p, stride, examples.diameter))
     return out
+
+
+def _objects_features(labels, stride: int, diameter: float | None) -> dict[str, float]:
+    """diameter_ratio (|log| of the proposal's object diameter over the examples') and fragments (the
+    share of its parts under a quarter of the examples' object area), of labels (a view of `stride`)."""
+    foreground = labels != 0
+    share = bool(foreground.any())
+    found = object_diameter([labels]) if share else None
+    found = found * stride if found else None
+    out = {"diameter_ratio": (abs(math.log(found / diameter)) if found and diameter
+                              else (0.0 if not share and not diameter else 2.0)), "fragments": 0.0}
+    if share and diameter:
+        parts, count = connected_components(foreground, connectivity=4)
+        areas = np.bincount(parts.ravel())[1:]
+        out["fragments"] = float((areas * stride ** 2 < diameter ** 2 / 4).mean()) if count else 0.0
+    return out
+
+
+def _appearance_features(labels, foreground, foreground_p, bins, examples: ExampleStats) -> dict[str, float]:
+    """The grey-level (or coarse colour) naive model's fit and agreement with the proposal (0.5 each
+    without the examples' counts)."""
+    if bins is None:
+        return dict.fromkeys(FEATURE_GROUPS["appearance"], 0.5)
+    posterior, ids = examples.posterior_by_bin[bins], np.asarray(examples.ids)
+    column = np.searchsorted(ids, labels).clip(0, len(ids) - 1)
+    fits = np.take_along_axis(posterior, column[..., None], -1)[..., 0] * (ids[column] == labels)
+    return {"appearance_fit": float(fits.mean()), "appearance_agreement": agreement(labels, ids[posterior.argmax(-1)]),
+            "appearance_fit_foreground": float(np.where(foreground, foreground_p, 1 - foreground_p).mean()),
+            "appearance_agreement_foreground": agreement(foreground, foreground_p > 0.5)}
 
 
 def _parts_features(labels, scores, foreground_p, stride: int, diameter: float | None) -> dict[str, float]:
@@ -377,6 +243,7 @@ class QualityModel:
 
 
 def load_models(path) -> dict[str, QualityModel]:
+    """The estimates of one quality.json ("fast", "full" and optionally OBJECT_MODEL); InputError if unreadable."""
     try:
         data = json.loads(Path(path).read_text())
         if data.get("format") != "seggpt-quality/1":

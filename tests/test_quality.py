@@ -10,9 +10,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from seggpt_plugins.errors import InputError
-from seggpt_plugins.quality import (BLENDS, OBJECT_BLEND, OBJECT_MODEL, SHIPPED, ExampleStats, QualityModel,
-                                    UncalibratedQualityWarning, agreement, boundary_edges, features, load_models,
-                                    models_for, object_features)
+from seggpt_plugins.example_stats import (COUNT_SIDE, GREY_LEVELS, MEAN_LEVELS, SPREAD_LEVELS, appearance_bins,
+                                          grey_levels, texture_words)
+from seggpt_plugins.quality import (BLENDS, FEATURE_SIDE, OBJECT_BLEND, OBJECT_MODEL, SHIPPED, ExampleStats,
+                                    QualityModel, UncalibratedQualityWarning, agreement, boundary_edges, features,
+                                    load_models, models_for, object_features)
 from seggpt_plugins.quality_fit import fit, fit_models, object_ious, save_models
 
 
@@ -119,19 +121,24 @@ def test_texture_is_read_at_the_pixel_scale_on_a_large_target(rng):
         grey = np.where(np.where(mask > 0, speckle, blocks), 200, 60).astype(np.uint8)
         return np.repeat(grey[..., None], 3, -1), mask
 
-    (image, mask), (target, truth) = scene(96), scene(1536)  # the target is read with stride 3
+    (image, mask), (target, truth) = scene(96), scene(3 * FEATURE_SIDE)  # the target is read with stride 3
     stats = ExampleStats.of([mask], [image])
     values = features(truth, np.ones(truth.shape, np.float32), stats, target, names=["texture_agreement"])
     on_the_view = agreement(truth[::3, ::3], stats.texture_labels(target[::3, ::3]))  # its blocks look speckled
     assert values["texture_agreement"] > 0.7 and values["texture_agreement"] > on_the_view + 0.1
+    words = tuple(w[::3, ::3] for w in texture_words(target))  # a caller that strides the arrays itself
+    assert features(truth[::3, ::3], np.ones((FEATURE_SIDE,) * 2, np.float32), stats, target[::3, ::3], strided=3,
+                    texture=words, names=["texture_agreement"]) == values
 
 
 def test_features_of_a_large_target_are_read_on_a_strided_view(rng):
     image, mask = _bright_blobs(rng)
     stats = ExampleStats.of([mask], [image])
     big_image, big_truth = np.tile(image, (20, 20, 1)), np.tile(mask, (20, 20))
-    values = features(big_truth, np.ones(big_truth.shape, np.float32), stats, big_image)
-    assert values["appearance_agreement"] > 0.8 and abs(values["diameter_ratio"]) < 0.5
+    maps = {}
+    values = features(big_truth, np.ones(big_truth.shape, np.float32), stats, big_image, maps=maps)
+    assert values["appearance_agreement"] > 0.8 and abs(values["diameter_ratio"]) < 0.5  # (sizes: every pixel)
+    assert max(maps["foreground"].shape) <= FEATURE_SIDE and maps["stride"] == -(-big_truth.shape[0] // FEATURE_SIDE)
 
 
 def test_fit_calibrates_a_blend_and_the_file_round_trips(tmp_path, rng):
@@ -252,6 +259,93 @@ def test_cli_propagate_takes_quality(tmp_path, nuclei3d, quality, kind):
     rows = [json.loads(line) for line in (tmp_path / "labels_review.jsonl").read_text().splitlines()]
     assert rows and all(r["confidence_is"] == kind for r in rows if "confidence_is" in r)
     assert any("confidence_is" in r for r in rows)
+
+
+# ------------------------------------------------------------------ the fast readings equal their definitions
+
+
+def _agreement_by_definition(a, b):
+    ids = np.union1d(np.unique(a), np.unique(b))
+    ious = [np.logical_and(a == i, b == i).sum() / np.logical_or(a == i, b == i).sum() for i in ids[ids != 0]]
+    return float(np.mean(ious)) if ious else 1.0
+
+
+def test_agreement_is_one_bincount_equal_to_its_definition(rng):
+    for a, b in [(rng.integers(0, 4, (40, 50)).astype(np.uint8), rng.integers(0, 3, (40, 50)).astype(np.uint8)),
+                 (rng.integers(0, 3, (40, 50)) * 1000, rng.integers(0, 3, (40, 50))),  # large ids
+                 (rng.integers(-2, 2, (9, 7)), rng.integers(0, 2, (9, 7)).astype(bool)),  # negative ids, bool
+                 (rng.integers(0, 3, (9, 7)).astype(np.float64), np.zeros((9, 7)))]:
+        assert agreement(a, b) == _agreement_by_definition(a, b)
+    assert agreement(np.zeros((0, 3), np.uint8), np.zeros((0, 3), np.uint8)) == 1.0
+
+
+def _counts_by_definition(masks, images, grey, stride=1):
+    """The examples' tables as np.add.at over every pixel of the view of `stride` counted them before."""
+    ids = np.union1d([0], np.concatenate([np.unique(m) for m in masks]))
+    tables = [np.zeros((GREY_LEVELS if grey else 512, len(ids))), np.zeros((MEAN_LEVELS, len(ids))),
+              np.zeros((SPREAD_LEVELS, len(ids)))]
+    for rgb, mask in zip(images, masks):
+        columns = np.searchsorted(ids, mask[::stride, ::stride]).ravel()
+        words = (appearance_bins(rgb, grey)[::stride, ::stride], *(w[::stride, ::stride] for w in texture_words(rgb)))
+        for table, word in zip(tables, words):
+            np.add.at(table, (word.astype(np.int64).ravel(), columns), stride ** 2)
+    return tables
+
+
+def test_example_counts_are_bincounts_equal_to_adding_up_every_pixel(rng):
+    image, mask = _bright_blobs(rng, size=96)
+    colour = image.copy()
+    colour[..., 1] = rng.integers(0, 256, mask.shape)
+    big, big_mask = _bright_blobs(rng, size=COUNT_SIDE + 44, count=30)  # counted on a view of stride 2
+    for images, masks, stride in (([image], [mask], 1), ([image, image[::-1]], [mask * 3, mask[::-1]], 1),
+                                  ([colour], [mask.astype(bool)], 1), ([image], [mask.astype(np.uint16) * 300], 1),
+                                  ([big], [big_mask], 2)):
+        stats = ExampleStats.of(masks, images)
+        expected = _counts_by_definition(masks, images, stats.grey, stride)
+        assert stats.grey == (images[0] is not colour)
+        for table, counted in zip(expected, (stats.counts, stats.local_mean, stats.local_spread)):
+            assert np.array_equal(table, counted)
+
+
+def test_texture_words_at_a_stride_are_the_pixel_scale_words_strided(rng):
+    image = rng.integers(0, 256, (77, 130, 3)).astype(np.uint8)
+    image[:, :20] = 64  # flat, on a level boundary: rounding decides its level
+    assert np.array_equal(grey_levels(image), image.astype(np.float32).mean(-1))
+    for rgb in (image, np.repeat(image[..., :1], 3, -1)):
+        words = texture_words(rgb)
+        for stride in (2, 3, 5):
+            assert all(np.array_equal(w[::stride, ::stride], s) for w, s in zip(words, texture_words(rgb, stride)))
+
+
+def test_texture_labels_are_a_lookup_table_of_the_naive_bayes_labels(rng):
+    (image, mask), (target, _) = _bright_blobs(rng, size=96), _bright_blobs(rng, size=96)
+    stats = ExampleStats.of([mask * 2], [image])
+
+    def log_likelihood(counts):
+        return np.log((counts + 1) / (counts.sum(0, keepdims=True) + len(counts)))
+
+    mean, spread = texture_words(target)
+    prior = stats.counts.sum(0)
+    score = (np.log(prior / prior.sum() + 1e-12) + log_likelihood(stats.counts)[appearance_bins(target, stats.grey)]
+             + log_likelihood(stats.local_mean)[mean] + log_likelihood(stats.local_spread)[spread])  # per pixel
+    assert np.array_equal(stats.texture_labels(target), np.asarray(stats.ids)[score.argmax(-1)])
+    posterior, ids = stats.appearance(target)
+    assert np.array_equal(stats.foreground_by_bin[appearance_bins(target, True)], posterior[..., ids != 0].sum(-1))
+
+
+def test_boundary_edges_read_each_channel_as_sobel_does(rng):
+    from scipy import ndimage
+
+    from seggpt_plugins.images import label_boundaries
+
+    image, truth = _bright_blobs(rng)
+    image[..., 2] = rng.integers(0, 256, truth.shape)
+    squared = np.zeros(truth.shape, np.float32)
+    for c in range(3):
+        channel = ndimage.gaussian_filter(image[..., c].astype(np.float32), 1.0)
+        squared += ndimage.sobel(channel, 0) ** 2 + ndimage.sobel(channel, 1) ** 2
+    gradient, edge = np.sqrt(squared), label_boundaries(truth)
+    assert boundary_edges(truth, image) == float(np.log((gradient[edge].mean() + 1) / (gradient.mean() + 1)))
 
 
 def test_the_runtime_estimate_does_not_import_its_fitting():
