@@ -25,8 +25,11 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from seggpt_plugins.io import atomic_write, write_png
 
 from .labeling import ConfigError, View, annotation_to_mask, prediction_to_results
 from .media import MediaError
@@ -216,7 +219,8 @@ class ProjectPredictor:
             if not ready:
                 continue
             manifest = os.path.join(folder, "manifest.csv")
-            _write_atomic(manifest, "path\n" + "".join(f"{name}\n" for name in ready.values()))
+            text = "path\n" + "".join(f"{name}\n" for name in ready.values())
+            atomic_write(manifest, lambda tmp: Path(tmp).write_text(text), overwrite=True)
             self._run_pipeline(view, folder, manifest, prompts, ready, outcomes)
         return outcomes
 
@@ -242,8 +246,8 @@ class ProjectPredictor:
                 mask = annotation_to_mask(list(ref.result), view, rgb.shape[:2])
                 if not mask.any():
                     continue
-                _save_png(mask_path, mask)
-                _save_png(image_path, rgb)  # last: the pair is whole when the image exists
+                write_png(mask_path, mask, overwrite=True)
+                write_png(image_path, rgb, overwrite=True)  # last: the pair is whole when the image exists
             pairs.append((image_path, mask_path))
         return pairs
 
@@ -271,7 +275,7 @@ class ProjectPredictor:
                 outcomes[task_id].failed = True
                 self.summary.reasons.append((task_id, str(exc)))
                 return task_id, None
-            _save_png(path, rgb)
+            write_png(path, rgb, overwrite=True)
             return task_id, name
 
         return {task_id: name for task_id, name in self.services.downloads.map(download, targets) if name}
@@ -351,24 +355,6 @@ class ProjectPredictor:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40] or "image"
-
-
-def _save_png(path: str, array: np.ndarray) -> None:
-    """Write a PNG whole (a temporary name, then a rename): a killed run never leaves half a file."""
-    from PIL import Image
-
-    if array.ndim == 2 and array.dtype != np.uint8:
-        array = array.astype(np.uint16 if array.max() > 255 else np.uint8)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as out:
-        out.write(text)
-    os.replace(tmp, path)
 
 
 def predict_project(settings, project_id: int, **options) -> BulkSummary:

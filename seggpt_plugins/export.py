@@ -153,35 +153,59 @@ class _JsonArrays:
         return self.path
 
 
-class CocoWriter:
-    """COCO instance segmentation JSON (RLE masks, areas and boxes from pycocotools), written as it goes."""
+def coco_annotations(instances: Instances) -> list[dict]:
+    """One image's COCO annotations (RLE masks, areas and boxes from pycocotools; ids are given by the
+    writer). Each `score` is the object's confidence (its predicted IoU when estimated, else its mean snap
+    score, which `snap_score` always holds)."""
+    from pycocotools import mask as mask_utils
 
-    def __init__(self, path, categories: dict[int, Category], description: str = "seggpt-plugins"):
+    annotations = []
+    for obj in instances.objects:
+        rle = _rle(instances.map == obj.id)
+        annotations.append({"category_id": int(obj.class_id), "segmentation": rle, "area": float(mask_utils.area(rle)),
+                            "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
+                            "score": round(float(obj.confidence), 4), "snap_score": round(float(obj.score), 4)})
+    return annotations
+
+
+def coco_file_name(source: str, root=None) -> str:
+    """The one `file_name` rule of every COCO file written here: a local file's path relative to the folder
+    that holds the COCO file (`root`), so the pair moves together; anything else (a URL, a video frame
+    `clip.mp4#frame3`, a layer name, or a local file beside an object-store output) as given."""
+    source = str(source)
+    if root is None or "://" in source or "://" in str(root) or not Path(source).exists():
+        return source
+    return Path(os.path.relpath(Path(source).resolve(), Path(root).resolve())).as_posix()
+
+
+class CocoWriter:
+    """COCO instance segmentation JSON, written as it goes; `root`: the folder the file will live in (for
+    `coco_file_name`; None: file names as given)."""
+
+    def __init__(self, path, categories: dict[int, Category], description: str = "seggpt-plugins", root=None):
         self._arrays = _JsonArrays(path, ("images", "annotations"))
         self.categories = categories
         self.description = description
+        self.root = root
         self._images = 0
         self._annotations = 0
 
     def add(self, file_name: str, instances: Instances) -> int:
-        """One image and its objects (`Instance.class_id` must be a category id); returns the image id. Each
-        annotation's `score` is the object's confidence (its predicted IoU when estimated, else its mean snap
-        score, which `snap_score` always holds)."""
-        from pycocotools import mask as mask_utils
-
-        self._images += 1
+        """One image and its objects (`Instance.class_id` must be a category id); returns the image id."""
         height, width = instances.map.shape
-        self._arrays.append("images", {"id": self._images, "file_name": file_name, "height": height, "width": width})
-        for obj in instances.objects:
-            if obj.class_id not in self.categories:
-                raise InputError(f"{file_name}: object of class {obj.class_id}, which has no category")
-            rle = _rle(instances.map == obj.id)
+        return self.add_encoded(file_name, height, width, coco_annotations(instances))
+
+    def add_encoded(self, file_name: str, height: int, width: int, annotations: list[dict]) -> int:
+        """One image and its annotations as `coco_annotations` made them (e.g. in another process)."""
+        for annotation in annotations:
+            if annotation["category_id"] not in self.categories:
+                raise InputError(f"{file_name}: object of class {annotation['category_id']}, which has no category")
+        self._images += 1
+        self._arrays.append("images", {"id": self._images, "file_name": coco_file_name(file_name, self.root),
+                                       "height": int(height), "width": int(width)})
+        for annotation in annotations:
             self._annotations += 1
-            self._arrays.append("annotations", {
-                "id": self._annotations, "image_id": self._images, "category_id": obj.class_id,
-                "segmentation": rle, "area": float(mask_utils.area(rle)),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
-                "score": round(float(obj.confidence), 4), "snap_score": round(obj.score, 4)})
+            self._arrays.append("annotations", {"id": self._annotations, "image_id": self._images, **annotation})
         return self._images
 
     def close(self) -> Path:
@@ -366,7 +390,7 @@ class Exporter:
     def open(self, outputs, categories: dict[int, Category]) -> None:
         self._outputs, self.categories = outputs, categories
         if "coco" in self.options.formats:
-            self._coco = CocoWriter(outputs.stage(self.out / "coco.json"), categories)
+            self._coco = CocoWriter(outputs.stage(self.out / "coco.json"), categories, root=self.out)
         if "panoptic" in self.options.formats:
             self._panoptic = PanopticWriter(outputs.stage(self.out / "panoptic.json"), categories)
         if self.options.review:

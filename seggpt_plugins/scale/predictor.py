@@ -26,6 +26,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from ..errors import InputError
+from ..export import coco_annotations
 from ..images import TIFF_SUFFIXES, _check_pixels, decode_image, to_mask, to_rgb8
 from ..instances import ObjectRule
 from ..prompts import PromptPool
@@ -65,20 +66,6 @@ def read_pair(image: str, mask: str) -> tuple[np.ndarray, np.ndarray]:
     except OSError as exc:
         raise InputError(f"--prompt {image} {mask}: cannot be read ({exc})") from None
     return decode(image_data, image), to_mask(decode(mask_data, mask, as_mask=True), name=f"--prompt {image} {mask}")
-
-
-def coco_annotations(instances) -> list[dict]:
-    """One image's COCO annotations (RLE masks; ids are given when the shards are merged)."""
-    from pycocotools import mask as mask_utils
-
-    annotations = []
-    for obj in instances.objects:
-        rle = mask_utils.encode(np.asfortranarray((instances.map == obj.id).astype(np.uint8)))
-        area, box = float(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]
-        rle["counts"] = rle["counts"].decode("ascii")
-        annotations.append({"category_id": int(obj.class_id), "segmentation": rle, "area": area, "bbox": box,
-                            "iscrowd": 0, "score": round(obj.score, 4)})
-    return annotations
 
 
 class SegGPTPredictor:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..export import CocoWriter
 from .predictor import STATUS_DONE, STATUS_FAILED
 from .sources import read_bytes
 from .storage import Store
@@ -163,7 +164,7 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
     counts = {"inputs": 0, STATUS_DONE: 0, STATUS_FAILED: 0, "missing": 0}
     with tempfile.TemporaryDirectory(prefix="seggpt-merge-") as tmp:
         review_path = Path(tmp) / REVIEW_FILE
-        coco = _CocoShards(Path(tmp), categories) if write_coco else None
+        coco = CocoWriter(Path(tmp) / COCO_FILE, categories, root=out) if write_coco else None
         rows: list[dict] = []
         with pq.ParquetWriter(review_path, schema) as review:
             for item in items:
@@ -182,7 +183,7 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
                                  confidence=record["confidence"] if done else None, model=record["model"],
                                  prompts=record["prompts"]))
                 if coco is not None and done:
-                    coco.add(record)
+                    coco.add_encoded(record["path"], record["height"], record["width"], record.get("annotations", []))
                 if len(rows) == REVIEW_ROWS_PER_GROUP:
                     review.write_table(pa.Table.from_pylist(rows, schema))
                     rows.clear()
@@ -192,41 +193,3 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
         if coco is not None:
             store.put_file(COCO_FILE, coco.close())
     return counts
-
-
-class _CocoShards:
-    """COCO instances JSON assembled from the records' annotations: images and annotations streamed to
-    two temporary files with ids given in order, then joined under the header."""
-
-    def __init__(self, folder: Path, categories: dict):
-        self.folder, self.categories = folder, categories
-        self.files = {name: open(folder / f"{name}.part", "w") for name in ("images", "annotations")}
-        self.images = self.annotations = 0
-
-    def _append(self, name: str, item: dict, count: int) -> None:
-        self.files[name].write((",\n" if count > 1 else "") + json.dumps(item, separators=(",", ":")))
-
-    def add(self, record: dict) -> None:
-        self.images += 1
-        self._append("images", {"id": self.images, "file_name": record["path"], "height": record["height"],
-                                "width": record["width"]}, self.images)
-        for annotation in record.get("annotations", []):
-            self.annotations += 1
-            self._append("annotations", {"id": self.annotations, "image_id": self.images, **annotation},
-                         self.annotations)
-
-    def close(self) -> Path:
-        path = self.folder / COCO_FILE
-        head = {"info": {"description": "seggpt-plugins"},
-                "categories": [{"id": c.id, "name": c.name, "supercategory": ""} for c in self.categories.values()]}
-        with open(path, "w") as out:
-            out.write(json.dumps(head)[:-1])
-            for name, file in self.files.items():
-                file.close()
-                out.write(f', "{name}": [\n')
-                with open(file.name) as part:
-                    while chunk := part.read(1 << 20):
-                        out.write(chunk)
-                out.write("\n]")
-            out.write("}\n")
-        return path
