@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -26,7 +25,7 @@ from .ensembles import example_windows, groups, stitch_examples, tile_size
 from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
 from .propagation import propagate
-from .quality import ExampleStats, check_quality
+from .quality import ExampleStats
 from .runner import Runner, Target
 from .vocabulary import AUTO_MODEL, SEG_TYPES
 
@@ -279,8 +278,6 @@ class SegGPT:
         and come back to the host in one copy per array, as small dtypes. The painting itself is resized
         and returned only `with_painting`.
         """
-        import torch.nn.functional as F
-
         from .colors import color_distances, decide, restrict_to_neighbours
 
         torch = self._torch

@@ -26,9 +26,7 @@ The model is any object with SegGPT's public steps (`prepare_prompts`, `encode_i
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from .instances import Instances, ObjectRule
 from .prediction import Prediction
 from .prompts import PromptPool, PromptSet
 from .quality import check_quality
+from .run_control import Missed, Stop, through_thread
 from .vocabulary import SEG_TYPES
 
 PROMPT_SETS_KEPT = 32  # prepared prompt sets kept when examples are chosen per target
@@ -237,14 +236,14 @@ class Runner:
             raise ValueError(f"errors must be 'collect' or 'raise', got {errors!r}")
         if total is None and hasattr(targets, "__len__"):
             total = len(targets)
-        stop = _Stop(deadline, cancelled)
+        stop = Stop(deadline, cancelled)
         produced = self._produce(iter(targets), total, on_event or (lambda event: None), stop, errors == "raise")
         if not self.overlap:
             yield from produced
             return
-        yield from _through_thread(produced, stop, depth=PENDING_BATCHES * self.batch_size)
+        yield from through_thread(produced, stop, depth=PENDING_BATCHES * self.batch_size)
 
-    def _produce(self, targets: Iterator, total, on_event, stop: "_Stop", raising: bool) -> Iterator[Result]:
+    def _produce(self, targets: Iterator, total, on_event, stop: Stop, raising: bool) -> Iterator[Result]:
         """The loop itself: read ahead, choose prompts, batch pieces, paint, finish each target."""
         workers = ThreadPoolExecutor(max(1, self.batch_size // 4), "seggpt-host") if self.overlap else None
         pending: deque = deque()  # Futures (or Results) of finished targets, in finishing order
@@ -365,14 +364,14 @@ class Runner:
     # ----------------------------------------------------------------------------------- the device
 
     def _paint(self, batch: list[_Piece], finished: Callable[[_Job], None], on_event, raising: bool,
-               stop: "_Stop") -> None:
+               stop: Stop) -> None:
         """One forward pass over a batch of pieces (retried piece by piece if it fails); each target whose
         last piece is done goes to `finished`. Past the deadline (or cancelled) the batch is not painted: its
         targets are missed, even those with tiles done already."""
         live = [p for p in batch if p.job.failed is None]
         if stop():
             for piece in live:
-                piece.job.failed = piece.job.failed or _Missed(stop.reason)
+                piece.job.failed = piece.job.failed or Missed(stop.reason)
         if stop() or not live:
             for piece in batch:
                 self._count(piece.job, finished)
@@ -423,7 +422,7 @@ class Runner:
 
     def _finish(self, job: _Job) -> Result:
         """A target whose pieces are all painted -> its Result: stitched, judged, split into objects."""
-        if isinstance(job.failed, _Missed):
+        if isinstance(job.failed, Missed):
             return self._missed(job.index, job.target, str(job.failed))
         if job.failed is not None:
             return self._failed(job.index, job.target, job.failed)
@@ -467,71 +466,3 @@ class Runner:
     @staticmethod
     def _missed(index: int, target: Target, reason: str) -> Result:
         return Result(target.key, index, error=reason, missed=True)
-
-
-class _Missed(Exception):
-    """A target left unfinished by the deadline or a cancel (its message says which)."""
-
-
-class _Stop:
-    """The deadline and the cancel check of one run; remembers why it stopped."""
-
-    def __init__(self, deadline: float | None, cancelled: Callable[[], bool] | None):
-        self.deadline, self.cancelled = deadline, cancelled
-        self.reason = ""
-        self.closed = threading.Event()  # the consumer went away
-
-    def __call__(self) -> bool:
-        if self.reason:
-            return True
-        if self.closed.is_set():
-            self.reason = "the run was closed"
-        elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.reason = "not reached before the deadline"
-        elif self.cancelled is not None and self.cancelled():
-            self.reason = "cancelled"
-        return bool(self.reason)
-
-
-_END = object()
-
-
-def _through_thread(produced: Iterator[Result], stop: _Stop, depth: int) -> Iterator[Result]:
-    """Run `produced` in a thread of its own, handing its results over a bounded queue: the consumer's
-    work (writing files, host app updates) overlaps the device's. Closing this generator stops the run
-    at its next batch."""
-    handover: queue.Queue = queue.Queue(maxsize=max(1, depth))
-
-    def put(item) -> bool:
-        while not stop.closed.is_set():
-            try:
-                handover.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for result in produced:
-                if not put(result):
-                    break
-        except BaseException as exc:  # handed to the consumer
-            put(("error", exc))
-        finally:
-            produced.close()
-            put(_END)
-
-    thread = threading.Thread(target=work, name="seggpt-runner", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handover.get()
-            if item is _END:
-                return
-            if isinstance(item, tuple) and item and item[0] == "error":
-                raise item[1]
-            yield item
-    finally:
-        stop.closed.set()
-        thread.join()
