@@ -152,10 +152,11 @@ def burn_one_core():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row):
+def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row, quality=None):
     """CPU: the reference (fp32) and our path at each precision, at each size, quiet and (with
     `contention`) with one core taken by another process. Each side is timed once per phase, sides
-    interleaved size by size, so both see the same machine."""
+    interleaved size by size, so both see the same machine. quality: "fast" times the default path as a
+    user meets it (the quality estimate, the examples prepared on each call); None the forward alone."""
     import copy
 
     from seggpt_plugins import SegGPT
@@ -174,11 +175,12 @@ def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row):
                 pairs = targets * prompts
                 ref_s = timed(lambda: reference.run_pairs(tgt, pim, pms, batch_size=targets), torch.device("cpu"), 1)
                 for precision, model in models.items():
-                    our_s = timed(lambda: model.segment(tgt, pim, pms, batch_size=targets, quality=None),
+                    our_s = timed(lambda: model.segment(tgt, pim, pms, batch_size=targets, quality=quality),
                                   torch.device("cpu"), 1)
                     executed = flops[prompts]["ours"] * pairs / our_s
                     peak = peaks.get(precision)  # int8: no int8 peak is measured
-                    row(kind="segment", phase=phase, precision=precision, targets=targets, prompts=prompts,
+                    row(kind="segment", phase=phase, precision=precision, quality=quality, targets=targets,
+                        prompts=prompts,
                         pairs=pairs, ours_s_per_pair=round(our_s / pairs, 2), ref_s_per_pair=round(ref_s / pairs, 2),
                         ratio=round(ref_s / our_s, 2), ours_tflops=round(executed, 3),
                         ours_fraction_of_peak=round(executed / peak, 3) if peak else None)
@@ -200,6 +202,8 @@ def main():
                         help="CPU: our path at each of these precisions (default: float32)")
     parser.add_argument("--contention", action="store_true",
                         help="CPU: repeat the sweep with a second process burning one core")
+    parser.add_argument("--quality", choices=["fast", "off"], default="off",
+                        help="CPU: our path with the quality estimate (fast: the default path) or without (off)")
     args = parser.parse_args()
 
     import transformers
@@ -220,7 +224,12 @@ def main():
     for name, param in net.named_parameters():  # non-zero relative positions and tokens, like trained weights
         if "rel_pos" in name or "token" in name:
             torch.nn.init.normal_(param, std=0.02)
-    report = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    report = {"commit": commit,
+              "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
               "rows": []}
     over = lambda: time.time() - started > args.budget  # noqa: E731
@@ -247,7 +256,8 @@ def main():
                       int8_kernel=int8_kernel(), onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA"),
                       seggpt_dtype=os.environ.get("SEGGPT_DTYPE"))
         sizes = [(1, 1), (2, 1), (1, 4)]
-        cpu_sweep(net, reference, sizes, args.precisions or ["float32"], args.contention, flops, peaks, row)
+        cpu_sweep(net, reference, sizes, args.precisions or ["float32"], args.contention, flops, peaks, row,
+                  quality=None if args.quality == "off" else args.quality)
         report["seconds"] = round(time.time() - started, 1)
         print_cpu_table(report["rows"])
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
