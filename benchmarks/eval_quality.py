@@ -70,14 +70,16 @@ def nuclei_3d():
 
 
 def real_samples(model, cases):
-    """Features ("full") and foreground IoU of each (target, example, mask, truth)."""
+    """Every candidate feature ("full") and the foreground IoU of each (target, example, mask, truth)."""
     from seggpt_plugins.quality import agreement
+    from seggpt_plugins.quality_fit import reading_every_candidate
 
     rows, ious = [], []
-    for target, example, mask, truth in cases:
-        pred = model.segment(target, example, mask, seg_type="semantic", quality="full")[0]
-        rows.append({**pred.quality_features, "snap_confidence": pred.snap_confidence})  # the old confidence
-        ious.append(agreement(pred.labels != 0, truth))
+    with reading_every_candidate(model):  # (the baseline estimate reads features the shipped one does not)
+        for target, example, mask, truth in cases:
+            pred = model.segment(target, example, mask, seg_type="semantic", quality="full")[0]
+            rows.append({**pred.quality_features, "snap_confidence": pred.snap_confidence})  # the old confidence
+            ious.append(agreement(pred.labels != 0, truth))
     return rows, ious
 
 

@@ -26,14 +26,6 @@ GRID = {"snap_foreground": (0, 0.5, 1), "boundary_edges": (0, 0.5, 1, 1.5), "tex
         "appearance_agreement": (0, 0.5, 1), "appearance_fit_foreground": (0, 0.5), "flip_agreement": (0, 0.25, 0.5)}
 
 
-def real_rows(model, cases) -> tuple[list[dict], list[float]]:
-    """eval_quality's real samples, every candidate read."""
-    from seggpt_plugins.quality_fit import reading_every_candidate
-
-    with reading_every_candidate(model):
-        return real_samples(model, cases)
-
-
 def spearman(x, y) -> float:
     """Spearman's rho, a feature that could not be read (NaN) counted as the set's average."""
     from scipy.stats import spearmanr
@@ -56,7 +48,7 @@ def main() -> None:
     model = SegGPT.from_pretrained("demo", device="cpu")
     sets = {"choice": generated_samples(model, args.choice_tasks, FIT_SEED),
             "held_out": generated_samples(model, args.held_out_tasks, HELD_OUT_SEED),
-            "nuclei_2d": real_rows(model, nuclei_2d()), "nuclei_3d": real_rows(model, nuclei_3d())}
+            "nuclei_2d": real_samples(model, nuclei_2d()), "nuclei_3d": real_samples(model, nuclei_3d())}
     alone = {name: {c: spearman([r[c] for r in rows], ious) for c in CANDIDATES} for name, (rows, ious) in sets.items()}
     for name, values in alone.items():
         print(name, values, flush=True)

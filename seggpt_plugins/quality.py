@@ -27,8 +27,8 @@ to the true IoU is how the blend was chosen (docs/quality.md).
 
 Features are statistics: they are read on a strided view of at most FEATURE_SIDE pixels a side, the
 texture words at the pixel scale at that view's pixels (as the examples' are counted), and the naive
-model is a lookup table per example set (`ExampleStats`), so the estimate costs a few milliseconds per
-target whatever its size (benchmarks/bench_quality_host.py).
+model is a lookup table per example set (`ExampleStats`, example_stats.py, with the pixel-level readings),
+so the estimate costs a few milliseconds per target whatever its size (benchmarks/bench_quality_host.py).
 
 Per object (`ObjectContext`, `object_features`): `Prediction.instances()` gives each object its own
 predicted IoU with the true object (`Instance.quality`), a fixed blend (OBJECT_BLEND) of its snap score,
