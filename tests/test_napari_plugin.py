@@ -25,7 +25,7 @@ if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os
 import seggpt_plugins  # noqa: E402
 from napari.utils.notifications import notification_manager  # noqa: E402
 
-from seggpt_plugins import loading as _models  # noqa: E402
+from seggpt_plugins import model_cache as _models  # noqa: E402
 from seggpt_plugins.napari._widget import SegGPTWidget  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a real viewer (see the markers in pyproject.toml)
