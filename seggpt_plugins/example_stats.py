@@ -26,9 +26,10 @@ GREY_LEVELS = 64  # appearance bins of grey images; colour images: 8 levels per 
 COLOUR_BINS = 512
 MEAN_LEVELS, SPREAD_LEVELS = 16, 8  # texture words: levels of the local mean and of the local spread
 TEXTURE_SIGMA = 1.0  # the Gaussian window (pixels) the texture words and the edges are read in
-#: the examples are counted on a strided view of at most this many pixels a side (their counts scaled to
-#: every pixel's): a histogram of 65k pixels is as good as one of a million, at a sixteenth of the time
-COUNT_SIDE = 256
+#: the examples are counted on a strided view of at most this many pixels a side, each count standing for
+#: the stride^2 pixels around it: a histogram of 16k pixels is as good as one of a million, and the
+#: texture words are read at the view's pixels only (eval_quality_large.py)
+COUNT_SIDE = 128
 
 
 def is_grey(rgb: np.ndarray) -> bool:
