@@ -135,9 +135,10 @@ def main() -> None:
             if "now" not in figures or "best_ms" not in figures["now"]:
                 continue
             bar = BARS_MS.get(what)
-            print(f"{name:14s} {what:20s} now {figures['now']['best_ms']:7.2f} ms (median {figures['now']['median_ms']:.2f})"
+            now = figures["now"]
+            print(f"{name:14s} {what:20s} now {now['best_ms']:7.2f} ms (median {now['median_ms']:.2f})"
                   f"  before {figures['before']['best_ms']:7.2f} ms" + (f"  bar {bar:.0f} ms: "
-                  f"{'met' if figures['now']['best_ms'] <= bar else 'NOT met'}" if bar else ""), flush=True)
+                  f"{'met' if now['best_ms'] <= bar else 'NOT met'}" if bar else ""), flush=True)
     report({"threads": 1, "repeats": args.repeats, "before": args.before, "bars_ms": BARS_MS, "results": results},
            args.out)
 

@@ -33,6 +33,7 @@ COUNT_SIDE = 128
 
 
 def is_grey(rgb: np.ndarray) -> bool:
+    """Whether an (H, W, 3) image's three channels are equal."""
     return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 

@@ -54,8 +54,7 @@ import numpy as np
 
 from .ensembles import object_diameter
 from .errors import InputError
-from .example_stats import (GREY_LEVELS, MEAN_LEVELS, SPREAD_LEVELS, TEXTURE_SIGMA, ExampleStats,  # noqa: F401
-                            agreement, appearance_bins, boundary_edges, is_grey, texture_words)  # (re-exported)
+from .example_stats import ExampleStats, agreement, appearance_bins, boundary_edges, texture_words
 from .instances import connected_components, find_instances
 from .vocabulary import DEMO_MODEL
 
