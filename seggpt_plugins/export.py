@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -168,25 +168,20 @@ def coco_annotations(instances: Instances) -> list[dict]:
     return annotations
 
 
-def coco_file_name(source: str, root=None) -> str:
-    """The one `file_name` rule of every COCO file written here: a local file's path relative to the folder
-    that holds the COCO file (`root`), so the pair moves together; anything else (a URL, a video frame
-    `clip.mp4#frame3`, a layer name, or a local file beside an object-store output) as given."""
-    source = str(source)
-    if root is None or "://" in source or "://" in str(root) or not Path(source).exists():
-        return source
-    return Path(os.path.relpath(Path(source).resolve(), Path(root).resolve())).as_posix()
+def coco_file_name(source: str, stem: str) -> str:
+    """The one `file_name` rule of every COCO file written for input files: the input's path relative to the
+    folder (or glob, or object-store prefix) it was found under, i.e. its output stem with the input's own
+    suffix, as COCO tools read it against an image root (`data_path`)."""
+    return f"{stem}{PurePosixPath(str(source).split('?')[0]).suffix}"
 
 
 class CocoWriter:
-    """COCO instance segmentation JSON, written as it goes; `root`: the folder the file will live in (for
-    `coco_file_name`; None: file names as given)."""
+    """COCO instance segmentation JSON, written as it goes (file names as given: see `coco_file_name`)."""
 
-    def __init__(self, path, categories: dict[int, Category], description: str = "seggpt-plugins", root=None):
+    def __init__(self, path, categories: dict[int, Category], description: str = "seggpt-plugins"):
         self._arrays = _JsonArrays(path, ("images", "annotations"))
         self.categories = categories
         self.description = description
-        self.root = root
         self._images = 0
         self._annotations = 0
 
@@ -201,7 +196,7 @@ class CocoWriter:
             if annotation["category_id"] not in self.categories:
                 raise InputError(f"{file_name}: object of class {annotation['category_id']}, which has no category")
         self._images += 1
-        self._arrays.append("images", {"id": self._images, "file_name": coco_file_name(file_name, self.root),
+        self._arrays.append("images", {"id": self._images, "file_name": file_name,
                                        "height": int(height), "width": int(width)})
         for annotation in annotations:
             self._annotations += 1
@@ -390,7 +385,7 @@ class Exporter:
     def open(self, outputs, categories: dict[int, Category]) -> None:
         self._outputs, self.categories = outputs, categories
         if "coco" in self.options.formats:
-            self._coco = CocoWriter(outputs.stage(self.out / "coco.json"), categories, root=self.out)
+            self._coco = CocoWriter(outputs.stage(self.out / "coco.json"), categories)
         if "panoptic" in self.options.formats:
             self._panoptic = PanopticWriter(outputs.stage(self.out / "panoptic.json"), categories)
         if self.options.review:
@@ -425,7 +420,7 @@ class Exporter:
                 self._outputs.write_png(png, segment_ids_to_rgb(picture))
             self._panoptic.add(source, str(png.relative_to(self.out)), picture.shape, segments_info)
         if self._coco is not None:
-            self._coco.add(source, instances)
+            self._coco.add(coco_file_name(source, self.stems[i]), instances)
         if self._review is not None:
             self._review.add_prediction(source, prediction, instances, **review)
 

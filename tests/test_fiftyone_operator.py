@@ -961,7 +961,7 @@ def test_coco_export_of_the_cli_imports_into_fiftyone(fo_env, tiles):
                              "--label-names", str(folder / "names.txt")], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
-    imported = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=str(folder),
+    imported = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=str(folder / "data"),
                                    labels_path=str(folder / "out" / "coco.json"), label_types=["segmentations"],
                                    label_field="seggpt", progress=False)
     try:
@@ -1219,3 +1219,13 @@ def test_messages_name_files_not_sample_ids(dataset):
     view.skip(1).limit(1).tag_samples("only")
     _fails(view, demo(label_field="labels", output_field="out", prompt_tag="only"),
            "the prompt sample (samples tagged 'only') has no 'labels' label to learn from: tile_000_128.png")
+
+
+def test_cli_fiftyone_and_label_studio_give_the_same_objects_and_scores(fo_env, nuclei2d, tmp_path, demo_model):
+    """One pipeline (issue 28): one instance-labelled example and three targets through the CLI, this operator
+    and the Label Studio backend give the same objects, per-object scores and per-image confidence."""
+    pytest.importorskip("flask")
+    pytest.importorskip("label_studio_sdk")
+    from .same_answer import check_same_answer
+
+    check_same_answer(nuclei2d, fo_env, tmp_path, demo_model)

@@ -107,7 +107,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         if "tiff" in options.formats:
             outputs.write_tiff(out, picture)
         if "coco" in options.formats:
-            coco = CocoWriter(outputs.stage(extra["coco"]), categories, root=Path(extra["coco"]).parent)
+            coco = CocoWriter(outputs.stage(extra["coco"]), categories)
             for z in range(depth):
                 coco.add(f"{Path(args.stack).name}#z{z}", objects[z])
             coco.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..export import CocoWriter
+from ..export import CocoWriter, coco_file_name
 from .predictor import STATUS_DONE, STATUS_FAILED
 from .sources import read_bytes
 from .storage import Store
@@ -164,7 +164,7 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
     counts = {"inputs": 0, STATUS_DONE: 0, STATUS_FAILED: 0, "missing": 0}
     with tempfile.TemporaryDirectory(prefix="seggpt-merge-") as tmp:
         review_path = Path(tmp) / REVIEW_FILE
-        coco = CocoWriter(Path(tmp) / COCO_FILE, categories, root=out) if write_coco else None
+        coco = CocoWriter(Path(tmp) / COCO_FILE, categories) if write_coco else None
         rows: list[dict] = []
         with pq.ParquetWriter(review_path, schema) as review:
             for item in items:
@@ -183,7 +183,7 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
                                  confidence=record["confidence"] if done else None, model=record["model"],
                                  prompts=record["prompts"]))
                 if coco is not None and done:
-                    coco.add_encoded(record["path"], record["height"], record["width"], record.get("annotations", []))
+                    coco.add_encoded(coco_file_name(record["path"], item.stem), record["height"], record["width"], record.get("annotations", []))
                 if len(rows) == REVIEW_ROWS_PER_GROUP:
                     review.write_table(pa.Table.from_pylist(rows, schema))
                     rows.clear()

@@ -1,4 +1,6 @@
-"""One pipeline (issue 28): the same example and targets give the same objects, per-object scores and per-image
+"""The body of test_fiftyone_operator.py's same-answer test (it needs that module's FiftyOne database).
+
+One pipeline (issue 28): the same example and targets give the same objects, per-object scores and per-image
 confidence in every host: the CLI (COCO and the review table), the FiftyOne operator (Detections on a real
 MongoDB) and the Label Studio backend (/predict, one brush region per object).
 
@@ -17,21 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fiftyone")
-pytest.importorskip("flask")
-pytest.importorskip("label_studio_sdk")
-
-from .test_fiftyone_operator import fo_env, run  # noqa: E402,F401  (fixtures and helpers, not tests)
-from .test_labelstudio_backend import (LEGACY_TOKEN, _png, brush_region, decode_brush,  # noqa: E402,F401
-                                       fake_ls, make_client, predict_body, setup_body)
 
 TILE = 128
 EXAMPLE, TARGETS = (0, 0), [(128, 128), (256, 0), (384, 256)]  # tile corners in stardist's 512x512 field
 BATCH = 8  # every host runs the three targets as one batch
 
 
-@pytest.fixture(scope="module")
-def case(nuclei2d, fo_env):
+def make_case(nuclei2d, fo_env):
     """Files of the example (image, instance mask with ids 1..N) and the three targets."""
     image, mask = nuclei2d
     low, high = float(image.min()), float(np.percentile(image, 99.8))
@@ -90,6 +84,8 @@ def from_cli(case, tmp_path) -> list[dict]:
 def from_fiftyone(case) -> list[dict]:
     import fiftyone as fo
 
+    from .test_fiftyone_operator import run
+
     dataset = fo.Dataset()
     try:
         example = fo.Sample(filepath=str(case["paths"]["example"]), tags=["prompt"])
@@ -112,7 +108,28 @@ def from_fiftyone(case) -> list[dict]:
         dataset.delete()
 
 
-def from_labelstudio(case, fake_ls, make_client) -> list[dict]:
+def from_labelstudio(case, demo_model) -> list[dict]:
+    from seggpt_plugins.labelstudio.server import create_app
+    from seggpt_plugins.labelstudio.services import Services
+    from seggpt_plugins.labelstudio.settings import Settings
+
+    from .test_labelstudio_backend import (LEGACY_TOKEN, FakeLabelStudio, _png, brush_region, decode_brush,
+                                           predict_body, setup_body)
+
+    fake_ls = FakeLabelStudio().start()
+    try:
+        settings = Settings(max_prompts=4, batch_size=BATCH, refresh_seconds=0.0, device="cpu",
+                            label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
+        settings.check()
+        client = create_app(settings, Services(settings, model=demo_model), load_model=False).test_client()
+        return _predict_in_label_studio(case, fake_ls, client, _png, brush_region, decode_brush, predict_body,
+                                        setup_body)
+    finally:
+        fake_ls.stop()
+
+
+def _predict_in_label_studio(case, fake_ls, client, _png, brush_region, decode_brush, predict_body,
+                             setup_body) -> list[dict]:
     count = int(case["mask"].max())
     labels = "".join(f'<Label value="n{k}"/>' for k in range(1, count + 1))
     config = f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}' \
@@ -121,7 +138,6 @@ def from_labelstudio(case, fake_ls, make_client) -> list[dict]:
     fake_ls.add_task(7, example, annotation_result=[brush_region(case["mask"] == k, f"n{k}")
                                                     for k in range(1, count + 1)])
     tasks = [fake_ls.add_task(7, {"name": p.name, "png": _png(gray)}) for p, gray in zip(case["targets"], case["gray"])]
-    client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, batch_size=BATCH, max_prompts=4)
     assert client.post("/setup", json=setup_body(config, extra_params={"objects": True})).status_code == 200
     response = client.post("/predict", json=predict_body(tasks, config))
     assert response.status_code == 200, response.json
@@ -132,10 +148,12 @@ def from_labelstudio(case, fake_ls, make_client) -> list[dict]:
     return answers
 
 
-def test_cli_fiftyone_and_label_studio_give_the_same_objects_and_scores(case, tmp_path, fake_ls, make_client):
+def check_same_answer(nuclei2d, fo_env, tmp_path, demo_model) -> None:
+    """CLI, FiftyOne and Label Studio: the same objects, per-object scores and per-image confidence."""
+    case = make_case(nuclei2d, fo_env)
     cli = from_cli(case, tmp_path)
     fiftyone = from_fiftyone(case)
-    labelstudio = from_labelstudio(case, fake_ls, make_client)
+    labelstudio = from_labelstudio(case, demo_model)
     for k, (a, b, c) in enumerate(zip(cli, fiftyone, labelstudio)):
         assert len(a["objects"]) >= 5, f"target {k}: too few objects to compare"
         assert set(a["objects"]) == set(b["objects"]) == set(c["objects"]), f"target {k}: the objects differ"
