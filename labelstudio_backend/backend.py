@@ -265,8 +265,8 @@ class SegGPTBackend:
                                                                  tolerance=self.polygon_tolerance,
                                                                  objects=self.objects))
                     outcome.scores.append(result.confidence if result.prediction.labels.any() else 0.0)
-                elif result.missed:
-                    outcome.missed = True
+                elif result.missed or (isinstance(result.exception, MediaError) and time.monotonic() > deadline):
+                    outcome.missed = True  # not reached, or its download cut by the deadline: the next retrieval
                 elif not result.skipped:  # skipped: the task is the only reference, nothing else to learn from
                     outcome.failed = True
                     task = tasks[result.key]

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .instances import Instances
+from .vocabulary import IMAGE_SUFFIXES
 
 FORMATS = ("png", "tiff", "coco", "panoptic")
 OUTPUTS = ("labels", "instances", "panoptic")
@@ -171,8 +172,10 @@ def coco_annotations(instances: Instances) -> list[dict]:
 def coco_file_name(source: str, stem: str) -> str:
     """The one `file_name` rule of every COCO file written for input files: the input's path relative to the
     folder (or glob, or object-store prefix) it was found under, i.e. its output stem with the input's own
-    suffix, as COCO tools read it against an image root (`data_path`)."""
-    return f"{stem}{PurePosixPath(str(source).split('?')[0]).suffix}"
+    suffix, as COCO tools read it against an image root (`data_path`). A source that is not an image file
+    (a video frame `clip.mp4#frame3`) is its own name."""
+    suffix = PurePosixPath(str(source).split("?")[0]).suffix
+    return f"{stem}{suffix}" if suffix.lower() in IMAGE_SUFFIXES else str(source)
 
 
 class CocoWriter:
