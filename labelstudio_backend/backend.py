@@ -23,10 +23,11 @@ from seggpt_plugins.errors import InputError
 from seggpt_plugins.images import to_rgb8
 from seggpt_plugins.instances import ObjectRule
 from seggpt_plugins.prompts import PromptPool, describe
+from seggpt_plugins.run_control import Missed
 from seggpt_plugins.runner import Runner, Target
 
 from .labeling import BRUSH, POLYGON, View, annotation_to_mask, parse_label_config, prediction_to_results
-from .media import MediaError, MediaFetcher, PixelBudget
+from .media import MediaError, MediaFetcher, OutOfTime, PixelBudget
 from .params import RequestError, task_id_of
 from .references import Reference, ReferenceStore
 from .services import Services, model_name
@@ -236,7 +237,10 @@ class SegGPTBackend:
         if value is None:
             raise MediaError(f"the task data has no {view.value_key!r} field "
                              f"(<Image name={view.image_name!r} value=\"${view.value_key}\">)")
-        return fetcher.fetch_image(value, task.get("id"), self.budget, self.deadline)
+        try:
+            return fetcher.fetch_image(value, task.get("id"), self.budget, self.deadline)
+        except OutOfTime as exc:  # not failed: the runner leaves it for the next retrieval
+            raise Missed(str(exc)) from exc
 
     def _predict_view(self, model, tasks, view: View, prepared: list[PreparedReference], fetcher: MediaFetcher,
                       outcomes: list[TaskOutcome], deadline: float) -> None:
@@ -265,7 +269,7 @@ class SegGPTBackend:
                                                                  tolerance=self.polygon_tolerance,
                                                                  objects=self.objects))
                     outcome.scores.append(result.confidence if result.prediction.labels.any() else 0.0)
-                elif result.missed or (isinstance(result.exception, MediaError) and time.monotonic() > deadline):
+                elif result.missed:
                     outcome.missed = True  # not reached, or its download cut by the deadline: the next retrieval
                 elif not result.skipped:  # skipped: the task is the only reference, nothing else to learn from
                     outcome.failed = True

@@ -39,6 +39,11 @@ class MediaError(ValueError):
     """A task's image cannot be used: the message says which URL and why."""
 
 
+class OutOfTime(MediaError):
+    """A download not started or cut because the request's time budget is spent: the task is left for the next
+    retrieval, not failed."""
+
+
 def _jwt_claims(token: str) -> dict | None:
     """The claims of a JWT without checking its signature (Label Studio checks it), or None for other tokens."""
     import jwt
@@ -214,7 +219,7 @@ class MediaFetcher:
             chunks, size = [], 0
             for chunk in response.iter_content(chunk_size=1 << 16):
                 if deadline is not None and time.monotonic() > deadline:
-                    raise MediaError(f"{_shown(url)}: the download did not finish within the request's time budget")
+                    raise OutOfTime(f"{_shown(url)}: the download did not finish within the request's time budget")
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise MediaError(f"{_shown(url)}: more than the limit of {self.max_bytes} bytes "
@@ -227,7 +232,7 @@ class MediaFetcher:
             return 5.0, self.timeout
         left = deadline - time.monotonic()
         if left <= 0.05:
-            raise MediaError(f"{_shown(url)}: not fetched: the request's time budget is spent")
+            raise OutOfTime(f"{_shown(url)}: not fetched: the request's time budget is spent")
         return min(5.0, left), min(self.timeout, left)
 
     def _get(self, url: str, keyed: bool, deadline: float | None = None):
@@ -245,6 +250,9 @@ class MediaFetcher:
                 response = session.get(url, headers=headers, timeout=self._timeout(url, deadline), stream=True,
                                        allow_redirects=False)
             except requests.RequestException as exc:
+                if isinstance(exc, requests.Timeout) and deadline is not None and time.monotonic() > deadline - 0.1:
+                    raise OutOfTime(f"{_shown(url)}: the download did not finish within the request's time "
+                                    "budget") from None
                 raise MediaError(f"{_shown(url)}: download failed ({type(exc).__name__}: {exc})") from None
             if response.status_code not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
                 return response

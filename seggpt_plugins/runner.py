@@ -57,7 +57,8 @@ class Target:
 
     key: the caller's name for it (a path, a sample id, a task id), given back in its Result.
     image: an (H, W[, C]) array, a file path, or a callable that returns one (called in a reader thread:
-        a download or a decode runs ahead of the device).
+        a download or a decode runs ahead of the device). A callable that raises `Missed` (e.g. a download
+        the deadline cut) leaves the target `missed`, not failed.
     name: how messages name it (default: the key).
     exclude: keys of the pool's examples it must not be shown (e.g. itself).
     prompts: its own prepared prompts, in place of the runner's choice.
@@ -273,6 +274,9 @@ class Runner:
             for index, target, rgb, exc in self._read(targets):
                 if stop():
                     pending.append(self._missed(index, target, stop.reason))
+                    continue
+                if isinstance(exc, Missed):  # e.g. a download the deadline cut: a later run may try again
+                    pending.append(self._missed(index, target, str(exc)))
                     continue
                 if exc is not None:
                     pending.append(self._failed(index, target, exc, "cannot be read"))

@@ -9,6 +9,7 @@ import pytest
 from seggpt_plugins import InputError
 from seggpt_plugins.instances import ObjectRule
 from seggpt_plugins.prompts import PromptPool
+from seggpt_plugins.run_control import Missed
 from seggpt_plugins.runner import NO_EXAMPLES, Event, Runner, Target
 
 
@@ -65,6 +66,14 @@ def test_a_bad_target_fails_alone_and_raises_in_raise_mode(model64, examples, ta
     assert str(broken) in results["bad"].error and "\n" not in results["bad"].error
     with pytest.raises(InputError, match="broken.png"):
         list(Runner(model64, prompts, batch_size=2).run(items, errors="raise"))
+
+    def cut_download():
+        raise Missed("http://host/x.png: the download did not finish within the request's time budget")
+
+    for readers in (0, 2):  # a reader that says Missed (a download the deadline cut) leaves it for later
+        results = {r.key: r for r in Runner(model64, prompts, batch_size=2, readers=readers).run(
+            [Target("a", targets[0]), Target("cut", cut_download)])}
+        assert results["a"].ok and results["cut"].missed and "time budget" in results["cut"].error
 
 
 def test_a_batch_that_fails_is_retried_target_by_target(model64, examples, targets, monkeypatch):

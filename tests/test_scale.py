@@ -134,6 +134,8 @@ def test_local_engine_labels_resumes_and_reports_failures(tmp_path, nuclei2d, ca
     for labels in sorted(out.rglob("*_instances.png"))[3:]:
         labels.unlink()
     (out / "coco.json").unlink()
+    half = next(out.rglob("*_instances.png"))  # a write the kill cut: its temporary file stays behind
+    (half.parent / f".{half.name}.x1y2z3.part").write_bytes(b"\x89PNG half")
     assert main(segment_args(folder, out, "demo", "--engine", "local", "--batch-size", "4")) == 1
     assert "(4 by this run" in capsys.readouterr().out  # the 3 missing + the failed one, retried
     assert output_files(out) == before

@@ -155,6 +155,7 @@ def _claim(store: Store, settings: dict, overwrite: bool) -> None:
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     earlier = store.get(records.SETTINGS)
     if earlier is not None and json.loads(earlier) == settings:
+        store.remove_partial()  # a killed run's half-written files (its finished ones are kept)
         return
     if not overwrite:
         if earlier is not None:

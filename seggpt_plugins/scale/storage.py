@@ -89,6 +89,16 @@ class Store:
             return not self.fs.exists(self._base) or not self.fs.find(self._base, maxdepth=None, withdirs=False)
         return not Path(self.root).exists() or next(Path(self.root).iterdir(), None) is None
 
+    def remove_partial(self) -> int:
+        """Remove the temporary `.NAME....part` files a killed run left beside its outputs (local disk only:
+        an object store never shows half an object); how many."""
+        if self.remote or not Path(self.root).is_dir():
+            return 0
+        stale = [p for p in Path(self.root).rglob(".*.part") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
     def remove(self, rel: str) -> None:
         """Remove a file or a whole folder under the root (nothing when absent)."""
         path = self._path(rel)
