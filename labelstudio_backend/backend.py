@@ -55,14 +55,16 @@ class TaskOutcome:
     scores: list = field(default_factory=list)  # one confidence per view predicted
     failed: bool = False  # its image (or its batch) could not be used
     missed: bool = False  # not reached before the deadline
+    reference: bool = False  # an annotated task the predictions learn from: never predicted
 
     @property
     def left_for_later(self) -> bool:
         return self.missed and not self.regions
 
     def item(self, version: str):
-        """The response item: a prediction, or [] (no prediction now: a later retrieval tries again)."""
-        if self.left_for_later or (self.failed and not self.regions):
+        """The response item: a prediction, or [] (no prediction: a reference task, nothing to predict from
+        on any view, or a task a later retrieval tries again)."""
+        if self.reference or not self.scores or self.left_for_later or (self.failed and not self.regions):
             return []
         score = float(np.mean(self.scores)) if self.scores else 0.0
         return {"result": self.regions, "score": round(score, 4), "model_version": version}
@@ -186,15 +188,20 @@ class SegGPTBackend:
         refs = self.refresh_references(timeout=max(0.5, min(30.0, (deadline - time.monotonic()) / 3)))
         version = self.model_version(refs)
         if not refs:
-            log.warning("project %s: no annotated task yet%s: the %d task(s) get an empty prediction. Annotate "
-                        "at least one task (brush or polygon regions), then retrieve predictions again.",
-                        self.project_id, f" among reference_task_ids {self.reference_task_ids}"
-                        if self.reference_task_ids else "", len(tasks))
+            log.warning("project %s: no annotated task yet%s: the %d task(s) get no prediction now. Annotate "
+                        "at least one task (brush or polygon regions); a task is predicted when opened or "
+                        "retrieved after that.", self.project_id, f" among reference_task_ids "
+                        f"{self.reference_task_ids}" if self.reference_task_ids else "", len(tasks))
             self.services.metrics.add("predict_without_references")
-            return [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+            return [[] for _ in tasks]
         fetcher = self.services.fetcher_for(self.record)
-        outcomes = [TaskOutcome() for _ in tasks]
+        reference_ids = {ref.task_id for ref in refs}
+        outcomes = [TaskOutcome(reference=isinstance(task, dict) and task_id_of(task.get("id")) in reference_ids)
+                    for task in tasks]
+        targets = {i: task for i, task in enumerate(tasks) if not outcomes[i].reference}
         for view in self.spec.views:
+            if not targets:
+                break
             prepared = self._prepare_references(refs, view, fetcher, deadline)
             if time.monotonic() > deadline:  # the references took the whole budget (they stay cached)
                 for outcome in outcomes:
@@ -204,24 +211,27 @@ class SegGPTBackend:
                 log.warning("project %s: none of the %d annotated task(s) has usable regions on <Image name=%r>",
                             self.project_id, len(refs), view.image_name)
                 continue
-            self._predict_view(model, tasks, view, prepared, fetcher, outcomes, deadline)
+            self._predict_view(model, targets, view, prepared, fetcher, outcomes, deadline)
         self._report(tasks, outcomes, refs, version, started)
         return [outcome.item(version) for outcome in outcomes]
 
     def _report(self, tasks, outcomes: list[TaskOutcome], refs, version: str, started: float) -> None:
-        left = sum(o.left_for_later for o in outcomes)
-        failed = sum(o.failed and not o.regions and not o.left_for_later for o in outcomes)
-        done = len(tasks) - left - failed
+        left = sum(o.left_for_later and not o.reference for o in outcomes)
+        failed = sum(o.failed and not o.regions and not o.left_for_later and not o.reference for o in outcomes)
+        done = sum(bool(o.item("")) for o in outcomes)
+        references = sum(o.reference for o in outcomes)
         seconds = time.monotonic() - started
         metrics = self.services.metrics
         metrics.add("tasks_predicted", done)
         metrics.add("tasks_failed", failed)
         metrics.add("tasks_left_for_later", left)
+        metrics.add("reference_tasks_not_predicted", references)
         metrics.last_predict = {"project": self.project_id, "tasks": len(tasks), "predicted": done, "failed": failed,
-                                "left": left, "seconds": round(seconds, 2), "references": len(refs),
-                                "model_version": version}
-        log.info("project %s: predicted %d of %d task(s) in %.1f s from %d reference(s) (%s)", self.project_id,
-                 done, len(tasks), seconds, len(refs), version)
+                                "left": left, "reference_tasks": references, "seconds": round(seconds, 2),
+                                "references": len(refs), "model_version": version}
+        log.info("project %s: predicted %d of %d task(s) in %.1f s from %d reference(s) (%s)%s", self.project_id,
+                 done, len(tasks), seconds, len(refs), version,
+                 f"; {references} reference task(s) are not predicted" if references else "")
         if left:
             log.warning("project %s: %d task(s) were not reached within %.0f s (SEGGPT_PREDICT_TIMEOUT) and get no "
                         "prediction now; run 'Retrieve predictions' again (tasks that have one are skipped), or "
@@ -242,10 +252,10 @@ class SegGPTBackend:
         except OutOfTime as exc:  # not failed: the runner leaves it for the next retrieval
             raise Missed(str(exc)) from exc
 
-    def _predict_view(self, model, tasks, view: View, prepared: list[PreparedReference], fetcher: MediaFetcher,
-                      outcomes: list[TaskOutcome], deadline: float) -> None:
-        """Every task through the core's runner: shown the `max_prompts` most similar references (never
-        itself), its objects by the core's rule, one request at a time on the model."""
+    def _predict_view(self, model, tasks: dict, view: View, prepared: list[PreparedReference],
+                      fetcher: MediaFetcher, outcomes: list[TaskOutcome], deadline: float) -> None:
+        """Every task ({index in outcomes: task}) through the core's runner: shown the `max_prompts` most
+        similar references, its objects by the core's rule, one request at a time on the model."""
         pool = PromptPool.from_pairs([p.ref.task_id for p in prepared], [(p.rgb, p.mask) for p in prepared],
                                      descriptors=np.stack([p.descriptor for p in prepared]))
         runner = Runner(model, pool, most_similar=self.max_prompts, label_ids=list(view.label_ids.values()),
@@ -255,7 +265,7 @@ class SegGPTBackend:
         targets = [Target(i, lambda task=task: self._load_target(task, view, fetcher),
                           name=f"task {str(task.get('id') if isinstance(task, dict) else '?')[:40]} image",
                           exclude=(task_id_of(task.get("id")) if isinstance(task, dict) else None,))
-                   for i, task in enumerate(tasks)]
+                   for i, task in tasks.items()]
         if not self.services.inference_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             for outcome in outcomes:  # other requests held the model until the deadline
                 outcome.missed = True
