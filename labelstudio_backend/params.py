@@ -5,6 +5,7 @@ Checked here, before any work: a bad value is a 400 with a message that names it
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 
@@ -68,6 +69,12 @@ def task_id_of(value) -> int | None:
     return None
 
 
+def _unknown_key(key: str) -> str:
+    """An unknown extra_params key, with the known one it is most likely a typo of."""
+    close = difflib.get_close_matches(key, PARAMS, n=1, cutoff=0.7)
+    return f"{key[:40]!r} (did you mean {close[0]!r}?)" if close else repr(key[:40])
+
+
 def check_params(extra) -> dict:
     """extra_params from /setup (a dict or a JSON string) -> checked params; RequestError names what is wrong."""
     if extra in (None, "", {}):
@@ -79,10 +86,10 @@ def check_params(extra) -> dict:
             raise RequestError(f"extra_params is not valid JSON ({exc}); e.g. {{\"max_prompts\": 4}}") from None
     if not isinstance(extra, dict):
         raise RequestError(f"extra_params must be a JSON object, got {type(extra).__name__}")
-    unknown = sorted(set(extra) - set(PARAMS))
+    unknown = sorted(set(map(str, extra)) - set(PARAMS))
     if unknown:
-        raise RequestError(f"extra_params: unknown key(s) {[str(k)[:40] for k in unknown[:10]]}; known: "
-                           + "; ".join(f"{k}: {v}" for k, v in PARAMS.items()))
+        raise RequestError(f"extra_params: unknown key(s) {', '.join(map(_unknown_key, unknown[:10]))}; known keys: "
+                           + ", ".join(PARAMS))
     params = {}
     if extra.get("reference_task_ids") is not None:
         ids = extra["reference_task_ids"]

@@ -93,6 +93,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.errorhandler(RequestError)
     def on_request_error(exc):
+        # Label Studio shows only a generic dialog for some 4xx (a refused /setup): the reason is in this log
+        project = g.get("project")
+        log.warning("%s%s %s refused (HTTP %d): %s", f"project {project}: " if project is not None else "",
+                    request.method, request.path[:40], exc.status, str(exc).replace("\n", " "))
         return error(str(exc), exc.status)
 
     @app.errorhandler(ConfigError)
@@ -128,7 +132,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.post("/setup")
     def setup():
         data = body()
-        project_id = parse_project_id(data.get("project"))
+        project_id = g.project = parse_project_id(data.get("project"))
         params = check_params(data.get("extra_params"))
         hostname = data.get("hostname") or None
         if hostname is not None and (not isinstance(hostname, str) or urlsplit(hostname).scheme not in ("http", "https")
@@ -153,8 +157,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             raise RequestError("'tasks' must be a non-empty list of Label Studio tasks")
         if not all(isinstance(t, dict) for t in tasks):
             raise RequestError("every item of 'tasks' must be a task object ({\"id\": ..., \"data\": {...}})")
-        project_id = parse_project_id(data.get("project") if data.get("project") is not None
-                                      else tasks[0].get("project"))
+        project_id = g.project = parse_project_id(data.get("project") if data.get("project") is not None
+                                                  else tasks[0].get("project"))
         label_config = data.get("label_config")
         if not label_config:
             raise RequestError("'label_config' (the project's labeling config) is required")

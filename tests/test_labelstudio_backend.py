@@ -541,6 +541,19 @@ def test_setup_returns_a_model_version_and_checks_extra_params(make_client, fake
     assert response.status_code == 422 and "BrushLabels" in response.json["error"]
 
 
+def test_a_bad_extra_param_is_logged_in_one_line_naming_the_key(make_client, caplog):
+    """Label Studio shows only a generic 400 dialog for a refused /setup: the backend's log says which key."""
+    client = make_client()
+    caplog.set_level(logging.INFO, logger="seggpt_plugins.labelstudio")
+    response = client.post("/setup", json=setup_body(extra_params=json.dumps({"max_prompt": 3})))
+    assert response.status_code == 400 and "'max_prompt' (did you mean 'max_prompts'?)" in response.json["error"]
+    (record,) = [r for r in caplog.records if "max_prompt" in r.getMessage()]
+    line = record.getMessage()
+    assert record.levelno == logging.WARNING and "\n" not in line
+    assert line.startswith("project 7: POST /setup refused (HTTP 400)") and "did you mean 'max_prompts'?" in line
+    assert "known keys: reference_task_ids, max_prompts," in line
+
+
 def test_predict_brush_from_the_projects_annotated_tasks(make_client, fake_ls, tiles):
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
     references = [fake_ls.add_task(7, tiles[k], annotation_result=[brush_region(tiles[k]["nuclei"], "Nucleus")])
@@ -554,8 +567,9 @@ def test_predict_brush_from_the_projects_annotated_tasks(make_client, fake_ls, t
     assert response.status_code == 200, response.json
     results = response.json["results"]
     assert len(results) == len(tasks) and response.json["model_version"] == version
+    assert results[3:] == [[], []]  # a reference task is never predicted (not even from the other references)
     ious = []
-    for task, item, k in zip(tasks, results, (5, 6, 9, 0, 2)):
+    for task, item, k in zip(targets, results, (5, 6, 9)):
         assert item["model_version"] == version and 0 < item["score"] <= 1
         (region,) = item["result"]  # one region: only Nucleus is in the references
         assert region["value"]["brushlabels"] == ["Nucleus"] and region["from_name"] == "tag"
@@ -565,7 +579,8 @@ def test_predict_brush_from_the_projects_annotated_tasks(make_client, fake_ls, t
     assert np.mean(ious) > 0.35, ious  # real nuclei found, not noise (the demo model reaches about 0.5-0.7)
     # the references were listed and downloaded once for the whole batch, and cached
     stats = client.get("/metrics").json
-    assert stats["image_cache"]["items"] == 2 and stats["counters"]["tasks_predicted"] == len(tasks)
+    assert stats["image_cache"]["items"] == 2 and stats["counters"]["tasks_predicted"] == len(targets)
+    assert stats["counters"]["reference_tasks_not_predicted"] == 2
     downloads = [p for p, _ in fake_ls.requests if p.startswith("/data/upload/7/tile_0_0")]
     client.post("/predict", json=predict_body(targets[:1]))
     assert [p for p, _ in fake_ls.requests if p.startswith("/data/upload/7/tile_0_0")] == downloads
@@ -697,20 +712,28 @@ def test_predict_polygons_and_both_controls(make_client, fake_ls, tiles):
     target = fake_ls.add_task(9, tiles[5])
     both.post("/setup", json=setup_body(BOTH_CONFIG, project="9.1"))
     (item, own) = both.post("/predict", json=predict_body([target, ref], BOTH_CONFIG, project="9.1")).json["results"]
-    assert {r["from_name"] for r in item["result"]} == {"tag"} and own["result"] == []  # leave-one-out
+    assert {r["from_name"] for r in item["result"]} == {"tag"} and own == []  # a reference: no prediction
     both.post("/setup", json=setup_body(BOTH_CONFIG, project="9.1", extra_params={"prefer": "polygon"}))
     (item, _) = both.post("/predict", json=predict_body([target, ref], BOTH_CONFIG, project="9.1")).json["results"]
     assert {r["from_name"] for r in item["result"]} == {"poly"}
 
 
-def test_no_annotated_task_gives_empty_results_and_says_why(make_client, fake_ls, tiles, caplog):
+def test_no_annotated_task_gives_no_prediction_and_says_why(make_client, fake_ls, tiles, caplog):
+    """Nothing to predict from: no prediction at all (Label Studio asks again for a task without one), not an
+    empty one that would keep the task from ever being predicted."""
     client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN)
     tasks = [fake_ls.add_task(7, tiles[k]) for k in (1, 2)]
     caplog.set_level(logging.INFO, logger="seggpt_plugins.labelstudio")
     response = client.post("/predict", json=predict_body(tasks))
     assert response.status_code == 200
-    assert response.json["results"] == [{"result": [], "score": 0.0, "model_version": response.json["model_version"]}] * 2
+    assert response.json["results"] == [[], []]
     assert "no annotated task yet" in caplog.text and "Annotate at least one task" in caplog.text
+    # references none of whose regions is on a label of the config: nothing to predict from either
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Unknown")])
+    client.post("/setup", json=setup_body())
+    response = client.post("/predict", json=predict_body(tasks))
+    assert response.status_code == 200 and "-r1-" in response.json["model_version"]
+    assert response.json["results"] == [[], []]
 
 
 def test_webhooks_keep_the_references_up_to_date(make_client, tiles):
@@ -723,7 +746,7 @@ def test_webhooks_keep_the_references_up_to_date(make_client, tiles):
         task = lambda i, k: {"id": i, "project": 7, "data": {"image": f"{other.url}/public/{tiles[k]['name']}"}}  # noqa
         target = task(3, 5)
         first = client.post("/predict", json=predict_body([target])).json
-        assert first["results"][0]["result"] == []
+        assert first["results"] == [[]]
         annotation = {"id": 50, "task": 1, "project": 7, "result": [brush_region(tiles[0]["nuclei"], "Nucleus")],
                       "was_cancelled": False, "ground_truth": False, "updated_at": "2026-01-01T00:00:00Z"}
         payload = {"action": "ANNOTATION_CREATED", "annotation": annotation, "task": task(1, 0),
