@@ -267,27 +267,49 @@ def weights_fingerprint(net) -> str:
 # ----------------------------------------------------------------------------------------- loading
 
 
-def load_network(source: str | os.PathLike = HUB_MODEL):
-    """transformers' SegGptForImageSegmentation (eval mode, float32, CPU) from any supported source."""
+def check_source(source: str | os.PathLike) -> str:
+    """What kind of model `source` names, "demo", "directory", "checkpoint" or "hub", checked without
+    loading anything (no torch): ModelSourceError names what is wrong, before a run does any work. A hub
+    name that is not in the cache while the hub cannot be reached is refused here, as a possible typo."""
     source = str(source)
     if source == DEMO_MODEL:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise ModelSourceError(f"the demo model is missing from this installation ({DEMO_MODEL_DIR})")
-        return _from_directory(DEMO_MODEL_DIR)
+        return "demo"
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path}: a model directory needs a config.json (written by save_pretrained)")
-        return _from_directory(path)
+        return "directory"
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise ModelSourceError(
                 f"{path}: not a model checkpoint (expected {', '.join(sorted(CHECKPOINT_SUFFIXES))} or a directory)"
             )
-        return load_painter_checkpoint(path)
+        return "checkpoint"
     if source.startswith((".", "/", "~")) or source.endswith(tuple(CHECKPOINT_SUFFIXES)) or source.count("/") > 1:
         raise ModelSourceError(f"{source}: no such file or directory")
-    return _from_hub(source)
+    if not _hub_cached(source) and not _hub_reachable():
+        typo = " (a typo?)" if source != HUB_MODEL else ""
+        raise ModelSourceError(
+            f"--model {source}: not a local file or folder, not the shipped '{DEMO_MODEL}' model, and not in the "
+            f"Hugging Face cache while the hub cannot be reached (offline, or HF_HUB_OFFLINE is set){typo}. "
+            f"Alternatives: --model {DEMO_MODEL}, a local transformers directory (save_pretrained), a Painter "
+            f"checkpoint such as seggpt_vit_large.pth, or `hf download {source}` on a machine with network access")
+    return "hub"
+
+
+def load_network(source: str | os.PathLike = HUB_MODEL):
+    """transformers' SegGptForImageSegmentation (eval mode, float32, CPU) from any supported source."""
+    kind = check_source(source)
+    if kind == "demo":
+        return _from_directory(DEMO_MODEL_DIR)
+    path = Path(str(source)).expanduser()
+    if kind == "directory":
+        return _from_directory(path)
+    if kind == "checkpoint":
+        return load_painter_checkpoint(path)
+    return _from_hub(str(source))
 
 
 class _quiet_loading:

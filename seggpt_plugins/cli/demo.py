@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..vocabulary import DEMO_MODEL
-from .options import add_inference, add_model, check_numbers, load_model
+from .options import add_inference, add_model, check_model_options, check_numbers, load_model
 
 DEMO_SAMPLES = Path(__file__).resolve().parent.parent / "demo" / "samples"
 
@@ -28,6 +28,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..evaluation import iou_per_label
 
     check_numbers(args, batch_size=1)
+    check_model_options(args)
     image = read_image(DEMO_SAMPLES / "nuclei2d.tif")
     truth = read_image(DEMO_SAMPLES / "nuclei2d_mask.tif")
     tile = 128

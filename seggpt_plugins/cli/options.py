@@ -96,6 +96,26 @@ def check_numbers(args: argparse.Namespace, **limits: int) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """--threads, --model and --device, checked before anything is read or loaded (the model's source is
+    found, not loaded; a GPU asked for is looked for)."""
+    from ..errors import InputError
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be a whole number >= 1, got {threads}")
+    if getattr(args, "model", None) is not None:
+        from ..loading import check_source, resolve_source
+
+        args.model = resolve_source(args.model)  # "auto" decided (and its warning given) once
+        check_source(args.model)
+    device = getattr(args, "device", None)
+    if device not in (None, "auto", "cpu"):
+        from ..loading import pick_device
+
+        pick_device(device)
+
+
 def require_files(paths) -> None:
     """Every input file exists (checked before the model loads; reading them tells what else is wrong)."""
     from ..errors import InputError

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_numbers, export_options,
-                      intensity_option, load_model, prompt_ids, quality_option, require_files)
+from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_model_options,
+                      check_numbers, export_options, intensity_option, load_model, prompt_ids, quality_option,
+                      require_files)
 
 
 def register(sub) -> None:
@@ -50,8 +51,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from ..export import CocoWriter, ReviewTable, categories_for
     from ..images import label_dtype, read_image, to_mask
     from ..io import OutputSet
+    from ..preflight import check_prompts, check_writable
 
     check_numbers(args, batch_size=1, memory=0, max_prompts=1)
+    check_model_options(args)
     options = export_options(args, "tiff")
     if not set(options.formats) <= {"tiff", "coco"} or options.output == "panoptic":
         raise InputError("propagate writes a TIFF stack (--format tiff) and, with --output instances, COCO "
@@ -59,6 +62,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     inputs = [args.stack, *(m for _, m in args.prompt_slice), *(p for pair in args.prompt for p in pair)]
     require_files(inputs)
     out = Path(args.out)
+    check_writable(out.parent)
     extra = {"coco": out.with_name(f"{out.stem}_coco.json"), "review": out.with_name(f"{out.stem}_review.jsonl")}
     outputs = OutputSet([out] + [extra["coco"]] * ("coco" in options.formats) + [extra["review"]] * options.review,
                         inputs=inputs, overwrite=args.overwrite)
@@ -82,6 +86,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                              f"needed, like the slices of {args.stack}; got shape {annotation.shape}")
         annotations[z] = annotation
     prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
+    check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
     categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
         if options.objects else {}
     model = load_model(args)
@@ -170,10 +175,12 @@ def _propagate_frames(args: argparse.Namespace) -> int:
     from ..export import Exporter, categories_for
     from ..images import to_mask
     from ..io import OutputSet
+    from ..preflight import check_prompts, check_writable
     from ..propagation import stack_intensity_range
     from ..video import open_frames, propagate_video
 
     check_numbers(args, batch_size=1, memory=0, max_prompts=1, start=0, stop=1, every=1)
+    check_model_options(args)
     options = export_options(args, "tiff")
     if not args.prompt_frame and not args.prompt:
         raise InputError("give at least one --prompt-frame N MASK or --prompt IMAGE MASK")
@@ -182,6 +189,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; for frames, --out names the output folder")
+    check_writable(out)
     with open_frames(args.stack, start=args.start or 0, stop=args.stop, every=args.every or 1) as frames:
         annotations = _frame_annotations(args, frames)
         width = max(6, len(str(frames.count - 1)))
@@ -190,6 +198,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
         outputs = OutputSet(exporter.paths() + [overlay_path] * args.overlay, inputs=[args.stack, *files],
                             overwrite=args.overwrite)
         prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
+        check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
         categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
             if options.objects else {}
         model = load_model(args)

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_numbers, export_options,
-                      intensity_option, load_model, prompt_ids, quality_option, require_files, tile_option)
+from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_model_options,
+                      check_numbers, export_options, intensity_option, load_model, prompt_ids, quality_option,
+                      require_files, tile_option)
 
 LABELS_SUFFIX = "_labels"  # output names never equal an input's name
 
@@ -62,20 +63,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from ..errors import InputError
     from ..export import Exporter, categories_for
-    from ..images import display_colors, overlay, to_mask, to_rgb8
+    from ..images import display_colors, overlay, to_mask
+    from ..instances import ObjectRule
     from ..io import OutputSet
+    from ..runner import Runner, Target
+    from ..preflight import check_out_of_inputs, check_prompts, check_writable, unreadable
 
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
     check_numbers(args, batch_size=1)
+    check_model_options(args)
     tile = tile_option(args)
     options = export_options(args, "png")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out names the output folder")
+    check_out_of_inputs(out, args.targets)
+    check_writable(out)
     prompt_files = [*(p for pair in args.prompt for p in pair), *args.tuned_prompt]
     require_files(prompt_files)
-    targets = _expand_targets(args.targets)
+    prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
+    if args.prompt:
+        check_prompts([image for image, _ in args.prompt], prompt_masks)
+    targets = _expand_targets(args.targets, exclude=prompt_files)
     require_files([f for f, _ in targets])
     exporter = Exporter(out, [stem for _, stem in targets], options)
     if args.skip_existing:
@@ -89,42 +99,64 @@ def cmd_segment(args: argparse.Namespace) -> int:
         exporter = Exporter(out, [stem for _, stem in targets], options)
         if not targets:
             return 0
+    files = [f for f, _ in targets]
+    bad = unreadable(files)  # known before the model loads: listed with the other failures at the end
+    if len(bad) == len(files):
+        raise InputError(f"none of the {len(files)} target(s) can be read; the first: {next(iter(bad.values()))}")
     stems = exporter.stems
     overlays = [out / f"{stem}_overlay.png" for stem in stems] if args.overlay else []
     scores = [out / f"{stem}_scores.tif" for stem in stems] if args.scores else []
-    files = [f for f, _ in targets]
     outputs = OutputSet(exporter.paths() + overlays + scores, inputs=[*files, *prompt_files], overwrite=args.overwrite)
-    prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
     if options.objects:
         categories_for(prompt_ids(prompt_masks), options.names)  # names checked before the model loads
     model = load_model(args)
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
                                     intensity_option(args), ensemble=args.ensemble, tile=tile)
     categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
-    predictions = model.iter_segment(files, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
-                                     intensity_range=intensity_option(args), tile=tile, halo=args.halo,
-                                     quality=quality_option(args))
-    with outputs:
+    runner = Runner(model, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
+                    intensity_range=intensity_option(args), tile=tile, halo=args.halo, quality=quality_option(args),
+                    keep_images=args.overlay,
+                    objects=ObjectRule(options.min_area, options.split_touching) if options.objects else None)
+    failed: dict[int, str] = {}
+    with outputs, tqdm(total=len(files), desc="segmenting", unit="image") as bar:
         exporter.open(outputs, categories)
-        for prediction in tqdm(predictions, total=len(files), desc="segmenting", unit="image"):
-            i = prediction.index
-            exporter.write(i, prediction, str(files[i]), model=model.source, prompts=len(prompts))
+        readable = [Target(i, f, name=str(f)) for i, f in enumerate(files) if str(f) not in bad]
+        failed.update({i: bad[str(f)] for i, f in enumerate(files) if str(f) in bad})
+        bar.update(len(failed))
+        for result in runner.run(readable):
+            bar.update(1)
+            i = result.key
+            if not result.ok:
+                failed[i] = result.error
+                continue
+            exporter.write(i, result.prediction, str(files[i]), instances=result.instances, model=model.source,
+                           prompts=len(prompts))
             if args.overlay:
-                image = to_rgb8(files[i], intensity_option(args))
-                outputs.write_png(overlays[i], overlay(image, prediction.labels, display_colors(prediction.colors)))
+                outputs.write_png(overlays[i], overlay(result.rgb, result.prediction.labels,
+                                                       display_colors(result.prediction.colors)))
             if args.scores:
-                outputs.write_tiff(scores[i], prediction.scores.astype(np.float32))
+                outputs.write_tiff(scores[i], result.prediction.scores.astype(np.float32))
         exporter.close()
-    print(f"wrote the {options.output} of {len(files)} image(s) to {out} ({', '.join(options.formats)})")
+    done = len(files) - len(failed)
+    print(f"wrote the {options.output} of {done} image(s) to {out} ({', '.join(options.formats)})")
+    if failed:
+        for i in sorted(failed):
+            print(f"seggpt segment: failed: {failed[i]}", file=sys.stderr)
+        again = ("run the same command with --skip-existing to retry only them" if not options.review
+                 and not {"coco", "panoptic"} & set(options.formats) else "fix or remove them and run again")
+        print(f"seggpt segment: {len(failed)} of {len(files)} image(s) failed and have no output; {again}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def _expand_targets(targets: list[str]) -> list[tuple[Path, str]]:
+def _expand_targets(targets: list[str], exclude=()) -> list[tuple[Path, str]]:
     """(file, output stem) per target: files as they are; folders searched recursively and globs expanded,
-    their files' stems relative to the folder (or the glob's fixed part), so the output tree mirrors them."""
+    their files' stems relative to the folder (or the glob's fixed part), so the output tree mirrors them.
+    The example files (`exclude`) are not targets, even inside a target folder."""
     from ..scale.sources import local_targets
 
-    return local_targets(targets)
+    return local_targets(targets, exclude=exclude)
 
 
 def _at_scale(args: argparse.Namespace) -> bool:
@@ -148,6 +180,7 @@ def _segment_at_scale(args: argparse.Namespace) -> int:
     if args.engine == "local" and args.ray_address:
         raise InputError("--ray-address names a Ray cluster: use it with --engine ray")
     check_numbers(args, batch_size=1, actors=1, most_similar=1)
+    check_model_options(args)
     engine = args.engine or ("ray" if args.ray_address else "local")
     summary = run(args.targets, args.prompt, args.out, tuned_prompts=args.tuned_prompt, engine=engine,
                   ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
@@ -160,7 +193,12 @@ def _segment_at_scale(args: argparse.Namespace) -> int:
     print(f"{summary.done} of {summary.inputs} input(s) labelled into {summary.out} ({summary.labelled_now} by this "
           f"run, {summary.seconds:.1f} s, engine {summary.engine}); review: {summary.review}")
     if summary.failed:
-        print(f"seggpt segment: {summary.failed} input(s) failed; their reasons are in {summary.review}",
+        for path, reason in summary.failures:
+            print(f"seggpt segment: failed: {path}: {reason}" if path not in reason else
+                  f"seggpt segment: failed: {reason}", file=sys.stderr)
+        more = summary.failed - len(summary.failures)
+        print(f"seggpt segment: {summary.failed} input(s) failed" + (f" ({more} not listed here)" if more else "")
+              + f"; their reasons are in {summary.review}; running the same command again retries only them",
               file=sys.stderr)
         return 1
     return 0

@@ -14,6 +14,7 @@ time. Either way no list of decoded images is ever held.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from ..errors import InputError, SegGPTError
-from ..export import ExportOptions
+from ..export import ExportOptions, categories_for
+from ..preflight import check_out_of_inputs, check_prompts, check_writable
 from ..vocabulary import AUTO_MODEL
 from . import records
 from .sources import Item, check_sources, is_url, iter_sources, read_bytes
@@ -48,6 +50,7 @@ class RunSummary:
     seconds: float = 0.0
     engine: str = "local"
     files: dict = field(default_factory=dict)  # review / coco -> where
+    failures: list = field(default_factory=list)  # (path, reason) of the first failed inputs
 
     @property
     def review(self) -> str:
@@ -86,7 +89,12 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
     model = _model_source(model)
     if not prompts and not tuned_prompts:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
-    categories = _categories(prompts, tuned_prompts, options) if options.objects else {}
+    check_out_of_inputs(out, sources)
+    if not is_url(out):
+        check_writable(out)
+    ids = _checked_ids(prompts, tuned_prompts)
+    categories = categories_for(ids, options.names) if options.objects else {}
+    examples = [path for pair in prompts for path in pair]  # never targets, even inside a target folder
     predictor_kwargs = dict(prompts=prompts, tuned_prompts=[str(t) for t in tuned_prompts], model=str(model),
                             device=device, dtype=dtype, quantize=quantize, threads=threads, most_similar=most_similar,
                             batch_size=batch_size, seg_type=seg_type,
@@ -97,16 +105,18 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
     _claim(store, {"sources": sources, "predictor": predictor_kwargs, "formats": list(options.formats)}, overwrite)
     summary = RunSummary(out=store.root, engine=engine)
     stages = dict(out=store.root, output=options.output, formats=tuple(options.formats))
+    inputs = functools.partial(iter_sources, sources, examples)
     if engine == "local":
-        summary.labelled_now = _run_local(sources, predictor_kwargs, stages, progress)
+        summary.labelled_now = _run_local(inputs, predictor_kwargs, stages, progress)
     else:
-        summary.labelled_now = _run_ray(sources, predictor_kwargs, stages, ray_address, actors, gpus_per_actor,
+        summary.labelled_now = _run_ray(inputs, predictor_kwargs, stages, ray_address, actors, gpus_per_actor,
                                         cpus_per_actor, batch_size, progress)
-    counts = records.merge(iter_sources(sources), store.root, categories, "coco" in options.formats)
+    counts = records.merge(inputs(), store.root, categories, "coco" in options.formats)
     if counts["missing"]:
         raise InputError(f"{counts['missing']} input(s) have no result (did the sources change during the run?); "
                          "run the same command again to finish them")
     summary.inputs, summary.done, summary.failed = counts["inputs"], counts["done"], counts["failed"]
+    summary.failures = counts["failures"]
     summary.files = {"review": store.url(records.REVIEW_FILE)}
     if "coco" in options.formats:
         summary.files["coco"] = store.url(records.COCO_FILE)
@@ -127,26 +137,23 @@ def _model_source(model) -> str:
     return os.path.abspath(source) if os.path.exists(source) else source
 
 
-def _categories(prompts, tuned_prompts, options) -> dict:
-    """COCO categories of the prompts' label ids (their names checked before any model work)."""
-    from ..colors import ColorCode
-    from ..export import categories_for
+def _checked_ids(prompts, tuned_prompts) -> list[int]:
+    """The prompts' label ids, the example pairs checked first (preflight.check_prompts: readable, one size
+    per pair, ids the colour prompt keeps apart, some foreground), before any model work."""
+    from ..images import to_mask
     from ..prompts import TunedPrompt
     from .predictor import decode
 
     if tuned_prompts:
-        ids = TunedPrompt.load(tuned_prompts[0]).code.ids
-    else:
-        from ..images import to_mask
-
-        masks = []
-        for image, mask in prompts:
-            try:
-                masks.append(to_mask(decode(read_bytes(mask), mask, as_mask=True), name=f"--prompt {image} {mask}"))
-            except OSError as exc:
-                raise InputError(f"--prompt {image} {mask}: cannot be read ({exc})") from None
-        ids = ColorCode.from_masks(masks).ids
-    return categories_for([int(i) for i in ids], options.names)
+        return [int(i) for i in TunedPrompt.load(tuned_prompts[0]).code.ids]
+    images, masks = [], []
+    for image, mask in prompts:
+        try:
+            masks.append(to_mask(decode(read_bytes(mask), mask, as_mask=True), name=f"--prompt {image} {mask}"))
+            images.append(decode(read_bytes(image), image) if is_url(image) else image)
+        except OSError as exc:
+            raise InputError(f"--prompt {image} {mask}: cannot be read ({exc})") from None
+    return [int(i) for i in check_prompts(images, masks).ids]
 
 
 def _claim(store: Store, settings: dict, overwrite: bool) -> None:
@@ -204,20 +211,21 @@ class Labeller:
                 for key in ("path", "status")}
 
 
-def _run_local(sources, predictor_kwargs, stages, progress) -> int:
-    """The stages in this process, one group at a time."""
+def _run_local(inputs, predictor_kwargs, stages, progress) -> int:
+    """The stages in this process, one group at a time (`inputs()` lists them)."""
     from tqdm import tqdm
 
     labeller = Labeller(predictor_kwargs, stages)
     labelled = 0
-    with tqdm(desc="segmenting", unit="image", disable=not progress) as bar:
-        for group in groups(iter_sources(sources), predictor_kwargs["batch_size"]):
+    items = list(inputs())  # listed once, for the progress bar's total and its ETA
+    with tqdm(total=len(items), desc="segmenting", unit="image", disable=not progress, file=sys.stderr) as bar:
+        for group in groups(items, predictor_kwargs["batch_size"]):
             labelled += len(labeller.label(group)["path"])
             bar.update(len(group["uri"]))
     return labelled
 
 
-def _write_listing(sources, store: Store, size: int, actors: int) -> tuple[int, int]:
+def _write_listing(inputs, store: Store, size: int, actors: int) -> tuple[int, int]:
     """The input groups as JSON-lines parts of the run folder: (inputs, parts). A part is Ray Data's unit
     of work (one block, for one actor at a time): the first few hold one group each, so that every
     actor has work at once even for a few inputs, the others LISTING_PART_ROWS inputs."""
@@ -231,7 +239,7 @@ def _write_listing(sources, store: Store, size: int, actors: int) -> tuple[int, 
         parts += 1
         lines.clear()
 
-    for group in groups(iter_sources(sources), size):
+    for group in groups(inputs(), size):
         lines.append(json.dumps({"uris": list(group["uri"]), "stems": list(group["stem"])}) + "\n")
         inputs += len(group["uri"])
         if parts < SMALL_PARTS_PER_ACTOR * actors or len(lines) * size >= LISTING_PART_ROWS:
@@ -260,7 +268,7 @@ def _ray_init(address: str | None) -> None:
              include_dashboard=None if address else False, logging_level="ERROR")
 
 
-def _run_ray(sources, predictor_kwargs, stages, address, actors, gpus_per_actor, cpus_per_actor, batch_size,
+def _run_ray(inputs, predictor_kwargs, stages, address, actors, gpus_per_actor, cpus_per_actor, batch_size,
              progress) -> int:
     """The stages on Ray Data: listing parts -> groups of inputs -> Labeller actors (an actor pool, one
     model each: fetch, SegGPTPredictor, write); the driver only counts what comes back."""
@@ -272,7 +280,7 @@ def _run_ray(sources, predictor_kwargs, stages, address, actors, gpus_per_actor,
     from tqdm import tqdm
 
     store = Store(stages["out"])
-    total, parts = _write_listing(sources, store, batch_size, actors)
+    total, parts = _write_listing(inputs, store, batch_size, actors)
     _ray_init(address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

@@ -151,9 +151,13 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+FAILURES_LISTED = 50  # failed inputs a run names at its end (all of them are rows of review.parquet)
+
+
 def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
     """review.parquet (one row per input) and, with `write_coco`, coco.json (one image per done input)
-    from the records of `items`, in their order; returns {"inputs", "done", "failed", "missing"}."""
+    from the records of `items`, in their order; returns {"inputs", "done", "failed", "missing"} counts and
+    "failures": (path, reason) of the first FAILURES_LISTED failed inputs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -161,7 +165,7 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
     schema = pa.schema([("path", pa.string()), ("stem", pa.string()), ("status", pa.string()),
                         ("reason", pa.string()), ("classes", pa.list_(pa.int64())), ("instances", pa.int64()),
                         ("confidence", pa.float64()), ("model", pa.string()), ("prompts", pa.list_(pa.string()))])
-    counts = {"inputs": 0, STATUS_DONE: 0, STATUS_FAILED: 0, "missing": 0}
+    counts = {"inputs": 0, STATUS_DONE: 0, STATUS_FAILED: 0, "missing": 0, "failures": []}
     with tempfile.TemporaryDirectory(prefix="seggpt-merge-") as tmp:
         review_path = Path(tmp) / REVIEW_FILE
         coco = CocoWriter(Path(tmp) / COCO_FILE, categories) if write_coco else None
@@ -177,13 +181,16 @@ def merge(items, out: str, categories: dict, write_coco: bool) -> dict:
                     continue
                 counts[record["status"]] += 1
                 done = record["status"] == STATUS_DONE
+                if not done and len(counts["failures"]) < FAILURES_LISTED:
+                    counts["failures"].append((record["path"], record["reason"] or "failed"))
                 rows.append(dict(path=record["path"], stem=item.stem, status=record["status"],
                                  reason=record["reason"] or None, classes=record["classes"],
                                  instances=record["instances"] if record["instances"] >= 0 else None,
                                  confidence=record["confidence"] if done else None, model=record["model"],
                                  prompts=record["prompts"]))
                 if coco is not None and done:
-                    coco.add_encoded(coco_file_name(record["path"], item.stem), record["height"], record["width"], record.get("annotations", []))
+                    coco.add_encoded(coco_file_name(record["path"], item.stem), record["height"], record["width"],
+                                     record.get("annotations", []))
                 if len(rows) == REVIEW_ROWS_PER_GROUP:
                     review.write_table(pa.Table.from_pylist(rows, schema))
                     rows.clear()

@@ -84,25 +84,34 @@ def check_sources(sources: Iterable[str]) -> list[str]:
     return sources
 
 
-def iter_sources(sources: Iterable[str]) -> Iterator[Item]:
-    """Every input of `sources`, in order (each folder, prefix and glob sorted), one Item at a time."""
+def iter_sources(sources: Iterable[str], exclude: Iterable[str] = ()) -> Iterator[Item]:
+    """Every input of `sources`, in order (each folder, prefix and glob sorted), one Item at a time; the
+    files of `exclude` (the run's examples, found in a target folder) are left out."""
+    left_out = {_same_key(x) for x in exclude}
     for source in map(str, sources):
         if is_manifest(source):
-            yield from _manifest_items(source)
+            items = _manifest_items(source)
         elif glob.has_magic(source):
-            yield from _glob_items(source)
+            items = _glob_items(source)
         elif is_url(source):
-            yield from _remote_items(source)
+            items = _remote_items(source)
         elif Path(source).is_dir():
-            yield from _folder_items(Path(source))
+            items = _folder_items(Path(source))
         else:
-            yield Item(source, Path(source).stem)
+            items = iter([Item(source, Path(source).stem)])
+        yield from (item for item in items if not left_out or _same_key(item.uri) not in left_out)
 
 
-def local_targets(targets: list[str]) -> list[tuple[Path, str]]:
-    """(file, output stem) of local files, folders and globs, as `seggpt segment` takes them."""
+def _same_key(location) -> str:
+    """One spelling per file: local paths resolved, URLs as given."""
+    location = str(location)
+    return location if is_url(location) else str(Path(location).resolve())
+
+
+def local_targets(targets: list[str], exclude: Iterable[str] = ()) -> list[tuple[Path, str]]:
+    """(file, output stem) of local files, folders and globs, as `seggpt segment` takes them (less `exclude`)."""
     check_sources(targets)
-    return [(Path(item.uri), item.stem) for item in iter_sources(targets)]
+    return [(Path(item.uri), item.stem) for item in iter_sources(targets, exclude)]
 
 
 def _hidden(parts) -> bool:
