@@ -281,7 +281,7 @@ class SegGPTBackend:
                     outcome.scores.append(result.confidence if result.prediction.labels.any() else 0.0)
                 elif result.missed:
                     outcome.missed = True  # not reached, or its download cut by the deadline: the next retrieval
-                elif not result.skipped:  # skipped: the task is the only reference, nothing else to learn from
+                elif not result.skipped:  # skipped: no example but the task itself (references never reach here)
                     outcome.failed = True
                     task = tasks[result.key]
                     log.warning("project %s: task %s gets no prediction: %s", self.project_id,
