@@ -54,7 +54,6 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from ..preflight import check_prompts, check_writable
 
     check_numbers(args, batch_size=1, memory=0, max_prompts=1)
-    check_model_options(args)
     options = export_options(args, "tiff")
     if not set(options.formats) <= {"tiff", "coco"} or options.output == "panoptic":
         raise InputError("propagate writes a TIFF stack (--format tiff) and, with --output instances, COCO "
@@ -87,6 +86,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         annotations[z] = annotation
     prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
     check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
+    check_model_options(args)  # after the inputs: a bad input is named even with a bad --model
     categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
         if options.objects else {}
     model = load_model(args)
@@ -180,7 +180,6 @@ def _propagate_frames(args: argparse.Namespace) -> int:
     from ..video import open_frames, propagate_video
 
     check_numbers(args, batch_size=1, memory=0, max_prompts=1, start=0, stop=1, every=1)
-    check_model_options(args)
     options = export_options(args, "tiff")
     if not args.prompt_frame and not args.prompt:
         raise InputError("give at least one --prompt-frame N MASK or --prompt IMAGE MASK")
@@ -199,6 +198,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite)
         prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
         check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
+        check_model_options(args)
         categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
             if options.objects else {}
         model = load_model(args)

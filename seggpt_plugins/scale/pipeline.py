@@ -230,7 +230,7 @@ def _write_listing(inputs, store: Store, size: int, actors: int) -> tuple[int, i
     of work (one block, for one actor at a time): the first few hold one group each, so that every
     actor has work at once even for a few inputs, the others LISTING_PART_ROWS inputs."""
     store.remove(LISTING)
-    inputs = parts = 0
+    total = parts = 0
     lines: list[str] = []
 
     def flush():
@@ -241,12 +241,12 @@ def _write_listing(inputs, store: Store, size: int, actors: int) -> tuple[int, i
 
     for group in groups(inputs(), size):
         lines.append(json.dumps({"uris": list(group["uri"]), "stems": list(group["stem"])}) + "\n")
-        inputs += len(group["uri"])
+        total += len(group["uri"])
         if parts < SMALL_PARTS_PER_ACTOR * actors or len(lines) * size >= LISTING_PART_ROWS:
             flush()
     if lines:
         flush()
-    return inputs, parts
+    return total, parts
 
 
 def read_listing_part(row: dict, out: str) -> list[dict]:
