@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import posixpath
+import socket
 import threading
 import time
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
@@ -42,6 +43,50 @@ class MediaError(ValueError):
 class OutOfTime(MediaError):
     """A download not started or cut because the request's time budget is spent: the task is left for the next
     retrieval, not failed."""
+
+
+class Watchdog:
+    """Shuts a download's sockets at its deadline. A socket timeout restarts with every byte received, so a
+    server that sends one byte at a time would otherwise hold a download (headers or body) for as long as it
+    likes; shut down, the socket's blocked read returns at once and the download ends in OutOfTime."""
+
+    def __init__(self, deadline: float | None):
+        self.fired = False
+        self._sockets: list = []
+        self._lock = threading.Lock()
+        self._timer = None
+        if deadline is not None:
+            self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            fired = self.fired
+        if fired:
+            self._shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
+
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _jwt_claims(token: str) -> dict | None:
@@ -131,11 +176,17 @@ class MediaFetcher:
             session = requests.Session()
             session.trust_env = False  # no proxies or .netrc credentials picked up from the environment
             session.headers["User-Agent"] = "seggpt-labelstudio-backend"
-            adapter = guarded_adapter(self.policy)  # every connection (redirects too) checked where it goes
+            # every connection (redirects too) checked where it goes; its socket shown to the download's watchdog
+            adapter = guarded_adapter(self.policy, on_response=self._watch_socket)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
         return session
+
+    def _watch_socket(self, sock) -> None:
+        watchdog = getattr(self._local, "watchdog", None)
+        if watchdog is not None:
+            watchdog.watch(sock)
 
     # ------------------------------------------------------------------------------------------ resolve
 
@@ -190,11 +241,32 @@ class MediaFetcher:
     # ----------------------------------------------------------------------------------------- download
 
     def fetch_bytes(self, value, task_id=None, deadline: float | None = None) -> bytes:
-        """The file's bytes; with a deadline (time.monotonic()), the whole download ends by then."""
+        """The file's bytes; with a deadline (time.monotonic()), the whole download ends by then: its sockets
+        are shut at the deadline however slowly the server sends (OutOfTime)."""
         url, keyed = self.resolve(value, task_id)
         if keyed and self.auth is None:
             raise MediaError(f"{str(value)[:200]}: a Label Studio file, but no API key is set; "
                              "set LABEL_STUDIO_API_KEY (Account & Settings > Access Token in Label Studio)")
+        with Watchdog(deadline) as watchdog:
+            self._local.watchdog = watchdog
+            try:
+                data = self._download(url, keyed, deadline)
+            except OutOfTime:
+                raise
+            except Exception as exc:  # a read the watchdog cut ends in whatever the HTTP stack makes of it
+                if watchdog.fired:
+                    raise OutOfTime(f"{_shown(url)}: the download did not finish within the request's time "
+                                    "budget") from None
+                if isinstance(exc, MediaError):
+                    raise
+                raise MediaError(f"{_shown(url)}: download failed ({type(exc).__name__}: {exc})") from None
+            finally:
+                self._local.watchdog = None
+            if watchdog.fired:  # a body without a length ends quietly when its socket is shut: not all of it
+                raise OutOfTime(f"{_shown(url)}: the download did not finish within the request's time budget")
+        return data
+
+    def _download(self, url: str, keyed: bool, deadline: float | None) -> bytes:
         for attempt in (0, 1):
             response = self._get(url, keyed, deadline)
             if response.status_code == 401 and keyed and attempt == 0 and self.auth.kind == "pat":

@@ -105,8 +105,11 @@ class HostPolicy:
         self.resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
 
-def guarded_adapter(policy: HostPolicy):
-    """A requests adapter whose connections go only where `policy` allows (checked at connect time)."""
+def guarded_adapter(policy: HostPolicy, on_response=None):
+    """A requests adapter whose connections go only where `policy` allows (checked at connect time).
+
+    on_response: called with the connection's socket before a response is read from it (new or pooled), so
+    that a caller can cut a response that outlives its deadline (media.Watchdog)."""
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -121,6 +124,11 @@ def guarded_adapter(policy: HostPolicy):
                     return super()._new_conn()
                 finally:
                     self._dns_host = original
+
+            def getresponse(self, *args, **kwargs):
+                if on_response is not None and self.sock is not None:
+                    on_response(self.sock)
+                return super().getresponse(*args, **kwargs)
 
         return Guarded
 

@@ -29,7 +29,8 @@ from seggpt_plugins.labelstudio.params import RequestError, check_params, parse_
 from seggpt_plugins.labelstudio.services import Services  # noqa: E402
 from seggpt_plugins.labelstudio.labeling import (ConfigError, annotation_to_mask, mask_to_polygons,  # noqa: E402
                                           parse_label_config, prediction_to_results)
-from seggpt_plugins.labelstudio.media import LabelStudioAuth, MediaError, MediaFetcher, decode_image  # noqa: E402
+from seggpt_plugins.labelstudio.media import (LabelStudioAuth, MediaError, MediaFetcher, OutOfTime,  # noqa: E402
+                                              decode_image)
 from seggpt_plugins.labelstudio.server import create_app  # noqa: E402
 from seggpt_plugins.labelstudio.settings import Settings  # noqa: E402
 
@@ -1120,6 +1121,48 @@ def test_webhook_payloads_are_not_prompts_unless_the_sender_is_authenticated(mak
 
 
 # ---------------------------------------------------------------------------------- issue 12: time
+
+
+class DrippingServer:
+    """A raw HTTP server that sends one byte every `pause` seconds: its headers too (`part="headers"`) or
+    only its body (a socket timeout restarts with every byte, so neither ever times out)."""
+
+    def __init__(self, part: str, pause: float = 0.2):
+        import socket
+
+        self.part, self.pause = part, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/image.png"
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+        try:
+            conn.recv(65536)
+            if self.part == "body":
+                conn.sendall(head)
+            for byte in (head if self.part == "headers" else b"\x89" * 100000):
+                conn.sendall(bytes([byte]))
+                time.sleep(self.pause)
+        except OSError:
+            self.closed.set()  # the client hung up
+        finally:
+            conn.close()
+            self.listener.close()
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_server_sending_one_byte_at_a_time_cannot_hold_a_download_past_its_deadline(part):
+    """Issue 29, item 5: the deadline counts for the whole download, however the bytes come."""
+    server = DrippingServer(part)
+    fetcher = MediaFetcher(None, None, max_bytes=1 << 20, max_pixels=1 << 20, allowed_hosts=["127.0.0.1"])
+    started = time.monotonic()
+    with pytest.raises(OutOfTime, match="did not finish within the request's time budget"):
+        fetcher.fetch_bytes(server.url, deadline=started + 1.0)
+    assert time.monotonic() - started < 10.0  # (without the watchdog: 20 s for the headers, hours for the body)
+    assert server.closed.wait(5.0)  # the connection is dropped, not left to drip on
 
 
 def test_the_predict_deadline_covers_downloads_and_waiting_for_the_model(make_client, fake_ls, tiles):
