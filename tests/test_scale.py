@@ -293,6 +293,94 @@ def assert_same_as(out: Path, reference: Path) -> None:
     assert review(out) == review(reference)
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command} of a process's descendants (from /proc)."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            names[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        except (OSError, ValueError):
+            continue
+        parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child in (c for c, p in parents.items() if p == parent and c not in found):
+            found[child] = names[child]
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_local_ray_fits_the_machine_and_ends_with_its_driver(tiles_and_reference):
+    """Issue 29, item 4: as many actors as this machine has CPUs (at most 4) on a Ray of the run's own, no
+    --cpus-per-actor (1 CPU each left nothing for the listing tasks: the run hung); a SIGKILLed driver
+    leaves no Ray process behind; the rerun finishes, without Ray's log lines on the terminal."""
+    folder, reference = tiles_and_reference
+    out = folder / "local-ray"
+    actors = str(min(os.cpu_count() or 1, 4))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENV, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "seggpt_plugins.cli",
+               *segment_args(folder, out, folder / "model", "--engine", "ray", "--actors", actors)]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_records(out, 20, driver)
+    ray_processes = descendants(driver.pid)
+    assert any("raylet" in name for name in ray_processes.values()), ray_processes
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    deadline = time.time() + 60
+    while (alive := {p: n for p, n in ray_processes.items() if Path(f"/proc/{p}").exists()
+                     and "(Z)" not in " ".join(Path(f"/proc/{p}/stat").read_text().split()[1:3])}) \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive  # the agents (and the actors in mid-batch) are gone too
+    code, log = finish(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=env))
+    assert code == 1 and "1 input(s) failed" in log, log
+    assert not [line for line in log.splitlines() if "warning" in line.lower() or "core_worker" in line
+                or "INFO" in line], log
+    assert_exactly_once(out, CLUSTER_TILES + 1)
+    assert_same_as(out, reference)
+
+
+def test_actors_are_fitted_to_the_ray_they_run_on(capsys):
+    from seggpt_plugins.scale.pipeline import fit_actors
+
+    two_cpus = {"CPU": 2.0}
+    assert fit_actors(1, None, 0, two_cpus, local=True) == 1.0
+    assert fit_actors(2, None, 0, two_cpus, local=True) == 0.95  # a share each, 0.1 left for the listing
+    assert fit_actors(4, 0.4, 0, two_cpus, local=True) == 0.4
+    with pytest.raises(InputError, match="--actors 3 with --cpus-per-actor 1 need 3 CPU.*has 2: give fewer --actors"):
+        fit_actors(3, None, 0, two_cpus, local=True)
+    with pytest.raises(InputError, match="or a smaller --cpus-per-actor"):
+        fit_actors(2, 1.0, 0, two_cpus, local=True)
+    with pytest.raises(InputError, match="need 2 GPU"):
+        fit_actors(2, 0.5, 1, {"CPU": 8.0, "GPU": 1.0}, local=True)
+    assert fit_actors(8, None, 1, {"CPU": 2.0}, local=False) == 1.0  # a cluster may grow: a warning
+    assert "the run waits until the cluster has them" in capsys.readouterr().err
+
+
+def test_a_finished_run_resumed_lists_nothing_to_do(tmp_path):
+    """A resumed run whose groups are all done lists none (and so starts no Ray and loads no model)."""
+    from seggpt_plugins.scale.pipeline import _write_listing
+    from seggpt_plugins.scale.records import record_name
+    from seggpt_plugins.scale.sources import Item
+    from seggpt_plugins.scale.storage import Store
+
+    store = Store(tmp_path)
+    items = [Item(uri=f"/data/{k}.png", stem=f"{k}") for k in range(5)]
+    for item in items[:4]:
+        store.put(record_name(item.stem), json.dumps({"path": item.uri, "status": "done"}).encode())
+    assert _write_listing(lambda: iter(items), store, 2, 1) == (1, 1)  # the group of the fifth input only
+    store.put(record_name("4"), json.dumps({"path": "/data/4.png", "status": "failed"}).encode())
+    assert _write_listing(lambda: iter(items), store, 2, 1) == (1, 1)  # a failed input is tried again
+    store.put(record_name("4"), json.dumps({"path": "/data/4.png", "status": "done"}).encode())
+    assert _write_listing(lambda: iter(items), store, 2, 1) == (0, 0)
+
+
 @pytest.mark.slow
 def test_ray_engine_equals_the_local_engine(cluster, tiles_and_reference):
     folder, reference = tiles_and_reference

@@ -50,7 +50,10 @@ def _add_scale(parser: argparse.ArgumentParser) -> None:
                             "Ray started for the run)")
     group.add_argument("--actors", type=int, default=1, help="ray: model copies (actors) (default: %(default)s)")
     group.add_argument("--gpus-per-actor", type=float, default=0, help="ray: GPUs per actor (default: %(default)s)")
-    group.add_argument("--cpus-per-actor", type=float, default=1, help="ray: CPUs per actor (default: %(default)s)")
+    group.add_argument("--cpus-per-actor", type=float, default=None,
+                       help="ray: CPUs per actor (default: 1, or on a local Ray an equal share of the machine when "
+                            "the actors would not fit)")
+    group.add_argument("--ray-logs", action="store_true", help="ray: show Ray's own log lines (default: errors only)")
     group.add_argument("--most-similar", type=int, default=None, metavar="K",
                        help="show each target only the K examples (of --prompt) most alike it")
 
@@ -184,7 +187,8 @@ def _segment_at_scale(args: argparse.Namespace) -> int:
     engine = args.engine or ("ray" if args.ray_address else "local")
     summary = run(args.targets, args.prompt, args.out, tuned_prompts=args.tuned_prompt, engine=engine,
                   ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                  cpus_per_actor=args.cpus_per_actor, model=args.model, device=args.device, dtype=args.dtype,
+                  cpus_per_actor=args.cpus_per_actor, ray_logs=args.ray_logs, model=args.model, device=args.device,
+                  dtype=args.dtype,
                   quantize=getattr(args, "quantize", None), threads=getattr(args, "threads", None),
                   batch_size=args.batch_size, most_similar=args.most_similar, seg_type=args.seg_type,
                   intensity_range=intensity_option(args), ensemble=args.ensemble, tile=tile_option(args),

@@ -14,9 +14,11 @@ time. Either way no list of decoded images is ever held.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +37,7 @@ ENGINES = ("local", "ray")
 LISTING = f"{records.RUN_FOLDER}/listing"
 LISTING_PART_ROWS = 256  # inputs per listing part (whole groups): the unit Ray Data splits the work by
 SMALL_PARTS_PER_ACTOR = 4  # the first parts hold one group each: every actor busy from the start
+LISTING_CPUS = 0.1  # what a listing task asks of Ray
 FORWARDED_ENV_PREFIXES = ("AWS_", "FSSPEC_", "SEGGPT_", "HF_")  # to Ray workers: storage and model settings
 
 
@@ -58,7 +61,8 @@ class RunSummary:
 
 
 def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), engine: str = "local",
-        ray_address: str | None = None, actors: int = 1, gpus_per_actor: float = 0, cpus_per_actor: float = 1,
+        ray_address: str | None = None, actors: int = 1, gpus_per_actor: float = 0,
+        cpus_per_actor: float | None = None, ray_logs: bool = False,
         model: str = AUTO_MODEL, device=None, dtype=None, quantize: str | None = None, threads: int | None = None,
         batch_size: int = 8, most_similar: int | None = None, seg_type: str = "instance", intensity_range=None,
         ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast",
@@ -69,6 +73,8 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
 
     Everything is checked before any model work (InputError). `out` remembers the run's settings; a run
     with the same settings resumes it, other settings need `overwrite` (which starts over).
+    Ray: `cpus_per_actor` None is 1 CPU per actor, or on a local Ray an equal share of the machine when
+    `actors` of 1 CPU would not fit beside the listing tasks; `ray_logs` shows Ray's own log lines.
     """
     started = time.time()
     if engine not in ENGINES:
@@ -76,6 +82,10 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
     for name, value, low in (("batch_size", batch_size, 1), ("actors", actors, 1)):
         if value < low:
             raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if cpus_per_actor is not None and not cpus_per_actor > 0:
+        raise InputError(f"--cpus-per-actor must be > 0, got {cpus_per_actor}")
+    if not gpus_per_actor >= 0:
+        raise InputError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
     if options.output not in records.MAP_SUFFIXES or "panoptic" in options.formats:
         raise InputError("a scaled run writes --output labels or instances (panoptic: run without --engine)")
     options.check(seg_type)
@@ -110,7 +120,7 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
         summary.labelled_now = _run_local(inputs, predictor_kwargs, stages, progress)
     else:
         summary.labelled_now = _run_ray(inputs, predictor_kwargs, stages, ray_address, actors, gpus_per_actor,
-                                        cpus_per_actor, batch_size, progress)
+                                        cpus_per_actor, batch_size, progress, ray_logs)
     counts = records.merge(inputs(), store.root, categories, "coco" in options.formats)
     if counts["missing"]:
         raise InputError(f"{counts['missing']} input(s) have no result (did the sources change during the run?); "
@@ -215,20 +225,25 @@ def _run_local(inputs, predictor_kwargs, stages, progress) -> int:
     """The stages in this process, one group at a time (`inputs()` lists them)."""
     from tqdm import tqdm
 
+    store = Store(stages["out"])
+    todo = [g for g in groups(inputs(), predictor_kwargs["batch_size"]) if not records.group_done(g, store)]
+    if not todo:
+        return 0  # a finished run, resumed: no model loaded
     labeller = Labeller(predictor_kwargs, stages)
     labelled = 0
-    items = list(inputs())  # listed once, for the progress bar's total and its ETA
-    with tqdm(total=len(items), desc="segmenting", unit="image", disable=not progress, file=sys.stderr) as bar:
-        for group in groups(items, predictor_kwargs["batch_size"]):
+    total = sum(len(g["uri"]) for g in todo)  # for the progress bar's total and its ETA
+    with tqdm(total=total, desc="segmenting", unit="image", disable=not progress, file=sys.stderr) as bar:
+        for group in todo:
             labelled += len(labeller.label(group)["path"])
             bar.update(len(group["uri"]))
     return labelled
 
 
 def _write_listing(inputs, store: Store, size: int, actors: int) -> tuple[int, int]:
-    """The input groups as JSON-lines parts of the run folder: (inputs, parts). A part is Ray Data's unit
-    of work (one block, for one actor at a time): the first few hold one group each, so that every
-    actor has work at once even for a few inputs, the others LISTING_PART_ROWS inputs."""
+    """The input groups still to do (a group whose inputs are all done is left out) as JSON-lines parts of
+    the run folder: (inputs, parts). A part is Ray Data's unit of work (one block, for one actor at a
+    time): the first few hold one group each, so that every actor has work at once even for a few inputs,
+    the others LISTING_PART_ROWS inputs."""
     store.remove(LISTING)
     total = parts = 0
     lines: list[str] = []
@@ -240,6 +255,8 @@ def _write_listing(inputs, store: Store, size: int, actors: int) -> tuple[int, i
         lines.clear()
 
     for group in groups(inputs(), size):
+        if records.group_done(group, store):
+            continue
         lines.append(json.dumps({"uris": list(group["uri"]), "stems": list(group["stem"])}) + "\n")
         total += len(group["uri"])
         if parts < SMALL_PARTS_PER_ACTOR * actors or len(lines) * size >= LISTING_PART_ROWS:
@@ -256,52 +273,143 @@ def read_listing_part(row: dict, out: str) -> list[dict]:
             for g in map(json.loads, data.decode().splitlines())]
 
 
-def _ray_init(address: str | None) -> None:
+def _ray_init(address: str | None, logs: bool):
+    """Connect to the cluster at `address` (or $RAY_ADDRESS), or start a Ray of our own for this run (whose
+    processes a Reaper ends with this process, however it ends). Returns the Reaper, or None."""
+    import logging
+    import warnings
+
     import ray
 
-    if ray.is_initialized():
-        return
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    # no address: a Ray of our own ("local"), never a cluster someone else started on this machine
-    ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None, log_to_driver=False,
-             include_dashboard=None if address else False, logging_level="ERROR")
+    reaper = None
+    if not ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            from .reaper import Reaper
+
+            reaper = Reaper()
+        # no address: a Ray of our own ("local"), never a cluster someone else started on this machine
+        with contextlib.nullcontext() if logs else _quiet_ray_core():
+            ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None,
+                     log_to_driver=logs, include_dashboard=None if address else False,
+                     logging_level="INFO" if logs else "ERROR")
+        if reaper is not None:
+            node = ray._private.worker._global_node
+            reaper.follow(info.process.pid for infos in node.all_processes.values() for info in infos)
+    if not logs:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"ray\.")
+    return reaper
+
+
+@contextlib.contextmanager
+def _quiet_ray_core():
+    """Ray's C++ core in this process logs only fatal errors (it writes to the terminal, not through Python's
+    logging); the one line that says so, printed while Ray starts, goes to /dev/null with the rest of what
+    the start prints there."""
+    saved_level = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = saved_level or "fatal"
+    sys.stderr.flush()
+    saved_fd, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        os.close(null)
+        if saved_level is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+
+
+def fit_actors(actors: int, cpus_per_actor: float | None, gpus_per_actor: float, cluster: dict,
+               local: bool) -> float:
+    """The CPUs each actor asks for, so that the actors and the listing tasks (LISTING_CPUS) fit the
+    cluster's resources: with none given, 1, or on a local Ray an equal share of its CPUs when that does
+    not fit (Ray would otherwise wait for a CPU forever). Actors a local Ray cannot hold are refused
+    (InputError); a cluster may grow (autoscaling), so there it is a warning.
+
+    Args:
+        actors: model copies (--actors).
+        cpus_per_actor: --cpus-per-actor, or None for the default.
+        gpus_per_actor: --gpus-per-actor.
+        cluster: ray.cluster_resources() ({"CPU": ..., "GPU": ...}).
+        local: whether the Ray was started for this run (its resources are all there will be).
+    """
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    where = "this machine's Ray" if local else "the Ray cluster"
+    problems = []
+    if actors * gpus_per_actor > gpus + 1e-9:
+        problems.append(f"--actors {actors} with --gpus-per-actor {gpus_per_actor:g} need {actors * gpus_per_actor:g} "
+                        f"GPU(s); {where} has {gpus:g}")
+    room = cpus - LISTING_CPUS
+    wanted = 1.0 if cpus_per_actor is None else cpus_per_actor
+    if actors * wanted > room + 1e-9:
+        if cpus_per_actor is None and local and actors <= cpus:
+            wanted = math.floor(room / actors * 100) / 100  # every actor a share, the listing its 0.1
+        else:
+            problems.append(f"--actors {actors} with --cpus-per-actor {wanted:g} need {actors * wanted:g} CPU(s) "
+                            f"besides {LISTING_CPUS:g} for listing; {where} has {cpus:g}")
+    if problems:
+        advice = "give fewer --actors" + (" or a smaller --cpus-per-actor" if cpus_per_actor is not None else "")
+        if local:
+            raise InputError(f"{'; '.join(problems)}: {advice}")
+        print(f"seggpt: warning: {'; '.join(problems)}: the run waits until the cluster has them", file=sys.stderr)
+    return wanted
 
 
 def _run_ray(inputs, predictor_kwargs, stages, address, actors, gpus_per_actor, cpus_per_actor, batch_size,
-             progress) -> int:
+             progress, logs=False) -> int:
     """The stages on Ray Data: listing parts -> groups of inputs -> Labeller actors (an actor pool, one
     model each: fetch, SegGPTPredictor, write); the driver only counts what comes back."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise InputError("--engine ray needs Ray Data: pip install 'seggpt-plugins[ray]'")
+    store = Store(stages["out"])
+    total, parts = _write_listing(inputs, store, batch_size, actors)
+    if not total:
+        return 0  # a finished run, resumed: no Ray started
     try:
         import ray
         import ray.data
-    except ImportError:
-        raise InputError("--engine ray needs Ray Data: pip install 'seggpt-plugins[ray]'") from None
+    except ImportError as exc:
+        raise InputError(f"--engine ray needs Ray Data: pip install 'seggpt-plugins[ray]' ({exc})") from None
     from tqdm import tqdm
 
-    store = Store(stages["out"])
-    total, parts = _write_listing(inputs, store, batch_size, actors)
-    _ray_init(address)
+    reaper = _ray_init(address, logs)
+    local = reaper is not None or (not address and not os.environ.get("RAY_ADDRESS"))
+    try:
+        cpus_per_actor = fit_actors(actors, cpus_per_actor, gpus_per_actor, ray.cluster_resources(), local)
+    except InputError:
+        if reaper is not None:
+            ray.shutdown()
+        raise
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     # the part numbers, one block each, live in the object store (a read task would ask for a whole CPU)
     ds = ray.data.from_items([{"part": k} for k in range(parts)], override_num_blocks=max(1, parts))
-    ds = ds.flat_map(read_listing_part, fn_kwargs={"out": store.root}, num_cpus=0.1)
+    ds = ds.flat_map(read_listing_part, fn_kwargs={"out": store.root}, num_cpus=LISTING_CPUS)
     ds = ds.map_batches(Labeller, fn_constructor_kwargs={"predictor_kwargs": predictor_kwargs, "stages": stages},
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor,
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, parts)),  # no idle copies
+                        num_gpus=gpus_per_actor,
                         num_cpus=cpus_per_actor)
     labelled = 0
-    with tqdm(total=total, desc="segmenting", unit="image", disable=not progress, file=sys.stderr) as bar:
-        try:
+    try:
+        with tqdm(total=total, desc="segmenting", unit="image", disable=not progress, file=sys.stderr) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 labelled += len(batch["path"])
                 bar.update(len(batch["path"]))
-        except ray.exceptions.RayError as exc:  # a bad setting met by an actor: its own one-line error
-            cause = _cause(exc)
-            if isinstance(cause, SegGPTError):
-                raise cause from None
-            raise
+    except ray.exceptions.RayError as exc:  # a bad setting met by an actor: its own one-line error
+        cause = _cause(exc)
+        if isinstance(cause, SegGPTError):
+            raise cause from None
+        raise
+    finally:
+        if reaper is not None:  # our own Ray: shut down here (the reaper only catches what a kill leaves)
+            ray.shutdown()
     return labelled
 
 

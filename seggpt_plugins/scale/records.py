@@ -102,6 +102,16 @@ def fetch(batch: dict, out: str) -> dict:
     return {key: np.asarray(value, dtype=bool if key == "done" else object) for key, value in rows.items()}
 
 
+def group_done(group: dict, store: Store) -> bool:
+    """Whether every input of a group ({uri, stem} columns) has its `done` record: a resumed run lists only
+    the other groups (and with none left, starts no model at all)."""
+    for uri, stem in zip(group["uri"], group["stem"]):
+        record = _load_record(store, str(stem))
+        if record is None or record.get("path") != str(uri) or record.get("status") != STATUS_DONE:
+            return False
+    return True
+
+
 def write_results(batch: dict, out: str, output: str, formats) -> dict:
     """Write each predicted row's label map(s), then its record (rows marked `done` by `fetch` were
     written before and are left alone); returns {path, status} of the rows written."""
