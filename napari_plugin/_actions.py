@@ -368,7 +368,8 @@ class Actions:
             if tile == "auto" and max(max(s) for s in shapes) <= max(model.input_size):
                 tile = None  # it fits the canvas: seen whole
             prepared = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range,
-                                             ensemble=ensemble, tile=tile)
+                                             ensemble=ensemble, tile=tile,
+                                             example_ids="classes")  # as _examples made them (the form's output)
             batch = options["batch_size"]
             for t, data, keys, layer in plans:  # with auto tiles the core caps the halo per plane
                 call = dict(options, intensity_range=intensity_range(layer), tile=tile, halo=halo)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .colors import ColorCode
 from .errors import InputError
+from .example_ids import foreground, ids_are_objects
 from .images import label_dtype, to_mask, to_rgb8
 from .loading import (load_network, pick_device, pick_dtype, pick_quantize, resolve_source, set_cpu_threads,
                       weights_fingerprint)
@@ -166,7 +167,8 @@ class SegGPT:
         return torch.stack(out)
 
     def prepare_prompts(self, prompt_images, prompt_masks=None, intensity_range=None, label_ids=None,
-                        code: ColorCode | None = None, ensemble: str = "feature", tile=None) -> PromptSet:
+                        code: ColorCode | None = None, ensemble: str = "feature", tile=None,
+                        example_ids: str = "auto") -> PromptSet:
         """Read, check, colour and resize a list of example pairs (or tuned prompts) once.
 
         The PromptSet can be passed to `segment`/`iter_segment` again and again in place of the pairs.
@@ -177,6 +179,9 @@ class SegGPT:
         tile: as in `segment`: examples larger than the tile are cut to their window with the most
         labelled pixels, so that they meet the canvas at the scale of a tiled target ("auto": a tile of a
         few object diameters of these examples and at least the model's canvas, ensembles.object_tile).
+        example_ids: what the masks' ids mean (example_ids.py): "auto" (objects when the masks look like
+        instance labels), "classes" or "instances". Ids that are objects are shown as one class (id 1) and
+        the set says so (PromptSet.ids_are_objects: the Runner then splits touching objects).
         """
         images, masks = as_list(prompt_images), as_list(prompt_masks)
         if not images:
@@ -197,6 +202,10 @@ class SegGPT:
                 warnings.warn(f"{name}: the mask is all background: nothing to propagate from it",
                               EmptyPromptWarning, stacklevel=3)
             pairs.append((rgb, mask_arr, name))
+        objects = not tuned and bool(pairs) and ids_are_objects([m for _, m, _ in pairs], example_ids)
+        if objects:  # one class: its foreground, in a code of its own
+            pairs = [(rgb, foreground(m), name) for rgb, m, name in pairs]
+            code = self.color_code([], [m for _, m, _ in pairs], None)
         if code is None:
             code = self.color_code(tuned, [m for _, m, _ in pairs], label_ids)
         pairs = example_windows(pairs, tile_size(tile), at_least=self.input_size)
@@ -220,7 +229,7 @@ class SegGPT:
             [code.labels_of_colors(m).ravel() if m.ndim == 3 else np.unique(m) for _, m, _ in pairs])) if i)
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
                          tuple(rgb.shape[:2] for rgb, _, _ in pairs),
-                         _example_stats(pairs, code) if pairs else None, shown)
+                         _example_stats(pairs, code) if pairs else None, shown, objects)
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:
@@ -312,7 +321,8 @@ class SegGPT:
 
     def segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
                 seg_type: str = "instance", intensity_range=None, label_ids=None, with_painting: bool = False,
-                ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast") -> list[Prediction]:
+                ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast",
+                example_ids: str = "auto") -> list[Prediction]:
         """Segment one or many target images from example pairs; returns one Prediction per target.
 
         prompt_images/prompt_masks: one pair, a list of pairs shared by all targets, or a list of such
@@ -330,16 +340,17 @@ class SegGPT:
         quality: estimate each proposal's IoU (`Prediction.quality`, which `confidence` then reports; see
         quality.py): "fast" (nearly free: read off the prediction, the target and the examples), "full"
         (also segments the mirrored target: twice the forward passes, a sharper estimate) or None.
+        example_ids: what the example masks' ids mean: "auto", "classes" or "instances" (prepare_prompts).
         """
         return list(self.iter_segment(images, prompt_images, prompt_masks, batch_size=batch_size,
                                       seg_type=seg_type, intensity_range=intensity_range, label_ids=label_ids,
                                       with_painting=with_painting, ensemble=ensemble, tile=tile, halo=halo,
-                                      quality=quality))
+                                      quality=quality, example_ids=example_ids))
 
     def iter_segment(self, images, prompt_images=None, prompt_masks=None, *, batch_size: int = 8,
                      seg_type: str = "instance", intensity_range=None, label_ids=None, with_painting: bool = False,
                      ensemble: str = "feature", tile=None, halo: int = 32,
-                     quality: str | None = "fast") -> Iterator[Prediction]:
+                     quality: str | None = "fast", example_ids: str = "auto") -> Iterator[Prediction]:
         """As `segment`, yielding each Prediction as soon as its batch is done (for progress and cancel)."""
         targets = as_list(images) if not isinstance(images, np.ndarray) else [images]
         if not targets:
@@ -347,7 +358,7 @@ class SegGPT:
         runner = Runner(self, batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range,
                         ensemble=ensemble, tile=tile, halo=halo, quality=quality, with_painting=with_painting)
         prompt_sets = self._prompt_sets_for(len(targets), prompt_images, prompt_masks, intensity_range, label_ids,
-                                            ensemble, runner.tile)
+                                            ensemble, runner.tile, example_ids)
         items = [Target(i, target, name=f"target {i}" + (f" ({target})" if isinstance(target, (str, os.PathLike))
                                                           else ""), prompts=prompt_sets[i])
                  for i, target in enumerate(targets)]
@@ -377,7 +388,7 @@ class SegGPT:
         return estimate.predict(values)
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
-                         ensemble="feature", tile=None):
+                         ensemble="feature", tile=None, example_ids="auto"):
         """One PromptSet per target, each distinct set prepared once."""
         if isinstance(prompt_images, PromptSet):
             return [prompt_images] * num_targets
@@ -385,14 +396,15 @@ class SegGPT:
         per_target = bool(images) and isinstance(images[0], (list, tuple, PromptSet))
         if not per_target:
             shared = self.prepare_prompts(images, prompt_masks, intensity_range, label_ids, ensemble=ensemble,
-                                          tile=tile)
+                                          tile=tile, example_ids=example_ids)
             return [shared] * num_targets
         masks = as_list(prompt_masks) or [None] * len(images)
         if len(images) != num_targets or len(masks) != num_targets:
             raise InputError(f"per-target prompts: got {len(images)} prompt lists and {len(masks)} mask lists "
                              f"for {num_targets} targets")
         return [i if isinstance(i, PromptSet) else self.prepare_prompts(i, m, intensity_range, label_ids,
-                                                                        ensemble=ensemble, tile=tile)
+                                                                        ensemble=ensemble, tile=tile,
+                                                                        example_ids=example_ids)
                 for i, m in zip(images, masks)]
 
     # ----------------------------------------------------------------------------------- propagate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ class Prediction:
     quality: float | None = None  # the predicted IoU of this proposal (quality.py), when estimated
     quality_features: dict[str, float] | None = None  # what the estimate read (quality.features)
     object_context: Any = field(default=None, repr=False, compare=False)  # quality.ObjectContext: for instances()
+    ids_are_objects: bool = False  # painted from examples whose ids were objects (example_ids.py): id 1 is all
 
     @property
     def confidence(self) -> float:
@@ -39,7 +40,11 @@ class Prediction:
     def objects(self, rule: ObjectRule = ObjectRule()) -> Instances:
         """One id per object by `rule` (instances.ObjectRule): an `Instances` with the id map and, per object,
         its class (the label id it was painted with, or `rule.classes[id]`), area, box, mean score and, when
-        this prediction's quality was estimated, its predicted IoU (`quality`, quality.ObjectContext)."""
+        this prediction's quality was estimated, its predicted IoU (`quality`, quality.ObjectContext).
+        Painted from examples whose ids were objects, touching objects are always split: the foreground is
+        one class, and the object step is what tells the objects apart."""
+        if self.ids_are_objects and not rule.split_touching:
+            rule = replace(rule, split_touching=True)
         return self.with_object_quality(rule.find(self.labels, self.scores))
 
     def instances(self, min_area: int = 16, split_touching: bool = False, object_radius: float | None = None,

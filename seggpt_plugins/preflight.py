@@ -20,6 +20,7 @@ import numpy as np
 
 from .colors import ColorCode
 from .errors import InputError
+from .example_ids import foreground, ids_are_objects
 from .images import TIFF_SUFFIXES
 
 
@@ -67,7 +68,8 @@ def unreadable(paths: Iterable) -> dict[str, str]:
     return bad
 
 
-def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Sequence[np.ndarray] = ()) -> ColorCode:
+def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Sequence[np.ndarray] = (),
+                  example_ids: str = "classes") -> ColorCode:
     """The colour code of example pairs, checked: each image readable and of its mask's size, the ids few
     enough for the colour prompt, and some foreground in at least one mask.
 
@@ -75,6 +77,7 @@ def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Se
         images: the example images (paths, or arrays).
         masks: their masks, read already (images.to_mask).
         annotations: masks of annotated frames or slices of the target itself (their size checked already).
+        example_ids: what the masks' ids mean (example_ids.py): ids that are objects are one class.
     """
     for k, (image, mask) in enumerate(zip(images, masks)):
         if isinstance(image, (str, os.PathLike)):
@@ -84,6 +87,8 @@ def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Se
         if mask.shape[:2] != (height, width):
             raise InputError(f"prompt {k} ({image}): mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                              f"size {width}x{height} (width x height)")
+    if masks and ids_are_objects(masks, example_ids):
+        masks = [foreground(mask) for mask in masks]
     masks = [*masks, *annotations]
     if masks and not any(np.any(mask) for mask in masks):
         raise InputError("every example mask is all background (0): nothing to segment; give a mask that marks "

@@ -49,6 +49,7 @@ class PromptSet:
     sizes: tuple = ()  # (H, W) of each example as given: the scale at which "auto" tiles a target
     examples: Any = None  # quality.ExampleStats of the example masks (None for tuned prompts alone)
     shown: tuple | None = None  # the label ids the example masks hold (None: all of the code's, e.g. tuned)
+    ids_are_objects: bool = False  # the examples' ids numbered objects, shown as one class (example_ids.py)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -58,13 +59,14 @@ class PromptSet:
         import torch
 
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
-                         self.examples, self.shown)
+                         self.examples, self.shown, self.ids_are_objects)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
         if count is None or count >= len(self):
             return self
-        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples, self.shown)
+        return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples, self.shown,
+                         self.ids_are_objects)
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
@@ -77,7 +79,8 @@ class PromptSet:
                          tuple(size for s in sets for size in s.sizes),
                          ExampleStats.combine([s.examples for s in sets]),
                          None if any(s.shown is None for s in sets) else
-                         tuple(sorted(set().union(*(s.shown for s in sets)))))
+                         tuple(sorted(set().union(*(s.shown for s in sets)))),
+                         all(s.ids_are_objects for s in sets))
 
 
 @dataclass

@@ -95,10 +95,11 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
     code = None
     if not any(is_tuned(p) for p in external_images):
         code = model.color_code([], external_masks + list(annotation_masks.values()), label_ids)
+    # ids stay colours here: a propagated id is followed through the memory by its colour (example_ids.py)
     external = model.prepare_prompts(external_images, external_masks, intensity_range, code=code,
-                                     ensemble=ensemble) if external_images else None
+                                     ensemble=ensemble, example_ids="classes") if external_images else None
     code = external.code if external is not None else code
-    annotated = {i: model.prepare_prompts([frames[i]], [m], intensity_range, code=code)
+    annotated = {i: model.prepare_prompts([frames[i]], [m], intensity_range, code=code, example_ids="classes")
                  for i, m in annotation_masks.items()}
 
     runs = plan_runs(num_frames, annotated)
@@ -110,7 +111,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
         else:  # the examples of this run stitched together (at most max_prompts of them)
             examples = (external_images + [frames[i] for i in nearby])[:max_prompts]
             masks = (external_masks + [annotation_masks[i] for i in nearby])[:max_prompts]
-            run.fixed = model.prepare_prompts(examples, masks, intensity_range, code=code, ensemble=ensemble)
+            run.fixed = model.prepare_prompts(examples, masks, intensity_range, code=code, ensemble=ensemble,
+                                              example_ids="classes")
         run.memory = deque(maxlen=memory)
 
     while True:

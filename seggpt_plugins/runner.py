@@ -37,6 +37,7 @@ import numpy as np
 
 from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid, tile_size
 from .errors import InputError, SegGPTError
+from .example_ids import check_example_ids
 from .images import to_rgb8
 from .instances import Instances, ObjectRule
 from .prediction import Prediction
@@ -155,6 +156,7 @@ class Runner:
         read_ahead: batches decoded ahead of the one being assembled (0: a batch's images only; a host that
             bounds the pixels it holds counts batch_size * (1 + read_ahead) targets, plus its results).
         prompt_sets_kept: prepared prompt sets cached for choices from a pool.
+        example_ids: with a pool, what the examples' ids mean ("auto", "classes", "instances"; example_ids.py).
     """
 
     def __init__(self, model, prompts: PromptSet | PromptPool | None = None, *, most_similar: int | None = None,
@@ -162,7 +164,7 @@ class Runner:
                  ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast",
                  with_painting: bool = False, objects: ObjectRule | None = None, keep_images: bool = False,
                  overlap: bool | None = None, readers: int | None = None, read_ahead: int = READ_AHEAD_BATCHES,
-                 prompt_sets_kept: int = PROMPT_SETS_KEPT):
+                 prompt_sets_kept: int = PROMPT_SETS_KEPT, example_ids: str = "auto"):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if seg_type not in SEG_TYPES:
@@ -176,6 +178,7 @@ class Runner:
         self.ensemble, self.halo, self.tile = ensemble, halo, tile_size(tile, halo)
         self.quality, self.with_painting = check_quality(quality), with_painting
         self.objects, self.keep_images = objects, keep_images
+        self.example_ids = check_example_ids(example_ids)
         on_cuda = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
         self.overlap = on_cuda if overlap is None else overlap
         self.readers = (2 if on_cuda else 1) if readers is None else readers
@@ -209,7 +212,8 @@ class Runner:
             if prepared is None:
                 images, masks = pool.pairs(choice)
                 prepared = self.model.prepare_prompts(images, masks, (0, 255), code=self.code,
-                                                      ensemble=self.ensemble, tile=self.tile)
+                                                      ensemble=self.ensemble, tile=self.tile,
+                                                      example_ids=self.example_ids)
                 self._sets[choice] = prepared
                 while len(self._sets) > self._sets_kept:
                     self._sets.popitem(last=False)
@@ -432,6 +436,7 @@ class Runner:
             return self._failed(job.index, job.target, job.failed)
         try:
             prediction, mirrored = self._assemble(job)
+            prediction.ids_are_objects = job.prompts.ids_are_objects
             shown = job.prompts.shown
             if shown is not None and len(shown) < len(job.prompts.code):  # an id no example shows is not meant
                 unseen = np.isin(prediction.labels, shown, invert=True)

@@ -163,6 +163,21 @@ def export_options(args: argparse.Namespace, default_format: str):
     return options
 
 
+def add_example_ids(parser: argparse.ArgumentParser) -> None:
+    from ..example_ids import EXAMPLE_IDS
+
+    parser.add_argument("--example-ids", choices=EXAMPLE_IDS, default="auto",
+                        help="what the example masks' ids mean: classes, or instances (objects of one class, as in "
+                             "a StarDist, Cellpose or napari label image: the example is shown as its foreground and "
+                             "objects are split by --split-touching's step). auto (default): instances when there are "
+                             "several ids, each one piece and most apart; classes with --label-names")
+
+
+def example_ids_option(args: argparse.Namespace) -> str:
+    """--example-ids, where "auto" with --label-names means classes (named ids are classes)."""
+    return "classes" if args.example_ids == "auto" and getattr(args, "label_names", None) else args.example_ids
+
+
 def prompt_ids(masks) -> list[int]:
     """The label ids of the prompt masks (colour masks: 1..K in sorted colour order, as the model labels them)."""
     from ..colors import ColorCode

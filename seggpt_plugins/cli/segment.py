@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_model_options,
-                      check_numbers, export_options, intensity_option, load_model, prompt_ids, quality_option,
-                      require_files, tile_option)
+from .options import (add_ensemble, add_example_ids, add_export, add_inference, add_model, add_quality,
+                      check_model_options, check_numbers, example_ids_option, export_options, intensity_option,
+                      load_model, quality_option, require_files, tile_option)
 
 LABELS_SUFFIX = "_labels"  # output names never equal an input's name
 
@@ -31,6 +31,7 @@ def register(sub) -> None:
     add_inference(p)
     add_ensemble(p)
     add_export(p)
+    add_example_ids(p)
     add_quality(p, ["fast", "full", "off"])
     _add_scale(p)
     p.set_defaults(handler=cmd_segment)
@@ -86,8 +87,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     prompt_files = [*(p for pair in args.prompt for p in pair), *args.tuned_prompt]
     require_files(prompt_files)
     prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
+    shown_ids = []  # the ids the examples are shown with (instance ids are one class: example_ids.py)
     if args.prompt:
-        check_prompts([image for image, _ in args.prompt], prompt_masks)
+        shown_ids = [int(i) for i in check_prompts([image for image, _ in args.prompt], prompt_masks,
+                                                   example_ids=example_ids_option(args)).ids]
     targets = _expand_targets(args.targets, exclude=prompt_files)
     require_files([f for f, _ in targets])
     exporter = Exporter(out, [stem for _, stem in targets], options)
@@ -111,10 +114,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     scores = [out / f"{stem}_scores.tif" for stem in stems] if args.scores else []
     outputs = OutputSet(exporter.paths() + overlays + scores, inputs=[*files, *prompt_files], overwrite=args.overwrite)
     if options.objects:
-        categories_for(prompt_ids(prompt_masks), options.names)  # names checked before the model loads
+        categories_for(shown_ids, options.names)  # names checked before the model loads
     model = load_model(args)
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
-                                    intensity_option(args), ensemble=args.ensemble, tile=tile)
+                                    intensity_option(args), ensemble=args.ensemble, tile=tile,
+                                    example_ids=example_ids_option(args))
     categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
     runner = Runner(model, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
                     intensity_range=intensity_option(args), tile=tile, halo=args.halo, quality=quality_option(args),
@@ -193,6 +197,7 @@ def _segment_at_scale(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, most_similar=args.most_similar, seg_type=args.seg_type,
                   intensity_range=intensity_option(args), ensemble=args.ensemble, tile=tile_option(args),
                   halo=args.halo, quality=quality_option(args), options=export_options(args, "png"),
+                  example_ids=example_ids_option(args),
                   overwrite=args.overwrite)
     print(f"{summary.done} of {summary.inputs} input(s) labelled into {summary.out} ({summary.labelled_now} by this "
           f"run, {summary.seconds:.1f} s, engine {summary.engine}); review: {summary.review}")

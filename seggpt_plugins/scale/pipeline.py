@@ -66,7 +66,8 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
         model: str = AUTO_MODEL, device=None, dtype=None, quantize: str | None = None, threads: int | None = None,
         batch_size: int = 8, most_similar: int | None = None, seg_type: str = "instance", intensity_range=None,
         ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast",
-        options: ExportOptions = ExportOptions(), overwrite: bool = False, progress: bool = True) -> RunSummary:
+        options: ExportOptions = ExportOptions(), overwrite: bool = False, progress: bool = True,
+        example_ids: str = "auto") -> RunSummary:
     """Label every input of `sources` (files, folders, globs, manifests, s3:// ...) from the example
     (image, mask) pairs `prompts` into the folder or prefix `out`: label maps mirroring the input tree,
     review.parquet (one row per input) and, with "coco" in options.formats, coco.json.
@@ -102,7 +103,7 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
     check_out_of_inputs(out, sources)
     if not is_url(out):
         check_writable(out)
-    ids = _checked_ids(prompts, tuned_prompts)
+    ids = _checked_ids(prompts, tuned_prompts, example_ids)
     categories = categories_for(ids, options.names) if options.objects else {}
     examples = [path for pair in prompts for path in pair]  # never targets, even inside a target folder
     predictor_kwargs = dict(prompts=prompts, tuned_prompts=[str(t) for t in tuned_prompts], model=str(model),
@@ -110,7 +111,8 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
                             batch_size=batch_size, seg_type=seg_type,
                             intensity_range=tuple(intensity_range) if intensity_range else None,
                             ensemble=ensemble, tile=tile, halo=halo, quality=quality, output=options.output,
-                            min_area=options.min_area, split_touching=options.split_touching)
+                            min_area=options.min_area, split_touching=options.split_touching,
+                            example_ids=example_ids)
     store = Store(out)
     _claim(store, {"sources": sources, "predictor": predictor_kwargs, "formats": list(options.formats)}, overwrite)
     summary = RunSummary(out=store.root, engine=engine)
@@ -147,7 +149,7 @@ def _model_source(model) -> str:
     return os.path.abspath(source) if os.path.exists(source) else source
 
 
-def _checked_ids(prompts, tuned_prompts) -> list[int]:
+def _checked_ids(prompts, tuned_prompts, example_ids: str = "auto") -> list[int]:
     """The prompts' label ids, the example pairs checked first (preflight.check_prompts: readable, one size
     per pair, ids the colour prompt keeps apart, some foreground), before any model work."""
     from ..images import to_mask
@@ -163,7 +165,7 @@ def _checked_ids(prompts, tuned_prompts) -> list[int]:
             images.append(decode(read_bytes(image), image) if is_url(image) else image)
         except OSError as exc:
             raise InputError(f"--prompt {image} {mask}: cannot be read ({exc})") from None
-    return [int(i) for i in check_prompts(images, masks).ids]
+    return [int(i) for i in check_prompts(images, masks, example_ids=example_ids).ids]
 
 
 def _claim(store: Store, settings: dict, overwrite: bool) -> None:

@@ -74,6 +74,7 @@ class SegGPTPredictor:
     prompts: example (image, mask) file pairs (local paths or URLs); tuned_prompts: .safetensors files.
     most_similar: show each target only the k examples most alike it (prompts.PromptPool, runner.Runner).
     output: "labels" (class ids) or "instances" (one id per object, with COCO annotations).
+    example_ids: what the example masks' ids mean (example_ids.py).
     The other arguments are those of SegGPT.from_pretrained (model, device, dtype, quantize, threads: the
     model comes from the process's cache, model_cache.get_model) and SegGPT.iter_segment. Each batch goes
     through the core's one loop (runner.Runner): an input that cannot be read or segmented fails alone.
@@ -83,7 +84,7 @@ class SegGPTPredictor:
                  quantize: str | None = None, threads: int | None = None, most_similar: int | None = None,
                  batch_size: int = 8, seg_type: str = "instance", intensity_range=None, ensemble: str = "feature",
                  tile=None, halo: int = 32, quality: str | None = "fast", output: str = "labels", min_area: int = 16,
-                 split_touching: bool = False):
+                 split_touching: bool = False, example_ids: str = "auto"):
         from ..loading import set_cpu_threads
         from ..model_cache import get_model
 
@@ -103,10 +104,11 @@ class SegGPTPredictor:
                                                           for (i, m), n in zip(pairs, self.names)])
         else:
             examples = self.model.prepare_prompts([i for i, _ in pairs] + list(tuned_prompts), [m for _, m in pairs],
-                                                  intensity_range, ensemble=ensemble, tile=tile)
+                                                  intensity_range, ensemble=ensemble, tile=tile,
+                                                  example_ids=example_ids)
         self.runner = Runner(self.model, examples, most_similar=most_similar, batch_size=batch_size,
                              seg_type=seg_type, intensity_range=intensity_range, ensemble=ensemble, tile=tile,
-                             halo=halo, quality=quality,
+                             halo=halo, quality=quality, example_ids=example_ids,
                              objects=ObjectRule(min_area, split_touching) if output == "instances" else None)
 
     def __call__(self, batch: dict) -> dict:
