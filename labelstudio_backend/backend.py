@@ -126,6 +126,12 @@ class SegGPTBackend:
         refs_part = f"r{len(refs)}-{digest.hexdigest()[:8]}" if refs else "norefs"
         return f"seggpt-{self.services.model_tag or model_name(self.settings.model)}-{refs_part}"
 
+    def prediction_name(self, version: str) -> str:
+        """The model_version Label Studio is given (/setup, /predict, `seggpt labelstudio predict`): the Name of
+        the project's model connection when /setup found it (Services.connection_name), which is what the
+        Prediction score column and prelabeling select; else `version`, this backend's own version."""
+        return self.record.name or version
+
     def _reference_image(self, ref: Reference, view: View, fetcher: MediaFetcher) -> dict:
         value = ref.data.get(view.value_key)
         key = ("img", fetcher.base_url, str(value), ref.task_id)
@@ -174,6 +180,7 @@ class SegGPTBackend:
 
     def predict(self, tasks: list[dict], context=None, started: float | None = None, **kwargs) -> list:
         """One item per task: {"result": [...], "score", "model_version"}, or [] for a task left for later.
+        model_version is prediction_name(): the connection's Name when known (the version is in the log).
 
         started: when the request arrived (time.monotonic()); the predict timeout counts from then and covers
         everything: waiting for the model, listing references, downloads and the wait for the model lock.
@@ -212,10 +219,11 @@ class SegGPTBackend:
                             self.project_id, len(refs), view.image_name)
                 continue
             self._predict_view(model, targets, view, prepared, fetcher, outcomes, deadline)
-        self._report(tasks, outcomes, refs, version, started)
-        return [outcome.item(version) for outcome in outcomes]
+        name = self.prediction_name(version)
+        self._report(tasks, outcomes, refs, version, name, started)
+        return [outcome.item(name) for outcome in outcomes]
 
-    def _report(self, tasks, outcomes: list[TaskOutcome], refs, version: str, started: float) -> None:
+    def _report(self, tasks, outcomes: list[TaskOutcome], refs, version: str, name: str, started: float) -> None:
         left = sum(o.left_for_later and not o.reference for o in outcomes)
         failed = sum(o.failed and not o.regions and not o.left_for_later and not o.reference for o in outcomes)
         done = sum(bool(o.item("")) for o in outcomes)
@@ -228,9 +236,9 @@ class SegGPTBackend:
         metrics.add("reference_tasks_not_predicted", references)
         metrics.last_predict = {"project": self.project_id, "tasks": len(tasks), "predicted": done, "failed": failed,
                                 "left": left, "reference_tasks": references, "seconds": round(seconds, 2),
-                                "references": len(refs), "model_version": version}
-        log.info("project %s: predicted %d of %d task(s) in %.1f s from %d reference(s) (%s)%s", self.project_id,
-                 done, len(tasks), seconds, len(refs), version,
+                                "references": len(refs), "model_version": name, "version": version}
+        log.info("project %s: predicted %d of %d task(s) in %.1f s from %d reference(s) (%s%s)%s", self.project_id,
+                 done, len(tasks), seconds, len(refs), version, f", named {name!r}" if name != version else "",
                  f"; {references} reference task(s) are not predicted" if references else "")
         if left:
             log.warning("project %s: %d task(s) were not reached within %.0f s (SEGGPT_PREDICT_TIMEOUT) and get no "
@@ -260,7 +268,7 @@ class SegGPTBackend:
                                      descriptors=np.stack([p.descriptor for p in prepared]))
         runner = Runner(model, pool, most_similar=self.max_prompts, label_ids=list(view.label_ids.values()),
                         batch_size=max(1, self.settings.batch_size), seg_type=self.seg_type, ensemble=self.ensemble,
-                        tile=self.tile, halo=self.halo, objects=self.object_rule,
+                        tile=self.tile, halo=self.halo, objects=self.object_rule, example_ids="classes",  # labels
                         readers=TARGET_DOWNLOADS, read_ahead=0)  # the pixel budget counts one batch
         targets = [Target(i, lambda task=task: self._load_target(task, view, fetcher),
                           name=f"task {str(task.get('id') if isinstance(task, dict) else '?')[:40]} image",

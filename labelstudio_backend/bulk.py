@@ -7,12 +7,13 @@ that with the backend's own parts and the core's scale pipeline:
     check      Label Studio answers, the key works, the project exists, its config has a brush/polygon
                control, it has annotated tasks (one line each, exit 2, before any model work);
     prompts    the annotated tasks as (image, mask) files (references.py, media.py, labeling.py);
-    targets    the tasks with no annotation and no prediction of this model version, downloaded;
+    targets    the tasks with no annotation and no prediction of this name, downloaded;
     run        seggpt_plugins.scale.run over a manifest of them (local or Ray), in a working folder;
     post       each label map as the regions /predict would give (labeling.prediction_to_results),
-               imported in batches with the backend's model_version and the prediction's confidence.
+               imported in batches with the prediction's confidence, named as `serve` names them (the
+               project's model connection's Name, else the backend's version).
 
-The working folder is keyed by the model version (weights, references, project settings, config): a
+The working folder is keyed by the backend's version (weights, references, project settings, config): a
 killed run started again resumes where it stopped, and tasks already posted are skipped.
 """
 
@@ -48,12 +49,13 @@ class BulkError(ValueError):
 @dataclass
 class BulkSummary:
     project: int
-    model_version: str = ""
+    model_version: str = ""  # the name the predictions carry
+    version: str = ""  # the backend's version (weights, references, settings): the working folder's name
     seen: int = 0  # tasks of the project
     references: int = 0  # annotated tasks (the prompts)
     predicted: int = 0  # predictions posted by this run
     segmented: int = 0  # images this run segmented (the others were done by an earlier, killed run)
-    skipped: int = 0  # tasks that already had a prediction of this model version
+    skipped: int = 0  # tasks that already had a prediction of this name
     failed: int = 0
     reasons: list = field(default_factory=list)  # (task id, why), for the failed ones
     work: str = ""
@@ -144,10 +146,11 @@ class ProjectPredictor:
 
     def run(self) -> BulkSummary:
         self._load_model()
-        version = self.summary.model_version = self.backend.model_version(self.refs)
+        version = self.summary.version = self.backend.model_version(self.refs)
+        name = self.summary.model_version = self._name(version)
         tasks = self._tasks()
         self.summary.seen = len(tasks)
-        done = self._predicted_tasks(version)
+        done = self._predicted_tasks(name)
         annotated = {r.task_id for r in self.refs}
         targets = []
         for task in tasks:
@@ -162,8 +165,24 @@ class ProjectPredictor:
         self.summary.work = self.work
         if targets:
             outcomes = self._segment(targets)
-            self._post(targets, outcomes, version)
+            self._post(targets, outcomes, name)
         return self.summary
+
+    def _name(self, version: str) -> str:
+        """The name `serve` gives: the connection's Name it found (kept in the state directory), else the
+        project's connection whose version is its own Name (a `serve` connected elsewhere), else `version`."""
+        from .services import pick_connection
+
+        record = self.services.state.get(self.project_id)
+        if not record.name:
+            try:
+                record.name = pick_connection(self.services.store.connections(
+                    self.project_id, self.settings.label_studio_url.rstrip("/"), self.settings.api_key, timeout=30))
+            except Exception as exc:  # not fatal: the predictions keep the backend's version as their name
+                log.warning("project %s: cannot read the project's model connections (%s: %s)", self.project_id,
+                            type(exc).__name__, str(exc)[:200])
+        self.backend.record = record
+        return self.backend.prediction_name(version)
 
     def _load_model(self) -> None:
         """Load the model here once: its weights' fingerprint names the version, as in `serve`."""
@@ -183,11 +202,11 @@ class ProjectPredictor:
         pager = self.client.tasks.list(project=self.project_id, page_size=TASK_PAGE)
         return list(pager)
 
-    def _predicted_tasks(self, version: str) -> set:
-        """The ids of the tasks that already have a prediction of `version`."""
+    def _predicted_tasks(self, name: str) -> set:
+        """The ids of the tasks that already have a prediction named `name`."""
         predictions = self.client.predictions.list(project=self.project_id)
         return {int(_field(p, "task")) for p in predictions
-                if _field(p, "model_version") == version and _field(p, "task") is not None}
+                if _field(p, "model_version") == name and _field(p, "task") is not None}
 
     def _work_folder(self, version: str) -> str:
         root = self.work_root
@@ -324,13 +343,13 @@ class ProjectPredictor:
 
     # ------------------------------------------------------------------------------------------- post
 
-    def _post(self, targets: list, outcomes: dict, version: str) -> None:
+    def _post(self, targets: list, outcomes: dict, name: str) -> None:
         """Import the predictions in batches; a failed task with no regions is not posted (a later run tries
         it again), and counts as failed."""
         batch = []
         for task in targets:
             task_id = int(_field(task, "id"))
-            item = outcomes[task_id].item(version)
+            item = outcomes[task_id].item(name)
             if not item:
                 self.summary.failed += 1
                 continue

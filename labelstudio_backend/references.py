@@ -223,6 +223,21 @@ class ReferenceStore:
         self.listings += 1
         return self._newest(refs)
 
+    def connections(self, project_id: int, base_url: str, api_key: str, timeout: float | None = None) -> list:
+        """The project's model connections (title, url, model_version), as the Prelabeling choice lists them.
+
+        From /api/projects/<id>/model-versions (which the SDK has no method for): /api/ml would make Label
+        Studio call every connected backend's /setup first, and this is called from /setup.
+        """
+        options = {"timeout": timeout, "max_retries": 0} if timeout else None
+        response = self._client(base_url, api_key)._client_wrapper.httpx_client.request(
+            f"api/projects/{int(project_id)}/model-versions/", method="GET",
+            params={"extended": True, "include_live_models": True, "limit": 1}, request_options=options)
+        if not 200 <= response.status_code < 300:
+            raise LookupError(f"HTTP {response.status_code} from /api/projects/{int(project_id)}/model-versions/")
+        live = response.json().get("live")
+        return live if isinstance(live, list) else []
+
     def _newest(self, refs: dict) -> dict:
         if len(refs) <= self.max_references:
             return refs

@@ -34,7 +34,8 @@ from .settings import Settings
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
 
-SETUP_LISTING_TIMEOUT_S = 2.0  # Label Studio gives /setup 3 s (ML_TIMEOUT_SETUP)
+SETUP_BUDGET_S = 2.5  # Label Studio gives /setup 3 s (ML_TIMEOUT_SETUP): the connection's name, then the listing
+SETUP_NAME_TIMEOUT_S = 1.0
 ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED",
                      "TASKS_DELETED", "PROJECT_UPDATED", "START_TRAINING"}
 
@@ -143,11 +144,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         schema = data.get("schema")
         backend = SegGPTBackend(project_id, schema if schema else None, services)
         services.model(wait=1.0)  # the model version includes the model's fingerprint
-        refs = backend.refresh_references(timeout=SETUP_LISTING_TIMEOUT_S)
+        # predictions carry the connection's Name (the prelabeling choice connecting sets, which the Prediction
+        # score column matches exactly), and /setup answers it too: Label Studio skips the tasks that have a
+        # prediction of the version /setup answers, and prelabels with those predictions
+        backend.record.name = services.connection_name(project_id, backend.record, request.host, SETUP_NAME_TIMEOUT_S)
+        left = SETUP_BUDGET_S - (time.monotonic() - g.started)
+        refs = backend.refresh_references(timeout=max(0.5, left))
         version = backend.model_version(refs)
-        log.info("project %s: setup: %d reference(s), params %s, model version %s", project_id, len(refs), params,
-                 version)
-        return jsonify({"model_version": version})
+        name = backend.prediction_name(version)
+        log.info("project %s: setup: %d reference(s), params %s, model version %s%s", project_id, len(refs), params,
+                 version, f", predictions named {name!r}" if name != version else "")
+        return jsonify({"model_version": name})
 
     @app.post("/predict")
     def predict():
@@ -166,7 +173,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         backend = SegGPTBackend(project_id, label_config, services)
         results = backend.predict(tasks, context=params.get("context"), started=g.started)
         services.metrics.add("predict_seconds", round(time.monotonic() - g.started, 3))
-        return jsonify({"results": results, "model_version": backend.model_version()})
+        return jsonify({"results": results, "model_version": backend.prediction_name(backend.model_version())})
 
     @app.post("/webhook")
     def webhook():
@@ -219,7 +226,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if project in (None, ""):
             return jsonify({"versions": [f"seggpt-{services.model_tag or settings.model}"]})
         backend = SegGPTBackend(parse_project_id(project), None, services)
-        return jsonify({"versions": [backend.model_version()]})
+        return jsonify({"versions": [backend.prediction_name(backend.model_version())]})
 
     @app.get("/metrics")
     def metrics():

@@ -17,6 +17,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .media import MediaFetcher
 from .netguard import BlockedAddress, HostPolicy
@@ -154,6 +155,33 @@ class Services:
             log.warning("the Label Studio URL that /setup reported is not used: %s (set LABEL_STUDIO_URL)", exc)
             return False
 
+    def connection_name(self, project_id: int, record, host: str | None, timeout: float) -> str | None:
+        """The Name of the project's model connection to this backend (Settings > Model), which predictions
+        carry: connecting makes it the project's prelabeling choice, and Label Studio's Prediction score column
+        averages only the predictions named as that choice (data_manager/managers.py, annotate_predictions_score).
+
+        Read through the API (the connection whose URL names `host`, the Host of Label Studio's request) and
+        kept in the state; when Label Studio cannot be asked, the name found last. None: no such connection
+        (predictions then carry the backend's own version).
+        """
+        api = self.api_for(record)
+        if api is None:
+            return record.name
+        try:
+            found = pick_connection(self.store.connections(project_id, *api, timeout=timeout), host=host)
+        except Exception as exc:  # an HTTP error status, or httpx's transport errors
+            log.info("project %s: cannot read the project's model connections (%s: %s); predictions keep the name "
+                     "%r", project_id, type(exc).__name__, str(exc)[:200], record.name)
+            return record.name
+        if found != record.name:
+            self.state.set_name(project_id, found)
+            if found:
+                log.info("project %s: predictions are named %r, the Name of its model connection", project_id, found)
+            else:
+                log.info("project %s: no model connection's URL names %s: predictions are named by the backend's "
+                         "version", project_id, host)
+        return found
+
     def fetcher_for(self, record) -> MediaFetcher:
         """The image downloader for a project: Label Studio's URL and key as api_for gives them."""
         api = self.api_for(record)
@@ -170,6 +198,30 @@ class Services:
                     max_pixels=self.settings.max_image_pixels, allowed_hosts=self.settings.allowed_hosts,
                     trust_base=trusted)
             return fetcher
+
+
+def pick_connection(connections: list, host: str | None = None) -> str | None:
+    """The title of this backend's connection among a project's model connections (dicts with "title", "url",
+    "model_version"): with `host` (in /setup), the one whose URL names it; without (seggpt labelstudio
+    predict), the one whose version is its own title, as `serve` answers. None unless that is one name."""
+    titled = [c for c in connections if isinstance(c, dict) and isinstance(c.get("title"), str) and c["title"]]
+    if host:
+        ours = [c for c in titled if _netloc(c.get("url")) == _netloc(f"//{host}")]
+    else:
+        ours = [c for c in titled if c.get("model_version") == c["title"]]
+    names = {c["title"] for c in ours}
+    return names.pop() if len(names) == 1 else None
+
+
+def _netloc(url) -> str:
+    """host[:port] of a URL, lower case, without a default port."""
+    try:
+        parts = urlsplit(str(url or ""))
+        port = parts.port
+    except ValueError:
+        return ""
+    host = (parts.hostname or "").lower()
+    return host if port in (None, 80, 443) else f"{host}:{port}"
 
 
 def model_name(source: str) -> str:

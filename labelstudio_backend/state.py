@@ -5,8 +5,10 @@ worker accepts the connection, so what they change is written here: a small SQLi
 directory the operator chooses (`--state-dir`; kept across restarts, never deleted; 0700, the file 0600
 as it may hold a token). Each write is one SQLite transaction: it is there whole or not at all. Each
 project has a `generation` counter that a webhook bumps; a worker whose cached reference list is from an
-older generation lists the references again (or, without API access, reads them from here). Without a
-state directory (the Flask test client, one process) the same interface is kept in memory.
+older generation lists the references again (or, without API access, reads them from here). The name of
+the project's model connection in Label Studio, which predictions carry, is kept here too (/setup learns
+it; /predict and `seggpt labelstudio predict` use it). Without a state directory (the Flask test client,
+one process) the same interface is kept in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class ProjectRecord:
     hostname: str | None = None  # Label Studio's URL as /setup reported it
     access_token: str | None = None  # the token /setup carried (the project creator's legacy token)
     generation: int = 0
+    name: str | None = None  # the project's model connection in Label Studio (its Name), as /setup last found it
 
 
 class MemoryState:
@@ -36,13 +39,17 @@ class MemoryState:
     def get(self, project_id: int) -> ProjectRecord:
         with self._lock:
             record = self._projects.get(project_id)
-            return ProjectRecord(dict(record.params), record.hostname, record.access_token, record.generation) \
-                if record else ProjectRecord()
+            return ProjectRecord(dict(record.params), record.hostname, record.access_token, record.generation,
+                                 record.name) if record else ProjectRecord()
 
     def set_setup(self, project_id: int, params: dict, hostname: str | None, access_token: str | None) -> None:
         with self._lock:
             record = self._projects.setdefault(project_id, ProjectRecord())
             record.params, record.hostname, record.access_token = dict(params), hostname, access_token
+
+    def set_name(self, project_id: int, name: str | None) -> None:
+        with self._lock:
+            self._projects.setdefault(project_id, ProjectRecord()).name = name
 
     def bump(self, project_id: int) -> int:
         with self._lock:
@@ -66,6 +73,8 @@ class SqliteState:
                 db.execute("CREATE TABLE IF NOT EXISTS projects (id INTEGER PRIMARY KEY, params TEXT NOT NULL "
                            "DEFAULT '{}', hostname TEXT, access_token TEXT, generation INTEGER NOT NULL DEFAULT 0)")
                 db.execute("CREATE TABLE IF NOT EXISTS project_references (id INTEGER PRIMARY KEY, refs TEXT NOT NULL)")
+                if "name" not in {row[1] for row in db.execute("PRAGMA table_info(projects)")}:  # an older file
+                    db.execute("ALTER TABLE projects ADD COLUMN name TEXT")
         finally:
             os.umask(old)
         for path in (directory, self.path):
@@ -81,17 +90,22 @@ class SqliteState:
 
     def get(self, project_id: int) -> ProjectRecord:
         with self._connect() as db:
-            row = db.execute("SELECT params, hostname, access_token, generation FROM projects WHERE id = ?",
+            row = db.execute("SELECT params, hostname, access_token, generation, name FROM projects WHERE id = ?",
                              (project_id,)).fetchone()
         if row is None:
             return ProjectRecord()
-        return ProjectRecord(json.loads(row[0] or "{}"), row[1], row[2], int(row[3]))
+        return ProjectRecord(json.loads(row[0] or "{}"), row[1], row[2], int(row[3]), row[4])
 
     def set_setup(self, project_id: int, params: dict, hostname: str | None, access_token: str | None) -> None:
         with self._connect() as db:
             db.execute("INSERT INTO projects (id, params, hostname, access_token) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT(id) DO UPDATE SET params = excluded.params, hostname = excluded.hostname, "
                        "access_token = excluded.access_token", (project_id, json.dumps(params), hostname, access_token))
+
+    def set_name(self, project_id: int, name: str | None) -> None:
+        with self._connect() as db:
+            db.execute("INSERT INTO projects (id, name) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET name = excluded.name",
+                       (project_id, name))
 
     def bump(self, project_id: int) -> int:
         with self._connect() as db:

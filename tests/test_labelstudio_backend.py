@@ -126,6 +126,8 @@ class FakeLabelStudio:
         self.listings = 0
         self.other_url = None
         self.slow_s = 0.0
+        self.connections: dict[int, list] = {}  # project -> its model connections (Settings > Model)
+        self.connections_status = 200
         app = Flask("fake_label_studio")
         self.app = app
 
@@ -178,6 +180,15 @@ class FakeLabelStudio:
                 return jsonify({"status_code": 404, "detail": "Invalid page."}), 404
             return jsonify({"total_annotations": sum(len(t["annotations"]) for t in tasks), "total_predictions": 0,
                             "total": len(tasks), "tasks": chunk})
+
+        @app.get("/api/projects/<int:project>/model-versions/")
+        def model_versions(project):  # the Prelabeling choice's list: prediction sets and connections
+            if not authorized():
+                return jsonify({"detail": "Authentication credentials were not provided."}), 401
+            if self.connections_status != 200:
+                return jsonify({"detail": "unavailable"}), self.connections_status
+            live = self.connections.get(project, []) if request.args.get("include_live_models") == "true" else None
+            return jsonify({"static": [], "live": live})
 
         @app.get("/data/upload/<path:name>")
         def upload(name):
@@ -553,6 +564,77 @@ def test_a_bad_extra_param_is_logged_in_one_line_naming_the_key(make_client, cap
     assert record.levelno == logging.WARNING and "\n" not in line
     assert line.startswith("project 7: POST /setup refused (HTTP 400)") and "did you mean 'max_prompts'?" in line
     assert "known keys: reference_task_ids, max_prompts," in line
+
+
+def test_predictions_carry_the_name_of_the_projects_model_connection(make_client, fake_ls, tiles, tmp_path, caplog):
+    """Issue 32, item 2: connecting makes the connection's Name the project's prelabeling choice, and Label
+    Studio's Prediction score column averages only the predictions named as that choice: /setup answers the
+    Name (Label Studio skips tasks with a prediction of what /setup answers) and predictions carry it."""
+    caplog.set_level(logging.INFO, logger="seggpt_plugins.labelstudio")
+    settings = dict(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, state_dir=str(tmp_path / "state"))
+    client = make_client(**settings)
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    target = fake_ls.add_task(7, tiles[5])
+    # Label Studio's check before it saves a new connection: none is there yet, so the backend's version
+    version = client.post("/setup", json=setup_body()).json["model_version"]
+    assert version.startswith("seggpt-demo-") and "-r1-" in version
+    # the saved connection (the test client's Host is localhost), beside another model's
+    fake_ls.connections[7] = [{"title": "SAM", "url": "http://10.0.0.5:9090", "model_version": "sam-1"},
+                              {"title": "SegGPT", "url": "http://localhost/", "model_version": ""}]
+    assert client.post("/setup", json=setup_body()).json["model_version"] == "SegGPT"
+    response = client.post("/predict", json=predict_body([target])).json
+    assert response["model_version"] == "SegGPT" and response["results"][0]["model_version"] == "SegGPT"
+    assert 0 < response["results"][0]["score"] <= 1
+    assert client.get("/versions", json={"project": "7.1"}).json["versions"] == ["SegGPT"]
+    last = client.get("/metrics").json["last_predict"]
+    assert last["model_version"] == "SegGPT" and last["version"] == version  # the references' version is kept
+    assert any(f"({version}, named 'SegGPT')" in r.getMessage() for r in caplog.records)
+    # Label Studio cannot be asked: the name found last (another name would make every task look unpredicted)
+    fake_ls.connections_status = 503
+    assert client.post("/setup", json=setup_body()).json["model_version"] == "SegGPT"
+    # another worker (or a restart) reads it from the state directory
+    other = make_client(**settings)
+    assert other.post("/predict", json=predict_body([target])).json["results"][0]["model_version"] == "SegGPT"
+    # renamed (Label Studio renames the prelabeling choice with it), then removed: the backend's version again
+    fake_ls.connections_status = 200
+    fake_ls.connections[7][1]["title"] = "SegGPT nuclei"
+    assert client.post("/setup", json=setup_body()).json["model_version"] == "SegGPT nuclei"
+    fake_ls.connections[7] = fake_ls.connections[7][:1]
+    assert client.post("/setup", json=setup_body()).json["model_version"] == version
+    assert client.post("/predict", json=predict_body([target])).json["results"][0]["model_version"] == version
+
+
+def test_the_connection_is_told_by_its_url_or_by_its_own_name_as_version():
+    from seggpt_plugins.labelstudio.services import pick_connection
+
+    ours = {"title": "SegGPT", "url": "http://host.docker.internal:9090/", "model_version": "SegGPT"}
+    sam = {"title": "SAM", "url": "https://sam.example:443", "model_version": "sam-1"}
+    assert pick_connection([sam, ours], host="host.docker.internal:9090") == "SegGPT"
+    assert pick_connection([sam, ours], host="HOST.docker.internal:9090") == "SegGPT"
+    assert pick_connection([sam, ours], host="sam.example") == "SAM"  # a default port is no port
+    assert pick_connection([sam], host="host.docker.internal:9090") is None  # another model's only connection
+    assert pick_connection([sam, ours]) == "SegGPT"  # `seggpt labelstudio predict`: what `serve` answered
+    assert pick_connection([sam, dict(ours, model_version="")]) is None
+    assert pick_connection([ours, dict(ours, title="SegGPT 2")], host="host.docker.internal:9090") is None
+    assert pick_connection([{"title": None}, "junk", {}], host="x") is None
+
+
+def test_an_older_state_file_gains_the_connection_name(tmp_path):
+    import sqlite3
+
+    from seggpt_plugins.labelstudio.state import SqliteState
+
+    db = sqlite3.connect(tmp_path / "projects.sqlite3")
+    db.execute("CREATE TABLE projects (id INTEGER PRIMARY KEY, params TEXT NOT NULL DEFAULT '{}', hostname TEXT, "
+               "access_token TEXT, generation INTEGER NOT NULL DEFAULT 0)")
+    db.execute("INSERT INTO projects (id, params, generation) VALUES (7, '{\"max_prompts\": 3}', 2)")
+    db.commit()
+    db.close()
+    state = SqliteState(str(tmp_path))
+    record = state.get(7)
+    assert record.params == {"max_prompts": 3} and record.generation == 2 and record.name is None
+    state.set_name(7, "SegGPT")
+    assert state.get(7).name == "SegGPT" and SqliteState(str(tmp_path)).get(7).params == {"max_prompts": 3}
 
 
 def test_predict_brush_from_the_projects_annotated_tasks(make_client, fake_ls, tiles):
