@@ -247,7 +247,7 @@ def test_retrieve_predictions_in_label_studio(label_studio, backend, project, ti
     ml = ls.ml.get(id=ml.id)
     assert ml.state == "CO", f"backend state {ml.state}: {ml.error_message}\n{_tail(backend['log'])}"
     version = ml.model_version
-    assert version.startswith("seggpt-demo-") and "-r1-" in version, version
+    assert version == "SegGPT", version  # the connection's Name, the project's prelabeling choice
 
     ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
     ious = []
@@ -263,21 +263,28 @@ def test_retrieve_predictions_in_label_studio(label_studio, backend, project, ti
         ious.append(_iou(mask, tiles[names[task_id]]["nuclei"]))
         assert 0 < predictions[0].score <= 1
     assert np.mean(ious) > 0.3, f"mean IoU {np.mean(ious):.3f} against the true nuclei: {np.round(ious, 3)}"
+    assert "-r1-" in _metrics(backend)["last_predict"]["version"]  # the backend's version names the references
     # the annotated task is a reference: never predicted
     assert not ls.predictions.list(task=first)
 
-    # a second annotation reaches the backend by webhook and changes the model version
+    # a second annotation reaches the backend by webhook; the predictions keep their name, so Retrieve
+    # Predictions skips the tasks that have one, and a new round is Delete Predictions, then Retrieve
     ls.annotations.create(id=second, result=[_brush(tiles[names[second]]["nuclei"], "Nucleus")])
     deadline = time.monotonic() + 20
     while _metrics(backend)["counters"].get("webhook_ANNOTATION_CREATED", 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _metrics(backend)["counters"].get("webhook_ANNOTATION_CREATED", 0) >= 1, _tail(backend["log"])
-    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
-    new_version = ls.ml.get(id=ml.id).model_version
-    assert new_version != version and "-r2-" in new_version
+    everything = {"all": True, "excluded": []}
+    before = {task_id: [p.id for p in ls.predictions.list(task=task_id)] for task_id in task_ids}
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items=everything)
+    assert {task_id: [p.id for p in ls.predictions.list(task=task_id)] for task_id in task_ids} == before
+    ls.actions.create(id="delete_tasks_predictions", project=project_id, selected_items=everything)
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items=everything)
+    assert ls.ml.get(id=ml.id).model_version == version and "-r2-" in _metrics(backend)["last_predict"]["version"]
     for task_id in task_ids[2:]:
-        (prediction,) = _predictions(ls, task_id, new_version)
+        (prediction,) = _predictions(ls, task_id, version)
         assert prediction.result and _decode(prediction.result[0]).shape == (128, 128)
+    assert not ls.predictions.list(task=second)  # a reference now
     assert "no prediction" not in backend["log"].read_text()
 
 
@@ -375,12 +382,79 @@ def test_tasks_opened_before_any_annotation_are_predicted_once_there_is_one(labe
         time.sleep(0.5)
     open_task(target)
     (prediction,) = ls.predictions.list(task=target)
-    assert "-r1-" in prediction.model_version and prediction.result and 0 < prediction.score <= 1
+    assert prediction.model_version == "SegGPT" and prediction.result and 0 < prediction.score <= 1
     assert _iou(_decode(prediction.result[0]), tiles[names[target]]["nuclei"]) > 0.05
     open_task(reference)
     ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
     assert not ls.predictions.list(task=reference), "a reference task is never predicted"
     assert len(ls.predictions.list(task=other)) == 1 and len(ls.predictions.list(task=target)) == 1
+
+
+def _data_manager_tasks(label_studio, project_id: int, ordering: str | None = None) -> list:
+    """The tasks as the Data Manager lists them (its columns, Prediction score among them), in its order."""
+    query = json.dumps({"ordering": [ordering]} if ordering else {})
+    response = requests.get(f"{label_studio['url']}/api/tasks", params={"project": project_id, "fields": "all",
+                            "query": query}, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    return response.json()["tasks"]
+
+
+def _import(label_studio, project_id: int, tiles: dict) -> None:
+    files = {f"file{k}": (name, tile["png"], "image/png") for k, (name, tile) in enumerate(tiles.items())}
+    response = requests.post(f"{label_studio['url']}/api/projects/{project_id}/import", files=files,
+                             headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    assert response.status_code == 201, response.text
+
+
+def _check_score_column(label_studio, project_id: int, reference: int, count: int) -> None:
+    """Each predicted task shows its prediction's score; ordering by it puts the least likely right first."""
+    tasks = _data_manager_tasks(label_studio, project_id)
+    assert len(tasks) == count
+    for task in tasks:
+        if task["id"] == reference:
+            assert task["predictions_score"] is None and not task["predictions"]
+            continue
+        (prediction,) = task["predictions"]
+        assert task["predictions_score"] == pytest.approx(prediction["score"]), (task["id"], task["predictions_score"])
+        assert prediction["model_version"] == "SegGPT", (task["id"], task["predictions"])
+    scores = {t["id"]: t["predictions_score"] for t in tasks if t["id"] != reference}
+    ascending = _data_manager_tasks(label_studio, project_id, "tasks:predictions_score")
+    shown = [t["predictions_score"] for t in ascending]
+    assert shown[:-1] == sorted(scores.values()) and shown[-1] is None, shown  # the reference task last
+    assert scores[ascending[0]["id"]] == min(scores.values())
+    descending = [t["predictions_score"] for t in _data_manager_tasks(label_studio, project_id,
+                                                                      "-tasks:predictions_score")]
+    assert [s for s in descending if s is not None] == sorted(scores.values(), reverse=True), descending
+
+
+def test_the_prediction_score_column_fills_and_sorts(label_studio, backend, tiles, tmp_path):
+    """Issue 32, item 2: set up as docs/labelstudio.md says (annotate, connect, Retrieve Predictions), the Data
+    Manager's Prediction score column shows each prediction's score and sorts by it, for predictions from
+    /predict and from `seggpt labelstudio predict`. Label Studio averages only the predictions named as the
+    project's prelabeling choice, which connecting sets to the connection's Name."""
+    names = list(tiles)
+    project = _new_project(label_studio, {n: tiles[n] for n in names[:5]}, "SegGPT review by score")
+    ls, project_id = project["ls"], project["id"]
+    reference = min(project["names"])
+    ls.annotations.create(id=reference, result=[_brush(tiles[project["names"][reference]]["nuclei"], "Nucleus")])
+    ls.ml.create(project=project_id, url=backend["url"], title="SegGPT", auth_method="BASIC_AUTH",
+                 basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1])
+    assert ls.projects.get(id=project_id).model_version == "SegGPT"  # connecting chose it for prelabeling
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
+    _check_score_column(label_studio, project_id, reference, 5)
+
+    # tasks imported later, pre-annotated by the bulk command (its own state: it finds the name in Label Studio)
+    _import(label_studio, project_id, {n: tiles[n] for n in names[5:]})
+    seggpt = Path(sys.executable).with_name("seggpt")
+    command = [str(seggpt)] if seggpt.exists() else [sys.executable, "-m", "seggpt_plugins.cli"]
+    env = dict(os.environ, LABEL_STUDIO_URL=label_studio["url"], LABEL_STUDIO_API_KEY=TOKEN, HF_HUB_OFFLINE="1",
+               SEGGPT_DEVICE="cpu", SEGGPT_STATE_DIR=str(tmp_path / "state"), PYTHONUNBUFFERED="1")
+    bulk = subprocess.run(command + ["labelstudio", "predict", "--quiet", "--project", str(project_id), "--model", "demo",
+                                     "--work", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert bulk.returncode == 0, bulk.stdout + bulk.stderr
+    assert "2 predicted now, 4 skipped (already predicted by SegGPT)" in bulk.stdout, bulk.stdout
+    _check_score_column(label_studio, project_id, reference, len(tiles))
 
 
 def test_a_bad_extra_param_is_named_in_the_backend_log(label_studio, backend, project):
