@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.test_labelstudio_e2e import (  # noqa: F401 (the server fixtures)
-    CONFIG, REPO, TOKEN, _brush, _decode, label_studio, label_studio_bin)
+    CONFIG, REPO, TOKEN, _brush, _data_manager_tasks, _decode, label_studio, label_studio_bin)
 
 requests = pytest.importorskip("requests")
 
@@ -139,6 +139,15 @@ def test_predict_a_whole_project_then_rerun_posts_nothing(label_studio, bulk_pro
     assert f"0 predicted now, {unlabelled} skipped" in again.stdout, again.stdout
     after = _by_task(ls, project_id)
     assert {t: [p.id for p in ps] for t, ps in after.items()} == {t: [p.id for p in ps] for t, ps in predictions.items()}
+
+    # no model is connected, so the project has no prelabeling choice and the Prediction score column is empty
+    # until the version is selected in Settings > Annotation > Prelabeling (as docs/labelstudio.md says)
+    assert not ls.projects.get(id=project_id).model_version
+    assert all(t["predictions_score"] is None for t in _data_manager_tasks(label_studio, project_id))
+    ls.projects.update(id=project_id, model_version=version)
+    ordered = _data_manager_tasks(label_studio, project_id, "tasks:predictions_score")
+    scores = [t["predictions_score"] for t in ordered if t["id"] not in bulk_project["annotated"]]
+    assert scores == sorted(s for _, (p,) in predictions.items() for s in [p.score]), scores
 
 
 def test_bad_inputs_are_one_line_errors(label_studio, bulk_project, tmp_path):
