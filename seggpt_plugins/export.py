@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -103,6 +104,15 @@ def categories_for(ids, names: dict[int, Category] | None) -> dict[int, Category
             raise InputError(f"--label-names names no class for label id(s) {missing[:10]} found in the prompts")
         return {i: names[i] for i in ids}
     return {i: Category(i, f"class {i}") for i in ids}
+
+
+def map_dtype(output: str, top_id: int = 0) -> np.dtype:
+    """The one dtype of every map a run writes: class labels (`output` "labels") the smallest unsigned type
+    that holds the largest id the prompts can give (`top_id`, known before the run: uint8 up to 255, else
+    uint16); object and panoptic segment ids, whose count is known only as each image is done, uint16."""
+    from .images import label_dtype
+
+    return np.dtype(label_dtype(top_id) if output == "labels" else np.uint16)
 
 
 def check_ids_fit(fmt: str, top_id: int, where: str) -> None:
@@ -355,8 +365,8 @@ class Exporter:
         exporter = Exporter(out_dir, stems, options)      # stems: output names relative to out_dir
         outputs = OutputSet(exporter.paths(), inputs, overwrite)
         with outputs:
-            exporter.open(outputs, categories)
-            exporter.write(i, prediction)                 # or write_instances for tracked objects
+            exporter.open(outputs, categories, top_id)    # top_id: the prompts' largest id (map_dtype)
+            exporter.write(i, prediction, source)         # instances=: e.g. tracked through a video
             exporter.close()
     """
 
@@ -366,6 +376,7 @@ class Exporter:
         self.options = options
         self._coco = self._panoptic = self._review = None
         self._outputs = None
+        self.dtype = map_dtype(options.output)  # set by `open`
 
     def map_path(self, i: int, fmt: str) -> Path:
         suffix = {"labels": "_labels", "instances": "_instances", "panoptic": "_panoptic"}[self.options.output]
@@ -385,8 +396,10 @@ class Exporter:
             paths.append(self.out / "review.jsonl")
         return paths
 
-    def open(self, outputs, categories: dict[int, Category]) -> None:
+    def open(self, outputs, categories: dict[int, Category], top_id: int = 0) -> None:
+        """Start writing into `outputs`; `top_id`: the largest label id the prompts can give (`map_dtype`)."""
         self._outputs, self.categories = outputs, categories
+        self.dtype = map_dtype(self.options.output, top_id)
         if "coco" in self.options.formats:
             self._coco = CocoWriter(outputs.stage(self.out / "coco.json"), categories)
         if "panoptic" in self.options.formats:
@@ -398,8 +411,9 @@ class Exporter:
         """The objects of a prediction, with their predicted IoU when its quality was estimated."""
         return prediction.instances(min_area=self.options.min_area, split_touching=self.options.split_touching)
 
-    def write(self, i: int, prediction, source: str, instances: Instances | None = None, **review) -> None:
-        """Write target i's maps and entries; `instances` (e.g. tracked through a stack) or found here."""
+    def write(self, i: int, prediction, source: str, instances: Instances | None = None, **review) -> np.ndarray:
+        """Write target i's maps and entries; `instances` (e.g. tracked through a stack) or found here.
+        Returns the map written (labels, object ids or panoptic segment ids), in the run's dtype."""
         if self.options.objects and instances is None:
             instances = self.instances_of(prediction)
         elif instances is not None and all(o.quality is None for o in instances.objects):
@@ -411,10 +425,14 @@ class Exporter:
         else:
             segments, segments_info = panoptic_segments(prediction.labels, instances, self.categories)
             picture = segments
+        top = int(picture.max()) if picture.size else 0
+        for fmt in self.options.formats:
+            if fmt in ("png", "tiff"):
+                check_ids_fit(fmt, top, str(self.map_path(i, fmt)))
+        picture = self._in_run_dtype(picture, top, i)
         for fmt in self.options.formats:
             if fmt in ("png", "tiff"):
                 path = self.map_path(i, fmt)
-                check_ids_fit(fmt, int(picture.max()) if picture.size else 0, str(path))
                 data = segment_ids_to_rgb(picture) if self.options.output == "panoptic" and fmt == "png" else picture
                 (self._outputs.write_png if fmt == "png" else self._outputs.write_tiff)(path, data)
         if self._panoptic is not None:
@@ -426,6 +444,17 @@ class Exporter:
             self._coco.add(coco_file_name(source, self.stems[i]), instances)
         if self._review is not None:
             self._review.add_prediction(source, prediction, instances, **review)
+        return picture
+
+    def _in_run_dtype(self, picture: np.ndarray, top: int, i: int) -> np.ndarray:
+        """`picture` in the run's dtype; ids past it (over 65535 objects, in a TIFF) widen it for this map and
+        the later ones, with a warning."""
+        if top > np.iinfo(self.dtype).max:
+            wider = map_dtype("labels", top)
+            warnings.warn(f"{self.stems[i]}: ids up to {top} need {wider.name}: this map and the later ones are "
+                          f"{wider.name}, the earlier ones {self.dtype.name}", stacklevel=3)
+            self.dtype = wider
+        return picture.astype(self.dtype, copy=False)
 
     def close(self) -> None:
         for writer in (self._coco, self._panoptic, self._review):

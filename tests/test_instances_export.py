@@ -232,3 +232,77 @@ def test_cli_propagate_keeps_object_ids_through_the_stack(tmp_path, nuclei3d):
         assert len(kept) >= 0.5 * (len(np.unique(truth[15])) - 1)
     coco = COCO(str(tmp_path / "objects_coco.json"))
     assert len(coco.getImgIds()) == stack.shape[0]
+
+
+# ------------------------------------------------------------------------------------------ issue 29, item 6
+
+
+def disc_scene(path, centres, ids=None, colours=None, size=96, radius=11):
+    """A dark image with bright discs, saved as `path`.png, and its mask as `path`_mask.png: label ids (`ids`,
+    default all 1) or, with `colours`, an RGB colour mask."""
+    image = np.full((size, size, 3), 30, np.uint8)
+    mask = np.zeros((size, size, 3) if colours else (size, size), np.uint16 if max(ids or [1]) > 255 else np.uint8)
+    for k, disc in enumerate(discs((size, size), centres, radius)):
+        image[disc] = (230, 200, 60)
+        mask[disc] = colours[k] if colours else (ids[k] if ids else 1)
+    Image.fromarray(image).save(f"{path}.png")
+    Image.fromarray(mask).save(f"{path}_mask.png")
+    return f"{path}.png", f"{path}_mask.png"
+
+
+def segment_run(tmp_path, example, out, *extra, targets=None):
+    from seggpt_plugins.cli import main
+
+    targets = targets or [disc_scene(tmp_path / "target", [(25, 65), (70, 28)])[0]]
+    return main(["segment", *map(str, targets), "--prompt", *example, "--out", str(tmp_path / out), "--model",
+                 "demo", "--device", "cpu", *map(str, extra)])
+
+
+def read_map(path):
+    return tifffile.imread(path) if path.suffix == ".tif" else np.asarray(Image.open(path))
+
+
+def test_the_maps_of_a_segment_run_share_the_dtype_the_readme_gives(tmp_path):
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert ("every map of one run has one dtype, the annotated frames of `propagate` included: labels the smallest "
+            "that holds the examples' largest id (uint8 up to 255, else uint16), instance and panoptic segment ids "
+            "uint16") in readme
+    targets = [disc_scene(tmp_path / f"t{k}", [(25, 20 + 20 * k), (70, 70 - 20 * k)])[0] for k in range(2)]
+    runs = [("labels", [1, 1], ["png", "tiff"], np.uint8), ("labels", [1, 300], ["png", "tiff"], np.uint16),
+            ("instances", [1, 1], ["png", "tiff"], np.uint16), ("panoptic", [1, 1], ["tiff"], np.uint16)]
+    for output, ids, formats, dtype in runs:
+        example = disc_scene(tmp_path / f"ex{ids[-1]}", [(30, 30), (65, 70)], ids=ids)
+        out = f"{output}{ids[-1]}"
+        assert segment_run(tmp_path, example, out, "--output", output, "--format", *formats, targets=targets) == 0
+        maps = sorted(p for p in (tmp_path / out).iterdir() if p.suffix in (".png", ".tif"))
+        assert len(maps) == 2 * len(formats)
+        assert {read_map(p).dtype for p in maps} == {np.dtype(dtype)}, (output, ids)
+
+
+def test_an_exporter_writes_every_map_in_the_runs_dtype(tmp_path):
+    """Objects uint16 whatever dtype a map comes in; ids past 65535 (in a TIFF) widen the run, with a warning."""
+    from seggpt_plugins.export import ExportOptions, Exporter
+    from seggpt_plugins.instances import Instances
+    from seggpt_plugins.io import OutputSet
+    from seggpt_plugins.prediction import Prediction
+
+    exporter = Exporter(tmp_path, ["a", "b", "c"], ExportOptions(output="instances", formats=("tiff",)))
+    outputs = OutputSet(exporter.paths())
+    with outputs:
+        exporter.open(outputs, {}, top_id=1)
+        for i, (top, dtype) in enumerate([(2, np.uint8), (70000, np.uint32), (3, np.uint16)]):
+            objects = np.zeros((4, 4), dtype)
+            objects[0, 0], objects[3, 3] = 1, top
+            prediction = Prediction(labels=(objects > 0).astype(np.uint8), scores=np.ones((4, 4), np.float32))
+            if top > 65535:
+                with pytest.warns(UserWarning, match="ids up to 70000 need uint32"):
+                    exporter.write(i, prediction, f"{i}.png", Instances.of_map(objects))
+            else:
+                exporter.write(i, prediction, f"{i}.png", Instances.of_map(objects))
+        exporter.close()
+    assert [tifffile.imread(tmp_path / f"{s}_instances.tif").dtype for s in "abc"] == [np.uint16, np.uint32,
+                                                                                      np.uint32]
+
+

@@ -242,6 +242,26 @@ def test_propagate_a_gif_with_start_stop_every(tmp_path, scene, capsys):
     assert "4 frames' labels" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("output, mask_dtype, dtype", [("labels", np.uint16, np.uint8),
+                                                       ("instances", np.uint8, np.uint16)])
+def test_the_annotated_frame_is_written_in_the_dtype_of_the_predicted_ones(tmp_path, scene, output, mask_dtype,
+                                                                          dtype):
+    """One dtype per run (README): labels the smallest for the prompts' largest id, objects uint16, whatever
+    the annotation's own dtype (a 16-bit TIFF from Fiji, an 8-bit PNG)."""
+    frames, masks = scene
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(frames[i]).save(folder / f"f{i}.png")
+    tifffile.imwrite(tmp_path / "m1.tif", masks[1].astype(mask_dtype))
+    out = tmp_path / "out"
+    assert main(["propagate", str(folder), "--prompt-frame", "1", str(tmp_path / "m1.tif"), "--out", str(out),
+                 "--model", "demo", "--memory", "1", "--output", output, "--format", "png", "tiff"]) == 0
+    maps = {p.name: tifffile.imread(p) if p.suffix == ".tif" else np.asarray(Image.open(p)) for p in out.iterdir()}
+    assert len(maps) == 8 and {m.dtype for m in maps.values()} == {np.dtype(dtype)}
+    assert np.array_equal(maps[f"000001_{output}.tif"], masks[1])  # the annotated frame's ids are kept
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

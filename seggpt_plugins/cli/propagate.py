@@ -48,8 +48,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import InputError
-    from ..export import CocoWriter, ReviewTable, categories_for
-    from ..images import label_dtype, read_image, to_mask
+    from ..export import CocoWriter, ReviewTable, categories_for, map_dtype
+    from ..images import read_image, to_mask
     from ..io import OutputSet
     from ..preflight import check_prompts, check_writable
 
@@ -87,11 +87,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
     check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
     check_model_options(args)  # after the inputs: a bad input is named even with a bad --model
-    categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
-        if options.objects else {}
+    ids = prompt_ids([*annotations.values(), *prompt_masks])
+    categories = categories_for(ids, options.names) if options.objects else {}
     model = load_model(args)
-    ids = [np.unique(m) for m in [*annotations.values(), *prompt_masks]]
-    labels = np.zeros(stack.shape[:3], dtype=label_dtype(int(max(i.max() for i in ids))))
+    labels = np.zeros(stack.shape[:3], dtype=map_dtype("labels", max(ids, default=0)))
     for z, mask in annotations.items():
         labels[z] = mask
     predictions = model.propagate(stack, [i for i, _ in args.prompt], prompt_masks,
@@ -131,6 +130,7 @@ def _tracked_instances(predictions: dict, annotations: dict, depth: int, options
     slices' own objects). Returns (id stack, {slice: Instances})."""
     import numpy as np
 
+    from ..export import map_dtype
     from ..instances import find_instances
     from ..tracking import annotated_objects, track_stack
 
@@ -140,7 +140,10 @@ def _tracked_instances(predictions: dict, annotations: dict, depth: int, options
              for z, p in predictions.items()}
     tracked = {**track_stack(found, annotated, depth), **annotated}
     top = max((int(o.map.max()) for o in tracked.values()), default=0)
-    stack = np.zeros((depth, *next(iter(tracked.values())).map.shape), np.uint16 if top < 65536 else np.uint32)
+    dtype = map_dtype("instances")  # uint16, wider only for ids past it (a TIFF; the whole stack alike)
+    if top > np.iinfo(dtype).max:
+        dtype = map_dtype("labels", top)
+    stack = np.zeros((depth, *next(iter(tracked.values())).map.shape), dtype)
     for z, objects in tracked.items():
         stack[z] = objects.map
     return stack, tracked
@@ -199,7 +202,8 @@ def _propagate_frames(args: argparse.Namespace) -> int:
         prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
         check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
         check_model_options(args)
-        categories = categories_for(prompt_ids([*annotations.values(), *prompt_masks]), options.names) \
+        ids = prompt_ids([*annotations.values(), *prompt_masks])
+        categories = categories_for(ids, options.names) \
             if options.objects else {}
         model = load_model(args)
         intensity = intensity_option(args) or stack_intensity_range(frames)
@@ -210,7 +214,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
                                   intensity_range=intensity, ensemble=args.ensemble,
                                   quality=quality_option(args))
         with outputs:
-            exporter.open(outputs, categories)
+            exporter.open(outputs, categories, max(ids, default=0))  # annotated and predicted frames alike
             with _FrameMaps(out if args.overlay else None) as maps:
                 for result in tqdm(results, total=len(frames), desc="propagating", unit="frame"):
                     exporter.write(frames.indices.index(result.index), result.prediction,

@@ -126,7 +126,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                     objects=ObjectRule(options.min_area, options.split_touching) if options.objects else None)
     failed: dict[int, str] = {}
     with outputs, tqdm(total=len(files), desc="segmenting", unit="image") as bar:
-        exporter.open(outputs, categories)
+        exporter.open(outputs, categories, int(prompts.code.ids.max()) if len(prompts.code) else 0)
         readable = [Target(i, f, name=str(f)) for i, f in enumerate(files) if str(f) not in bad]
         failed.update({i: bad[str(f)] for i, f in enumerate(files) if str(f) in bad})
         bar.update(len(failed))
