@@ -306,3 +306,15 @@ def test_an_exporter_writes_every_map_in_the_runs_dtype(tmp_path):
                                                                                       np.uint32]
 
 
+def test_segment_overlay_of_instances_colours_each_object_apart(tmp_path):
+    example = disc_scene(tmp_path / "ex", [(30, 30), (65, 70)])  # two objects, one class
+    assert segment_run(tmp_path, example, "out", "--output", "instances", "--overlay") == 0
+    objects = np.asarray(Image.open(tmp_path / "out" / "target_instances.png"))
+    overlay = np.asarray(Image.open(tmp_path / "out" / "target_overlay.png"))
+    assert objects[25, 65] and objects[70, 28] and objects[25, 65] != objects[70, 28]  # the two discs found
+    assert not np.array_equal(overlay[25, 65], overlay[70, 28])
+    assert segment_run(tmp_path, example, "classes", "--overlay") == 0  # labels: one class, one colour
+    overlay = np.asarray(Image.open(tmp_path / "classes" / "target_overlay.png"))
+    assert np.array_equal(overlay[25, 65], overlay[70, 28])
+
+

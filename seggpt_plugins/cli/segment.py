@@ -23,7 +23,9 @@ def register(sub) -> None:
     p.add_argument("--tuned-prompt", action="append", default=[], metavar="FILE",
                    help="a prompt learned by `seggpt tune-prompt` (in place of an example pair)")
     p.add_argument("--out", required=True, help=f"output folder: one label PNG per target (<name>{LABELS_SUFFIX}.png)")
-    p.add_argument("--overlay", action="store_true", help="also write a colour overlay PNG per target")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write a colour overlay PNG per target (classes in their colours; with --output "
+                        "instances or panoptic, each object in a colour of its own)")
     p.add_argument("--scores", action="store_true", help="also write the confidence map as a float TIFF")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave out targets whose outputs exist (resume an interrupted run)")
@@ -72,6 +74,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ..io import OutputSet
     from ..runner import Runner, Target
     from ..preflight import check_out_of_inputs, check_prompts, check_writable, unreadable
+    from ..video import id_colors
 
     if not args.prompt and not args.tuned_prompt:
         raise InputError("give at least one --prompt IMAGE MASK or --tuned-prompt FILE")
@@ -136,11 +139,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if not result.ok:
                 failed[i] = result.error
                 continue
-            exporter.write(i, result.prediction, str(files[i]), instances=result.instances, model=model.source,
-                           prompts=len(prompts))
-            if args.overlay:
-                outputs.write_png(overlays[i], overlay(result.rgb, result.prediction.labels,
-                                                       display_colors(result.prediction.colors)))
+            written = exporter.write(i, result.prediction, str(files[i]), instances=result.instances,
+                                     model=model.source, prompts=len(prompts))
+            if args.overlay:  # classes in their prompt colours; objects each in a colour of its own, as in video
+                shown, colors = ((written, id_colors(np.unique(written))) if options.objects else
+                                 (result.prediction.labels, display_colors(result.prediction.colors)))
+                outputs.write_png(overlays[i], overlay(result.rgb, shown, colors))
             if args.scores:
                 outputs.write_tiff(scores[i], result.prediction.scores.astype(np.float32))
         exporter.close()
