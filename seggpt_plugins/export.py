@@ -95,15 +95,24 @@ def load_label_names(path) -> dict[int, Category]:
     return names
 
 
-def categories_for(ids, names: dict[int, Category] | None) -> dict[int, Category]:
-    """A category per label id: the given names (which must cover every id) or `class <id>`."""
+def categories_for(ids, names: dict[int, Category] | None, colors: dict | None = None,
+                   objects: bool = False) -> dict[int, Category]:
+    """A category per label id: the given names (--label-names, which must cover every id), else a name that
+    says where the id came from: `label <id>` (the value the example masks mark it with, e.g. `label 255`
+    for a 0/255 mask), the colour `#rrggbb` of colour masks (`colors`: {id: (r, g, b)}), or `object` when
+    the examples' ids numbered objects (`objects`: shown as one class, example_ids.py)."""
     ids = sorted(int(i) for i in ids if int(i) != 0)
     if names:
         missing = [i for i in ids if i not in names]
         if missing:
             raise InputError(f"--label-names names no class for label id(s) {missing[:10]} found in the prompts")
         return {i: names[i] for i in ids}
-    return {i: Category(i, f"class {i}") for i in ids}
+    if objects:
+        return {i: Category(i, "object") for i in ids}
+    if colors:
+        return {i: Category(i, "#{:02x}{:02x}{:02x}".format(*colors[i]) if i in colors else f"label {i}")
+                for i in ids}
+    return {i: Category(i, f"label {i}") for i in ids}
 
 
 def map_dtype(output: str, top_id: int = 0) -> np.dtype:

@@ -318,3 +318,27 @@ def test_segment_overlay_of_instances_colours_each_object_apart(tmp_path):
     assert np.array_equal(overlay[25, 65], overlay[70, 28])
 
 
+def test_default_category_names_say_where_each_class_came_from():
+    from seggpt_plugins.export import categories_for
+
+    assert categories_for([0, 1], None) == {1: Category(1, "label 1")}
+    assert [c.name for c in categories_for([2, 255], None).values()] == ["label 2", "label 255"]
+    assert [c.name for c in categories_for([1, 2], None, {1: (0, 255, 0), 2: (255, 0, 0)}).values()] == [
+        "#00ff00", "#ff0000"]
+    assert categories_for([1], None, objects=True) == {1: Category(1, "object")}
+    names = {1: Category(1, "nucleus"), 2: Category(2, "debris")}
+    assert categories_for([1, 2], names, {1: (0, 255, 0), 2: (255, 0, 0)}, objects=True) == names  # --label-names wins
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine", "local"]])
+def test_coco_categories_are_named_after_the_examples(tmp_path, engine):
+    centres = [(15, 15), (15, 50), (15, 80), (50, 20), (80, 20), (80, 75)]
+    examples = {"binary": ({"ids": [255, 255]}, ["label 255"]),
+                "classes": ({"ids": [1, 2]}, ["label 1", "label 2"]),
+                "colours": ({"colours": [(255, 0, 0), (0, 255, 0)]}, ["#00ff00", "#ff0000"]),
+                "objects": ({"ids": list(range(1, 7))}, ["object"])}
+    for name, (kind, expected) in examples.items():
+        example = disc_scene(tmp_path / name, centres if name == "objects" else centres[:2], radius=6, **kind)
+        assert segment_run(tmp_path, example, name, "--output", "instances", "--format", "coco", *engine) == 0
+        coco = json.loads((tmp_path / name / "coco.json").read_text())
+        assert [c["name"] for c in coco["categories"]] == expected, name

@@ -88,7 +88,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
     check_model_options(args)  # after the inputs: a bad input is named even with a bad --model
     ids = prompt_ids([*annotations.values(), *prompt_masks])
-    categories = categories_for(ids, options.names) if options.objects else {}
+    categories = categories_for(ids, options.names, _colours(prompt_masks, annotations)) if options.objects else {}
     model = load_model(args)
     labels = np.zeros(stack.shape[:3], dtype=map_dtype("labels", max(ids, default=0)))
     for z, mask in annotations.items():
@@ -149,6 +149,15 @@ def _tracked_instances(predictions: dict, annotations: dict, depth: int, options
     return stack, tracked
 
 
+def _colours(prompt_masks: list, annotations: dict) -> dict | None:
+    """{label id: colour} when the examples are colour masks (their categories are named by colour), else None."""
+    from ..colors import ColorCode
+
+    if annotations or not prompt_masks or prompt_masks[0].ndim != 3:
+        return None
+    return ColorCode.from_masks(prompt_masks).as_dict()
+
+
 # ------------------------------------------------------------------------------------------ frames mode
 
 
@@ -203,7 +212,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
         check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
         check_model_options(args)
         ids = prompt_ids([*annotations.values(), *prompt_masks])
-        categories = categories_for(ids, options.names) \
+        categories = categories_for(ids, options.names, _colours(prompt_masks, annotations)) \
             if options.objects else {}
         model = load_model(args)
         intensity = intensity_option(args) or stack_intensity_range(frames)

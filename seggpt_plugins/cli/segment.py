@@ -122,7 +122,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
                                     intensity_option(args), ensemble=args.ensemble, tile=tile,
                                     example_ids=example_ids_option(args))
-    categories = categories_for(prompts.code.ids, options.names) if options.objects else {}
+    colour_masks = any(m.ndim == 3 for m in prompt_masks) and not args.tuned_prompt
+    categories = categories_for(prompts.code.ids, options.names, prompts.code.as_dict() if colour_masks else None,
+                                prompts.ids_are_objects) if options.objects else {}
     runner = Runner(model, prompts, batch_size=args.batch_size, seg_type=args.seg_type,
                     intensity_range=intensity_option(args), tile=tile, halo=args.halo, quality=quality_option(args),
                     keep_images=args.overlay,
