@@ -66,7 +66,9 @@ def add_export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
                        help="png, tiff, coco (COCO instances JSON with RLE masks), panoptic (COCO panoptic PNG + "
                             "JSON); several at once (default: " + ("tiff" if stack else "png") + ")")
     group.add_argument("--label-names", default=None, metavar="FILE",
-                       help="class names for the export: JSON/YAML {id: name} or text lines `ID NAME [thing|stuff]`")
+                       help="class names for the export: JSON/YAML {id: name} or text lines `ID NAME [thing|stuff]` "
+                            "(default: named after the examples: 'label <id>', a colour mask's '#rrggbb', or "
+                            "'object' for examples whose ids number objects)")
     group.add_argument("--min-area", type=int, default=16,
                        help="objects: parts smaller than this (pixels) join a neighbour or are dropped (default: 16)")
     group.add_argument("--split-touching", action="store_true",
