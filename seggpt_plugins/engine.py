@@ -19,7 +19,7 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .example_ids import foreground, ids_are_objects
-from .images import label_dtype, to_mask, to_rgb8
+from .images import as_array, label_dtype, shared_range, to_mask, to_rgb8
 from .loading import (load_network, pick_device, pick_dtype, pick_quantize, resolve_source, set_cpu_threads,
                       weights_fingerprint)
 from .ensembles import example_windows, groups, stitch_examples, tile_size
@@ -182,6 +182,8 @@ class SegGPT:
         example_ids: what the masks' ids mean (example_ids.py): "auto" (objects when the masks look like
         instance labels), "classes" or "instances". Ids that are objects are shown as one class (id 1) and
         the set says so (PromptSet.ids_are_objects: the Runner then splits touching objects).
+        intensity_range: how images that are not 8-bit become 8-bit; None: one range from the examples
+        (images.shared_range), kept as PromptSet.intensity_range for the targets that are not 8-bit either.
         """
         images, masks = as_list(prompt_images), as_list(prompt_masks)
         if not images:
@@ -190,10 +192,14 @@ class SegGPT:
         plain = [p for p in images if not is_tuned(p)]
         if len(masks) != len(plain):
             raise InputError(f"got {len(plain)} prompt images but {len(masks)} prompt masks; give one mask per image")
+        names = [f"prompt {k}" + (f" ({image})" if isinstance(image, (str, os.PathLike)) else "")
+                 for k, image in enumerate(plain)]
+        arrays = [as_array(image, f"{name} image") for image, name in zip(plain, names)]
+        shared = shared_range(arrays) if intensity_range is None else None  # one mapping for 16-bit examples
         pairs = []
-        for k, (image, mask) in enumerate(zip(plain, masks)):
-            name = f"prompt {k}" + (f" ({image})" if isinstance(image, (str, os.PathLike)) else "")
-            rgb = to_rgb8(image, intensity_range, name=f"{name} image")
+        for image, mask, name in zip(arrays, masks, names):
+            rgb = to_rgb8(image, intensity_range if shared is None or image.dtype == np.uint8 else shared,
+                          name=f"{name} image")
             mask_arr = to_mask(mask, name=f"{name} mask" + (f" ({mask})" if isinstance(mask, (str, os.PathLike)) else ""))
             if mask_arr.shape[:2] != rgb.shape[:2]:
                 raise InputError(f"{name}: mask size {mask_arr.shape[1]}x{mask_arr.shape[0]} differs from its image "
@@ -229,7 +235,7 @@ class SegGPT:
             [code.labels_of_colors(m).ravel() if m.ndim == 3 else np.unique(m) for _, m, _ in pairs])) if i)
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
                          tuple(rgb.shape[:2] for rgb, _, _ in pairs),
-                         _example_stats(pairs, code) if pairs else None, shown, objects)
+                         _example_stats(pairs, code) if pairs else None, shown, objects, shared)
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:

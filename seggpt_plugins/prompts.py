@@ -50,6 +50,7 @@ class PromptSet:
     examples: Any = None  # quality.ExampleStats of the example masks (None for tuned prompts alone)
     shown: tuple | None = None  # the label ids the example masks hold (None: all of the code's, e.g. tuned)
     ids_are_objects: bool = False  # the examples' ids numbered objects, shown as one class (example_ids.py)
+    intensity_range: tuple | None = None  # the range that made its 16-bit/float examples 8-bit (for targets too)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -59,14 +60,14 @@ class PromptSet:
         import torch
 
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
-                         self.examples, self.shown, self.ids_are_objects)
+                         self.examples, self.shown, self.ids_are_objects, self.intensity_range)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
         if count is None or count >= len(self):
             return self
         return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples, self.shown,
-                         self.ids_are_objects)
+                         self.ids_are_objects, self.intensity_range)
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
@@ -80,7 +81,7 @@ class PromptSet:
                          ExampleStats.combine([s.examples for s in sets]),
                          None if any(s.shown is None for s in sets) else
                          tuple(sorted(set().union(*(s.shown for s in sets)))),
-                         all(s.ids_are_objects for s in sets))
+                         all(s.ids_are_objects for s in sets), sets[0].intensity_range)
 
 
 @dataclass

@@ -38,7 +38,7 @@ import numpy as np
 from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid, tile_size
 from .errors import InputError, SegGPTError
 from .example_ids import check_example_ids
-from .images import to_rgb8
+from .images import as_array, to_rgb8
 from .instances import Instances, ObjectRule
 from .prediction import Prediction
 from .prompts import PromptPool, PromptSet
@@ -340,7 +340,14 @@ class Runner:
         name = target.name or str(target.key)
         try:
             image = target.image() if callable(target.image) else target.image
-            return to_rgb8(image, self.intensity_range, name=name), None
+            limits = self.intensity_range
+            if limits is None:  # the range its examples were read with, for a target that is not 8-bit either
+                shared = getattr(target.prompts if target.prompts is not None else self.prompts, "intensity_range",
+                                 None)
+                if shared is not None:
+                    image = as_array(image, name)
+                    limits = None if image.dtype in (np.uint8, np.bool_) else shared
+            return to_rgb8(image, limits, name=name), None
         except Exception as exc:  # the target's failure, reported with its result
             return None, exc
 

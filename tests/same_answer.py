@@ -66,7 +66,8 @@ def from_cli(case, tmp_path) -> list[dict]:
     command = [sys.executable, "-m", "seggpt_plugins.cli", "segment", *map(str, case["targets"]),
                "--prompt", str(case["paths"]["example"]), str(case["paths"]["mask"]), "--out", str(out),
                "--model", "demo", "--device", "cpu", "--batch-size", str(BATCH), "--output", "instances",
-               "--format", "coco", "--review"]
+               "--format", "coco", "--review",
+               "--example-ids", "classes"]  # every id its own colour, as the other hosts' label maps make it
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     coco = json.loads((out / "coco.json").read_text())

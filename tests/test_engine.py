@@ -42,7 +42,8 @@ def test_labels_are_the_nearest_prompt_colour_of_the_painting(demo_model, nuclei
     distance = np.linalg.norm(pred.painting[..., None, :].astype(float) - code.all_colors[None, None].astype(float), axis=-1)
     clear = pred.scores > 0.05  # the uint8 painting is rounded: only near-ties may differ
     assert clear.mean() > 0.9
-    assert np.array_equal(pred.labels[clear], code.all_ids[distance.argmin(-1)][clear])
+    # the painting is resized from the model's canvas apart from the labels: a boundary pixel may differ
+    assert np.mean(pred.labels[clear] != code.all_ids[distance.argmin(-1)][clear]) < 1e-3
 
 
 def test_shared_prompts_equal_per_target_prompts_and_batches_do_not_matter(model64, pair, rng):

@@ -216,7 +216,7 @@ def test_a_proposal_swollen_or_shifted_off_its_objects_looks_worse(demo_model, n
 
     prompts = demo_model.prepare_prompts([example], [mask])
     pred = demo_model.segment(target, prompts)[0]
-    rgb = to_rgb8(target)  # what segment() reads the target as
+    rgb = to_rgb8(target, prompts.intensity_range)  # what segment() reads the 16-bit target as: the examples' range
     assert demo_model.assess(pred, prompts.examples, rgb) == pytest.approx(pred.quality)
     for spoilt in (ndimage.binary_dilation(pred.labels != 0, iterations=3), np.roll(pred.labels, 5, axis=1)):
         worse = type(pred)(labels=spoilt.astype(pred.labels.dtype), scores=pred.scores)

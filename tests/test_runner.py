@@ -158,3 +158,25 @@ def test_the_deadline_reaches_between_the_tiles_of_one_target(model64, examples,
     assert next(clock) == 0
     assert result.missed and not result.ok and result.error == "cancelled"
     assert sum(e.kind == "tile" for e in events) == 2
+
+
+def test_16_bit_examples_and_targets_share_one_intensity_range(demo_model, nuclei2d):
+    """Issue 30, item 2: a dim 16-bit target is read with its examples' range, not stretched by its own
+    percentiles (which painted its background as nuclei); 8-bit targets are used as they are."""
+    from seggpt_plugins.images import to_rgb8
+    from seggpt_plugins.runner import Runner, Target
+
+    image, truth = nuclei2d
+    example, mask = image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8)
+    prompts = demo_model.prepare_prompts(example, mask)
+    assert prompts.intensity_range is not None
+    low, high = prompts.intensity_range
+    assert low < np.percentile(example, 5) and high > np.percentile(example, 95)
+    dim = (image[128:256, 128:256] // 4).astype(np.uint16)  # the same tissue, a quarter of the signal
+    eight = to_rgb8(image[256:384, :128])
+    runner = Runner(demo_model, prompts, keep_images=True, quality=None)
+    results = list(runner.run([Target("dim", dim), Target("eight", eight)]))
+    np.testing.assert_array_equal(results[0].rgb, to_rgb8(dim, prompts.intensity_range))
+    assert results[0].rgb.max() < 128  # dim stays dim (its own percentiles would stretch it to 255)
+    np.testing.assert_array_equal(results[1].rgb, eight)
+    assert demo_model.prepare_prompts(to_rgb8(example), mask).intensity_range is None  # 8-bit examples

@@ -122,6 +122,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
                                     intensity_option(args), ensemble=args.ensemble, tile=tile,
                                     example_ids=example_ids_option(args))
+    if prompts.intensity_range is not None:
+        low, high = prompts.intensity_range
+        print(f"16-bit/float images read with one intensity range, {low:g}..{high:g} (from the examples); "
+              "--intensity-range sets another", file=sys.stderr)
     colour_masks = any(m.ndim == 3 for m in prompt_masks) and not args.tuned_prompt
     categories = categories_for(prompts.code.ids, options.names, prompts.code.as_dict() if colour_masks else None,
                                 prompts.ids_are_objects) if options.objects else {}
