@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _browser import Step, browser, click, save, wait_for  # docs/_browser.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
 TILE = 128
@@ -82,63 +84,14 @@ def nuclei_dataset(folder: Path, name: str):
 # ------------------------------------------------------------------------------------------ browser
 
 
-class Step(Exception):
-    """A step of the walk-through that the App did not complete."""
-
-
-def browser(width: int, height: int):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}", "--force-device-scale-factor=1"):
-        options.add_argument(arg)
-    options.binary_location = "/usr/bin/chromium"
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-
-
-def wait_for(driver, what: str, test, timeout: float = 60.0, poll: float = 0.5):
-    """Poll test(driver) until it returns something truthy; Step naming `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            found = test(driver)
-            if found:
-                return found
-        except Exception as exc:  # the page is still changing
-            last = exc
-        time.sleep(poll)
-    raise Step(f"timed out waiting for {what}" + (f" ({type(last).__name__}: {last})" if last else ""))
-
-
 def text_of(driver) -> str:
     return driver.execute_script("return document.body.innerText")
-
-
-def click(driver, element) -> None:
-    """A real pointer click (React's MUI switches and menus ignore a scripted element.click())."""
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-    ActionChains(driver).move_to_element(element).click().perform()
 
 
 def xpath(driver, path: str, what: str, timeout: float = 30.0):
     from selenium.webdriver.common.by import By
 
     return wait_for(driver, what, lambda d: d.find_elements(By.XPATH, path), timeout)[-1]
-
-
-def save(driver, path: Path) -> None:
-    """The browser's viewport as a small PNG (128 colours)."""
-    from PIL import Image
-
-    driver.save_screenshot(str(path))
-    image = Image.open(path).convert("RGB")
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
-    print(f"saved {path}")
 
 
 # ------------------------------------------------------------------------------------------ the walk

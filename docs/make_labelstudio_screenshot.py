@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _browser import Step, browser, click, save, wait_for  # docs/_browser.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
 TILE = 128
@@ -47,10 +49,6 @@ CONFIG = """<View>
     <Label value="Nucleus" background="#e6194b"/>
   </BrushLabels>
 </View>"""
-
-
-class Step(Exception):
-    """A step that Label Studio did not complete."""
 
 
 # ------------------------------------------------------------------------------------------- servers
@@ -173,40 +171,6 @@ def check_api(url: str, project_id: int, annotated: set) -> list:
 # ------------------------------------------------------------------------------------------ browser
 
 
-def browser(width: int, height: int):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}", "--force-device-scale-factor=1"):
-        options.add_argument(arg)
-    options.binary_location = "/usr/bin/chromium"
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-
-
-def wait_for(driver, what: str, test, timeout: float = 60.0, poll: float = 0.5):
-    """Poll test(driver) until it returns something truthy; Step naming `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            found = test(driver)
-            if found:
-                return found
-        except Exception as exc:  # the page is still changing
-            last = exc
-        time.sleep(poll)
-    raise Step(f"timed out waiting for {what}" + (f" ({type(last).__name__}: {last})" if last else ""))
-
-
-def click(driver, element) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-    ActionChains(driver).move_to_element(element).click().perform()
-
-
 def xpath(driver, path: str, what: str, timeout: float = 30.0):
     return wait_for(driver, what, lambda d: [e for e in d.find_elements("xpath", path) if e.is_displayed()],
                     timeout)[-1]
@@ -218,16 +182,6 @@ def table(driver) -> dict:
         "const cells = (row) => [...row.querySelectorAll('.lsf-table__cell')].map(c => c.innerText.trim());"
         "return JSON.stringify({heads: cells(document.querySelector('.lsf-table-head')),"
         "rows: [...document.querySelectorAll('.lsf-table-row')].map(cells)});"))
-
-
-def save(driver, path: Path) -> None:
-    """The browser's viewport as a small PNG (128 colours)."""
-    from PIL import Image
-
-    driver.save_screenshot(str(path))
-    image = Image.open(path).convert("RGB")
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
-    print(f"saved {path}")
 
 
 def sort_in_the_browser(driver, url: str, project_id: int, annotated: set, expected: list, out: Path) -> None:
