@@ -129,15 +129,12 @@ def robust_range(arr: np.ndarray) -> tuple[float, float]:
 
 
 def shared_range(images) -> tuple[float, float] | None:
-    """One intensity range for a run's images that are not 8-bit (robust percentiles of their pixels pooled,
-    at most ~1M of them): the examples and every target of a run then share one mapping, where each image
-    stretched by its own percentiles would not (a dim target's background painted as an example's nuclei).
-    None when every image is 8-bit (or boolean), which is used as it is."""
+    """One intensity range for a run's images that are not 8-bit (robust percentiles of their pixels pooled):
+    the examples and every target of a run, or the frames of a stack, then share one mapping, where each
+    image stretched by its own percentiles would not (a dim target's background painted as an example's
+    nuclei). None when every image is 8-bit (or boolean), which is used as it is."""
     wide = [a for a in (np.asarray(i) for i in images) if a.dtype not in (np.uint8, np.bool_)]
-    if not wide:
-        return None
-    samples = [a.ravel()[::max(1, a.size // (1_000_000 // len(wide) or 1))].astype(np.float64) for a in wide]
-    return robust_range(np.concatenate(samples))
+    return robust_range(np.concatenate([a.ravel() for a in wide])) if wide else None
 
 
 def scale_to_uint8(arr: np.ndarray, intensity_range: tuple[float, float] | None = None) -> np.ndarray:

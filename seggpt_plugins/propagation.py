@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import InputError
-from .images import robust_range, to_mask, to_rgb8
+from .images import shared_range, to_mask, to_rgb8
 from .prompts import PromptSet, as_list, is_tuned, nearest
 from .vocabulary import SEG_TYPES
 
@@ -51,11 +51,10 @@ def plan_runs(num_frames: int, annotated: Sequence[int]) -> list[Run]:
 
 def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, float] | None:
     """One robust intensity range for a whole stack (None for 8-bit data), from up to `samples` frames."""
-    first = np.asarray(frames[0])
-    if first.dtype == np.uint8:
-        return None
+    if np.asarray(frames[0]).dtype == np.uint8:
+        return None  # (without reading the other frames)
     picks = np.unique(np.linspace(0, len(frames) - 1, min(samples, len(frames))).round().astype(int))
-    return robust_range(np.stack([np.asarray(frames[int(i)]) for i in picks]))
+    return shared_range([frames[int(i)] for i in picks])
 
 
 def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
