@@ -6,9 +6,11 @@ import argparse
 import os
 
 PREDICT_HELP = """Label Studio's URL and key are taken as `serve` takes them: --label-studio-url or $LABEL_STUDIO_URL,
-$LABEL_STUDIO_API_KEY (legacy token or personal access token). The project's settings from the backend's
-/setup (its extra_params, in --state-dir) and the SEGGPT_* variables apply as they do to `serve`, so the
-predictions carry the model_version `serve` would give them.
+$LABEL_STUDIO_API_KEY (legacy token or personal access token). The project's settings are the extra params
+of its model connection to the backend, read from Label Studio (else those of the backend's last /setup, in
+--state-dir), unless --extra-params gives them; the SEGGPT_* variables apply as they do to `serve`, so the
+predictions carry the model_version `serve` would give them. A task predicted now loses this backend's
+predictions of older versions unless --keep-old-predictions (or the param keep_old_predictions) says so.
 
 exit status: 0 all predicted (or skipped), 1 some tasks failed, 2 a bad input (nothing was run)"""
 
@@ -48,6 +50,12 @@ def register_predict(commands) -> None:
     scale.add_argument("--gpus-per-actor", type=float, default=0, help="ray: GPUs per actor (default: %(default)s)")
     scale.add_argument("--cpus-per-actor", type=float, default=1, help="ray: CPUs per actor (default: %(default)s)")
     scale.add_argument("--post-batch", type=int, default=100, help="predictions per import request (default: %(default)s)")
+    predict.add_argument("--extra-params", default=None, metavar="JSON",
+                         help="the project settings, as the model connection's extra params (e.g. '{\"tile\": 512}'); "
+                              "default: the connection's, read from Label Studio")
+    predict.add_argument("--keep-old-predictions", action="store_true", default=None,
+                         help="keep this backend's predictions of older versions on the tasks predicted now "
+                              "(default: they are deleted, unless the param keep_old_predictions is true)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(handler=cmd_predict)
 
@@ -85,7 +93,9 @@ def cmd_predict(args) -> int:
         summary = predict_project(settings, args.project, work=args.work, engine=engine, ray_address=args.ray_address,
                                   actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                                   cpus_per_actor=args.cpus_per_actor, threads=args.threads,
-                                  progress=not args.quiet, post_batch=args.post_batch)
+                                  progress=not args.quiet, post_batch=args.post_batch,
+                                  extra_params=args.extra_params, keep_old_predictions=args.keep_old_predictions,
+                                  say=lambda line: print(line, file=sys.stderr, flush=True))
     except (BulkError, SegGPTError) as exc:
         return fail(str(exc))
     for task_id, reason in summary.reasons[:20]:

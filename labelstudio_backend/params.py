@@ -30,7 +30,10 @@ PARAMS = {  # extra_params a project may set in its ML backend connection, with 
     "tile": "large images are cut into tiles of this many pixels (or 'auto': six object diameters of the references; larger references are cut to their most labelled tile), segmented "
             "at that scale and stitched back (default: no tiling)",
     "halo": "pixels each tile overlaps its neighbours by, below half the tile (default 32)",
+    "keep_old_predictions": "true: a task predicted again keeps this backend's predictions of older versions "
+                            "(default false: they are deleted once the new one is posted)",
 }
+NOT_IN_VERSION = ("keep_old_predictions",)  # params that do not change what is predicted
 MAX_TILE = 1 << 16
 
 
@@ -119,7 +122,7 @@ def check_params(extra) -> dict:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
             raise RequestError(f"extra_params.polygon_tolerance must be a number from 0 to 100, got {value!r:.40}")
         params["polygon_tolerance"] = float(value)
-    for flag in ("objects", "split_touching"):
+    for flag in ("objects", "split_touching", "keep_old_predictions"):
         if extra.get(flag) is not None:
             if not isinstance(extra[flag], bool):
                 raise RequestError(f"extra_params.{flag} must be true or false, got {extra[flag]!r:.40}")

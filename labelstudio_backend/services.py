@@ -213,6 +213,19 @@ def pick_connection(connections: list, host: str | None = None) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+VERSION_NAME = re.compile(r"seggpt-[A-Za-z0-9_.-]+-(r\d+-[0-9a-f]{8}|norefs)")  # SegGPTBackend.model_version
+
+
+def older_own_prediction(model_version, name: str, names=()) -> bool:
+    """Whether a prediction named `model_version` is one of this backend's that a prediction named `name`
+    replaces: named by a version of this backend (`seggpt-<model>-<weights>-r<N>-<hash>`) or by one of
+    `names` (the Name of the project's connection to this backend), and not `name` itself. Other backends'
+    predictions (other names) are not."""
+    if not isinstance(model_version, str) or model_version == name:
+        return False
+    return model_version in names or bool(VERSION_NAME.fullmatch(model_version))
+
+
 def _netloc(url) -> str:
     """host[:port] of a URL, lower case, without a default port."""
     try:

@@ -178,3 +178,68 @@ def test_bad_inputs_are_one_line_errors(label_studio, bulk_project, tmp_path):
     assert down.returncode == 2 and "cannot reach Label Studio" in down.stderr, down.stderr
     for result in (missing, bad_key, none, wrong, down):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def _small_project(label_studio, bulk_project, title: str, count: int = 8, annotated: int = 2) -> dict:
+    """`count` of the bulk tiles in a project of their own, the `annotated` with the most nuclei annotated."""
+    tiles = bulk_project["tiles"]
+    chosen = sorted(tiles, key=lambda n: -tiles[n]["nuclei"].sum())[:count]
+    ls = bulk_project["ls"]
+    created = ls.projects.create(title=title, label_config=CONFIG)
+    files = {f"file{k}": (name, tiles[name]["png"], "image/png") for k, name in enumerate(chosen)}
+    response = requests.post(f"{label_studio['url']}/api/projects/{created.id}/import", files=files,
+                             headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
+    assert response.status_code == 201, response.text
+    names = {t.id: next(n for n in chosen if t.data["image"].endswith(n)) for t in ls.tasks.list(project=created.id)}
+    references = sorted(names, key=lambda t: chosen.index(names[t]))[:annotated]
+    for task_id in references:
+        ls.annotations.create(id=task_id, result=[_brush(tiles[names[task_id]]["nuclei"], "Nucleus")])
+    return {"ls": ls, "id": created.id, "names": names, "annotated": set(references)}
+
+
+def test_per_object_scores_progress_and_no_pile_up_of_old_versions(label_studio, bulk_project, tmp_path):
+    """Issue 32, items 5 and 6: bulk regions carry their objects' own confidences (the core's Result.instances,
+    as /predict), not the task's score copied; listing, downloads and posting report progress; a new
+    version's prediction replaces this backend's older ones (--keep-old-predictions keeps them), never
+    another model's."""
+    project = _small_project(label_studio, bulk_project, "SegGPT bulk versions")
+    ls, project_id = project["ls"], project["id"]
+    targets = set(project["names"]) - project["annotated"]
+    base = ("--project", str(project_id), "--model", "demo", "--work", str(tmp_path / "work"))
+
+    command, env = _predict(label_studio["url"], tmp_path, *base, "--extra-params", '{"objects": true}')
+    command.remove("--quiet")
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for stage in ("listing tasks", "downloading references", "downloading images", "segmenting",
+                  "posting predictions"):
+        assert stage in first.stderr, (stage, first.stderr[-2000:])
+    assert f'project {project_id}: extra params {{"objects": true}} (--extra-params)' in first.stderr, first.stderr
+    predictions = _by_task(ls, project_id)
+    assert set(predictions) == targets and all(len(p) == 1 for p in predictions.values())
+    (first_version,) = {p.model_version for ps in predictions.values() for p in ps}
+    regions = [(p.score, r["score"]) for (p,) in predictions.values() for r in p.result]
+    assert len(regions) > 2 * len(targets), "objects: true gives one brush region per object"
+    assert any(abs(task - region) > 1e-3 for task, region in regions), "every region carries the task's score"
+    for (prediction,) in predictions.values():  # each object's own confidence: they differ within a task
+        if len(prediction.result) >= 3:
+            assert len({r["score"] for r in prediction.result}) > 1, prediction.result
+
+    kept = _command(label_studio["url"], tmp_path, *base, "--extra-params", '{"objects": true, "min_area": 20}',
+                    "--keep-old-predictions")
+    assert kept.returncode == 0 and "removed" not in kept.stdout, kept.stdout + kept.stderr
+    predictions = _by_task(ls, project_id)
+    (second_version,) = {p.model_version for ps in predictions.values() for p in ps} - {first_version}
+    assert all(sorted(p.model_version for p in ps) == sorted([first_version, second_version])
+               for ps in predictions.values()), predictions
+
+    other = min(targets)  # another model's prediction: never ours to remove
+    ls.predictions.create(task=other, model_version="another-model", score=0.5, result=[])
+    third = _command(label_studio["url"], tmp_path, *base, "--extra-params", '{"objects": true, "min_area": 24}')
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"{2 * len(targets)} older prediction(s) of this backend removed" in third.stdout, third.stdout
+    after = _by_task(ls, project_id)
+    (third_version,) = {p.model_version for ps in after.values() for p in ps} - {"another-model"}
+    assert third_version not in (first_version, second_version)
+    assert {t: sorted(p.model_version for p in ps) for t, ps in after.items()} == {
+        t: sorted([third_version] + (["another-model"] if t == other else [])) for t in targets}
