@@ -145,7 +145,8 @@ def main() -> int:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the backend did not start; log:\n{log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                health = requests.get(f"{url}/health", timeout=2)
+                if health.status_code == 200 and health.json().get("model_status") == "UP":  # the model loaded
                     break
             except requests.RequestException:
                 pass

@@ -28,8 +28,8 @@ from seggpt_plugins.runner import Runner, Target
 
 from .labeling import BRUSH, POLYGON, View, annotation_to_mask, parse_label_config, prediction_to_results
 from .media import MediaError, MediaFetcher, OutOfTime, PixelBudget
-from .params import RequestError, task_id_of
-from .references import Reference, ReferenceStore
+from .params import NOT_IN_VERSION, RequestError, task_id_of
+from .references import Reference, ReferenceStore, usable_annotation
 from .services import Services, model_name
 
 log = logging.getLogger("seggpt_plugins.labelstudio")
@@ -87,6 +87,7 @@ class SegGPTBackend:
         self.record = self.services.state.get(self.project_id)
         params = dict(self.record.params if self._params_override is None else self._params_override)
         self.reference_task_ids = params.get("reference_task_ids")
+        self.ground_truth_only = params.get("references") == "ground_truth"  # only the tasks marked ground truth
         self.max_prompts = params.get("max_prompts", self.settings.max_prompts)
         self.seg_type = params.get("seg_type", self.settings.seg_type)
         self.prefer = POLYGON if params.get("prefer") == "polygon" else BRUSH
@@ -114,14 +115,20 @@ class SegGPTBackend:
         if status == "webhooks-only":
             log.info("project %s: no Label Studio URL and API key (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY): "
                      "references are the annotations webhooks delivered", self.project_id)
-        return self.services.store.references(self.project_id, self.reference_task_ids)
+        return self.chosen(self.services.store.references(self.project_id, self.reference_task_ids))
+
+    def chosen(self, refs: list[Reference]) -> list[Reference]:
+        """The references this project's params choose: with `references: "ground_truth"` only the tasks whose
+        annotation is marked ground truth (a task's ground truth is its reference when it has one)."""
+        return [r for r in refs if r.ground_truth] if self.ground_truth_only else list(refs)
 
     def model_version(self, refs: list[Reference] | None = None) -> str:
         if refs is None:
-            refs = self.services.store.references(self.project_id, self.reference_task_ids)
+            refs = self.chosen(self.services.store.references(self.project_id, self.reference_task_ids))
         digest = hashlib.sha256()
         digest.update(ReferenceStore.fingerprint(refs).encode())
-        digest.update(json.dumps(self.params, sort_keys=True).encode())
+        digest.update(json.dumps({k: v for k, v in self.params.items() if k not in NOT_IN_VERSION},
+                                 sort_keys=True).encode())
         digest.update((self.spec.key if self.spec else "").encode())
         refs_part = f"r{len(refs)}-{digest.hexdigest()[:8]}" if refs else "norefs"
         return f"seggpt-{self.services.model_tag or model_name(self.settings.model)}-{refs_part}"
@@ -191,19 +198,23 @@ class SegGPTBackend:
         settings = self.settings
         started = time.monotonic() if started is None else started
         deadline = self.deadline = started + settings.predict_timeout
-        model = self.services.model(wait=min(60.0, max(0.0, (deadline - time.monotonic()) / 2)))
+        model = self.services.model(wait=max(0.0, deadline - time.monotonic()))  # still loading: within the deadline
         refs = self.refresh_references(timeout=max(0.5, min(30.0, (deadline - time.monotonic()) / 3)))
         version = self.model_version(refs)
         if not refs:
-            log.warning("project %s: no annotated task yet%s: the %d task(s) get no prediction now. Annotate "
-                        "at least one task (brush or polygon regions); a task is predicted when opened or "
-                        "retrieved after that.", self.project_id, f" among reference_task_ids "
-                        f"{self.reference_task_ids}" if self.reference_task_ids else "", len(tasks))
+            log.warning("project %s: no %s yet%s: the %d task(s) get no prediction now. %s; a task is predicted "
+                        "when opened or retrieved after that.", self.project_id,
+                        "annotation marked ground truth" if self.ground_truth_only else "annotated task",
+                        f" among reference_task_ids {self.reference_task_ids}" if self.reference_task_ids else "",
+                        len(tasks), "Mark an annotation as ground truth (extra param references: ground_truth)"
+                        if self.ground_truth_only else "Annotate at least one task (brush or polygon regions)")
             self.services.metrics.add("predict_without_references")
             return [[] for _ in tasks]
         fetcher = self.services.fetcher_for(self.record)
         reference_ids = {ref.task_id for ref in refs}
-        outcomes = [TaskOutcome(reference=isinstance(task, dict) and task_id_of(task.get("id")) in reference_ids)
+        # references and other annotated tasks (not chosen as references) are never predicted
+        outcomes = [TaskOutcome(reference=isinstance(task, dict) and (task_id_of(task.get("id")) in reference_ids
+                                                                      or _annotated(task)))
                     for task in tasks]
         targets = {i: task for i, task in enumerate(tasks) if not outcomes[i].reference}
         for view in self.spec.views:
@@ -221,7 +232,41 @@ class SegGPTBackend:
             self._predict_view(model, targets, view, prepared, fetcher, outcomes, deadline)
         name = self.prediction_name(version)
         self._report(tasks, outcomes, refs, version, name, started)
-        return [outcome.item(name) for outcome in outcomes]
+        items = [outcome.item(name) for outcome in outcomes]
+        if not self.params.get("keep_old_predictions", False):
+            self._remove_older(tasks, items, name, deadline)
+        return items
+
+    def _remove_older(self, tasks: list, items: list, name: str, deadline: float) -> None:
+        """Delete, through the API, this backend's predictions of older versions (services.older_own_prediction)
+        of the tasks predicted now, as Label Studio listed them in the request: it saves the new one after this
+        answer, and they would pile up one per version. Other backends' predictions stay; the extra param
+        keep_old_predictions keeps them all. Best effort, within the deadline."""
+        from .services import older_own_prediction
+
+        stale = [p["id"] for task, item in zip(tasks, items) if item and isinstance(task, dict)
+                 for p in task.get("predictions") or () if isinstance(p, dict) and _is_id(p.get("id"))
+                 and older_own_prediction(p.get("model_version"), name)]
+        api = self.services.api_for(self.record) if stale else None
+        if api is None:
+            return
+        client = self.services.store.client(*api)
+        removed = 0
+        for prediction_id in stale:
+            left = deadline - time.monotonic()
+            if left < 0.5:
+                break
+            try:
+                client.predictions.delete(id=prediction_id, request_options={"timeout": min(10.0, left),
+                                                                              "max_retries": 0})
+                removed += 1
+            except Exception as exc:  # an HTTP error status (404: gone already), or httpx's transport errors
+                log.info("project %s: cannot delete the older prediction %s (%s)", self.project_id, prediction_id,
+                         getattr(exc, "status_code", None) or type(exc).__name__)
+        if removed:
+            self.services.metrics.add("older_predictions_removed", removed)
+            log.info("project %s: removed %d older prediction(s) of this backend from the tasks predicted now "
+                     "(extra param keep_old_predictions keeps them)", self.project_id, removed)
 
     def _report(self, tasks, outcomes: list[TaskOutcome], refs, version: str, name: str, started: float) -> None:
         left = sum(o.left_for_later and not o.reference for o in outcomes)
@@ -279,7 +324,11 @@ class SegGPTBackend:
                 outcome.missed = True
             return
         try:
-            for result in runner.run(targets, deadline=deadline):
+            def on_event(event) -> None:  # tiles painted: /metrics shows how far a large image got
+                if event.kind == "tile":
+                    self.services.metrics.add("tiles_painted")
+
+            for result in runner.run(targets, deadline=deadline, on_event=on_event):
                 outcome = outcomes[result.key]
                 if result.ok:
                     self.budget.give(result.prediction.labels.size)
@@ -314,6 +363,16 @@ class SegGPTBackend:
         self.record = self.services.state.get(self.project_id)
         log.info("project %s: %s: %s (generation %d)", self.project_id, event, summary, generation)
         return {"event": event, "project": self.project_id, "references": summary}
+
+
+def _annotated(task: dict) -> bool:
+    """The task as Label Studio sent it has an annotation (not cancelled, with regions)."""
+    annotations = task.get("annotations")
+    return isinstance(annotations, list) and any(isinstance(a, dict) and usable_annotation(a) for a in annotations)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 __all__ = ["SegGPTBackend", "TaskOutcome", "PreparedReference"]

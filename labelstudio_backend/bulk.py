@@ -156,7 +156,10 @@ class ProjectPredictor:
             refs = self.services.store.list_annotated(self.project_id, url, key, self.backend.reference_task_ids)
         except Exception as exc:
             raise _api_error(exc, url, self.project_id) from None
-        self.refs = sorted(refs.values(), key=lambda r: r.task_id)
+        self.refs = self.backend.chosen(sorted(refs.values(), key=lambda r: r.task_id))
+        if not self.refs and self.backend.ground_truth_only:
+            raise BulkError(f"project {self.project_id} has no annotation marked ground truth, and its extra params "
+                            "say references: ground_truth: mark the annotations to learn from as ground truth")
         if not self.refs:
             raise BulkError(f"project {self.project_id} has no annotated task: annotate at least one task with brush "
                             "or polygon regions (the examples SegGPT learns from), then run this again")
@@ -232,7 +235,7 @@ class ProjectPredictor:
             try:
                 params = check_params(self.explicit_params)
             except RequestError as exc:
-                raise BulkError(f"--extra-params: {str(exc).removeprefix('extra_params')}") from None
+                raise BulkError(f"--extra-params: {exc}") from None
             if connected is not None and connected != params:
                 self.say(f"warning: {where}: --extra-params {_compact(params)} differ from the extra params of its "
                          f"model connection {self.connection.get('title')!r} ({_compact(connected)}), which Retrieve "

@@ -16,6 +16,8 @@ from seggpt_plugins.vocabulary import SEG_TYPES
 MAX_PROJECT_ID = (1 << 63) - 1  # Label Studio's ids are 64-bit integers (and so are SQLite's)
 PARAMS = {  # extra_params a project may set in its ML backend connection, with their checks
     "reference_task_ids": "a list of task ids whose annotations are the prompts (default: all annotated tasks)",
+    "references": "'annotated' (default: every annotated task is a reference) or 'ground_truth' (only tasks whose "
+                  "annotation is marked ground truth, the star in Label Studio: the ones you chose)",
     "max_prompts": "references per target, 1..64 (most similar first)",
     "seg_type": " or ".join(repr(t) for t in SEG_TYPES),
     "prefer": "'brush' or 'polygon': the output of a label that both kinds of control have",
@@ -35,6 +37,7 @@ PARAMS = {  # extra_params a project may set in its ML backend connection, with 
 }
 NOT_IN_VERSION = ("keep_old_predictions",)  # params that do not change what is predicted
 MAX_TILE = 1 << 16
+REFERENCE_CHOICES = ("annotated", "ground_truth")
 
 
 class RequestError(ValueError):
@@ -99,6 +102,11 @@ def check_params(extra) -> dict:
         if not isinstance(ids, list) or not ids or not all(_is_int(i) and 0 < i <= MAX_PROJECT_ID for i in ids):
             raise RequestError("extra_params.reference_task_ids must be a non-empty list of task ids (integers)")
         params["reference_task_ids"] = sorted(set(ids))
+    if extra.get("references") is not None:
+        if extra["references"] not in REFERENCE_CHOICES:
+            raise RequestError(f"extra_params.references must be 'annotated' or 'ground_truth', "
+                               f"got {extra['references']!r:.40}")
+        params["references"] = extra["references"]
     if extra.get("max_prompts") is not None:
         value = extra["max_prompts"]
         if not _is_int(value) or not 1 <= value <= 64:

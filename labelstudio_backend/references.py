@@ -196,7 +196,8 @@ class ReferenceStore:
 
     # ------------------------------------------------------------------------------------ listing
 
-    def _client(self, base_url: str, api_key: str):
+    def client(self, base_url: str, api_key: str):
+        """The SDK client for a Label Studio URL and key (one per pair, reused)."""
         from label_studio_sdk import LabelStudio
 
         with self._lock:
@@ -214,7 +215,7 @@ class ReferenceStore:
             query["selectedItems"] = {"all": False, "included": [int(i) for i in task_ids]}
         options = {"timeout": timeout, "max_retries": 0} if timeout else None
         refs = {}
-        pager = self._client(base_url, api_key).tasks.list(project=project_id, query=json.dumps(query), fields="all",
+        pager = self.client(base_url, api_key).tasks.list(project=project_id, query=json.dumps(query), fields="all",
                                                            page_size=100, request_options=options)
         for task in pager:
             ref = reference_from(task, pick_annotation(_field(task, "annotations")))
@@ -230,7 +231,7 @@ class ReferenceStore:
         Studio call every connected backend's /setup first, and this is called from /setup.
         """
         options = {"timeout": timeout, "max_retries": 0} if timeout else None
-        response = self._client(base_url, api_key)._client_wrapper.httpx_client.request(
+        response = self.client(base_url, api_key)._client_wrapper.httpx_client.request(
             f"api/projects/{int(project_id)}/model-versions/", method="GET",
             params={"extended": True, "include_live_models": True, "limit": 1}, request_options=options)
         if not 200 <= response.status_code < 300:

@@ -1,6 +1,6 @@
 """The HTTP protocol Label Studio 1.23 speaks to an ML backend, served with Flask 3.
 
-    GET  /health   -> {"status": "UP", ...}            (503 while the model loads, 500 if it failed)
+    GET  /health   -> {"status": "UP", "model_status": "UP" | "LOADING", ...}   (500 if the model failed)
     POST /setup    {project, schema, hostname, access_token, extra_params} -> {"model_version"}
     POST /predict  {tasks, project, label_config, params} -> {"results": [one item per task], "model_version"}
     POST /webhook  {action, annotation, task, project, ...} -> 201
@@ -123,12 +123,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @app.get("/")
     @app.get("/health")
     def health():
+        """UP (200) as soon as the worker listens, the model loaded or still loading ("model_status"): Label
+        Studio checks /health (1 s) and /setup (3 s) before each /predict and sends nothing while they fail,
+        and /predict waits for the model within its deadline, so a task opened right after a restart is
+        predicted. A model that failed to load is an ERROR (500)."""
         status, problem = services.model_status()
-        body = {"status": status, "model_class": "SegGPTBackend", "model": settings.model,
-                "model_version": services.model_tag}
+        body = {"status": "UP" if status in ("UP", "LOADING") else status, "model_status": status,
+                "model_class": "SegGPTBackend", "model": settings.model, "model_version": services.model_tag}
         if problem:
             body["error"] = problem
-        return jsonify(body), {"UP": 200, "LOADING": 503}.get(status, 500)
+        return jsonify(body), 500 if status == "ERROR" else 200
 
     @app.post("/setup")
     def setup():
@@ -143,13 +147,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         services.state.set_setup(project_id, params, hostname, token or None)
         schema = data.get("schema")
         backend = SegGPTBackend(project_id, schema if schema else None, services)
-        services.model(wait=1.0)  # the model version includes the model's fingerprint
         # predictions carry the connection's Name (the prelabeling choice connecting sets, which the Prediction
         # score column matches exactly), and /setup answers it too: Label Studio skips the tasks that have a
         # prediction of the version /setup answers, and prelabels with those predictions
         backend.record.name = services.connection_name(project_id, backend.record, request.host, SETUP_NAME_TIMEOUT_S)
         left = SETUP_BUDGET_S - (time.monotonic() - g.started)
         refs = backend.refresh_references(timeout=max(0.5, left))
+        if not backend.record.name:  # the answer is the backend's version, which has the weights' fingerprint
+            services.model(wait=max(0.0, SETUP_BUDGET_S - (time.monotonic() - g.started)))
         version = backend.model_version(refs)
         name = backend.prediction_name(version)
         log.info("project %s: setup: %d reference(s), params %s, model version %s%s", project_id, len(refs), params,
@@ -233,6 +238,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         status, _ = services.model_status()
         snapshot = services.metrics.snapshot()
         snapshot.update({"model": settings.model, "model_status": status, "model_tag": services.model_tag,
+                         "model_busy": services.inference_lock.locked(),  # a request holds the model now
                          "reference_listings": services.store.listings, "image_cache": services.images.stats(),
                          "mask_cache": services.masks.stats()})
         return jsonify(snapshot)

@@ -563,7 +563,7 @@ def test_a_bad_extra_param_is_logged_in_one_line_naming_the_key(make_client, cap
     line = record.getMessage()
     assert record.levelno == logging.WARNING and "\n" not in line
     assert line.startswith("project 7: POST /setup refused (HTTP 400)") and "did you mean 'max_prompts'?" in line
-    assert "known keys: reference_task_ids, max_prompts," in line
+    assert "known keys: reference_task_ids, references, max_prompts," in line
 
 
 def test_predictions_carry_the_name_of_the_projects_model_connection(make_client, fake_ls, tiles, tmp_path, caplog):
@@ -939,7 +939,7 @@ def test_model_loading_is_reported_by_health(demo_model):
     services = Services(settings)
     client = create_app(settings, services, load_model=True).test_client()
     deadline = time.monotonic() + 60
-    while client.get("/health").status_code == 503 and time.monotonic() < deadline:
+    while client.get("/health").json["model_status"] == "LOADING" and time.monotonic() < deadline:
         time.sleep(0.1)
     response = client.get("/health")
     assert response.status_code == 500 and response.json["status"] == "ERROR" and response.json["error"]

@@ -171,12 +171,15 @@ def test_bad_inputs_are_one_line_errors(label_studio, bulk_project, tmp_path):
     wrong = _command(url, tmp_path, "--project", str(choices.id))
     assert wrong.returncode == 2 and "no <BrushLabels> or <PolygonLabels>" in wrong.stderr, wrong.stderr
 
+    typo = _command(url, tmp_path, "--project", str(bulk_project["id"]), "--extra-params", '{"max_prompt": 3}')
+    assert typo.returncode == 2 and "'max_prompt' (did you mean 'max_prompts'?)" in typo.stderr, typo.stderr
+
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     down = _command(f"http://127.0.0.1:{port}", tmp_path, "--project", "1")
     assert down.returncode == 2 and "cannot reach Label Studio" in down.stderr, down.stderr
-    for result in (missing, bad_key, none, wrong, down):
+    for result in (missing, bad_key, none, wrong, typo, down):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 

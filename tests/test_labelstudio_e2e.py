@@ -131,25 +131,34 @@ def label_studio(label_studio_bin, tmp_path_factory):
         _stop(process)
 
 
+def _seggpt() -> list:
+    seggpt = Path(sys.executable).with_name("seggpt")
+    return [str(seggpt)] if seggpt.exists() else [sys.executable, "-m", "seggpt_plugins.cli"]
+
+
+def _serve(label_studio, log: Path, port: int, *extra: str, state: Path | None = None) -> subprocess.Popen:
+    """A `seggpt labelstudio serve` process with the demo model, basic auth, on loopback, logging to `log`."""
+    command = _seggpt() + ["labelstudio", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                           "--threads", "4", "--max-prompts", "2", "--batch-size", "8", *extra]
+    env = dict(os.environ, LABEL_STUDIO_URL=label_studio["url"], LABEL_STUDIO_API_KEY=TOKEN, SEGGPT_MODEL="demo",
+               SEGGPT_DEVICE="cpu", BASIC_AUTH_USER=BASIC[0], BASIC_AUTH_PASS=BASIC[1], HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1", SEGGPT_STATE_DIR=str(state or log.parent / "state"))  # not the user's own
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def backend(label_studio, tmp_path_factory):
     """`seggpt labelstudio serve` as Label Studio would reach it: its own process, basic auth, on loopback."""
     log = tmp_path_factory.mktemp("backend") / "backend.log"
     port = _free_port()
-    seggpt = Path(sys.executable).with_name("seggpt")
-    command = [str(seggpt)] if seggpt.exists() else [sys.executable, "-m", "seggpt_plugins.cli"]
-    command += ["labelstudio", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--threads", "4", "--max-prompts", "2", "--batch-size", "8"]
-    env = dict(os.environ, LABEL_STUDIO_URL=label_studio["url"], LABEL_STUDIO_API_KEY=TOKEN, SEGGPT_MODEL="demo",
-               SEGGPT_DEVICE="cpu", BASIC_AUTH_USER=BASIC[0], BASIC_AUTH_PASS=BASIC[1], HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1", SEGGPT_STATE_DIR=str(log.parent / "state"))  # not the user's own state
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                   start_new_session=True)
+    process = _serve(label_studio, log, port)
     try:
         url = f"http://127.0.0.1:{port}"
         health = _wait_for(f"{url}/health", process, log, 240, "the SegGPT backend", auth=BASIC)
-        assert health.json()["status"] == "UP"
+        assert health.json()["status"] == "UP"  # as soon as it listens, the model loaded or still loading
+        _wait_model_loaded(url, process, log)
         assert requests.get(f"{url}/health", timeout=5).status_code == 401  # basic auth is on
         maps = Path(f"/proc/{process.pid}/maps")
         if maps.exists():  # the gunicorn master never loads torch: the model is made in the worker, after fork
@@ -468,6 +477,164 @@ def test_a_bad_extra_param_is_named_in_the_backend_log(label_studio, backend, pr
     assert refused.value.status_code == 400
     lines = [line for line in backend["log"].read_text().splitlines() if "'max_prompt'" in line]
     assert lines and all("did you mean 'max_prompts'?" in line and "/setup refused" in line for line in lines), lines
+
+
+def _bulk(label_studio, tmp_path: Path, project_id: int, *extra: str) -> subprocess.CompletedProcess:
+    """`seggpt labelstudio predict` with the demo model and a state directory of its own."""
+    env = dict(os.environ, LABEL_STUDIO_URL=label_studio["url"], LABEL_STUDIO_API_KEY=TOKEN, HF_HUB_OFFLINE="1",
+               SEGGPT_DEVICE="cpu", SEGGPT_STATE_DIR=str(tmp_path / "state"), PYTHONUNBUFFERED="1")
+    return subprocess.run(_seggpt() + ["labelstudio", "predict", "--quiet", "--project", str(project_id), "--model",
+                                       "demo", "--work", str(tmp_path / "work"), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_bulk_reads_the_connection_and_old_versions_do_not_pile_up(label_studio, backend, tiles, tmp_path):
+    """Issue 32, item 5: a bulk run before the backend is connected names its predictions by the version;
+    Retrieve Predictions through the connection replaces them (this backend's older versions go, by /predict
+    too), and the bulk command then reads the connection's extra params from Label Studio, saying so, and
+    warns when --extra-params differ."""
+    project = _new_project(label_studio, {n: tiles[n] for n in list(tiles)[:4]}, "SegGPT versions")
+    ls, project_id, names = project["ls"], project["id"], project["names"]
+    reference = min(names)
+    targets = set(names) - {reference}
+    ls.annotations.create(id=reference, result=[_brush(tiles[names[reference]]["nuclei"], "Nucleus")])
+
+    before = _bulk(label_studio, tmp_path, project_id, "--extra-params", '{"objects": true}')
+    assert before.returncode == 0 and "3 predicted now" in before.stdout, before.stdout + before.stderr
+    (version,) = {p.model_version for p in ls.predictions.list(project=project_id)}
+    assert version.startswith("seggpt-demo-") and "-r1-" in version
+
+    ls.ml.create(project=project_id, url=backend["url"], title="SegGPT", auth_method="BASIC_AUTH",
+                 basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1], extra_params=json.dumps({"objects": True}))
+    removed = _metrics(backend)["counters"].get("older_predictions_removed", 0)
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
+    for task_id in targets:  # one tab per task: the version's prediction went when the connection's came
+        assert [p.model_version for p in ls.predictions.list(task=task_id)] == ["SegGPT"], _tail(backend["log"])
+    assert _metrics(backend)["counters"].get("older_predictions_removed", 0) == removed + len(targets)
+
+    again = _bulk(label_studio, tmp_path, project_id)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f'project {project_id}: extra params {{"objects": true}} of its model connection \'SegGPT\' '
+            "(Label Studio)") in again.stderr, again.stderr
+    assert "0 predicted now, 3 skipped (already predicted by SegGPT)" in again.stdout, again.stdout
+    other = _bulk(label_studio, tmp_path, project_id, "--extra-params", '{"objects": false}')
+    assert other.returncode == 0, other.stdout + other.stderr
+    warning = [line for line in other.stderr.splitlines() if "differ" in line]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: project {project_id}: --extra-params "
+                                                       '{"objects": false} differ from the extra params of its '
+                                                       "model connection 'SegGPT' ({\"objects\": true})"), other.stderr
+    assert all(len(ls.predictions.list(task=task_id)) == 1 for task_id in targets)
+
+
+def test_only_the_annotations_marked_ground_truth_are_references(label_studio, backend, tiles):
+    """Issue 32, item 6: accepting a mediocre prediction with a small edit makes it a reference; with the extra
+    param references: ground_truth only the annotations marked ground truth (the star in Label Studio) are,
+    and the other annotated tasks are not predicted either."""
+    project = _new_project(label_studio, {n: tiles[n] for n in list(tiles)[:4]}, "SegGPT chosen references")
+    ls, project_id, names = project["ls"], project["id"], project["names"]
+    chosen, accepted, *targets = sorted(names)
+    ls.annotations.create(id=chosen, result=[_brush(tiles[names[chosen]]["nuclei"], "Nucleus")], ground_truth=True)
+    rough = np.zeros((128, 128), bool)  # an accepted proposal, barely edited: a box where the nuclei are not
+    rough[8:40, 8:40] = True
+    ls.annotations.create(id=accepted, result=[_brush(rough, "Nucleus")])
+    assert [a.ground_truth for a in ls.annotations.list(id=chosen)] == [True]
+    ls.ml.create(project=project_id, url=backend["url"], title="SegGPT", auth_method="BASIC_AUTH",
+                 basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1],
+                 extra_params=json.dumps({"references": "ground_truth"}))
+    ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []})
+    last = _metrics(backend)["last_predict"]
+    assert last["references"] == 1 and "-r1-" in last["version"], last  # the rough annotation is not one
+    assert last["reference_tasks"] == 2 and last["predicted"] == len(targets), last  # annotated: never predicted
+    assert not ls.predictions.list(task=chosen) and not ls.predictions.list(task=accepted)
+    for task_id in targets:
+        (prediction,) = ls.predictions.list(task=task_id)
+        assert _iou(_decode(prediction.result[0]), tiles[names[task_id]]["nuclei"]) > 0.05
+
+
+def _wait_model_loaded(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the backend exited with code {process.returncode}; log tail:\n{_tail(log)}")
+        if requests.get(f"{url}/health", auth=BASIC, timeout=5).json().get("model_status") == "UP":
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the backend's model did not load in {timeout:.0f} s; log tail:\n{_tail(log)}")
+
+
+def _image8(image: np.ndarray) -> np.ndarray:
+    low, high = float(image.min()), float(np.percentile(image, 99.8))
+    return np.clip((image.astype(np.float64) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+
+
+def _first_answer(url: str, process: subprocess.Popen, log: Path, timeout: float = 240):
+    """The first HTTP answer of a starting server (any status), polled every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the backend exited with code {process.returncode}; log tail:\n{_tail(log)}")
+        try:
+            return requests.get(url, auth=BASIC, timeout=5)
+        except requests.RequestException:
+            time.sleep(0.05)
+    pytest.fail(f"no answer from {url} after {timeout:.0f} s; log tail:\n{_tail(log)}")
+
+
+def test_a_large_task_past_the_deadline_is_predicted_when_opened_right_after_a_restart(label_studio, nuclei2d, tiles,
+                                                                                       tmp_path):
+    """Issue 32, items 3 and 6: with tiles, the deadline is checked between them: a 512x512 task (121 tiles of
+    64 pixels) against a 3 s --predict-timeout gets no prediction, the worker is free at once, and nothing is
+    saved; the backend restarted with the default timeout answers /health while its model loads, so the task
+    opened right then is predicted (Label Studio sends nothing to a backend whose /health fails)."""
+    from PIL import Image
+
+    image, mask = nuclei2d
+    png = io.BytesIO()
+    Image.fromarray(_image8(image)).save(png, format="PNG")
+    project = _new_project(label_studio, {"reference.png": tiles["tile_0_0.png"],
+                                          "large.png": {"png": png.getvalue(), "nuclei": mask > 0}}, "SegGPT large")
+    ls, project_id, names = project["ls"], project["id"], project["names"]
+    by_name = {name: task_id for task_id, name in names.items()}
+    reference, large = by_name["reference.png"], by_name["large.png"]
+    ls.annotations.create(id=reference, result=[_brush(tiles["tile_0_0.png"]["nuclei"], "Nucleus")])
+    port, state = _free_port(), tmp_path / "state"
+    url = f"http://127.0.0.1:{port}"
+
+    short = _serve(label_studio, tmp_path / "short.log", port, "--predict-timeout", "3", state=state)
+    try:
+        _wait_for(f"{url}/health", short, tmp_path / "short.log", 240, "the SegGPT backend", auth=BASIC)
+        _wait_model_loaded(url, short, tmp_path / "short.log")  # so that the 3 s go to the image
+        ls.ml.create(project=project_id, url=url, title="SegGPT", auth_method="BASIC_AUTH", basic_auth_user=BASIC[0],
+                     basic_auth_pass=BASIC[1], extra_params=json.dumps({"tile": 64, "halo": 8}))
+        ls.projects.update(id=project_id, evaluate_predictions_automatically=False, show_collab_predictions=True)
+        ls.actions.create(id="retrieve_tasks_predictions", project=project_id,
+                          selected_items={"all": True, "excluded": []})
+        assert not ls.predictions.list(task=large), _tail(tmp_path / "short.log")
+        metrics = _metrics({"url": url})
+        assert metrics["last_predict"]["left"] == 1 and metrics["last_predict"]["predicted"] == 0, metrics
+        painted = metrics["counters"].get("tiles_painted", 0)
+        assert 0 < painted < 121, f"{painted} of 121 tiles painted: the deadline was not checked between tiles"
+        assert metrics["model_busy"] is False  # the worker holds the model no longer
+        assert "1 task(s) were not reached within 3 s" in (tmp_path / "short.log").read_text()
+    finally:
+        _stop(short, grace=30)
+
+    restarted = _serve(label_studio, tmp_path / "restarted.log", port, state=state)  # the default 90 s
+    try:
+        first = _first_answer(f"{url}/health", restarted, tmp_path / "restarted.log")
+        assert first.status_code == 200, first.text  # a 503 while loading: Label Studio would send nothing
+        headers = {"Authorization": f"Token {TOKEN}"}
+        opened = requests.get(f"{label_studio['url']}/api/tasks/{large}/", headers=headers, timeout=150)
+        assert opened.status_code == 200, opened.text[:300]
+        (prediction,) = ls.predictions.list(task=large)
+        assert prediction.model_version == "SegGPT" and prediction.result, _tail(tmp_path / "restarted.log")
+        assert _decode(prediction.result[0]).shape == (512, 512)
+        assert _iou(_decode(prediction.result[0]), mask > 0) > 0.05
+        assert _metrics({"url": url})["counters"]["tiles_painted"] == 121
+        print(f"the task was opened while the model was {first.json()['model_status']} "
+              f"(painted {painted} of 121 tiles within the 3 s)")
+    finally:
+        _stop(restarted, grace=30)
 
 
 def test_backend_stops_cleanly(backend):
