@@ -173,6 +173,39 @@ def to_rgb8(obj: Any, intensity_range: tuple[float, float] | None = None, name: 
     return np.ascontiguousarray(arr)
 
 
+#: Luminance weights (ITU-R BT.601) that make a colour image grey.
+LUMA = (0.299, 0.587, 0.114)
+#: A pixel whose channels differ by more than this (0..255) is coloured; an image with fewer than
+#: GREY_SHARE of such pixels is grey (JPEG chroma noise and bf16 rounding stay below it).
+GREY_SPREAD, GREY_SHARE = 8, 0.01
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether (..., H, W, 3) pixels in 0..255 are grey: their three channels (nearly) one."""
+    arr = np.asarray(rgb)
+    spread = arr.max(axis=-1).astype(np.int16) - arr.min(axis=-1)
+    return np.count_nonzero(spread > GREY_SPREAD) <= GREY_SHARE * spread.size
+
+
+def to_grey(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 colour -> its luminance in all three channels, uint8."""
+    luma = np.asarray(rgb, np.float32) @ np.asarray(LUMA, np.float32)
+    return np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def one_colour_mode(target: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A target (H, W, 3) and its examples (P, h, w, 3), uint8, brought to one colour mode: colour examples
+    of a grey target are made grey, a colour target of grey examples is made grey (SegGPT copies what the
+    examples look like: a colour example finds little in a grey image, and the other way round). Returns
+    the arrays given where nothing changes, so `is` tells what did."""
+    grey_target, grey_examples = is_grey(target), [is_grey(e) for e in examples]
+    if grey_target and not all(grey_examples):
+        return target, np.stack([e if g else to_grey(e) for e, g in zip(examples, grey_examples)])
+    if not grey_target and grey_examples and all(grey_examples):
+        return to_grey(target), examples
+    return target, examples
+
+
 def to_mask(obj: Any, name: str = "mask") -> np.ndarray:
     """A prompt mask as (H, W) integer labels or (H, W, 3) uint8 colours."""
     arr = as_array(obj, name, as_mask=True)

@@ -11,6 +11,8 @@ Every host drives this loop: `SegGPT.segment` / `iter_segment` (the CLI, napari)
 - decoding ahead of the device (reader threads, a window of a few batches);
 - which examples a target is shown (all of a PromptSet, or the k most alike from a PromptPool) and a
   bounded cache of the PromptSets prepared for each choice;
+- examples and target in one colour mode (grey examples make a colour target grey, a grey target makes
+  colour examples grey: images.one_colour_mode);
 - batches of targets, and of the tiles of large targets, of any sizes and prompt sets;
 - per-target failures: a target that cannot be read or segmented is a `Result` with an `error`, and a
   batch that fails is retried target by target;
@@ -29,7 +31,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,7 +40,7 @@ import numpy as np
 from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid, tile_size
 from .errors import InputError, SegGPTError
 from .example_ids import check_example_ids
-from .images import as_array, to_rgb8
+from .images import as_array, one_colour_mode, to_rgb8
 from .instances import Instances, ObjectRule
 from .prediction import Prediction
 from .prompts import PromptPool, PromptSet
@@ -187,6 +189,7 @@ class Runner:
         if isinstance(prompts, PromptPool):
             self.code = model.color_code([], [], label_ids) if label_ids is not None else prompts.code
         self._sets: OrderedDict = OrderedDict()  # choice -> PromptSet
+        self._modes: OrderedDict = OrderedDict()  # id(PromptSet) -> [it, its examples' RGB, it made grey]
         self._sets_kept = max(1, prompt_sets_kept)
         self._lock = threading.Lock()
 
@@ -359,6 +362,10 @@ class Runner:
             return self._failed(index, target, exc)
         if prompts is None:
             return Result(target.key, index, error=NO_EXAMPLES, skipped=True)
+        try:
+            rgb, prompts = self._one_colour_mode(rgb, prompts)
+        except Exception as exc:
+            return self._failed(index, target, exc)
         size = auto_tile(prompts.sizes, rgb.shape) if self.tile == "auto" else self.tile
         height, width = rgb.shape[:2]
         if size:
@@ -367,6 +374,28 @@ class Runner:
             grid = [Tile((0, height, 0, width), (0, height, 0, width))]
         views = (False, True) if self.quality == "full" else (False,)
         return _Job(index, target, rgb, prompts, keys, grid, views, tiled=bool(size))
+
+    def _one_colour_mode(self, rgb: np.ndarray, prompts: PromptSet) -> tuple[np.ndarray, PromptSet]:
+        """The target and its prompts in one colour mode (images.one_colour_mode): the examples' pixels are
+        read back from the prepared set once, and a set made grey is encoded once. Tuned prompts (learnt
+        pixels) are left as they are."""
+        if prompts.shown is None:
+            return rgb, prompts
+        with self._lock:
+            kept = self._modes.get(id(prompts))
+            if kept is None or kept[0] is not prompts:
+                from .modeling import denormalize
+
+                pixels = denormalize(prompts.images.float()).round().permute(0, 2, 3, 1).cpu().numpy()
+                kept = self._modes[id(prompts)] = [prompts, pixels.astype(np.uint8), None]
+                while len(self._modes) > self._sets_kept:
+                    self._modes.popitem(last=False)
+            target, examples = one_colour_mode(rgb, kept[1])
+            if examples is kept[1]:
+                return target, prompts
+            if kept[2] is None:
+                kept[2] = replace(prompts, images=self.model.encode_images(list(examples)))
+            return target, kept[2]
 
     @staticmethod
     def _pieces(job: _Job) -> Iterator[_Piece]:
