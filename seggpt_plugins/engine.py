@@ -258,14 +258,15 @@ class SegGPT:
 
     # -------------------------------------------------------------------------------------- model
 
-    def paint(self, targets, prompt_images, prompt_masks, owner, seg_type: str = "instance"):
+    def paint(self, targets, prompt_images, prompt_masks, owner, seg_type: str = "instance", weight=None):
         """Low level: normalised tensors in, (T, 3, h, w) float paintings in 0..255 out (see modeling.paint)."""
         from . import modeling
 
         if seg_type not in SEG_TYPES:
             raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
         with self._torch.inference_mode():
-            out = self._forward(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention)
+            out = self._forward(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention,
+                                weight)
             return modeling.denormalize(out.float())
 
     def paint_targets(self, targets, prompt_sets: list[PromptSet], seg_type: str):
@@ -278,8 +279,12 @@ class SegGPT:
         else:
             images = torch.cat([s.images for s in prompt_sets])
             masks = torch.cat([s.masks for s in prompt_sets])
+        weight = None
+        if any(s.weights is not None for s in prompt_sets):  # (N,): each prompt row's weight in its target's mean
+            weight = torch.cat([s.weights if s.weights is not None else torch.ones(len(s)) for s in prompt_sets])
+            weight = weight.to(self.device)
         targets = targets if torch.is_tensor(targets) else torch.stack(targets)
-        return self.paint(targets, images, masks, owner.to(self.device), seg_type)
+        return self.paint(targets, images, masks, owner.to(self.device), seg_type, weight)
 
     def to_predictions(self, paintings, sizes: list[tuple[int, int]], codes: list[ColorCode], indices: list[int],
                        with_painting: bool = False) -> list[Prediction]:
@@ -418,7 +423,8 @@ class SegGPT:
     def propagate(self, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
                   annotations: dict[int, Any] | None = None, max_prompts: int | None = None,
                   batch_size: int = 8, seg_type: str = "instance", intensity_range=None,
-                  label_ids=None, ensemble: str = "feature", quality: str | None = "fast") -> Iterator[Prediction]:
+                  label_ids=None, ensemble: str = "feature", quality: str | None = "fast",
+                  memory_gate: bool = True) -> Iterator[Prediction]:
         """Propagate masks through a stack or video; yields one Prediction per frame that is not annotated.
 
         Prompts are fixed: the given example pairs and/or `annotations` ({frame index: mask}) inside the
@@ -426,8 +432,12 @@ class SegGPT:
         video cache) in the same colours, so each object keeps its id. With annotations, runs go outward in
         both directions from the annotated frames; without, frames are processed in order. `ensemble`
         (see prepare_prompts) arranges the fixed examples; the memory frames join as feature prompts.
+        The memory is held to the examples so it does not drift (propagation.py): it weighs at most as much
+        as the fixed prompts, and a frame painted far more or less than the examples does not join it
+        (`Prediction.joined_memory`); memory_gate=False lifts both rules.
         quality: "fast" (the default) or None, as in `segment`, judged against the fixed examples.
         """
         return propagate(self, frames, prompt_images, prompt_masks, memory=memory, annotations=annotations,
                          max_prompts=max_prompts, batch_size=batch_size, seg_type=seg_type,
-                         intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble, quality=quality)
+                         intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble, quality=quality,
+                         memory_gate=memory_gate)

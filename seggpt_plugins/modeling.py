@@ -10,6 +10,8 @@ Notation (shapes in comments):
 Painter's feature ensemble: after attention in every block, the target half of the features is
 averaged over the prompts of the same target; in blocks 0..merge_index within each stream (image
 and mask) separately, afterwards over the merged rows. A target with one prompt is never averaged.
+The mean may be weighted per prompt row (`weight`, (N,)): propagation lets its memory of predicted
+frames weigh no more than the annotated examples (propagation.py).
 Because averaging only happens within a target's own rows, a target's result does not depend on
 what else is in its batch.
 """
@@ -199,19 +201,27 @@ def embed(net, image_canvas: torch.Tensor, mask_canvas: torch.Tensor, seg_type: 
     return embeddings(image_canvas, mask_canvas, bool_masked_pos=bool_masked_pos, embedding_type=seg_type)
 
 
-def _group_mean(rows: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(B, ...) -> (num_groups, ...): the mean of the rows of each group."""
+def _group_mean(rows: torch.Tensor, group: torch.Tensor, num_groups: int,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, ...) -> (num_groups, ...): the mean of the rows of each group (weighted by `weight` (B,))."""
     flat = rows.reshape(rows.shape[0], -1)
+    if weight is None:
+        weight = flat.new_ones(group.shape[0])
+    else:
+        weight = weight.to(flat.dtype)
+        flat = flat * weight[:, None]
     sums = flat.new_zeros(num_groups, flat.shape[1]).index_add_(0, group, flat)
-    counts = flat.new_zeros(num_groups).index_add_(0, group, flat.new_ones(group.shape[0])).clamp_min(1)  # no host sync
-    return (sums / counts[:, None]).reshape(num_groups, *rows.shape[1:])
+    totals = flat.new_zeros(num_groups).index_add_(0, group, weight).clamp_min(1e-6)  # no host sync
+    return (sums / totals[:, None]).reshape(num_groups, *rows.shape[1:])
 
 
-def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa") -> list[torch.Tensor]:
+def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, kernel: str = "sdpa",
+           weight: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Run the encoder blocks with Painter's ensemble schedule.
 
     hidden: (2N, Hp, Wp, C) from `embed` (image stream rows, then mask stream rows); owner: (N,) long,
-    the target of each prompt row (every target owns at least one row).
+    the target of each prompt row (every target owns at least one row); weight: (N,) or None, each prompt
+    row's weight in its target's mean (None: all equal).
 
     Under the ensemble the target half is the same on every prompt row of a target (it starts equal
     and every block averages it over those rows), so it is carried once per target and stream: layer
@@ -229,6 +239,7 @@ def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, ker
     first = torch.full((num_targets,), rows, dtype=torch.long, device=owner.device)
     first = first.scatter_reduce(0, owner, torch.arange(rows, device=owner.device), "amin")  # (T,)
     group = torch.cat([owner, owner + num_targets])  # (2N,): row -> (stream, target)
+    row_weight = None if weight is None else torch.cat([weight, weight])  # (2N,)
     prompt = hidden[:, :half]  # (2N, Hp/2, Wp, C)
     target = hidden[torch.cat([first, first + rows]), half:]  # (2T, Hp/2, Wp, C)
     final = max(config.intermediate_hidden_state_indices)
@@ -240,7 +251,7 @@ def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, ker
         qkv = torch.cat([attention.qkv(layer.layernorm_before(prompt)), qkv_target[group]], dim=1)
         attended = attend(attention, qkv, kernel)  # (R, Hp, Wp, C), R prompt rows
         prompt = prompt + layer.drop_path(attention.proj(attended[:, :half]))
-        target_attended = _group_mean(attended[:, half:], group, target.shape[0])  # the ensemble
+        target_attended = _group_mean(attended[:, half:], group, target.shape[0], row_weight)  # the ensemble
         target = target + layer.drop_path(attention.proj(target_attended))
         target = target + layer.drop_path(layer.mlp(layer.layernorm_after(target)))
         if index < final:
@@ -255,7 +266,7 @@ def encode(net, hidden: torch.Tensor, owner: torch.Tensor, num_targets: int, ker
             else:
                 context = (context[:num_targets] + context[num_targets:]) * 0.5
             target = (target[:num_targets] + target[num_targets:]) * 0.5
-            group, merged = owner, True
+            group, row_weight, merged = owner, weight, True
         if index in config.intermediate_hidden_state_indices:
             context = prompt[first, -1:] if context is None else context
             features.append(encoder.layernorm(torch.cat([context, target], dim=1)))
@@ -279,13 +290,15 @@ def decode(net, features: list[torch.Tensor]) -> torch.Tensor:
 
 
 def paint(net, targets: torch.Tensor, prompt_images: torch.Tensor, prompt_masks: torch.Tensor,
-          owner: torch.Tensor, seg_type: str = "instance", kernel: str = "sdpa") -> torch.Tensor:
+          owner: torch.Tensor, seg_type: str = "instance", kernel: str = "sdpa",
+          weight: torch.Tensor | None = None) -> torch.Tensor:
     """In-context painting.
 
     targets: (T, 3, h, w); prompt_images, prompt_masks: (N, 3, h, w); owner: (N,) long in 0..T-1;
-    all normalised. Returns (T, 3, h, w) normalised paintings of the targets.
+    all normalised; weight: (N,) each prompt's weight in its target's ensemble (None: equal).
+    Returns (T, 3, h, w) normalised paintings of the targets.
     """
     image_canvas = torch.cat([prompt_images, targets[owner]], dim=2)  # (N, 3, 2h, w)
     mask_canvas = torch.cat([prompt_masks, prompt_masks], dim=2)  # target half hidden by the mask token
     hidden = embed(net, image_canvas, mask_canvas, seg_type)
-    return decode(net, encode(net, hidden, owner, targets.shape[0], kernel))
+    return decode(net, encode(net, hidden, owner, targets.shape[0], kernel, weight))

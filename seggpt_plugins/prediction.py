@@ -23,6 +23,7 @@ class Prediction:
     quality_features: dict[str, float] | None = None  # what the estimate read (quality.features)
     object_context: Any = field(default=None, repr=False, compare=False)  # quality.ObjectContext: for instances()
     ids_are_objects: bool = False  # painted from examples whose ids were objects (example_ids.py): id 1 is all
+    joined_memory: bool | None = None  # propagation: whether this frame joined its run's memory (propagation.py)
 
     @property
     def confidence(self) -> float:

@@ -51,23 +51,30 @@ class PromptSet:
     shown: tuple | None = None  # the label ids the example masks hold (None: all of the code's, e.g. tuned)
     ids_are_objects: bool = False  # the examples' ids numbered objects, shown as one class (example_ids.py)
     intensity_range: tuple | None = None  # the range that made its 16-bit/float examples 8-bit (for targets too)
+    weights: Any = None  # (P,) float on the CPU: each prompt's weight in the ensemble (None: all equal)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def extended(self, images, masks) -> "PromptSet":
-        """This set with more prompt rows (P', 3, h, w) after its own, in the same colour code."""
+    def extended(self, images, masks, weight: float = 1.0) -> "PromptSet":
+        """This set with more prompt rows (P', 3, h, w) after its own, in the same colour code, each weighing
+        `weight` in the ensemble where one of its own weighs 1 (as before)."""
         import torch
 
+        weights = None
+        if weight != 1.0 or self.weights is not None:
+            own = self.weights if self.weights is not None else torch.ones(len(self))
+            weights = torch.cat([own, torch.full((images.shape[0],), float(weight))])
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
-                         self.examples, self.shown, self.ids_are_objects, self.intensity_range)
+                         self.examples, self.shown, self.ids_are_objects, self.intensity_range, weights)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
         if count is None or count >= len(self):
             return self
         return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples, self.shown,
-                         self.ids_are_objects, self.intensity_range)
+                         self.ids_are_objects, self.intensity_range,
+                         None if self.weights is None else self.weights[:count])
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
@@ -81,7 +88,9 @@ class PromptSet:
                          ExampleStats.combine([s.examples for s in sets]),
                          None if any(s.shown is None for s in sets) else
                          tuple(sorted(set().union(*(s.shown for s in sets)))),
-                         all(s.ids_are_objects for s in sets), sets[0].intensity_range)
+                         all(s.ids_are_objects for s in sets), sets[0].intensity_range,
+                         None if all(s.weights is None for s in sets) else
+                         torch.cat([s.weights if s.weights is not None else torch.ones(len(s)) for s in sets]))
 
 
 @dataclass

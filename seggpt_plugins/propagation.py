@@ -3,6 +3,14 @@
 Fixed prompts (example pairs, annotated frames) plus a FIFO memory of each run's last predicted
 frames, coloured with the prompts' own colour code so every object keeps its id from frame to frame.
 Runs go outward from annotated frames; independent runs advance in lockstep and share batches.
+
+The memory must not drift (a predicted frame feeds its errors into the next one, until whole frames are
+painted). Two rules hold it to the examples:
+- it weighs at most as much as the fixed prompts in the ensemble (each remembered frame weighs
+  fixed/remembered when there are more of them), so the examples keep half the say at least;
+- a predicted frame joins it only when its painted share is within MEMORY_SHARE_FACTOR of the
+  examples' (ExampleStats.foreground); an over- or under-painted frame is predicted but not remembered.
+Chosen on generated moving scenes (seeds 0-2) and stardist's stack; BENCHMARKS.md section 15.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from .prompts import PromptSet, as_list, is_tuned, nearest
 from .vocabulary import SEG_TYPES
 
 
+#: a predicted frame joins the memory when its painted share is within this factor of the examples'
+MEMORY_SHARE_FACTOR = 1.5
+
+
 @dataclass
 class Run:
     """Frames processed one after another from an origin (an annotated frame, or None for a video)."""
@@ -28,6 +40,7 @@ class Run:
     position: int = 0
     fixed: Any = None  # PromptSet
     memory: deque = field(default_factory=deque)  # (image, mask) model-size tensors of recent predictions
+    left_out: int = 0  # predicted frames kept out of the memory (their painted share far from the examples')
 
     @property
     def done(self) -> bool:
@@ -60,9 +73,11 @@ def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, f
 def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
               annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
               seg_type: str = "instance", intensity_range=None, label_ids=None, ensemble: str = "feature",
-              quality: str | None = "fast") -> Iterator:
+              quality: str | None = "fast", memory_gate: bool = True) -> Iterator:
     """See SegGPT.propagate. Drives the model through its public steps only (encode_images, paint_targets,
-    to_predictions, assess), so this module does not import the engine."""
+    to_predictions, assess), so this module does not import the engine. memory_gate=False: the memory as
+    it was before its rules (every predicted frame joins it, each weighing as much as an example), for
+    comparisons. Each prediction says whether it joined its run's memory (`joined_memory`)."""
     num_frames = len(frames)
     if num_frames == 0:
         raise InputError("no frames given")
@@ -123,18 +138,40 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             indices = [run.frames[run.position] for run in chunk]
             rgbs = [to_rgb8(frames[i], intensity_range, name=f"frame {i}") for i in indices]
             targets = model.encode_images(rgbs)
-            sets = [run.fixed.extended(*_stacked(run.memory)) if run.memory else run.fixed for run in chunk]
+            sets = [_with_memory(run, memory_gate) for run in chunk]
             paintings = model.paint_targets(targets, sets, seg_type)
             predictions = model.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs], [code] * len(chunk),
                                                indices)
             for j, (run, prediction) in enumerate(zip(chunk, predictions)):
-                if run.memory.maxlen:
+                prediction.joined_memory = bool(run.memory.maxlen) and (
+                    not memory_gate or _agrees(prediction.labels, run.fixed.examples))
+                if prediction.joined_memory:
                     colour_mask = model.encode_images([code.encode(prediction.labels)], nearest=True)[0]
                     run.memory.append((targets[j], colour_mask))
+                elif run.memory.maxlen:
+                    run.left_out += 1
                 run.position += 1
                 if quality:
                     prediction.quality = model.assess(prediction, run.fixed.examples, rgbs[j], quality)
                 yield prediction
+
+
+def _with_memory(run: Run, gated: bool):
+    """The run's prompts for its next frame: the fixed ones, then the memory weighing at most as much."""
+    if not run.memory:
+        return run.fixed
+    weight = min(1.0, len(run.fixed) / len(run.memory)) if gated else 1.0
+    return run.fixed.extended(*_stacked(run.memory), weight=weight)
+
+
+def _agrees(labels: np.ndarray, examples) -> bool:
+    """Whether a predicted frame's painted share is within MEMORY_SHARE_FACTOR of its examples' (True when
+    the examples say nothing, e.g. tuned prompts alone)."""
+    expected = getattr(examples, "foreground", float("nan"))
+    if not expected > 0:
+        return True
+    share = np.count_nonzero(labels) / labels.size
+    return expected / MEMORY_SHARE_FACTOR <= share <= expected * MEMORY_SHARE_FACTOR
 
 
 def _stacked(memory: deque):

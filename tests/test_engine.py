@@ -10,6 +10,7 @@ from PIL import Image
 from seggpt_plugins import EmptyPromptWarning, InputError, Prediction, SegGPT, TunedPrompt
 from seggpt_plugins.colors import ColorCode
 from seggpt_plugins.propagation import plan_runs
+from seggpt_plugins.prompts import PromptSet
 
 
 @pytest.fixture
@@ -160,13 +161,45 @@ def test_propagate_memory_uses_previous_predictions(model64, rng):
     frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
     prompt_mask = np.zeros((64, 64), np.uint8)
     prompt_mask[10:30, 10:30] = 2
-    with_memory = list(model64.propagate(frames, frames[0], prompt_mask, memory=3))
+    with_memory = list(model64.propagate(frames, frames[0], prompt_mask, memory=3, memory_gate=False))
     without = list(model64.propagate(frames, frames[0], prompt_mask, memory=0))
     assert [p.index for p in with_memory] == [0, 1, 2, 3]
+    assert all(p.joined_memory for p in with_memory) and not any(p.joined_memory for p in without)
     np.testing.assert_allclose(with_memory[0].scores, without[0].scores, atol=1e-5)  # nothing in memory yet
     # later frames see the earlier predictions as extra prompts
     later = model64.segment(frames[1], [frames[0], frames[0]], [prompt_mask, with_memory[0].labels])[0]
     np.testing.assert_allclose(with_memory[1].scores, later.scores, atol=1e-4)
+
+
+def test_a_weighted_prompt_counts_as_that_many_copies(model64, rng):
+    """The ensemble's weights (PromptSet.weights, modeling.encode): a prompt weighing 2 paints as the same
+    prompt given twice, so the memory of a propagation can weigh less than its examples."""
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    masks = [np.zeros((64, 64), np.uint8) for _ in range(2)]
+    masks[0][8:30, 8:40], masks[1][30:60, 20:50] = 1, 1
+    code = model64.color_code([], masks)
+    a, b = (model64.prepare_prompts([images[k]], [masks[k]], code=code) for k in range(2))
+    target = model64.encode_images([images[2]])
+    twice_a = PromptSet.concat([a, a, b])
+    weighted = a.extended(b.images, b.masks, weight=0.5)  # a: 1, b: 0.5 -> the same mean as a, a, b
+    painted = [model64.paint_targets(target, [s], "instance") for s in (twice_a, weighted, PromptSet.concat([a, b]))]
+    np.testing.assert_allclose(painted[1].numpy(), painted[0].numpy(), atol=1e-3)
+    assert np.abs(painted[2].numpy() - painted[0].numpy()).max() > 1e-2  # (the weight changes the painting)
+
+
+def test_the_memory_keeps_out_frames_painted_far_from_the_examples(model64):
+    """A predicted frame joins the memory only when its painted share is within MEMORY_SHARE_FACTOR of the
+    examples' (propagation.py): frames the model over- or under-paints are predicted, not remembered."""
+    from seggpt_plugins.propagation import MEMORY_SHARE_FACTOR
+    from seggpt_plugins.scenes import moving_objects
+
+    frames, truth = moving_objects("video", seed=1, num_frames=8, size=(64, 64))
+    predictions = list(model64.propagate(frames, annotations={0: truth[0]}, memory=3))
+    expected = np.count_nonzero(truth[0]) / truth[0].size
+    for p in predictions:
+        share = np.count_nonzero(p.labels) / p.labels.size
+        assert p.joined_memory == (expected / MEMORY_SHARE_FACTOR <= share <= expected * MEMORY_SHARE_FACTOR)
+    assert not any(p.joined_memory for p in model64.propagate(frames, annotations={0: truth[0]}, memory=0))
 
 
 def test_propagate_bad_input(model64, rng):
