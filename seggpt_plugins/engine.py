@@ -383,7 +383,7 @@ class SegGPT:
         (PromptSet.examples); "full" needs the mirrored target's labels, mirrored back (quality.py).
         strided: the arrays are a strided view of the target already, and texture its texture words read
         at the pixel scale, strided alike (quality.features)."""
-        from .quality import OBJECT_MODEL, ObjectContext, features, models_for
+        from .quality import OBJECT_MODEL, ObjectContext, features, gross_error, models_for
 
         if self._quality_models is None:
             self._quality_models = models_for(self.source)
@@ -396,7 +396,8 @@ class SegGPT:
             prediction.object_context = ObjectContext(np.round(maps["foreground"] * 255).astype(np.uint8),
                                                       maps["stride"], examples.diameter,
                                                       self._quality_models.get(OBJECT_MODEL))
-        return estimate.predict(values)
+        values["gross_error"] = gross_error(prediction.labels, examples, strided)  # 1 unless far from the examples
+        return estimate.predict(values) * values["gross_error"]
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
                          ensemble="feature", tile=None, example_ids="auto"):

@@ -67,6 +67,8 @@ UNCERTAIN_MARGIN = 0.5
 #: features are read on a strided view of at most this many pixels a side (statistics: 16k pixels are
 #: plenty; benchmarks/eval_quality_large.py measures the ranking of 512x512 targets read this way)
 FEATURE_SIDE = 128
+#: a gross error (`gross_error`): a painted share beyond this factor of the examples' either way
+GROSS_SHARE = 3.0
 QUALITY_FILE = "quality.json"  # next to a model's weights: the estimate fitted for them
 QUALITY_ENV = "SEGGPT_QUALITY_MODEL"  # or this file, for any weights
 SHIPPED = Path(__file__).resolve().parent / "demo" / "model" / QUALITY_FILE  # fitted for the demo model
@@ -154,6 +156,21 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
     if "parts" in wanted:
         out.update(_parts_features(labels, scores, foreground_p, stride, examples.diameter))
     return out
+
+
+def gross_error(labels: np.ndarray, examples: ExampleStats, strided: int | None = None) -> float:
+    """How far a proposal's painted share is from its examples', as a factor in (0, 1] that scales its
+    estimate down: 1 within GROSS_SHARE of the examples' share either way, exp(-2 x the log excess) beyond.
+    The blend reads how a proposal looks locally; a slice painted over whole can look clean there and still
+    be wholly wrong (a drifting propagation ranked its fully painted slices best: issue 33). Read on the
+    strided view of `features` (`strided`: the labels are that view already)."""
+    expected = examples.foreground
+    if not expected > 0:
+        return 1.0
+    view = labels if strided else labels[::feature_stride(labels.shape), ::feature_stride(labels.shape)]
+    share = float(np.count_nonzero(view) / view.size)
+    excess = max(0.0, abs(math.log((share + 1e-3) / expected)) - math.log(GROSS_SHARE))
+    return math.exp(-2 * excess)
 
 
 def _objects_features(labels, stride: int, diameter: float | None) -> dict[str, float]:

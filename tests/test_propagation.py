@@ -1,5 +1,5 @@
 """Propagation without drift (issue 33, items 1-2), with the demo model on real and generated data: the
-memory is held to the examples (propagation.py)."""
+memory is held to the examples (propagation.py), and a slice painted over whole ranks with the worst."""
 
 import numpy as np
 import pytest
@@ -36,6 +36,21 @@ def test_the_default_memory_does_not_paint_whole_slices(demo_model, nuclei_stack
     assert painted["before"] > 0.9 and mean_iou["before"] < mean_iou["no memory"] - 0.05  # the drift, measured
     assert painted["default"] <= 0.9
     assert mean_iou["default"] >= mean_iou["no memory"] - 0.005
+
+
+def test_a_drifting_run_ranks_its_whole_painted_slices_worst(demo_model, nuclei_stack):
+    """The review list of the drifting run (the memory as it was): the slices painted over 90% fill the
+    worst third by confidence (they sat at the bottom of "worst first" before quality.gross_error)."""
+    stack, truth, annotation = nuclei_stack
+    found = {p.index: p for p in demo_model.propagate(stack, annotations=annotation, memory=8, memory_gate=False)}
+    slices = sorted(found, key=lambda z: found[z].confidence)
+    painted = {z for z in slices if np.mean(found[z].labels > 0) > 0.9}
+    third = len(slices) // 3
+    assert len(painted) >= third  # (the drift this test needs)
+    worst = set(slices[:third])
+    assert len(worst & painted) >= third * 0.75, (sorted(worst), sorted(painted))
+    assert not painted & set(slices[-third:])  # none among the best third
+    assert all(found[z].quality_features["gross_error"] < 1 for z in painted)
 
 
 @pytest.mark.parametrize("kind", ["video", "stack"])
