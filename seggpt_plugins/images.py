@@ -173,8 +173,6 @@ def to_rgb8(obj: Any, intensity_range: tuple[float, float] | None = None, name: 
     return np.ascontiguousarray(arr)
 
 
-#: Luminance weights (ITU-R BT.601) that make a colour image grey.
-LUMA = (0.299, 0.587, 0.114)
 #: A pixel whose channels differ by more than this (0..255) is coloured; an image with fewer than
 #: GREY_SHARE of such pixels is grey (JPEG chroma noise and bf16 rounding stay below it).
 GREY_SPREAD, GREY_SHARE = 8, 0.01
@@ -188,9 +186,11 @@ def is_grey(rgb: np.ndarray) -> bool:
 
 
 def to_grey(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 colour -> its luminance in all three channels, uint8."""
-    luma = np.asarray(rgb, np.float32) @ np.asarray(LUMA, np.float32)
-    return np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    """(..., 3) colour -> its brightest channel (HSV's value) in all three channels. A fluorescence channel
+    shown in colour keeps its own intensities (luminance would dim green to 59%, blue to 11%): on stardist's
+    nuclei, a green, magenta or cyan example on the grey other half matches 28-30 of 57 nuclei this way (as
+    grey to grey: 30), 20-27 by luminance."""
+    return np.repeat(np.asarray(rgb).max(axis=-1)[..., None], 3, axis=-1)
 
 
 def one_colour_mode(target: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -52,7 +52,7 @@ def test_runner_segments_in_one_colour_mode(model64, rng):
 
 def test_colour_example_on_grey_nuclei(demo_model, nuclei2d):
     """stardist's nuclei: a green example (a fluorescence channel as RGB) on the grey other half found 5 of
-    57 nuclei before; in one colour mode about as many as grey to grey."""
+    57 nuclei before; in one colour mode about as many as grey to grey (28 of 57)."""
     image, truth = nuclei2d
     grey = scale_to_uint8(image)
     green = np.stack([np.zeros_like(grey), grey, np.zeros_like(grey)], axis=-1)[:, :256]
@@ -62,6 +62,6 @@ def test_colour_example_on_grey_nuclei(demo_model, nuclei2d):
     matched = 0
     for i in np.unique(target)[1:]:
         best = np.bincount(objects[target == i].astype(np.int64)).argmax()
-        if best and (overlap := (target == i) & (objects == best)).sum() / ((target == i) | (objects == best)).sum() > 0.5:
+        if best and ((target == i) & (objects == best)).sum() / ((target == i) | (objects == best)).sum() > 0.5:
             matched += 1
-    assert matched >= 15, matched
+    assert matched >= 20, matched
