@@ -1,18 +1,21 @@
 """What the widget's buttons run, without Qt: the form's values and the chosen layers in, an `Action` out.
 
-An `Action` is one model run, ready to start: what the worker does (`work`: model -> (target, plane key,
-Prediction) per plane), how many results it yields and which image layers they belong to. `Actions`
-builds one per button (segment the current slice, propagate, segment target images) and reads the
-example layers for the Annotated list. Bad input raises `UserError` (one line for the user);
+An `Action` is one model run, ready to start: what the worker does (`work`: model, report -> (target, plane
+key, Prediction) per plane; `report(target, plane key, tiles done, tiles)` per tile of a tiled plane), how
+many results it yields, which image layers they belong to and what a result is called ("slice", "image").
+`Actions` builds one per button (segment the current slice, propagate, segment target images) and reads
+the example layers for the Annotated list. Bad input raises `UserError` (one line for the user);
 `NothingToDo` says there is nothing to run.
 
-The work functions call the core: `SegGPT.iter_segment` with prompts prepared once, or
-`SegGPT.propagate`. With instance output each object gets an id that follows it through the run.
+The work functions call the core: its `Runner` with prompts prepared once (its tile events are the
+progress inside a large plane), or `SegGPT.propagate`. With instance output each object gets an id that
+follows it through the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -21,9 +24,11 @@ from seggpt_plugins.ensembles import tile_size
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.tracking import IdentityTracker, StackTracker, annotated_objects
 from seggpt_plugins.prompts import nearest, spread
+from seggpt_plugins.runner import Runner
+from seggpt_plugins.runner import Target as RunTarget
 from seggpt_plugins.vocabulary import MAX_CLASSES
 
-from ._layers import PlaneKey, image_kind, own_labels, series_names
+from ._layers import PlaneKey, image_kind, own_labels, plane_word, series_names
 from ._stack import SUPPORTED_NDIM, PlaneStack, annotated_planes, level0, spatial_shape
 
 
@@ -101,9 +106,14 @@ class Action:
     total: int  # results `work` yields
     targets: list[Target]
     examples: Any  # Labels: the result layers take its label dtype and colours (labels output)
-    work: Callable[[Any], Iterator[tuple[int, PlaneKey, Any]]]  # model -> (target, plane key, Prediction)
+    work: Callable[[Any, Callable], Iterator[tuple[int, PlaneKey, Any]]]  # (model, report) -> (t, plane, Prediction)
     objects: bool = False  # results hold one id per object (their own colours, a wide dtype)
     note: str | None = None  # told to the user when the run starts and ends
+    unit: str = "slice"  # what a result is, in the status: "slice", "image" (2D images, a series) or "plane"
+
+    @property
+    def units(self) -> str:
+        return self.unit + "s"
 
 
 def axis_choices(viewer, image) -> list[tuple[str, int]]:
@@ -180,18 +190,52 @@ class Actions:
         found = annotated_planes(inputs.masks)
         chosen = [i for i in found if i not in self.form.deselected]
         if not found:
+            elsewhere = self.labelled_elsewhere(inputs)
+            if elsewhere:
+                raise UserError(f"No annotation along {self.axis_name(inputs)} at {self.held_at(inputs)} in Labels "
+                                f"'{inputs.labels.name}' (its labels are at {elsewhere}): move the slider there, or "
+                                f"paint one {self.plane_word(inputs)} here.")
             where = "" if inputs.axis is None else f" along {self.axis_name(inputs)}"
+            what = ("the image: it is" if inputs.axis is None else
+                    f"at least one {self.plane_word(inputs)}: that {self.plane_word(inputs)} is")
             raise UserError(f"No annotation: Labels '{inputs.labels.name}' is empty{where}. Paint the objects on "
-                            "at least one slice: that slice is the example SegGPT copies.")
+                            f"{what} the example SegGPT copies.")
         if not chosen:
-            raise UserError("All annotated slices are deselected under 'Annotated': select at least one.")
+            raise UserError(f"All annotated {self.plane_word(inputs)}s are deselected under 'Annotated': select at "
+                            "least one.")
         return chosen
 
-    def axis_name(self, inputs: Inputs) -> str:
+    def axis_name(self, inputs: Inputs, axis: int | None = None) -> str:
+        axis = inputs.axis if axis is None else axis
         for name, value in axis_choices(self.viewer, self.form.image):
-            if value == inputs.axis:
+            if value == axis:
                 return name
-        return f"axis {inputs.axis}"
+        return f"axis {axis}"
+
+    def held_at(self, inputs: Inputs, key=None) -> str:
+        """Where the leading axes other than the chosen one stand ('t = 0'), at `key` or the slider."""
+        key = inputs.position if key is None else key
+        return ", ".join(f"{self.axis_name(inputs, a).split(' (')[0]} = {key[a]}"
+                         for a in range(len(key)) if a != inputs.axis)
+
+    def labelled_elsewhere(self, inputs: Inputs, most: int = 3) -> str | None:
+        """4D examples with no labels along the chosen line: where the labels are instead ('t = 1'), or None
+        (no labels anywhere, fewer than two leading axes, or lazy data, which is not read whole)."""
+        data = inputs.masks.data
+        if inputs.masks.leading < 2 or not isinstance(data, np.ndarray):
+            return None
+        planes = np.any(data.reshape(*data.shape[:inputs.masks.leading], -1), axis=-1)
+        others = tuple(a for a in range(inputs.masks.leading) if a != inputs.axis)
+        where = np.flatnonzero(np.any(planes, axis=inputs.axis).ravel()) if others else []
+        if not len(where):
+            return None
+        keys = [np.unravel_index(int(k), tuple(data.shape[a] for a in others)) for k in where]
+        full = [[0] * inputs.masks.leading for _ in keys]
+        for row, key in zip(full, keys):
+            for a, v in zip(others, key):
+                row[a] = int(v)
+        text = "; ".join(self.held_at(inputs, row) for row in full[:most])
+        return text + (f" and {len(full) - most} more" if len(full) > most else "")
 
     def plane_label(self, inputs: Inputs, i: int) -> str:
         """How the Annotated list names plane i: the file name of a series, else 'z = 12' (or 'slice 12')."""
@@ -203,7 +247,7 @@ class Actions:
 
     @staticmethod
     def plane_word(inputs: Inputs) -> str:
-        return "image" if image_kind(inputs.image) == "series" else "slice"
+        return plane_word(inputs.image)
 
     def slice_list(self) -> tuple[list[tuple[str, int]], str]:
         """The Annotated list ((name, plane) of each annotated plane) and the line under it."""
@@ -219,7 +263,11 @@ class Actions:
                     "2D image: the example for 'Segment targets' (other image layers)." if found
                     else "No labels yet: paint an example.")
         items = [(self.plane_label(inputs, i), i) for i in found]
-        if not found:
+        elsewhere = None if found else self.labelled_elsewhere(inputs)
+        if elsewhere:
+            info = (f"No labels along {self.axis_name(inputs).split(' (')[0]} at {self.held_at(inputs)}; the labels "
+                    f"are at {elsewhere}: move the slider there, or paint one slice here.")
+        elif not found:
             info = f"No labels yet: paint the objects on one {self.plane_word(inputs)}."
         elif image_kind(inputs.image) == "series":
             info = f"{len(found)} of {len(inputs.masks)} images labelled; {len(inputs.masks) - len(found)} to segment."
@@ -291,7 +339,7 @@ class Actions:
             work = with_objects(work, lambda _t, _key, found: tracker.follow(found, before))
         what = f"{self.plane_label(inputs, current)} from {', '.join(self.plane_label(inputs, i) for i in prompts)}"
         return Action("segment current slice", what, 1, [Target(inputs.image, inputs.labels)], inputs.labels,
-                      work, objects=objects, note=note)
+                      work, objects=objects, note=note, unit=self.plane_word(inputs))
 
     def propagate(self) -> Action:
         """Segment every slice that is not annotated, outward from the annotated slices (core propagate)."""
@@ -309,7 +357,7 @@ class Actions:
         options = dict(self._model_options(inputs.image), ensemble=self.form.ensemble, memory=self.form.memory,
                        max_prompts=self.form.num_prompts, annotations=dict(zip(annotations, masks)))
 
-        def work(model):
+        def work(model, _report=None):
             for pred in model.propagate(planes, **options):
                 yield 0, planes.key(pred.index), pred
 
@@ -323,6 +371,7 @@ class Actions:
     def targets(self) -> Action:
         """Prompts from the chosen image + examples; targets: every plane of each chosen target image."""
         inputs = self.inputs()
+        annotated = self.annotated(inputs)  # no examples is the first thing to say
         targets = list(self.form.targets or [])
         if not targets:
             raise UserError("No target: choose the image layers to segment under 'Targets'.")
@@ -331,7 +380,7 @@ class Actions:
             if len(shape) not in SUPPORTED_NDIM:
                 raise UserError(f"Unsupported dimensions: target '{target.name}' has shape {fmt_shape(shape)}. "
                                 "SegGPT handles 2D (YX), 3D (ZYX or TYX) and 4D (TZYX) images, grey or RGB.")
-        prompts = spread(self.annotated(inputs), self.form.num_prompts)
+        prompts = spread(annotated, self.form.num_prompts)
         masks, objects, note = self._examples([np.array(inputs.masks[i]) for i in prompts])
         plans, action_targets = [], []
         for t, target in enumerate(targets):
@@ -348,45 +397,59 @@ class Actions:
         if objects:
             work = with_objects(work)
         total = sum(len(keys) for _, _, keys, _ in plans)
-        what = f"{', '.join(repr(t.name) for t in targets)} ({plural(total, 'plane')}) from " \
+        words = {plane_word(target) for target in targets}
+        unit = words.pop() if len(words) == 1 else "plane"
+        what = f"{', '.join(repr(t.name) for t in targets)} ({plural(total, unit)}) from " \
                f"{plural(len(prompts), 'example')}"
-        return Action("segment targets", what, total, action_targets, inputs.labels, work, objects=objects, note=note)
+        return Action("segment targets", what, total, action_targets, inputs.labels, work, objects=objects, note=note,
+                      unit=unit)
 
     # -------------------------------------------------------------------------------- work functions
 
     def _segment_work(self, prompt_images, prompt_masks, example_layer, plans):
         """The worker body of the segment actions: prompts prepared once, then every planned plane
-        (`plans`: (target, data, plane keys, target layer) each), read one batch at a time. Tiles: as
-        set, or with "auto", only planes larger than the model's canvas are tiled."""
+        (`plans`: (target, data, plane keys, target layer) each), read as the core's Runner needs them,
+        with `report(target, key, done, total)` per tile. Tiles: as set, or with "auto", only planes larger
+        than the model's canvas are tiled."""
         setting, halo, ensemble = self._tile_setting(), self.form.halo, self.form.ensemble
         example_range = intensity_range(example_layer)
         options = self._model_options(example_layer)
         shapes = [spatial_shape(layer)[-2:] for *_, layer in plans]
 
-        def work(model):
+        def work(model, report=None):
             tile = setting
             if tile == "auto" and max(max(s) for s in shapes) <= max(model.input_size):
                 tile = None  # it fits the canvas: seen whole
             prepared = model.prepare_prompts(prompt_images, prompt_masks, intensity_range=example_range,
                                              ensemble=ensemble, tile=tile,
                                              example_ids="classes")  # as _examples made them (the form's output)
-            batch = options["batch_size"]
+
+            def on_event(event):
+                if event.kind == "tile" and report is not None:
+                    report(*event.key, event.done, event.total)
+
             for t, data, keys, layer in plans:  # with auto tiles the core caps the halo per plane
-                call = dict(options, intensity_range=intensity_range(layer), tile=tile, halo=halo)
-                for start in range(0, len(keys), batch):
-                    chunk = keys[start:start + batch]
-                    for pred in model.iter_segment([np.asarray(data[k]) for k in chunk], prepared, **call):
-                        yield t, chunk[pred.index], pred
+                runner = Runner(model, prepared, **dict(options, intensity_range=intensity_range(layer)),
+                                ensemble=ensemble, tile=tile, halo=halo)
+                planes = [RunTarget((t, key), partial(read_plane, data, key), name=f"'{layer.name}' plane {key}")
+                          for key in keys]
+                for result in runner.run(planes, on_event=on_event, errors="raise"):
+                    yield t, result.key[1], result.prediction
 
         return work
+
+
+def read_plane(data, key) -> np.ndarray:
+    """One plane of a layer's data (numpy, dask, zarr), read when the Runner needs it."""
+    return np.asarray(data[key])
 
 
 def with_objects(work, follow=None):
     """`work` whose predictions carry one id per object (touching objects split); `follow(target, key,
     instances)` may give them the ids of the objects they continue."""
 
-    def objects(model):
-        for t, key, pred in work(model):
+    def objects(model, report=None):
+        for t, key, pred in work(model, report):
             found = pred.instances(split_touching=True)
             if follow is not None:
                 found = follow(t, key, found)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seggpt_plugins.errors import InputError
 from seggpt_plugins.export import Category, CocoWriter, categories_for
 from seggpt_plugins.instances import Instances, find_instances
 from seggpt_plugins.io import OutputSet
@@ -53,12 +54,18 @@ def objects_of(plane: np.ndarray, objects: bool) -> Instances:
     return find_instances(plane, min_area=1)
 
 
-def export(sets: list[LabelSet], folder, objects: bool) -> list[Path]:
+def export(sets: list[LabelSet], folder, objects: bool, overwrite: bool = False) -> list[Path]:
     """Write every set's label TIFFs and one `coco.json` into `folder`; returns the files written.
-    InputError (from the core) when a file exists, or the folder cannot be written."""
+    InputError when a file exists (without `overwrite`; said in the widget's words, not the CLI's), or
+    (from the core) the folder cannot be written."""
     folder = Path(folder)
     maps = [folder / f for s in sets for f in s.files]
-    outputs = OutputSet(maps + [folder / COCO_FILE])
+    existing = [p for p in maps + [folder / COCO_FILE] if p.is_file()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the files to write)" if len(existing) > 1 else ""
+        raise InputError(f"Not exported: {existing[0]} already exists{more}. Tick 'Overwrite' beside Export to "
+                         "replace them, or choose another folder.")
+    outputs = OutputSet(maps + [folder / COCO_FILE], overwrite=overwrite)
     if objects:
         categories = {OBJECT.id: OBJECT}
     else:

@@ -87,8 +87,11 @@ def build_form(w: Container) -> None:
                                        "One undo step per layer takes it back.")
     w._export_btn = PushButton(text="Export labels…",
                                tooltip="Write the examples layer and the layers accepted into as label TIFFs and "
-                                       "COCO instances (coco.json) into a folder (an empty one: nothing is "
-                                       "overwritten).")
+                                       "COCO instances (coco.json) into a folder (files already there are not "
+                                       "overwritten unless 'Overwrite' is ticked).")
+    w._overwrite = CheckBox(text="Overwrite", value=False,
+                            tooltip="Export: replace the label TIFFs and coco.json of the same names already in the "
+                                    "folder (else such a folder is refused and nothing is written).")
     # ---- settings
     w._model = LineEdit(value=AUTO_MODEL,
                         tooltip=f"'{AUTO_MODEL}': ${MODEL_ENV} when set, else {HUB_MODEL} when its weights are "
@@ -141,7 +144,8 @@ def build_form(w: Container) -> None:
     w.extend([
         w._image, w._labels, w._series_btn, w._axis, w._slices, w._slices_info,
         w._segment_btn, w._propagate_btn, w._targets, w._targets_btn,
-        _row("Progress", w._progress, w._cancel_btn), w._status, w._review, w._accept_btn, w._export_btn,
+        _row("Progress", w._progress, w._cancel_btn), w._status, w._review, w._accept_btn,
+        _row("", w._export_btn, w._overwrite),
         Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn), w._device, w._precision,
         w._num_prompts, w._memory, w._mode, w._output, w._batch, w._ensemble, _row("Tile", w._tile, w._tile_auto),
         w._halo, w._confidence,

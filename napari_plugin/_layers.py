@@ -27,6 +27,10 @@ META_KEY = "seggpt"  # layer.metadata key marking the layers this widget makes
 
 PlaneKey = tuple  # index of one plane in a layer (its leading axes; () for a 2D layer)
 
+#: How proposals are drawn until accepted: outlines, not the filled regions of the user's own labels (which
+#: Accept copies them into, where they look like every other label).
+PROPOSAL_LOOK = dict(contour=2, opacity=0.8)
+
 
 def image_kind(image) -> str:
     """'2d', 'stack' (ZYX, TYX, TZYX) or 'series' (a stack of unrelated 2D images, from a folder)."""
@@ -34,6 +38,11 @@ def image_kind(image) -> str:
     if leading <= 0:
         return "2d"
     return "series" if leading == 1 and image.metadata.get(SERIES_KEY) else "stack"
+
+
+def plane_word(image) -> str:
+    """What a plane of `image` is called in the widget's messages: 'image' (a 2D image or a series), 'slice'."""
+    return "slice" if image_kind(image) == "stack" else "image"
 
 
 def series_names(image) -> list[str] | None:
@@ -99,7 +108,7 @@ def reusable(viewer, name: str, layer_type, shape, dtype):
 
 def output_layers(viewer, image, examples: Labels, objects: bool, confidence: bool) -> tuple[Labels, Image | None]:
     """'<image> SegGPT' with the example layer's colours (objects: napari's own colours, one per id, and
-    room for many ids), and '<image> SegGPT confidence' when asked for."""
+    room for many ids), drawn as outlines (PROPOSAL_LOOK), and '<image> SegGPT confidence' when asked for."""
     from napari.utils.colormaps import label_colormap
 
     shape = spatial_shape(image)
@@ -107,8 +116,9 @@ def output_layers(viewer, image, examples: Labels, objects: bool, confidence: bo
     name = image.name + RESULT_SUFFIX
     result = reusable(viewer, name, Labels, shape, dtype)
     if result is None:
-        result = viewer.add_labels(np.zeros(shape, dtype), name=name, opacity=0.6,
+        result = viewer.add_labels(np.zeros(shape, dtype), name=name, opacity=PROPOSAL_LOOK["opacity"],
                                    metadata={META_KEY: {"result_of": image.name}}, **place(image))
+        result.contour = PROPOSAL_LOOK["contour"]
     result.metadata[META_KEY] = {"result_of": image.name, "examples": examples.name}
     result.colormap = label_colormap() if objects else copy.deepcopy(examples.colormap)
     scores = None

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._actions import Action, UserError, fmt_shape, plural
 from ._export import LabelSet
-from ._layers import PlaneKey, add_own_labels, label_set, output_layers, own_labels, plane_name
+from ._layers import PlaneKey, add_own_labels, label_set, output_layers, own_labels, plane_name, plane_word
 from ._stack import accept_indices, level0, worst_first
 
 REFRESH_SECONDS = 0.3  # redraw the result layer at most this often while a run writes into it
@@ -37,6 +37,9 @@ class RunState:
     last_refresh: float = 0.0
     keys: list = field(default_factory=list)  # (target, plane key) of each proposal, in order
     scores: list = field(default_factory=list)  # ((target, plane key), Prediction.confidence)
+    tile: tuple | None = None  # (tiles done, tiles) of the plane in progress, when it is tiled
+    stopped: tuple | None = None  # ("result" or "image", layer name): a layer of the run was removed during it
+    lost: list = field(default_factory=list)  # its result layers removed during the run
 
     @property
     def total(self) -> int:
@@ -55,17 +58,46 @@ class RunState:
         if self.confidences[t] is not None:
             self.confidences[t].data[key] = pred.scores
         self.done += 1
+        self.tile = None
         self.keys.append((t, key))
         self.scores.append(((t, key), float(pred.confidence)))
 
     def progress_text(self) -> str:
+        """'3 / 10 slices · 0.52 s per slice · about 4 s left', with the tile of a tiled plane in progress."""
         elapsed = time.monotonic() - (self.running_since or self.started)
-        per = elapsed / self.done
-        left = per * (self.total - self.done)
-        status = f"{self.done} / {self.total} slices · {per:.2f} s per slice"
-        if self.done < self.total:
+        unit = self.action.unit
+        status = f"{self.done} / {self.total} {self.action.units}"
+        left = None
+        if self.done:
+            per = elapsed / self.done
+            status += f" · {per:.2f} s per {unit}"
+            left = per * (self.total - self.done)
+        if self.tile is not None:
+            done, tiles = self.tile
+            status += f" · tile {done} of {tiles}"
+            if self.total == 1:
+                left = elapsed / done * (tiles - done)
+        if left is not None and self.done < self.total:
             status += f" · about {left:.0f} s left"
         return status
+
+    def progress(self) -> tuple[int, int]:
+        """(value, maximum) of the progress bar: results, or the tiles of a run of one tiled plane."""
+        if self.tile is not None and self.total == 1:
+            return self.tile[0], self.tile[1]
+        return min(self.done, max(self.total, 1)), max(self.total, 1)
+
+    def removed(self, layer) -> str | None:
+        """`layer` left the viewer: when it is one of the run's result layers or target images, the run must
+        stop; returns the status line that says so (None: the run goes on)."""
+        if any(layer == r for r in self.results):  # == : the widget's viewer hands out proxies of layers
+            self.lost.append(layer)
+            self.stopped = self.stopped or ("result", layer.name)
+            return f"Cancelling: '{layer.name}' was removed during the run…"
+        if any(layer == target.image for target in self.action.targets):
+            self.stopped = self.stopped or ("image", layer.name)
+            return f"Cancelling: image '{layer.name}' was removed during the run…"
+        return None
 
     def refresh_due(self) -> bool:
         """Whether the output layers should be redrawn now (at most every REFRESH_SECONDS)."""
@@ -84,10 +116,18 @@ class RunState:
 
     def end_message(self, seconds: float) -> str:
         names = ", ".join(f"'{r.name}'" for r in self.results)
-        if self.cancelled:
-            message = f"Cancelled: {self.done} of {self.total} slices done (kept in {names})."
+        shown = ", ".join(f"'{r.name}'" for r in self.results if not any(r == gone for gone in self.lost))
+        done = plural(self.done, self.action.unit)
+        if self.stopped and self.stopped[0] == "result":
+            message = (f"Cancelled: '{self.stopped[1]}' was removed during the run, and the proposals of the {done} "
+                       "done with it; run again to get them.")
+        elif self.stopped:
+            message = f"Cancelled: image '{self.stopped[1]}' was removed during the run" + (
+                f"; the proposals of the {done} done stay in {shown}." if shown else ".")
+        elif self.cancelled:
+            message = f"Cancelled: {self.done} of {self.total} {self.action.units} done (kept in {names})."
         else:
-            message = f"Done: {plural(self.done, 'slice')} in {seconds:.1f} s → {names}."
+            message = f"Done: {plural(self.done, self.action.unit)} in {seconds:.1f} s → {names}."
         if self.action.note:
             message += " " + self.action.note
         return message
@@ -188,7 +228,7 @@ def accept_plan(viewer, run: RunState, t: int):
 
 
 def accepted_message(written: list[tuple]) -> str:
-    into = ", ".join(f"{plural(planes, 'slice')} into '{dest.name}'" for dest, planes, _ in written)
+    into = ", ".join(f"{plural(planes, plane_word(image))} into '{dest.name}'" for dest, planes, image in written)
     return f"Accepted {into}. Undo (Ctrl+Z on that layer) takes them back in one step."
 
 

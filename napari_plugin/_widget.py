@@ -2,8 +2,9 @@
 
 This module is the Qt and magicgui wiring: the form's signals, the layer choices, the notifications, and
 the napari `thread_worker` every action runs in (a generator that yields one result per plane), so the
-viewer stays responsive, the progress bar advances plane by plane, and Cancel stops the run after the
-batch in flight. A run's proposals go to a Labels layer "<image> SegGPT" per target, cleared when the
+viewer stays responsive, the progress bar advances plane by plane (tile by tile for one large tiled
+image), and Cancel stops the run after the batch in flight; removing a layer the run writes into or
+reads cancels it too. A run's proposals go to a Labels layer "<image> SegGPT" per target, cleared when the
 run starts, so that it only ever holds that run's proposals. The user's Labels layers are only changed
 by "Accept", one undo step per layer, and only with proposals of the last run that are shown.
 
@@ -135,11 +136,38 @@ class SegGPTWidget(Container):
     def _on_layers_changed(self, event=None):
         if self._closed:
             return
-        if event is not None and getattr(event, "type", "") == "inserted":
+        kind = getattr(event, "type", "") if event is not None else ""
+        if kind == "inserted":
             event.value.events.name.connect(self._on_layers_changed)
+        if kind == "removed":
+            self._on_removed(event.value)
         self.reset_choices()
+        if kind == "inserted":
+            self._offer_target(event.value)
         self._pick_matching_labels()
         self._refresh_annotated()
+
+    def _offer_target(self, layer):
+        """A layer added after the dock opened is chosen as a target as the ones there before were
+        (`default_targets`: a 2D example's fellow 2D images)."""
+        image = self._image.value
+        offered = [choice for _, choice in self._target_choices()]
+        if image is None or layer == image or not any(layer == o for o in offered):  # == : proxies of layers
+            return
+        chosen = list(self._targets.value or [])
+        if any(layer == d for d in default_targets(image, [layer])) and not any(layer == c for c in chosen):
+            self._targets.value = chosen + [layer]
+
+    def _on_removed(self, layer):
+        """A layer left the viewer: when the run in progress writes into it (its result layer) or reads it (a
+        target image), the run is cancelled, and the status says why."""
+        run = self._active
+        if run is None or self._worker is None:
+            return
+        line = run.removed(layer)
+        if line is not None:
+            self.cancel()
+            self._set_status(line)
 
     def _on_image_changed(self, _value=None):
         self._axis.reset_choices()
@@ -290,8 +318,9 @@ class SegGPTWidget(Container):
         for dest, _planes, image in written:
             self._accepted[dest] = image
         if not written:
-            show_info("Nothing to accept: every slice with a proposal already holds labels (annotated "
-                      "slices are never overwritten).")
+            units = self._proposal.action.units
+            show_info(f"Nothing to accept: every {self._proposal.action.unit} with a proposal already holds labels "
+                      f"(annotated {units} are never overwritten).")
             return
         self.viewer.layers.selection.active = written[0][0]
         message = accepted_message(written)
@@ -360,7 +389,8 @@ class SegGPTWidget(Container):
                 if not folder:
                     return []
             try:
-                paths = export(sets, folder, objects=self._output.value == "instances")
+                paths = export(sets, folder, objects=self._output.value == "instances",
+                               overwrite=self._overwrite.value)
             except InputError as exc:
                 raise UserError(str(exc)) from None
         except UserError as exc:
@@ -410,8 +440,12 @@ class SegGPTWidget(Container):
         results, confidences = open_outputs(self.viewer, action, self._proposal, self._confidence.value)
         self._active = self._proposal = RunState(action, results, confidences)
         self._update_review(self._active)
+
+        def report(*tile):  # from the core's thread, per tile: a Qt signal hands it to this thread
+            worker.yielded.emit(("tile", *tile))
+
         worker = thread_worker(load_and_work, start_thread=False)(self._model.value, self._device.value,
-                                                                  action.work, self._precision.value)
+                                                                  action.work, self._precision.value, report)
         worker.yielded.connect(self._on_yielded)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -447,7 +481,11 @@ class SegGPTWidget(Container):
             self._progress.value = 0
             run.start_running()
             if not run.cancelled:
-                self._set_status(f"Running on {message[1]}: 0 / {run.total} slices")
+                self._set_status(f"Running on {message[1]}: 0 / {run.total} {run.action.units}")
+        elif kind == "tile":
+            _, _t, _key, done, tiles = message
+            run.tile = (done, tiles)
+            self._show_progress(run)
         elif kind == "result":
             _, t, key, pred = message
             self._write_result(run, t, key, pred)
@@ -458,15 +496,21 @@ class SegGPTWidget(Container):
 
     def _write_result(self, run: RunState, t: int, key: PlaneKey, pred):
         run.record(t, key, pred)
-        self._progress.value = min(run.done, self._progress.max)
-        if not run.cancelled:
-            self._set_status(run.progress_text())
+        self._show_progress(run)
         if run.refresh_due():
             self._refresh_outputs(run)
 
+    def _show_progress(self, run: RunState):
+        value, maximum = run.progress()
+        if self._progress.max != maximum:
+            self._progress.max = maximum
+        self._progress.value = value
+        if not run.cancelled:
+            self._set_status(run.progress_text())
+
     def _refresh_outputs(self, run: RunState):
         for layer in run.results + run.confidences:
-            if layer is not None:
+            if layer is not None and layer in self.viewer.layers:
                 layer.refresh()
         self._update_review(run)
 

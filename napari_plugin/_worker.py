@@ -61,9 +61,11 @@ def _load(source: str, device: str, options: dict) -> Iterator:
     return box["model"]
 
 
-def load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator], precision: str = "auto"):
+def load_and_work(model_source: str, device: str, work: Callable[[Any, Callable | None], Iterator],
+                  precision: str = "auto", report: Callable | None = None):
     """Worker body (runs in a thread): load the model once (at `precision`: vocabulary.PRECISIONS), then
-    yield one result per plane.
+    yield one result per plane; `work` calls `report` with the progress inside a plane (its tiles), from
+    whichever thread the core works in: `report` must be safe to call from any thread (a Qt signal).
 
     Yields ("note", text) for warnings (e.g. the demo model stands in for the real one), ("loading",
     source, seconds, bytes) while the model loads, ("running", device), ("result", *what `work`
@@ -82,7 +84,7 @@ def load_and_work(model_source: str, device: str, work: Callable[[Any], Iterator
                 yield ("note", str(warning.message))
             model = yield from _load(resolved, device, options)
         yield ("running", str(model.device))
-        for item in work(model):
+        for item in work(model, report):
             yield ("result", *item)
     except SegGPTError as exc:  # bad input or an unusable model source: a message, not a traceback
         yield ("error", str(exc))

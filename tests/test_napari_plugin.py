@@ -334,16 +334,17 @@ def test_tile_and_ensemble_settings_reach_the_core(make_napari_viewer, qtbot, st
     """Settings 'Ensemble' and 'Tile' / 'Halo': every action passes the ensemble; both segment actions tile
     (with 'auto', the default, only planes larger than the model's canvas: not these 61x57 slices)."""
     from seggpt_plugins.engine import SegGPT
+    from seggpt_plugins.runner import Runner
 
     calls = []
-    for name in ("iter_segment", "prepare_prompts", "propagate"):
-        original = getattr(SegGPT, name)
+    for owner, name in ((Runner, "__init__"), (SegGPT, "prepare_prompts"), (SegGPT, "propagate")):
+        original = getattr(owner, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
             calls.append((_name, {k: kwargs.get(k) for k in ("ensemble", "tile", "halo")}))
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(SegGPT, name, spy)
+        monkeypatch.setattr(owner, name, spy)
 
     image, truth = stack  # the sample nuclei stack, 31 x 61 x 57
     annotation = np.zeros_like(truth)
@@ -366,7 +367,7 @@ def test_tile_and_ensemble_settings_reach_the_core(make_napari_viewer, qtbot, st
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None
     assert ("prepare_prompts", dict(ensemble="spatial", tile=32, halo=None)) in calls
-    assert ("iter_segment", dict(ensemble=None, tile=32, halo=4)) in calls
+    assert ("__init__", dict(ensemble="spatial", tile=32, halo=4)) in calls  # the core's Runner
     result = viewer.layers["nuclei SegGPT"].data
     assert result.shape == truth.shape and np.any(result[PROMPT_SLICE + 1])
     assert set(np.unique(result).tolist()) - {0} <= set(np.unique(truth[PROMPT_SLICE - 2:PROMPT_SLICE + 1]).tolist())
@@ -378,7 +379,7 @@ def test_tile_and_ensemble_settings_reach_the_core(make_napari_viewer, qtbot, st
     wait_done(qtbot, widget)
     assert widget.last_run["error"] is None and widget.last_run["done"] == 2
     assert ("prepare_prompts", dict(ensemble="spatial", tile=None, halo=None)) in calls
-    assert ("iter_segment", dict(ensemble=None, tile=None, halo=4)) in calls
+    assert ("__init__", dict(ensemble="spatial", tile=None, halo=4)) in calls
     result = viewer.layers["other SegGPT"].data
     assert result.shape == other.data.shape and np.all(np.any(result, axis=(1, 2)))
 
@@ -438,7 +439,7 @@ def test_sample_data_and_segment_another_image_layer(make_napari_viewer, qtbot):
     own = viewer.layers["nuclei2d target labels"]
     np.testing.assert_array_equal(own.data, result_layer.data)
     np.testing.assert_allclose(own.translate, target.translate)
-    assert "Accepted 1 slice into 'nuclei2d target labels'" in widget._status.value
+    assert "Accepted 1 image into 'nuclei2d target labels'" in widget._status.value
     assert not result_layer.visible and viewer.layers.selection.active == own
     full_truth = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
     np.testing.assert_array_equal(viewer.layers["nuclei2d example labels"].data, full_truth[:, :256])  # only read
@@ -451,7 +452,7 @@ def test_sample_data_and_segment_another_image_layer(make_napari_viewer, qtbot):
 
 @pytest.mark.parametrize("kind", ["uint8", "float32", "rgb"])
 def test_dtypes_rgb_and_contrast_limits(make_napari_viewer, qtbot, stack, monkeypatch, kind):
-    from seggpt_plugins.engine import SegGPT
+    from seggpt_plugins.runner import Runner
 
     image, truth = stack
     scaled = (image.astype(np.float32) - image.min()) / (image.max() - image.min())
@@ -465,13 +466,13 @@ def test_dtypes_rgb_and_contrast_limits(make_napari_viewer, qtbot, stack, monkey
     limits = {"uint8": (0.0, 255.0), "float32": (0.0, 1.0), "rgb": (0.0, 255.0)}[kind]
     layer.contrast_limits = limits
     calls = []
-    original = SegGPT.iter_segment
+    original = Runner.__init__
 
     def spy(self, *args, **kwargs):
         calls.append(kwargs.get("intensity_range"))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SegGPT, "iter_segment", spy)
+    monkeypatch.setattr(Runner, "__init__", spy)
     widget = open_widget(viewer)
     fast(widget)
     viewer.dims.set_current_step(0, PROMPT_SLICE + 1)

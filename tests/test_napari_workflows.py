@@ -275,16 +275,16 @@ def test_dense_field_beyond_the_colour_limit_is_one_class_with_instances(make_na
 def test_2048_target_is_tiled_at_the_examples_scale(make_napari_viewer, qtbot, field, monkeypatch):
     """Workflow 7: with Tile 'auto' (the default) a 2048x2048 field is tiled with a halo at the examples'
     scale, and comes out better than seen whole (downscaled)."""
-    from seggpt_plugins.engine import SegGPT
+    from seggpt_plugins.runner import Runner
 
     calls = []
-    original = SegGPT.iter_segment
+    original = Runner.__init__
 
     def spy(self, *args, **kwargs):
         calls.append((kwargs.get("tile"), kwargs.get("halo")))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SegGPT, "iter_segment", spy)
+    monkeypatch.setattr(Runner, "__init__", spy)
     image, truth = field
     big, big_truth = np.kron(image, np.ones((4, 4), image.dtype)), np.kron(truth, np.ones((4, 4), truth.dtype))
     viewer = make_napari_viewer()
@@ -351,7 +351,7 @@ def test_three_image_series_with_accept_review_and_coco_export(make_napari_viewe
         assert foreground_iou(truths[k], result[k]) > 0.35
     before = labels.data.copy()
     click(widget._accept_btn)
-    assert "Accepted 2 slices into 'series labels'" in widget._status.value
+    assert "Accepted 2 images into 'series labels'" in widget._status.value
     np.testing.assert_array_equal(labels.data[1:], result[1:])
     labels.undo()
     np.testing.assert_array_equal(labels.data, before)
@@ -403,3 +403,196 @@ def test_series_of_different_sizes_as_layers(make_napari_viewer, qtbot, field, t
     coco = json.loads((tmp_path / "out" / "coco.json").read_text())
     assert [im["file_name"] for im in coco["images"]] == names
     assert [(im["height"], im["width"]) for im in coco["images"]] == [(128, 128), (96, 160), (112, 112)]
+
+
+# --------------------------------------------------------- issue 33, item 3: as a microscopist meets it
+
+
+def matched(truth, pred) -> int:
+    """Ground-truth objects that one predicted object covers with IoU above 0.5."""
+    hits = 0
+    for i in np.unique(truth)[1:]:
+        best = np.bincount(pred[truth == i].astype(np.int64)).argmax()
+        if best and ((truth == i) & (pred == best)).sum() / ((truth == i) | (pred == best)).sum() > 0.5:
+            hits += 1
+    return hits
+
+
+@pytest.mark.parametrize("removed", ["result", "image"])
+def test_removing_a_layer_of_the_run_cancels_it_and_says_so(make_napari_viewer, qtbot, stack, removed):
+    """Removing the result layer (or the image) during a run cancels the run, and the status names what was
+    removed and where the proposals are, never 'Done … → <a layer that is gone>'."""
+    sub, annotation = sub_stack(stack, 7, 7)  # 15 slices, annotated at 7
+    viewer = make_napari_viewer()
+    img, _labels = add_stack(viewer, sub, annotation)
+    widget = open_widget(viewer)
+    fast(widget, memory=0, batch=2)
+    gone = []
+
+    def remove_at_two(value):
+        if value == 2 and not gone:
+            layer = viewer.layers["nuclei SegGPT"] if removed == "result" else img
+            gone.append(layer.name)
+            viewer.layers.remove(layer)
+
+    widget._progress.changed.connect(remove_at_two)
+    click(widget._propagate_btn)
+    wait_done(qtbot, widget)
+    run = widget.last_run
+    assert gone and run["cancelled"] and run["done"] < run["total"] == 14
+    status = widget._status.value
+    assert status.startswith("Cancelled:") and "removed during the run" in status, status
+    if removed == "result":
+        assert "nuclei SegGPT" not in viewer.layers
+        assert "'nuclei SegGPT' was removed" in status and "run again" in status
+    else:
+        assert "image 'nuclei' was removed" in status and "stay in 'nuclei SegGPT'" in status
+        kept = viewer.layers["nuclei SegGPT"].data
+        assert int(np.any(kept, axis=(1, 2)).sum()) == run["done"]  # the proposals so far are where it says
+
+
+def test_export_refusal_in_the_widgets_words_and_overwrite(make_napari_viewer, qtbot, field, tmp_path):
+    """A second export into the same folder is refused in the widget's own words (the Overwrite box, another
+    folder; not the CLI's --overwrite); ticked, it replaces the files."""
+    image, truth = field
+    viewer = make_napari_viewer()
+    viewer.add_image(image[:128, :128], name="cells")
+    labels = viewer.add_labels(truth[:128, :128].copy(), name="cells labels")
+    widget = open_widget(viewer)
+    assert shown(widget._overwrite) and not widget._overwrite.value
+    assert len(widget.export_labels(folder=tmp_path)) == 2
+    labels.data[labels.data == labels.data.max()] = 0  # fixed by hand, then exported again
+    start = len(notification_manager.records)
+    assert widget.export_labels(folder=tmp_path) == []
+    errors = [msg for sev, msg in new_notifications(start) if sev == "error"]
+    assert len(errors) == 1 and "already exists" in errors[0] and "Tick 'Overwrite'" in errors[0], errors
+    assert "--overwrite" not in errors[0] and "\n" not in errors[0]
+    assert "--overwrite" not in widget._status.value
+    widget._overwrite.value = True
+    assert len(widget.export_labels(folder=tmp_path)) == 2
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells labels.tif"), labels.data)
+
+
+def test_empty_examples_say_no_annotation_before_no_target(make_napari_viewer, qtbot):
+    """An empty Labels layer is the first thing to say (not 'No target'), in words for a 2D image."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="cells")
+    viewer.add_labels(np.zeros((64, 64), np.uint8), name="cells labels")
+    widget = open_widget(viewer)
+    assert widget._targets.value == []
+    start = len(notification_manager.records)
+    click(widget._targets_btn)
+    errors = [msg for sev, msg in new_notifications(start) if sev == "error"]
+    assert len(errors) == 1 and errors[0].startswith("No annotation: Labels 'cells labels' is empty"), errors
+    assert "Paint the objects on the image" in errors[0] and "slice" not in errors[0]
+    assert not widget.running
+
+
+def test_targets_added_later_are_chosen_and_proposals_are_outlined_until_accepted(make_napari_viewer, qtbot, field):
+    """A 2D image added after the dock opened is chosen as a target as those there before were (a stack is
+    offered, not chosen). Proposals are drawn as outlines, apart from the user's filled labels; accepted, they
+    are the user's labels, drawn as those are. The status counts images, not slices."""
+    image, truth = field
+    viewer = make_napari_viewer()
+    viewer.add_image(image[:128, :128], name="example")
+    labels = viewer.add_labels(truth[:128, :128].copy(), name="example labels")
+    first = viewer.add_image(image[128:256, :128], name="first")
+    widget = open_widget(viewer)
+    assert widget._targets.value == [first]
+    later = viewer.add_image(image[256:384, :128], name="later")
+    stack3d = viewer.add_image(np.stack([image[:128, 128:256]] * 3), name="stack")
+    offered = [layer for _, layer in widget._target_choices()]
+    assert later in offered and stack3d in offered
+    assert widget._targets.value == [first, later]
+    widget._output.value = "instances"
+    seen = []
+    widget.status_changed.connect(seen.append)
+    click(widget._targets_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["results"] == ["first SegGPT", "later SegGPT"]
+    assert any(text.startswith("1 / 2 images") for text in seen), seen
+    assert widget._status.value.startswith("Done: 2 images")
+    assert not any("slice" in text for text in seen), seen
+    for name in ("first", "later"):
+        proposals = viewer.layers[f"{name} SegGPT"]
+        assert proposals.contour > 0 and labels.contour == 0  # outlines, unlike the user's filled labels
+        assert foreground_iou(truth[128:256, :128] if name == "first" else truth[256:384, :128], proposals.data) > 0.3
+    click(widget._accept_btn)
+    assert "Accepted 1 image into 'first labels', 1 image into 'later labels'" in widget._status.value
+    for name in ("first", "later"):
+        own = viewer.layers[f"{name} labels"]
+        np.testing.assert_array_equal(own.data, viewer.layers[f"{name} SegGPT"].data)
+        assert own.contour == 0 and not viewer.layers[f"{name} SegGPT"].visible  # filled, as the user's labels
+
+
+def test_colour_example_on_a_grey_target(make_napari_viewer, qtbot, field):
+    """An RGB example (the nuclei as a green channel) on a grey image: the core brings both to one colour
+    mode, so the nuclei are found (before: 5 of 57 matched, 135 objects in the issue's run)."""
+    image, truth = field
+    grey = (image / image.max() * 255).astype(np.uint8)
+    green = np.stack([np.zeros_like(grey), grey, np.zeros_like(grey)], axis=-1)
+    viewer = make_napari_viewer()
+    example = viewer.add_image(green[:, :256], name="example")
+    assert example.rgb
+    viewer.add_labels(truth[:, :256].copy(), name="example labels")
+    target = viewer.add_image(grey[:, 256:], name="target")
+    widget = open_widget(viewer)
+    assert widget._targets.value == [target]
+    widget._output.value = "instances"
+    click(widget._targets_btn)
+    wait_done(qtbot, widget)
+    result = viewer.layers["target SegGPT"].data
+    nuclei = len(np.unique(truth[:, 256:])) - 1  # 57
+    found = len(np.unique(result)) - 1
+    assert 0.5 * nuclei <= found <= 1.5 * nuclei, found
+    assert matched(truth[:, 256:], result) >= 0.4 * nuclei, matched(truth[:, 256:], result)
+
+
+def test_a_large_plane_shows_progress_per_tile(make_napari_viewer, qtbot, field):
+    """One large image, tiled: the progress bar and the status go tile by tile (the core's tile events), and
+    the status speaks of images and tiles."""
+    image, truth = field
+    viewer = make_napari_viewer()
+    viewer.add_image(image[:128, :128], name="example")
+    viewer.add_labels(truth[:128, :128].copy(), name="example labels")
+    viewer.add_image(image, name="field")
+    widget = open_widget(viewer)
+    widget._tile_auto.value = False
+    widget._tile.value, widget._halo.value = 160, 16
+    bars, seen = [], []
+    widget._progress.changed.connect(lambda value: bars.append((value, widget._progress.max)))
+    widget.status_changed.connect(seen.append)
+    click(widget._targets_btn)
+    wait_done(qtbot, widget)
+    assert widget.last_run["done"] == 1 and widget.last_run["error"] is None
+    tiles = [text for text in seen if " · tile " in text]
+    assert tiles and tiles[0].startswith("0 / 1 images · tile 1 of "), seen
+    count = int(tiles[0].split(" of ")[1].split(" ")[0])
+    assert count > 1 and [t.split(" · ")[1] for t in tiles] == [f"tile {k} of {count}" for k in range(1, count + 1)]
+    assert [value for value, top in bars if top == count] == list(range(1, count + 1))
+    assert widget._status.value.startswith("Done: 1 image in") and "slice" not in " ".join(seen)
+    assert foreground_iou(truth, viewer.layers["field SegGPT"].data) > 0.3
+
+
+def test_4d_hint_away_from_the_annotated_time_point(make_napari_viewer, qtbot, stack):
+    """TZYX labels at t = 1, the slider at t = 0: the hint and the error say where the labels are, not 'No
+    labels yet'."""
+    image, truth = stack
+    frames = np.stack([image[PROMPT_SLICE - 2:PROMPT_SLICE + 3]] * 2)
+    annotation = np.zeros(frames.shape, truth.dtype)
+    annotation[1, 2] = truth[PROMPT_SLICE]
+    viewer = make_napari_viewer()
+    add_stack(viewer, frames, annotation)
+    viewer.dims.axis_labels = ("t", "z", "y", "x")
+    widget = open_widget(viewer)
+    viewer.dims.set_current_step(0, 1)
+    qtbot.waitUntil(lambda: widget._slices.value == [2], timeout=5000)
+    viewer.dims.set_current_step(0, 0)
+    qtbot.waitUntil(lambda: widget._slices.value == [], timeout=5000)
+    info = widget._slices_info.value
+    assert "No labels yet" not in info and "the labels are at t = 1" in info and "at t = 0" in info, info
+    start = len(notification_manager.records)
+    click(widget._propagate_btn)
+    errors = [msg for sev, msg in new_notifications(start) if sev == "error"]
+    assert len(errors) == 1 and errors[0].startswith("No annotation along z (axis 1) at t = 0"), errors
+    assert "its labels are at t = 1" in errors[0] and not widget.running
