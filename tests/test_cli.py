@@ -1,5 +1,6 @@
 """The `seggpt` command line, end to end on real files."""
 
+import re
 import subprocess
 import sys
 
@@ -82,6 +83,8 @@ def test_propagate_a_tiff_stack(tmp_path, nuclei3d):
     assert np.array_equal(labels[15], truth[15])  # the annotated slice is the user's, untouched
     assert set(np.unique(labels)) <= set(np.unique(truth[15]))  # only the prompt's ids
     assert all(labels[z].any() for z in range(stack.shape[0]))
+    joined = re.search(r"(\d+) of 30 predicted slices joined the memory", result.stdout)  # what it took in
+    assert joined and (int(joined[1]) == 30 or "kept out of it (no drift)" in result.stdout), result.stdout
 
 
 def test_demo_command(tmp_path):

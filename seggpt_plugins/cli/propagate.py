@@ -99,9 +99,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                                   intensity_range=intensity_option(args), ensemble=args.ensemble,
                                   quality=quality_option(args))
     todo = depth - len(annotations)
-    found = {}
+    found, remembered = {}, 0
     for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
         labels[prediction.index] = prediction.labels
+        remembered += bool(prediction.joined_memory)
         if options.objects or options.review:
             found[prediction.index] = prediction
     with outputs:
@@ -121,7 +122,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                 review.add_prediction(f"{args.stack}#z{z}", prediction, objects[z] if options.objects else None,
                                       slice=z, model=model.source)
             review.close()
-    print(f"wrote {out} ({depth} slices, {todo} predicted; {options.output})")
+    print(f"wrote {out} ({depth} slices, {todo} predicted; {options.output})"
+          + _memory_note(args.memory, remembered, todo, "slices"))
     return 0
 
 
@@ -224,8 +226,10 @@ def _propagate_frames(args: argparse.Namespace) -> int:
                                   quality=quality_option(args))
         with outputs:
             exporter.open(outputs, categories, max(ids, default=0))  # annotated and predicted frames alike
+            remembered = 0
             with _FrameMaps(out if args.overlay else None) as maps:
                 for result in tqdm(results, total=len(frames), desc="propagating", unit="frame"):
+                    remembered += bool(result.prediction.joined_memory)
                     exporter.write(frames.indices.index(result.index), result.prediction,
                                    f"{Path(args.stack).name}#frame{result.index}", result.instances,
                                    frame=result.index, time=round(result.time, 4), annotated=result.annotated,
@@ -238,8 +242,22 @@ def _propagate_frames(args: argparse.Namespace) -> int:
 
                     write_overlay_video(outputs.stage(overlay_path), frames, maps.get, intensity)
     print(f"wrote {len(frames)} frames' {options.output} to {out} ({len(frames) - len(annotations)} predicted, "
-          f"{len(annotations)} annotated; {', '.join(options.formats)})" + ("; overlay.mp4" if args.overlay else ""))
+          f"{len(annotations)} annotated; {', '.join(options.formats)})" + ("; overlay.mp4" if args.overlay else "")
+          + _memory_note(args.memory, remembered, len(frames) - len(annotations), "frames"))
     return 0
+
+
+def _memory_note(memory: int, remembered: int, predicted: int, unit: str) -> str:
+    """What the memory took in (propagation.py: a predicted frame painted far from the examples stays out)."""
+    from ..propagation import MEMORY_SHARE_FACTOR
+
+    if not memory or not predicted:
+        return ""
+    note = f"\n{remembered} of {predicted} predicted {unit} joined the memory"
+    if remembered < predicted:
+        note += (f"; the other {predicted - remembered} painted over {MEMORY_SHARE_FACTOR:g}x or under "
+                 f"1/{MEMORY_SHARE_FACTOR:g} of the examples' share and were kept out of it (no drift)")
+    return note
 
 
 def _frame_annotations(args: argparse.Namespace, frames) -> dict:
