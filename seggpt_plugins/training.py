@@ -139,6 +139,37 @@ def _lr_at(step, settings: TrainSettings):
     return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def make_optimizer(net, settings: TrainSettings, device):
+    """(trainable parameters, AdamW over them): weight decay on matrices only, as in training from scratch."""
+    import torch
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    return params, optimizer
+
+
+def train_step(net, optimizer, params, batch, step: int, settings: TrainSettings, kernel: str, autocast):
+    """One optimiser step on a TaskBatch at the schedule's learning rate for `step`; returns the loss (a tensor)."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = _lr_at(step, settings)
+    with autocast:
+        prediction = forward_batch(net, batch, kernel)
+    loss = painting_loss(prediction, batch.target_masks, settings.foreground_weight)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
 def _atomic_torch_save(obj, path: Path):
     import torch
 
@@ -208,12 +239,7 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
     else:
         source = data if isinstance(data, PairedSamples) else PairedSamples.from_folder(data, size)
         source, held_out = source.split(0.2, settings.seed)
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    params, optimizer = make_optimizer(net, settings, device)
     checkpoint_path = out_dir / "checkpoint.pt"
     step = 0
     if resume and checkpoint_path.is_file():
@@ -248,17 +274,7 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
                 batch = source.sample(rows, prompts=prompts, seed=settings.seed * 1_000_003 + step - 1).swapped()
             else:
                 batch = source.sample(rows, prompts=prompts, seed=settings.seed * 1_000_003 + step).to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, settings)
-            with autocast:
-                prediction = forward_batch(net, batch, kernel)
-            loss = painting_loss(prediction, batch.target_masks, settings.foreground_weight)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            loss = train_step(net, optimizer, params, batch, step, settings, kernel, autocast)
             step += 1
             bar.update(1)
             if step % settings.log_every == 0 or step == settings.steps:
