@@ -131,6 +131,70 @@ class SegGPT:
         return cls(load_network(source), device=device, dtype=dtype, attention=attention, source=str(source),
                    compile=compile, quantize=quantize, threads=threads)
 
+    def adapt(self, images, masks, *, time_limit: float | None = 180.0, steps: int = 300, settings=None,
+              progress=None, cancel=None, intensity_range=None, example_ids: str = "auto") -> "SegGPT":
+        """A copy of this model fine-tuned on a few labelled examples (adapt.py); this model is left unchanged.
+
+        Augments from the examples only, holds out a corner square of the largest one and keeps the weights
+        that segment it best (early stopping); `adaptation` on the result says how it went, and
+        `save_pretrained` writes it as a model directory any `--model` loads (with a new fingerprint).
+
+        Args:
+            images: example images (arrays, PIL images or paths).
+            masks: their label (or colour) masks, one per image.
+            time_limit: seconds for the whole run (None: no limit).
+            steps: the step cap.
+            settings: an adapt.AdaptSettings for the rest (batch size, learning rate, trainable, holdout...).
+            progress: called with an adapt.AdaptProgress after every step and evaluation.
+            cancel: a callable checked between steps; True stops the run (the best weights so far come back).
+            intensity_range: as in `prepare_prompts`.
+            example_ids: as in `prepare_prompts`.
+        """
+        from .adapt import adapt
+
+        return adapt(self, images, masks, time_limit=time_limit, steps=steps, settings=settings, progress=progress,
+                     cancel=cancel, intensity_range=intensity_range, example_ids=example_ids)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> "os.PathLike":
+        """Write the weights (float32) as a transformers model directory that `from_pretrained` and every
+        `--model` load, with adaptation.json when the model was adapted; written beside and renamed into place.
+
+        Args:
+            out_dir: the directory to write.
+            overwrite: replace a directory that exists and is not empty (else InputError).
+        """
+        import copy
+        import json
+        import shutil
+        from pathlib import Path
+
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"{out_dir}: is a file; a model is saved as a directory")
+        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+            raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+        float_state = getattr(self, "_float32_state", None)
+        if self.quantize and float_state is None:
+            raise InputError("a quantized model has no float weights to save; save the model it was loaded from")
+        if float_state is not None:  # an adapted model at reduced precision kept its float32 weights
+            from transformers import SegGptForImageSegmentation
+
+            clone = SegGptForImageSegmentation(self.net.config)
+            clone.load_state_dict(float_state)
+        else:
+            clone = copy.deepcopy(self.net).cpu().float()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.with_name(f".{out_dir.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        clone.save_pretrained(tmp)
+        adaptation = getattr(self, "adaptation", None)
+        if adaptation:
+            (tmp / "adaptation.json").write_text(json.dumps(adaptation, indent=1, default=str) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return out_dir
+
     def __repr__(self) -> str:
         quantized = f", quantize={self.quantize}" if self.quantize else ""
         return (f"SegGPT(source={self.source!r}, device={self.device}, dtype={self.dtype}{quantized}, "

@@ -7,7 +7,7 @@ torch nor transformers.
                   quality; reading them back (numbers, files, --tile, --intensity-range, export options)
   segment.py      seggpt segment (in process, or the scale pipeline with --engine)
   propagate.py    seggpt propagate (a TIFF stack, or frames: a video, GIF, folder)
-  demo.py, convert.py, training.py (train, finetune, tune-prompt), evaluate.py, fit_quality.py
+  demo.py, convert.py, training.py (train, finetune, tune-prompt), adapt.py, evaluate.py, fit_quality.py
 """
 
 from .main import build_parser, main

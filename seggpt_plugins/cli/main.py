@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, demo, evaluate, fit_quality, propagate, segment, training
+from . import adapt, convert, demo, evaluate, fit_quality, propagate, segment, training
 
-COMMANDS = (demo, segment, propagate, convert, training, fit_quality, evaluate)  # the order of `seggpt --help`
+COMMANDS = (demo, segment, propagate, convert, training, adapt, fit_quality, evaluate)  # the order of `seggpt --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
