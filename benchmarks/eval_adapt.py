@@ -1,0 +1,74 @@
+"""Does adapting the demo model to ONE annotated tile beat Otsu on the other tiles of the same image?
+
+    python benchmarks/eval_adapt.py [--examples 9 12] [--time-limit 180] [--out benchmarks/results/eval_adapt.json]
+
+stardist's 2D nuclei image (seggpt_plugins/demo/samples) cut into 16 tiles of 128x128 (row-major). Tiles 0-7
+are for choosing settings, tiles 8-15 for reporting: each example tile (from 8-15) is annotated with its
+ground truth (nuclei vs background), the demo model is adapted on it alone (SegGPT.adapt, at most
+--time-limit seconds on this machine), and then both the shipped and the adapted model segment the other
+report tiles with that tile as the example; foreground IoU against ground truth, with Otsu's threshold on
+each target (polarity from the example) as the baseline, as in eval_demo.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from _report import report
+from eval_demo import SAMPLES, TILE, foreground_iou, otsu_mask
+
+REPORT_TILES = list(range(8, 16))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, nargs="+", default=[9, 12], help="example tiles (of 8-15)")
+    parser.add_argument("--time-limit", type=float, default=180.0)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from tifffile import imread
+
+    from seggpt_plugins import SegGPT
+    from seggpt_plugins.adapt import AdaptSettings
+
+    image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif") > 0
+    corners = [(r, c) for r in range(0, image.shape[0], TILE) for c in range(0, image.shape[1], TILE)]
+    tiles = [image[r:r + TILE, c:c + TILE] for r, c in corners]
+    masks = [truth[r:r + TILE, c:c + TILE].astype(np.uint8) for r, c in corners]
+    base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
+    runs = []
+    for k in args.examples:
+        if k not in REPORT_TILES:
+            raise SystemExit(f"example tile {k} is not a report tile (8-15)")
+        targets = [t for t in REPORT_TILES if t != k]
+        started = time.time()
+        settings = AdaptSettings(lr=args.lr, batch_size=args.batch_size)
+        adapted = base.adapt([tiles[k]], [masks[k]], time_limit=args.time_limit, steps=args.steps, settings=settings)
+        seconds = time.time() - started
+        scores = {}
+        for name, model in (("shipped", base), ("adapted", adapted)):
+            preds = model.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
+            scores[name] = [foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]
+        scores["otsu"] = [foreground_iou(otsu_mask(tiles[t], tiles[k], masks[k]), masks[t] > 0) for t in targets]
+        info = adapted.adaptation
+        run = {"example_tile": k, "targets": targets, "adapt_seconds": round(seconds, 1),
+               **{f"{name}_iou": round(float(np.mean(v)), 4) for name, v in scores.items()},
+               "adapted_minus_otsu": round(float(np.mean(scores["adapted"]) - np.mean(scores["otsu"])), 4),
+               "steps": info["steps"], "best_step": info["best_step"], "stopped": info["stopped"],
+               "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
+               "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
+        print(run, flush=True)
+        runs.append(run)
+    report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; report tiles 8-15",
+            "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+            "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    main()
