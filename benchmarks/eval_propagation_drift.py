@@ -26,28 +26,15 @@ Scenes:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 from _report import report
+from eval_demo import SAMPLES, otsu_mask
+from eval_demo import foreground_iou as iou
 
-SAMPLES = Path(__file__).resolve().parents[1] / "seggpt_plugins" / "demo" / "samples"
 DESIGN_SEEDS, HELD_OUT_SEEDS = (0, 1, 2), (3, 4, 5, 6, 7, 8, 9)
 RUNS = {"memory 0": dict(memory=0), "memory 8, before": dict(memory=8, memory_gate=False),
         "memory 8": dict(memory=8)}
-
-
-def iou(a, b) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def otsu_mask(image, prompt_image, prompt_mask):
-    from skimage.filters import threshold_otsu
-
-    bright = prompt_image[prompt_mask > 0].mean() >= prompt_image[prompt_mask == 0].mean()
-    threshold = threshold_otsu(image)
-    return image > threshold if bright else image < threshold
 
 
 def run(model, frames, annotations, **options) -> dict:
