@@ -206,12 +206,11 @@ def test_precision_setting_loads_the_model_at_that_precision(make_napari_viewer,
 # ------------------------------------------------------------------------------ workflows
 
 
-def test_instances_on_stardist_nuclei(make_napari_viewer, qtbot, field):
-    """Workflow 6: 'instances' gives each nucleus an id of its own (the example's ids copied by position
-    give most nuclei a shared id)."""
-    image, truth = field
+def instances_of_the_other_half(make_napari_viewer, qtbot, example, truth, image):
+    """The widget's 'instances' run of the example layer (the field's left half, labelled with its truth)
+    on the right half of `image`: (the result layer's data, the nuclei there (57), the objects found)."""
     viewer = make_napari_viewer()
-    viewer.add_image(image[:, :256], name="example")
+    assert viewer.add_image(example, name="example").rgb == (example.ndim == 3)
     viewer.add_labels(truth[:, :256].copy(), name="example labels")
     target = viewer.add_image(image[:, 256:], name="target")
     widget = open_widget(viewer)
@@ -220,8 +219,14 @@ def test_instances_on_stardist_nuclei(make_napari_viewer, qtbot, field):
     click(widget._targets_btn)
     wait_done(qtbot, widget)
     result = viewer.layers["target SegGPT"].data
-    nuclei = len(np.unique(truth[:, 256:])) - 1  # 57
-    found = len(np.unique(result)) - 1
+    return result, len(np.unique(truth[:, 256:])) - 1, len(np.unique(result)) - 1
+
+
+def test_instances_on_stardist_nuclei(make_napari_viewer, qtbot, field):
+    """Workflow 6: 'instances' gives each nucleus an id of its own (the example's ids copied by position
+    give most nuclei a shared id)."""
+    image, truth = field
+    result, nuclei, found = instances_of_the_other_half(make_napari_viewer, qtbot, image[:, :256], truth, image)
     assert result.dtype == np.uint32 and 0.6 * nuclei <= found <= 1.5 * nuclei, found
     assert own_ids(truth[:, 256:], result) >= 0.6 * nuclei
     assert foreground_iou(truth[:, 256:], result) > 0.45
@@ -531,19 +536,7 @@ def test_colour_example_on_a_grey_target(make_napari_viewer, qtbot, field):
     image, truth = field
     grey = (image / image.max() * 255).astype(np.uint8)
     green = np.stack([np.zeros_like(grey), grey, np.zeros_like(grey)], axis=-1)
-    viewer = make_napari_viewer()
-    example = viewer.add_image(green[:, :256], name="example")
-    assert example.rgb
-    viewer.add_labels(truth[:, :256].copy(), name="example labels")
-    target = viewer.add_image(grey[:, 256:], name="target")
-    widget = open_widget(viewer)
-    assert widget._targets.value == [target]
-    widget._output.value = "instances"
-    click(widget._targets_btn)
-    wait_done(qtbot, widget)
-    result = viewer.layers["target SegGPT"].data
-    nuclei = len(np.unique(truth[:, 256:])) - 1  # 57
-    found = len(np.unique(result)) - 1
+    result, nuclei, found = instances_of_the_other_half(make_napari_viewer, qtbot, green[:, :256], truth, grey)
     assert 0.5 * nuclei <= found <= 1.5 * nuclei, found
     assert matched(truth[:, 256:], result) >= 0.4 * nuclei, matched(truth[:, 256:], result)
 
