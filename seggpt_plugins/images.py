@@ -178,8 +178,9 @@ def to_rgb8(obj: Any, intensity_range: tuple[float, float] | None = None, name: 
 GREY_SPREAD, GREY_SHARE = 8, 0.01
 
 
-def is_grey(rgb: np.ndarray) -> bool:
-    """Whether (..., H, W, 3) pixels in 0..255 are grey: their three channels (nearly) one."""
+def looks_grey(rgb: np.ndarray) -> bool:
+    """Whether (..., H, W, 3) pixels in 0..255 look grey: their three channels (nearly) one (unlike
+    example_stats.is_grey, which asks for equal channels, a few coloured pixels are tolerated)."""
     arr = np.asarray(rgb)
     spread = arr.max(axis=-1).astype(np.int16) - arr.min(axis=-1)
     return np.count_nonzero(spread > GREY_SPREAD) <= GREY_SHARE * spread.size
@@ -198,7 +199,7 @@ def one_colour_mode(target: np.ndarray, examples: np.ndarray) -> tuple[np.ndarra
     of a grey target are made grey, a colour target of grey examples is made grey (SegGPT copies what the
     examples look like: a colour example finds little in a grey image, and the other way round). Returns
     the arrays given where nothing changes, so `is` tells what did."""
-    grey_target, grey_examples = is_grey(target), [is_grey(e) for e in examples]
+    grey_target, grey_examples = looks_grey(target), [looks_grey(e) for e in examples]
     if grey_target and not all(grey_examples):
         return target, np.stack([e if g else to_grey(e) for e, g in zip(examples, grey_examples)])
     if not grey_target and grey_examples and all(grey_examples):

@@ -3,7 +3,7 @@ finds little in a grey target, and a grey example little in a colour one (issue 
 
 import numpy as np
 
-from seggpt_plugins.images import is_grey, one_colour_mode, scale_to_uint8, to_grey
+from seggpt_plugins.images import looks_grey, one_colour_mode, scale_to_uint8, to_grey
 
 
 def grey3(rng, shape=(64, 64)):
@@ -12,20 +12,20 @@ def grey3(rng, shape=(64, 64)):
 
 def test_one_colour_mode_makes_the_colour_side_grey(rng):
     grey, colour = grey3(rng), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert is_grey(grey) and not is_grey(colour)
+    assert looks_grey(grey) and not looks_grey(colour)
     examples = np.stack([colour, grey])
     target, made = one_colour_mode(grey, examples)  # a grey target: the colour example is made grey
     assert target is grey and made is not examples
     np.testing.assert_array_equal(made[0], to_grey(colour))
     np.testing.assert_array_equal(made[1], grey)
     target, made = one_colour_mode(colour, np.stack([grey, grey]))  # grey examples: the target is made grey
-    assert is_grey(target) and made.shape == (2, 64, 64, 3)
+    assert looks_grey(target) and made.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(target, to_grey(colour))
     for pair in ((colour, examples), (grey, np.stack([grey]))):  # one mode already (or mixed examples)
         target, made = one_colour_mode(*pair)
         assert target is pair[0] and made is pair[1]
     noisy = grey.astype(np.int16) + rng.integers(-3, 4, grey.shape)  # JPEG-like chroma noise is still grey
-    assert is_grey(np.clip(noisy, 0, 255).astype(np.uint8))
+    assert looks_grey(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def test_runner_segments_in_one_colour_mode(model64, rng):
