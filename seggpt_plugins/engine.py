@@ -345,8 +345,7 @@ class SegGPT:
             masks = torch.cat([s.masks for s in prompt_sets])
         weight = None
         if any(s.weights is not None for s in prompt_sets):  # (N,): each prompt row's weight in its target's mean
-            weight = torch.cat([s.weights if s.weights is not None else torch.ones(len(s)) for s in prompt_sets])
-            weight = weight.to(self.device)
+            weight = torch.cat([s.row_weights() for s in prompt_sets]).to(self.device)
         targets = targets if torch.is_tensor(targets) else torch.stack(targets)
         return self.paint(targets, images, masks, owner.to(self.device), seg_type, weight)
 

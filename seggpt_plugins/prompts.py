@@ -56,6 +56,12 @@ class PromptSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def row_weights(self):
+        """(P,) float on the CPU: each prompt's weight in the ensemble (ones when all are equal)."""
+        import torch
+
+        return self.weights if self.weights is not None else torch.ones(len(self))
+
     def extended(self, images, masks, weight: float = 1.0) -> "PromptSet":
         """This set with more prompt rows (P', 3, h, w) after its own, in the same colour code, each weighing
         `weight` in the ensemble where one of its own weighs 1 (as before)."""
@@ -63,8 +69,7 @@ class PromptSet:
 
         weights = None
         if weight != 1.0 or self.weights is not None:
-            own = self.weights if self.weights is not None else torch.ones(len(self))
-            weights = torch.cat([own, torch.full((images.shape[0],), float(weight))])
+            weights = torch.cat([self.row_weights(), torch.full((images.shape[0],), float(weight))])
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
                          self.examples, self.shown, self.ids_are_objects, self.intensity_range, weights)
 
@@ -90,7 +95,7 @@ class PromptSet:
                          tuple(sorted(set().union(*(s.shown for s in sets)))),
                          all(s.ids_are_objects for s in sets), sets[0].intensity_range,
                          None if all(s.weights is None for s in sets) else
-                         torch.cat([s.weights if s.weights is not None else torch.ones(len(s)) for s in sets]))
+                         torch.cat([s.row_weights() for s in sets]))
 
 
 @dataclass
