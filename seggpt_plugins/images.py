@@ -194,12 +194,16 @@ def to_grey(rgb: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(rgb).max(axis=-1)[..., None], 3, axis=-1)
 
 
-def one_colour_mode(target: np.ndarray, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def one_colour_mode(target: np.ndarray, examples: np.ndarray,
+                    grey_examples: list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A target (H, W, 3) and its examples (P, h, w, 3), uint8, brought to one colour mode: colour examples
     of a grey target are made grey, a colour target of grey examples is made grey (SegGPT copies what the
     examples look like: a colour example finds little in a grey image, and the other way round). Returns
-    the arrays given where nothing changes, so `is` tells what did."""
-    grey_target, grey_examples = looks_grey(target), [looks_grey(e) for e in examples]
+    the arrays given where nothing changes, so `is` tells what did. grey_examples: looks_grey of each
+    example, when known already (a run's examples meet many targets)."""
+    grey_target = looks_grey(target)
+    if grey_examples is None:
+        grey_examples = [looks_grey(e) for e in examples]
     if grey_target and not all(grey_examples):
         return target, np.stack([e if g else to_grey(e) for e, g in zip(examples, grey_examples)])
     if not grey_target and grey_examples and all(grey_examples):

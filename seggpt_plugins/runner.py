@@ -40,7 +40,7 @@ import numpy as np
 from .ensembles import Stitcher, Tile, auto_halo, auto_tile, tile_grid, tile_size
 from .errors import InputError, SegGPTError
 from .example_ids import check_example_ids
-from .images import as_array, one_colour_mode, to_rgb8
+from .images import as_array, looks_grey, one_colour_mode, to_rgb8
 from .instances import Instances, ObjectRule
 from .prediction import Prediction
 from .prompts import PromptPool, PromptSet
@@ -189,7 +189,8 @@ class Runner:
         if isinstance(prompts, PromptPool):
             self.code = model.color_code([], [], label_ids) if label_ids is not None else prompts.code
         self._sets: OrderedDict = OrderedDict()  # choice -> PromptSet
-        self._modes: OrderedDict = OrderedDict()  # id(PromptSet) -> [it, its examples' RGB, it made grey]
+        self._modes: OrderedDict = OrderedDict()  # id(PromptSet) -> [it, its examples' RGB, it made grey,
+        #                                            whether each example looks grey]
         self._sets_kept = max(1, prompt_sets_kept)
         self._lock = threading.Lock()
 
@@ -377,8 +378,8 @@ class Runner:
 
     def _one_colour_mode(self, rgb: np.ndarray, prompts: PromptSet) -> tuple[np.ndarray, PromptSet]:
         """The target and its prompts in one colour mode (images.one_colour_mode): the examples' pixels are
-        read back from the prepared set once, and a set made grey is encoded once. Tuned prompts (learnt
-        pixels) are left as they are."""
+        read back from the prepared set, and judged grey or not, once per set; a set made grey is encoded
+        once. Tuned prompts (learnt pixels) are left as they are."""
         if prompts.shown is None:
             return rgb, prompts
         with self._lock:
@@ -387,10 +388,11 @@ class Runner:
                 from .modeling import denormalize
 
                 pixels = denormalize(prompts.images.float()).round().permute(0, 2, 3, 1).cpu().numpy()
-                kept = self._modes[id(prompts)] = [prompts, pixels.astype(np.uint8), None]
+                pixels = pixels.astype(np.uint8)
+                kept = self._modes[id(prompts)] = [prompts, pixels, None, [looks_grey(e) for e in pixels]]
                 while len(self._modes) > self._sets_kept:
                     self._modes.popitem(last=False)
-            target, examples = one_colour_mode(rgb, kept[1])
+            target, examples = one_colour_mode(rgb, kept[1], kept[3])
             if examples is kept[1]:
                 return target, prompts
             if kept[2] is None:
