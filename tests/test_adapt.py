@@ -207,3 +207,46 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
     assert code == 0, err
     written = list((tmp_path / "seg").glob("*.png"))
     assert written and np.asarray(Image.open(written[0])).shape == (128, 128)
+
+
+# ------------------------------------------------------------------------------ helpers of the host apps
+
+
+def test_adapt_steps_yields_the_progress_and_returns_the_model(base):
+    from seggpt_plugins import InputError
+    from seggpt_plugins.adapt import AdaptProgress, AdaptSettings, adapt_steps
+
+    image, mask = scene(0)
+    steps = adapt_steps(base, [image], [mask], time_limit=None, steps=3, settings=AdaptSettings(batch_size=2))
+    seen = []
+    while True:
+        try:
+            seen.append(next(steps))
+        except StopIteration as stop:
+            adapted = stop.value
+            break
+    assert all(isinstance(p, AdaptProgress) for p in seen) and [p.step for p in seen][-1] == 3
+    assert adapted.adaptation["steps"] == 3
+    with pytest.raises(InputError, match="all background"):
+        list(adapt_steps(base, [image], [np.zeros_like(mask)]))
+
+
+def test_adapted_models_are_listed_newest_first_with_one_line_each(adapted_run, tmp_path, monkeypatch):
+    import os
+
+    from seggpt_plugins.adapt import adapted_models, adapted_models_dir, summary_line
+
+    monkeypatch.setenv("SEGGPT_ADAPTED_DIR", str(tmp_path / "models"))
+    assert adapted_models_dir() == tmp_path / "models" and adapted_models() == []
+    adapted, _, _ = adapted_run
+    older = adapted.save_pretrained(tmp_path / "models" / "older")
+    newer = adapted.save_pretrained(tmp_path / "models" / "newer")
+    os.utime(older / "adaptation.json", (1, 1))
+    (tmp_path / "models" / "not-a-model").mkdir()
+    assert [(path, info["fingerprint"]) for path, info in adapted_models()] == [
+        (newer, adapted.fingerprint), (older, adapted.fingerprint)]
+    info = adapted.adaptation
+    assert summary_line(info, "1 example") == (
+        f"Adapted to 1 example in {info['seconds']:.0f} s (held-out IoU {info['held_out_iou_before']:.2f} -> "
+        f"{info['held_out_iou_best']:.2f} at step {info['best_step']} of {info['steps']})")
+    assert "did not beat the model" in summary_line({**info, "improved": False}, "1 example")
