@@ -4,8 +4,8 @@ An `Action` is one model run, ready to start: what the worker does (`work`: mode
 key, Prediction) per plane; `report(target, plane key, tiles done, tiles)` per tile of a tiled plane), how
 many results it yields, which image layers they belong to and what a result is called ("slice", "image").
 `Actions` builds one per button (segment the current slice, propagate, segment target images) and reads
-the example layers for the Annotated list. Bad input raises `UserError` (one line for the user);
-`NothingToDo` says there is nothing to run.
+the example layers for the Annotated list and for adapting the model (`adapt_examples`). Bad input raises
+`UserError` (one line for the user); `NothingToDo` says there is nothing to run.
 
 The work functions call the core: its `Runner` with prompts prepared once (its tile events are the
 progress inside a large plane), or `SegGPT.propagate`. With instance output each object gets an id that
@@ -403,6 +403,23 @@ class Actions:
                f"{plural(len(prompts), 'example')}"
         return Action("segment targets", what, total, action_targets, inputs.labels, work, objects=objects, note=note,
                       unit=unit)
+
+    def adapt_examples(self):
+        """The annotated planes selected under 'Annotated', read and checked as `SegGPT.adapt` takes them (the
+        masks as the segment actions give them to the model), and what they are for the status line
+        ('1 annotated slice'); UserError before any model work."""
+        from seggpt_plugins.adapt import read_examples
+
+        inputs = self.inputs()
+        annotated = self.annotated(inputs)
+        masks, _objects, _note = self._examples([np.array(inputs.masks[i]) for i in annotated])
+        try:
+            examples = read_examples([np.asarray(inputs.images[i]) for i in annotated], masks,
+                                     intensity_range(inputs.image), example_ids="classes")
+        except InputError as exc:
+            raise UserError(f"Cannot adapt to Labels '{inputs.labels.name}': {exc}") from None
+        word = "image" if inputs.axis is None else self.plane_word(inputs)
+        return examples, plural(len(annotated), f"annotated {word}")
 
     # -------------------------------------------------------------------------------- work functions
 

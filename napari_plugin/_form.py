@@ -99,6 +99,20 @@ def build_form(w: Container) -> None:
                                 f"the package). Or a hub id, a transformers directory or a Painter .pth "
                                 "checkpoint.")
     w._browse_btn = PushButton(text="Browse…")
+    w._adapt_btn = PushButton(text="Adapt to my labels",
+                              tooltip="Fine-tune a copy of the model on the annotated slices (images) chosen under "
+                                      "'Annotated', for at most the seconds beside; a corner of the largest one is "
+                                      "held out, and the weights that segment it best are kept. The next runs use "
+                                      "the adapted model when it beat the model on that corner. Cancel keeps the "
+                                      "model in use.")
+    w._adapt_time = SpinBox(min=5, max=7200, step=5, value=120,
+                            tooltip="The most seconds adapting may take (a minute or three on a GPU is typical).")
+    w._unadapt_btn = PushButton(text="Use the shipped model", enabled=False,
+                                tooltip="Go back from the adapted model to the model named above (the adapted one is "
+                                        "in memory only: 'Save adapted model…' keeps it).")
+    w._save_model_btn = PushButton(text="Save adapted model…", enabled=False,
+                                   tooltip="Write the adapted model into an empty or new folder: give that folder as "
+                                           "Model (here, or --model of the seggpt commands) to use it again.")
     w._device = ComboBox(label="Device", choices=list(DEVICES), value="auto",
                          tooltip="auto: CUDA, then Apple MPS, then CPU.")
     w._precision = ComboBox(label="Precision", choices=list(PRECISIONS), value="auto",
@@ -146,7 +160,9 @@ def build_form(w: Container) -> None:
         w._segment_btn, w._propagate_btn, w._targets, w._targets_btn,
         _row("Progress", w._progress, w._cancel_btn), w._status, w._review, w._accept_btn,
         _row("", w._export_btn, w._overwrite),
-        Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn), w._device, w._precision,
+        Label(value="<b>Settings</b>"), _row("Model", w._model, w._browse_btn),
+        _row("Adapt", w._adapt_btn, w._adapt_time, Label(value="s")), _row("", w._unadapt_btn, w._save_model_btn),
+        w._device, w._precision,
         w._num_prompts, w._memory, w._mode, w._output, w._batch, w._ensemble, _row("Tile", w._tile, w._tile_auto),
         w._halo, w._confidence,
     ])

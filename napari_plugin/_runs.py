@@ -4,7 +4,8 @@
 status lines); after it ends it holds the proposals Accept and Review work on. Around it:
 `open_outputs` (the run's output layers, emptied), `review_rows` (least confident first),
 `accept` (the last run's shown proposals into each target's own Labels layer, every check before any
-write, one undo step per layer) and `export_sets` (what Export writes).
+write, one undo step per layer) and `export_sets` (what Export writes). `AdaptState` is an 'Adapt to my
+labels' run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class RunState:
     tile: tuple | None = None  # (tiles done, tiles) of the plane in progress, when it is tiled
     stopped: tuple | None = None  # ("result" or "image", layer name): a layer of the run was removed during it
     lost: list = field(default_factory=list)  # its result layers removed during the run
+    model: str | None = None  # the fingerprint of the model's weights, once it runs
 
     @property
     def total(self) -> int:
@@ -112,7 +114,7 @@ class RunState:
         return dict(kind=self.action.name, done=self.done, total=self.total, cancelled=self.cancelled,
                     error=self.error, seconds=seconds, result=self.results[0].name,
                     results=[r.name for r in self.results], keys=[key for _, key in self.keys],
-                    confidence=[score for _, score in self.scores])
+                    confidence=[score for _, score in self.scores], model=self.model)
 
     def end_message(self, seconds: float) -> str:
         names = ", ".join(f"'{r.name}'" for r in self.results)
@@ -131,6 +133,48 @@ class RunState:
         if self.action.note:
             message += " " + self.action.note
         return message
+
+
+@dataclass
+class AdaptState:
+    """An 'Adapt to my labels' run, as the UI thread sees it: the core's progress reports, cancel, the result."""
+
+    what: str  # what it learns from: '1 annotated slice'
+    model: str  # the model it starts from, for people
+    time_limit: float
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    error: str | None = None
+    adapted: object = None  # the adapted SegGPT, once it came back (not when cancelled)
+
+    def removed(self, layer) -> None:
+        """Layers leaving the viewer do not stop it: the examples were read when it started."""
+        return None
+
+    def progress(self, p) -> tuple[int, str]:
+        """(progress bar value of 1000, status line) for an adapt.AdaptProgress report."""
+        from seggpt_plugins.adapt import progress_fraction
+
+        line = f"Adapting to {self.what}: step {p.step} / {p.steps} · {p.seconds:.0f} of {self.time_limit:.0f} s"
+        if p.best_iou is not None:
+            line += f" · held-out IoU {p.best_iou:.2f}"
+        return int(1000 * progress_fraction(p, self.time_limit)), line
+
+    def end_message(self) -> str:
+        """The status line when it ends (the next runs use the adapted model only when it beat the old one)."""
+        from seggpt_plugins.adapt import summary_line
+
+        if self.cancelled:
+            return f"Adapting cancelled: the runs keep using {self.model}."
+        if self.error:
+            return f"Adapting failed: {self.error}"
+        if self.adapted is None:
+            return f"Adapting stopped: the runs keep using {self.model}."
+        info = self.adapted.adaptation
+        if not info["improved"]:
+            return summary_line(info, self.what) + f": the runs keep using {self.model}."
+        return summary_line(info, self.what) + (": the next runs use it ('Use the shipped model' goes back, 'Save "
+                                                 "adapted model…' keeps it).")
 
 
 def loading_text(source: str, seconds: float, downloaded: int) -> str:

@@ -13,6 +13,11 @@ prompt planes chosen, the work function); `_runs.py` holds a run's state and wha
 layers, Review rows, Accept, export sets). The controls and their layout are in `_form.py`; the worker
 body in `_worker.py`; plane bookkeeping (pure numpy) in `_stack.py`; the layers it reads and makes in
 `_layers.py`; image series in `_series.py`; export in `_export.py`.
+
+"Adapt to my labels" fine-tunes a copy of the model in use on the annotated planes (the core's
+`SegGPT.adapt`) in the same kind of worker, with progress per step and the same Cancel; when it beats the
+model on its held-out corner, the widget keeps it in memory and the next runs use it, until "Use the
+shipped model" or a change of the Model field; "Save adapted model…" writes it as a model folder.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from ._export import export
 from ._form import build_form
 from ._layers import (LABELS_SUFFIX, META_KEY, PlaneKey, add_series, default_targets, go_to, image_kind,
                       matching_labels, target_choices)
-from ._runs import RunState, accept, accepted_message, export_sets, loading_text, open_outputs, review_rows
+from ._runs import AdaptState, RunState, accept, accepted_message, export_sets, loading_text, open_outputs, review_rows
 from ._series import read_series
 from ._stack import spatial_shape
 from ._worker import load_and_work
@@ -53,7 +58,7 @@ class SegGPTWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self._worker = None
-        self._active: RunState | None = None
+        self._active: RunState | AdaptState | None = None  # the run (or adapting) in progress
         self._proposal: RunState | None = None  # the last run: what Accept and Review work on
         self._accepted: dict[Labels, Image] = {}  # the Labels layers Accept wrote into -> their images
         self.last_run: dict | None = None  # summary of the last finished run (for scripts and tests)
@@ -62,6 +67,10 @@ class SegGPTWidget(Container):
         self._review_items: list = []  # (target, plane key) of each Review row
         self._watched_labels: Labels | None = None  # its painting (and undo) refreshes the annotated slices
         self._closed = False
+        self._adapted = None  # the adapted SegGPT the runs use instead of the Model field's, or None
+        self.adapt_steps = 300  # the step cap of 'Adapt to my labels' (the time limit is the form's)
+        self.adapt_settings = None  # an adapt.AdaptSettings for the rest (None: the core's defaults)
+        self.last_adapt: dict | None = None  # how the last 'Adapt to my labels' ended (for scripts and tests)
         build_form(self)  # self._image, self._labels, ... self._confidence
 
         from qtpy.QtCore import QTimer
@@ -90,6 +99,10 @@ class SegGPTWidget(Container):
         self._review.changed.connect(self._on_review)
         self._review.native.itemClicked.connect(lambda _item: self._on_review())  # also a second click
         self._browse_btn.changed.connect(self._browse)
+        self._adapt_btn.changed.connect(self.adapt_model)
+        self._unadapt_btn.changed.connect(self.use_shipped_model)
+        self._save_model_btn.changed.connect(self.save_adapted_model)
+        self._model.changed.connect(self._on_model_changed)
         self._tile_auto.changed.connect(lambda auto: setattr(self._tile, "enabled", not auto))
         for event, handler in self._viewer_hooks():
             event.connect(handler)
@@ -296,10 +309,12 @@ class SegGPTWidget(Container):
         self._run(Actions.targets)
 
     def cancel(self, _=None):
-        """Stop the run after the batch in flight; the results so far stay in the result layer."""
+        """Stop the run after the batch in flight; the results so far stay in the result layer. Adapting stops
+        after the step in flight, and the model in use stays."""
         if self._worker is not None and self._active is not None:
             self._active.cancelled = True
-            self._set_status("Cancelling: finishing the batch in flight…")
+            step = "step" if isinstance(self._active, AdaptState) else "batch"
+            self._set_status(f"Cancelling: finishing the {step} in flight…")
             self._cancel_btn.enabled = False
             self._worker.quit()
 
@@ -444,7 +459,7 @@ class SegGPTWidget(Container):
         def report(*tile):  # from the core's thread, per tile: a Qt signal hands it to this thread
             worker.yielded.emit(("tile", *tile))
 
-        worker = thread_worker(load_and_work, start_thread=False)(self._model.value, self._device.value,
+        worker = thread_worker(load_and_work, start_thread=False)(self._model_in_use(), self._device.value,
                                                                   action.work, self._precision.value, report)
         worker.yielded.connect(self._on_yielded)
         worker.finished.connect(self._on_finished)
@@ -452,7 +467,7 @@ class SegGPTWidget(Container):
         self._set_running(True)
         self._progress.max = max(action.total, 1)
         self._progress.value = 0
-        self._set_status(f"Starting: {action.what}…")
+        self._set_status(f"Starting: {action.what}{' with the adapted model' * (self._adapted is not None)}…")
         if action.note:
             show_info(action.note)
         log.info("SegGPT %s: %s", action.name, action.what)
@@ -460,9 +475,10 @@ class SegGPTWidget(Container):
 
     def _set_running(self, running: bool):
         for button in (self._segment_btn, self._propagate_btn, self._targets_btn, self._accept_btn,
-                       self._export_btn, self._series_btn):
+                       self._export_btn, self._series_btn, self._adapt_btn):
             button.enabled = not running
         self._cancel_btn.enabled = running
+        self._unadapt_btn.enabled = self._save_model_btn.enabled = not running and self._adapted is not None
 
     def _on_yielded(self, message):
         run = self._active
@@ -480,6 +496,7 @@ class SegGPTWidget(Container):
             self._progress.max = max(run.total, 1)
             self._progress.value = 0
             run.start_running()
+            run.model = message[2]
             if not run.cancelled:
                 self._set_status(f"Running on {message[1]}: 0 / {run.total} {run.action.units}")
         elif kind == "tile":
@@ -524,4 +541,125 @@ class SegGPTWidget(Container):
         self._set_running(False)
         if run.error is not None:
             return
-        self._set_status(run.end_message(seconds))
+        self._set_status(run.end_message(seconds) + " (adapted model)" * (self._adapted is not None))
+
+    # ------------------------------------------------------------------------------- adapting the model
+
+    def _model_in_use(self):
+        """What the runs load: the adapted SegGPT, else the Model field's source."""
+        return self._adapted if self._adapted is not None else self._model.value
+
+    def _model_name(self) -> str:
+        return "the adapted model" if self._adapted is not None else f"'{self._model.value}'"
+
+    def adapt_model(self, _=None):
+        """Fine-tune a copy of the model in use on the annotated examples (the core's `SegGPT.adapt`) in a
+        worker, for at most the form's seconds; when it beats that model on its held-out corner, the next
+        runs use it. Cancel stops it after the step in flight and keeps the model in use."""
+        if self._busy():
+            return
+        try:
+            examples, what = Actions(self.viewer, self._form_values()).adapt_examples()
+        except UserError as exc:
+            self._report(exc)
+            return
+        state = AdaptState(what, self._model_name(), float(self._adapt_time.value))
+        steps, settings = self.adapt_steps, self.adapt_settings
+
+        def work(model, report):
+            yield (model.adapt(examples, None, time_limit=state.time_limit, steps=steps, settings=settings,
+                               progress=report, cancel=lambda: state.cancelled),)
+
+        def report(p):  # from the worker thread, per step: a Qt signal hands it to this thread
+            worker.yielded.emit(("adapt", p))
+
+        worker = thread_worker(load_and_work, start_thread=False)(self._model_in_use(), self._device.value, work,
+                                                                  self._precision.value, report)
+        worker.yielded.connect(self._on_adapt_yielded)
+        worker.finished.connect(self._on_adapt_finished)
+        self._active, self._worker = state, worker
+        self._set_running(True)
+        self._progress.max, self._progress.value = 1000, 0
+        self._set_status(f"Starting: adapting {state.model} to {what}…")
+        log.info("SegGPT adapt: %s to %s", state.model, what)
+        worker.start()
+
+    def _on_adapt_yielded(self, message):
+        state = self._active
+        if not isinstance(state, AdaptState) or self._closed:
+            return
+        kind = message[0]
+        if kind == "note":
+            show_warning(message[1])
+        elif kind == "loading":
+            self._progress.max = 0  # busy indicator while the model loads
+            if not state.cancelled:
+                self._set_status(loading_text(*message[1:]))
+        elif kind == "adapt":
+            value, line = state.progress(message[1])
+            self._progress.max, self._progress.value = 1000, value
+            if not state.cancelled:
+                self._set_status(line)
+        elif kind == "result" and not state.cancelled:
+            state.adapted = message[1]
+        elif kind == "error":
+            state.error = message[1]
+            show_error(message[1])
+
+    def _on_adapt_finished(self):
+        state, self._worker, self._active = self._active, None, None
+        if not isinstance(state, AdaptState) or self._closed:
+            return
+        used = state.adapted is not None and not state.cancelled and state.adapted.adaptation["improved"]
+        if used:
+            self._adapted = state.adapted
+        self._set_running(False)
+        message = state.end_message()
+        self.last_adapt = dict(what=state.what, cancelled=state.cancelled, error=state.error, used=used,
+                               adaptation=getattr(state.adapted, "adaptation", None))
+        self._set_status(message)
+        if state.error is None:
+            show_info(message)
+
+    def use_shipped_model(self, _=None):
+        """Drop the adapted model: the next runs use the model the Model field names."""
+        if self._busy() or self._adapted is None:
+            return
+        self._adapted = None
+        self._set_running(False)
+        self._set_status(f"Back to '{self._model.value}': the next runs use it (the adapted model was dropped).")
+
+    def _on_model_changed(self, _value=None):
+        if self._adapted is not None and self._worker is None:
+            self._adapted = None
+            self._set_running(False)
+            self._set_status(f"Model changed: the next runs use '{self._model.value}', not the adapted model.")
+
+    def save_adapted_model(self, _=None, folder=None) -> Path | None:
+        """Write the adapted model into an empty or new folder (`SegGPT.save_pretrained`), which any Model
+        field or `--model` loads."""
+        try:
+            if self._adapted is None:
+                raise UserError("No adapted model to save: press 'Adapt to my labels' first.")
+            if folder is None:
+                from qtpy.QtWidgets import QFileDialog
+
+                folder = QFileDialog.getExistingDirectory(self.native, "Save the adapted model into this (empty) "
+                                                                       "folder")
+                if not folder:
+                    return None
+            path = Path(folder)
+            if path.is_dir() and any(path.iterdir()):
+                raise UserError(f"'{path}' is not empty: choose an empty or new folder for the adapted model.")
+            try:
+                self._adapted.save_pretrained(path)
+            except InputError as exc:
+                raise UserError(str(exc)) from None
+        except UserError as exc:
+            self._report(exc)
+            return None
+        message = (f"Saved the adapted model to {path}: give that folder as Model (here, or --model of the seggpt "
+                   "commands) to use it again.")
+        self._set_status(message)
+        show_info(message)
+        return path

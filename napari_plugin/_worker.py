@@ -61,21 +61,23 @@ def _load(source: str, device: str, options: dict) -> Iterator:
     return box["model"]
 
 
-def load_and_work(model_source: str, device: str, work: Callable[[Any, Callable | None], Iterator],
+def load_and_work(model_source, device: str, work: Callable[[Any, Callable | None], Iterator],
                   precision: str = "auto", report: Callable | None = None):
-    """Worker body (runs in a thread): load the model once (at `precision`: vocabulary.PRECISIONS), then
-    yield one result per plane; `work` calls `report` with the progress inside a plane (its tiles), from
+    """Worker body (runs in a thread): load the model once (at `precision`: vocabulary.PRECISIONS; a SegGPT
+    given as `model_source`, the widget's adapted one, is used as it is), then yield one result per plane;
+    `work` calls `report` with the progress inside a plane (its tiles, or the steps of adapting), from
     whichever thread the core works in: `report` must be safe to call from any thread (a Qt signal).
 
     Yields ("note", text) for warnings (e.g. the demo model stands in for the real one), ("loading",
-    source, seconds, bytes) while the model loads, ("running", device), ("result", *what `work`
-    yields) per plane, or ("error", message) for a SegGPTError.
+    source, seconds, bytes) while the model loads, ("running", device, model fingerprint), ("result", *what
+    `work` yields) per plane, or ("error", message) for a SegGPTError.
     """
     from seggpt_plugins import SegGPTError
 
     try:
         options = loading.precision_options(precision)
-        model = model_cache.cached(model_source, device, **options)
+        model = (model_cache.cached(model_source, device, **options) if isinstance(model_source, str)
+                 else model_source)
         if model is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", loading.DefaultModelWarning)
@@ -83,7 +85,7 @@ def load_and_work(model_source: str, device: str, work: Callable[[Any, Callable 
             for warning in caught:
                 yield ("note", str(warning.message))
             model = yield from _load(resolved, device, options)
-        yield ("running", str(model.device))
+        yield ("running", str(model.device), model.fingerprint)
         for item in work(model, report):
             yield ("result", *item)
     except SegGPTError as exc:  # bad input or an unusable model source: a message, not a traceback
