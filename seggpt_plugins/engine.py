@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from .example_ids import foreground, ids_are_objects
 from .images import as_array, label_dtype, shared_range, to_mask, to_rgb8
 from .loading import (load_network, pick_device, pick_dtype, pick_quantize, resolve_source, set_cpu_threads,
                       weights_fingerprint)
-from .ensembles import example_windows, groups, stitch_examples, tile_size
+from .ensembles import example_windows, groups, object_diameter, stitch_examples, tile_size
 from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
 from .propagation import propagate
@@ -57,11 +58,13 @@ def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
     return maps[:, :, y0] * (1 - weight) + maps[:, :, y1] * weight
 
 
-def _example_stats(pairs, code: ColorCode) -> ExampleStats:
+def _example_stats(pairs, code: ColorCode, object_masks=None) -> ExampleStats:
     """The quality estimate's view of the examples: their label masks (colour masks read through the
-    code) and images."""
+    code) and images; with `object_masks` (the masks of examples whose ids are objects, shown as their
+    foreground), the object size is read from those: one object per id, not per clump of touching ones."""
     masks = [code.labels_of_colors(m) if m.ndim == 3 else m for _, m, _ in pairs]
-    return ExampleStats.of(masks, [rgb for rgb, _, _ in pairs])
+    stats = ExampleStats.of(masks, [rgb for rgb, _, _ in pairs])
+    return replace(stats, diameter=object_diameter(object_masks)) if object_masks else stats
 
 
 def _group_by(items, key) -> dict:
@@ -273,6 +276,7 @@ class SegGPT:
                               EmptyPromptWarning, stacklevel=3)
             pairs.append((rgb, mask_arr, name))
         objects = not tuned and bool(pairs) and ids_are_objects([m for _, m, _ in pairs], example_ids)
+        object_masks = [m for _, m, _ in pairs] if objects else None
         if objects:  # one class: its foreground, in a code of its own
             pairs = [(rgb, foreground(m), name) for rgb, m, name in pairs]
             code = self.color_code([], [m for _, m, _ in pairs], None)
@@ -299,7 +303,7 @@ class SegGPT:
             [code.labels_of_colors(m).ravel() if m.ndim == 3 else np.unique(m) for _, m, _ in pairs])) if i)
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
                          tuple(rgb.shape[:2] for rgb, _, _ in pairs),
-                         _example_stats(pairs, code) if pairs else None, shown, objects, shared)
+                         _example_stats(pairs, code, object_masks) if pairs else None, shown, objects, shared)
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:
@@ -459,8 +463,8 @@ class SegGPT:
             prediction.object_context = ObjectContext(np.round(maps["foreground"] * 255).astype(np.uint8),
                                                       maps["stride"], examples.diameter,
                                                       self._quality_models.get(OBJECT_MODEL))
-        values["gross_error"] = gross_error(prediction.labels, examples, strided)  # 1 unless far from the examples
-        return estimate.predict(values) * values["gross_error"]
+        values.update(gross_error(prediction.labels, examples, strided, prediction.ids_are_objects))
+        return estimate.predict(values) * values["gross_error"]  # (the factor is 1 unless far from the examples)
 
     def _prompt_sets_for(self, num_targets, prompt_images, prompt_masks, intensity_range, label_ids,
                          ensemble="feature", tile=None, example_ids="auto"):

@@ -69,6 +69,11 @@ UNCERTAIN_MARGIN = 0.5
 FEATURE_SIDE = 128
 #: a gross error (`gross_error`): a painted share beyond this factor of the examples' either way
 GROSS_SHARE = 3.0
+#: ... or, where the examples' ids are objects, parts over GIANT_OBJECT times their typical object area
+#: (several objects run together) holding more than GIANT_ALLOWED of the painted pixels (chosen on the
+#: 128 px tiles of the left half of stardist's 2D image: benchmarks/eval_review_ranking.py)
+GIANT_OBJECT = 2.0
+GIANT_ALLOWED = 0.5
 QUALITY_FILE = "quality.json"  # next to a model's weights: the estimate fitted for them
 QUALITY_ENV = "SEGGPT_QUALITY_MODEL"  # or this file, for any weights
 SHIPPED = Path(__file__).resolve().parent / "demo" / "model" / QUALITY_FILE  # fitted for the demo model
@@ -158,19 +163,35 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
     return out
 
 
-def gross_error(labels: np.ndarray, examples: ExampleStats, strided: int | None = None) -> float:
-    """How far a proposal's painted share is from its examples', as a factor in (0, 1] that scales its
-    estimate down: 1 within GROSS_SHARE of the examples' share either way, exp(-2 x the log excess) beyond.
+def gross_error(labels: np.ndarray, examples: ExampleStats, strided: int | None = None,
+                objects: bool = False) -> dict[str, float]:
+    """How far a proposal is from its examples in ways a local reading misses, as a factor in (0, 1] that
+    scales its estimate down (`gross_error`), with what it read (`painted_share`, `giant_objects`).
+
     The blend reads how a proposal looks locally; a slice painted over whole can look clean there and still
-    be wholly wrong (a drifting propagation ranked its fully painted slices best: issue 33). Read on the
-    strided view of `features` (`strided`: the labels are that view already)."""
+    be wholly wrong (a drifting propagation ranked its fully painted slices best: issue 33), and an image
+    whose objects ran together in clumps can have a clean foreground and half its objects wrong (a series
+    of tiles ranked the worst last). The factor is exp(-2 x the log excess) for a painted share beyond
+    GROSS_SHARE of the examples' either way, times exp(-2 x the excess) for a share of the painted pixels
+    beyond GIANT_ALLOWED in parts over GIANT_OBJECT times the examples' object area, this one only where
+    `objects` (the examples' ids were objects, so the objects are what a person reviews: in a semantic run
+    clumps of touching objects are no error). Read on the strided view of `features` (`strided`: the
+    labels are that view already, at that stride)."""
+    stride = strided or feature_stride(labels.shape)
+    view = labels if strided else labels[::stride, ::stride]
+    painted = int(np.count_nonzero(view))
+    share = painted / view.size
+    out = {"painted_share": share, "giant_objects": 0.0, "gross_error": 1.0}
     expected = examples.foreground
-    if not expected > 0:
-        return 1.0
-    view = labels if strided else labels[::feature_stride(labels.shape), ::feature_stride(labels.shape)]
-    share = float(np.count_nonzero(view) / view.size)
-    excess = max(0.0, abs(math.log((share + 1e-3) / expected)) - math.log(GROSS_SHARE))
-    return math.exp(-2 * excess)
+    if expected > 0:
+        excess = max(0.0, abs(math.log((share + 1e-3) / expected)) - math.log(GROSS_SHARE))
+        out["gross_error"] = math.exp(-2 * excess)
+    if objects and examples.diameter and painted:
+        parts, _ = connected_components(view != 0, connectivity=4)
+        areas = np.bincount(parts.ravel())[1:] * stride ** 2
+        out["giant_objects"] = float(areas[areas > GIANT_OBJECT * examples.diameter ** 2].sum() / areas.sum())
+        out["gross_error"] *= math.exp(-2 * max(0.0, out["giant_objects"] - GIANT_ALLOWED))
+    return out
 
 
 def _objects_features(labels, stride: int, diameter: float | None) -> dict[str, float]:
