@@ -101,13 +101,29 @@ class Result:
 
 @dataclass(frozen=True)
 class Event:
-    """Progress: kind "tile" (done of total tiles of target `key`), "image" or "failed" (done of total
-    targets finished so far; total None when the run's length is unknown)."""
+    """Progress: kind "tile" (done of total tiles of target `key`; `tiling` says how it is cut), "image" or
+    "failed" (done of total targets finished so far; total None when the run's length is unknown)."""
 
     kind: str
     key: Any
     done: int
     total: int | None
+    tiling: "Tiling | None" = None
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a target is cut: tiles of `tile` (height, width) pixels overlapping by `halo` on each side, and
+    `count` of them; `auto` when the size came from the examples (tile "auto")."""
+
+    tile: tuple[int, int]
+    halo: int
+    count: int
+    auto: bool
+
+    def __str__(self) -> str:
+        how = " (auto: the examples' scale)" if self.auto else ""
+        return f"{self.count} tiles of {self.tile[1]}x{self.tile[0]} px, halo {self.halo}{how}"
 
 
 @dataclass
@@ -121,7 +137,7 @@ class _Job:
     keys: tuple
     grid: list  # Tiles (one covering the image when untiled)
     views: tuple  # (False,) or (False, True): the mirrored target too (quality "full")
-    tiled: bool
+    tiling: Tiling | None  # None when untiled
     stitchers: dict = field(default_factory=dict)  # mirrored -> Stitcher
     whole: dict = field(default_factory=dict)  # mirrored -> Prediction (untiled)
     done: int = 0
@@ -130,6 +146,10 @@ class _Job:
     @property
     def pieces(self) -> int:
         return len(self.grid) * len(self.views)
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiling is not None
 
 
 @dataclass
@@ -367,14 +387,18 @@ class Runner:
             rgb, prompts = self._one_colour_mode(rgb, prompts)
         except Exception as exc:
             return self._failed(index, target, exc)
-        size = auto_tile(prompts.sizes, rgb.shape) if self.tile == "auto" else self.tile
+        auto = self.tile == "auto"
+        size = auto_tile(prompts.sizes, rgb.shape) if auto else self.tile
         height, width = rgb.shape[:2]
+        tiling = None
         if size:
-            grid = tile_grid(rgb.shape, size, auto_halo(size, self.halo) if self.tile == "auto" else self.halo)
+            halo = auto_halo(size, self.halo) if auto else self.halo
+            grid = tile_grid(rgb.shape, size, halo)
+            tiling = Tiling(tuple(size), halo, len(grid), auto)
         else:
             grid = [Tile((0, height, 0, width), (0, height, 0, width))]
         views = (False, True) if self.quality == "full" else (False,)
-        return _Job(index, target, rgb, prompts, keys, grid, views, tiled=bool(size))
+        return _Job(index, target, rgb, prompts, keys, grid, views, tiling)
 
     def _one_colour_mode(self, rgb: np.ndarray, prompts: PromptSet) -> tuple[np.ndarray, PromptSet]:
         """The target and its prompts in one colour mode (images.one_colour_mode): the examples' pixels are
@@ -445,7 +469,7 @@ class Runner:
             else:
                 job.whole[piece.mirrored] = prediction
             if job.tiled:
-                on_event(Event("tile", job.target.key, job.done + 1, job.pieces))
+                on_event(Event("tile", job.target.key, job.done + 1, job.pieces, job.tiling))
             self._count(job, finished)
 
     @staticmethod

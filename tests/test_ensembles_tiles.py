@@ -246,3 +246,43 @@ def test_cli_tiles_a_large_image_at_the_examples_scale(tmp_path, nuclei2d):
                           str(tmp_path / "example.tif"), str(tmp_path / "example_mask.png"), str(tmp_path / "field.tif"),
                           "--out", str(tmp_path / "bad"), "--tile", "64", "--halo", "40"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no core" in bad.stderr and "loaded SegGPT" not in bad.stderr
+
+
+def test_cli_large_image_objects_without_seams_says_how_it_tiles(tmp_path, nuclei2d):
+    """Issue 30, item 3: the nuclei field enlarged to 2000x2000 (125 nuclei), its top-left 500x500 with its
+    nuclei the example: the CLI says the tile and halo it chose, shows a tile bar, finds 0.8-1.25x the nuclei, and
+    the foreground along the tile cores' borders is as good as elsewhere (benchmarks/eval_large_image.py)."""
+    import re
+    import subprocess
+    import sys
+
+    import tifffile
+    from PIL import Image
+    from skimage.transform import resize
+
+    image, truth = nuclei2d
+    big = resize(image.astype(np.float32), (2000, 2000), order=1, preserve_range=True).astype(image.dtype)
+    labels = resize(truth, (2000, 2000), order=0, preserve_range=True, anti_aliasing=False).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", big)
+    tifffile.imwrite(tmp_path / "example.tif", big[:500, :500])
+    tifffile.imwrite(tmp_path / "example_ids.tif", labels[:500, :500])
+    result = subprocess.run([sys.executable, "-m", "seggpt_plugins.cli", "segment", "--model", "demo", "big.tif",
+                             "--prompt", "example.tif", "example_ids.tif", "--tile", "auto", "--output", "instances",
+                             "--out", "out"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    said = re.search(r"big\.tif: (\d+) tiles of (\d+)x\2 px, halo (\d+) \(auto", result.stderr)
+    assert said and int(said.group(1)) > 4 and "tiles:" in result.stderr, result.stderr
+    found = np.asarray(Image.open(tmp_path / "out" / "big_instances.png"))
+    assert 0.8 <= (len(np.unique(found)) - 1) / (len(np.unique(labels)) - 1) <= 1.25  # 114 of 125 when written
+    band = np.zeros(found.shape, bool)
+    for tile in tile_grid(found.shape, (int(said.group(2)),) * 2, int(said.group(3))):
+        r0, r1, c0, c1 = tile.core
+        band[max(0, r0 - 4):r0 + 4, c0:c1] = band[r1 - 4:r1 + 4, c0:c1] = True
+        band[r0:r1, max(0, c0 - 4):c0 + 4] = band[r0:r1, c1 - 4:c1 + 4] = True
+    band[:4], band[-4:], band[:, :4], band[:, -4:] = False, False, False, False  # the image's own edges
+    fg, true_fg = found > 0, labels > 0
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    assert iou(fg & band, true_fg & band) > iou(fg & ~band, true_fg & ~band) - 0.05

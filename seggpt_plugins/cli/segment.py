@@ -139,7 +139,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         readable = [Target(i, f, name=str(f)) for i, f in enumerate(files) if str(f) not in bad]
         failed.update({i: bad[str(f)] for i, f in enumerate(files) if str(f) in bad})
         bar.update(len(failed))
-        for result in runner.run(readable):
+        for result in runner.run(readable, on_event=TileProgress(files, bar)):
             bar.update(1)
             i = result.key
             if not result.ok:
@@ -165,6 +165,38 @@ def cmd_segment(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+class TileProgress:
+    """A run's events as the CLI shows them: a tile bar under the image bar while a large target is
+    painted tile by tile, and how targets are cut, said once per cut (the tile, the halo, whether "auto"
+    chose it).
+
+    Args:
+        files: the run's target files, by key.
+        bar: the image bar (tqdm), whose lock the tile bar shares.
+    """
+
+    def __init__(self, files: list, bar) -> None:
+        self.files, self.bar, self.tiles, self.said = files, bar, None, set()
+
+    def __call__(self, event) -> None:
+        if event.kind != "tile":
+            return
+        from tqdm import tqdm
+
+        if event.tiling not in self.said:
+            self.said.add(event.tiling)
+            tqdm.write(f"{self.files[event.key]}: {event.tiling}" + ("; targets cut alike are not named again"
+                                                                     if len(self.files) > 1 else ""),
+                       file=sys.stderr)
+        if self.tiles is None:
+            self.tiles = tqdm(desc="  tiles", unit="tile", leave=False, position=1, file=sys.stderr)
+        if event.done == 1:
+            self.tiles.reset(total=event.total)
+        self.tiles.update(1)
+        if event.done == event.total:
+            self.tiles.refresh()
 
 
 def _expand_targets(targets: list[str], exclude=()) -> list[tuple[Path, str]]:
