@@ -26,6 +26,7 @@ from seggpt_plugins.prompts import PromptPool, describe
 from seggpt_plugins.run_control import Missed
 from seggpt_plugins.runner import Runner, Target
 
+from .adapting import ADAPT_EVENTS
 from .labeling import BRUSH, POLYGON, View, annotation_to_mask, parse_label_config, prediction_to_results
 from .media import MediaError, MediaFetcher, OutOfTime, PixelBudget
 from .params import NOT_IN_VERSION, RequestError, task_id_of
@@ -105,6 +106,8 @@ class SegGPTBackend:
         self.budget = PixelBudget(self.settings.max_request_pixels)  # decoded pixels this request holds at once
         self.deadline: float | None = None  # time.monotonic() by which predict() answers
         self.spec = parse_label_config(self.label_config) if self.label_config is not None else None
+        if self.label_config is not None:  # what an adaptation after a webhook (which carries none) reads
+            self.services.label_configs[self.project_id] = self.label_config
 
     # ------------------------------------------------------------------------------------ references
 
@@ -131,7 +134,8 @@ class SegGPTBackend:
                                  sort_keys=True).encode())
         digest.update((self.spec.key if self.spec else "").encode())
         refs_part = f"r{len(refs)}-{digest.hexdigest()[:8]}" if refs else "norefs"
-        return f"seggpt-{self.services.model_tag or model_name(self.settings.model)}-{refs_part}"
+        tag = self.services.project_tag(self.project_id) or model_name(self.settings.model)
+        return f"seggpt-{tag}-{refs_part}"
 
     def prediction_name(self, version: str) -> str:
         """The model_version Label Studio is given (/setup, /predict, `seggpt labelstudio predict`): the Name of
@@ -199,6 +203,7 @@ class SegGPTBackend:
         started = time.monotonic() if started is None else started
         deadline = self.deadline = started + settings.predict_timeout
         model = self.services.model(wait=max(0.0, deadline - time.monotonic()))  # still loading: within the deadline
+        model = self.services.adaptations.model_for(self.project_id, model)  # adapted to its annotations, if it was
         refs = self.refresh_references(timeout=max(0.5, min(30.0, (deadline - time.monotonic()) / 3)))
         version = self.model_version(refs)
         if not refs:
@@ -350,7 +355,9 @@ class SegGPTBackend:
     # ------------------------------------------------------------------------------------------- fit
 
     def fit(self, event: str, data: dict, hint_only: bool = False, **kwargs) -> dict:
-        """Webhook events: annotations become, change or stop being references. Nothing is trained.
+        """Webhook events: annotations become, change or stop being references; with --adapt-seconds, an
+        annotation (or START_TRAINING) also asks for the model to be adapted to the references, in the
+        background (adapting.py).
 
         hint_only: the payload is not trusted: the references are only listed again.
         """
@@ -362,7 +369,31 @@ class SegGPTBackend:
         generation = self.services.state.bump(self.project_id)
         self.record = self.services.state.get(self.project_id)
         log.info("project %s: %s: %s (generation %d)", self.project_id, event, summary, generation)
-        return {"event": event, "project": self.project_id, "references": summary}
+        answer = {"event": event, "project": self.project_id, "references": summary}
+        if event in ADAPT_EVENTS and self.services.adaptations.enabled:
+            project = data.get("project") if not hint_only else None
+            config = (self.label_config or (project.get("label_config") if isinstance(project, dict) else None)
+                      or self.services.label_configs.get(self.project_id))
+            services, project_id = self.services, self.project_id
+            answer["adaptation"] = self.services.adaptations.request(
+                project_id, config if isinstance(config, str) else None,
+                lambda label_config: SegGPTBackend(project_id, label_config, services).training_pairs())
+            log.info("project %s: %s", self.project_id, answer["adaptation"])
+        return answer
+
+    def training_pairs(self, seconds: float = 300.0) -> tuple[list, list]:
+        """The references' images and label masks on the first <Image> that has any: what an adaptation
+        learns from (downloads within `seconds`)."""
+        if self.spec is None:
+            return [], []
+        self.deadline = deadline = time.monotonic() + seconds
+        refs = self.refresh_references(timeout=30.0)
+        fetcher = self.services.fetcher_for(self.record)
+        for view in self.spec.views:
+            prepared = self._prepare_references(refs, view, fetcher, deadline)
+            if prepared:
+                return [p.rgb for p in prepared], [p.mask for p in prepared]
+        return [], []
 
 
 def _annotated(task: dict) -> bool:

@@ -4,7 +4,7 @@
     POST /setup    {project, schema, hostname, access_token, extra_params} -> {"model_version"}
     POST /predict  {tasks, project, label_config, params} -> {"results": [one item per task], "model_version"}
     POST /webhook  {action, annotation, task, project, ...} -> 201
-    POST /train    (Label Studio's "Start training") -> 201; SegGPT learns in context, nothing is trained
+    POST /train    (Label Studio's "Start training") -> 201; with --adapt-seconds an adaptation (adapting.py)
     GET  /versions -> {"versions": [...]}
     GET  /metrics  -> counters and cache statistics (JSON)
 
@@ -220,9 +220,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         project = data.get("project") if isinstance(data, dict) else None
         if project not in (None, ""):
             backend = SegGPTBackend(parse_project_id(project), None, services)
-            backend.fit("START_TRAINING", {})
+            answer = backend.fit("START_TRAINING", {})
+            if "adaptation" in answer:
+                return jsonify({"status": "ok", "detail": answer["adaptation"]}), 201
         return jsonify({"status": "ok", "detail": "SegGPT learns from the annotated tasks in context: nothing to "
-                                                  "train; the references will be listed again"}), 201
+                                                  "train (--adapt-seconds adapts it to them); the references will "
+                                                  "be listed again"}), 201
 
     @app.get("/versions")
     def versions():
@@ -241,6 +244,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                          "model_busy": services.inference_lock.locked(),  # a request holds the model now
                          "reference_listings": services.store.listings, "image_cache": services.images.stats(),
                          "mask_cache": services.masks.stats()})
+        adaptations = services.adaptations
+        if adaptations.enabled:  # the project being adapted now, and how each project's last adaptation went
+            snapshot["adaptation"] = {"seconds": adaptations.seconds, "running": adaptations.running,
+                                      "last": {str(k): v for k, v in adaptations.last.items()}}
         return jsonify(snapshot)
 
     return app

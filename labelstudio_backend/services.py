@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .adapting import ProjectAdaptations
 from .media import MediaFetcher
 from .netguard import BlockedAddress, HostPolicy
 from .references import ByteLRU, ReferenceStore
@@ -71,6 +72,9 @@ class Services:
         self._fetchers: dict = {}
         self._lock = threading.Lock()
         self.model_tag = None
+        self.label_configs: dict[int, str] = {}  # project -> its labeling config, as /setup or /predict last gave it
+        self.adaptations = ProjectAdaptations(settings.adapt_seconds, lambda: self.model(wait=24 * 3600.0),
+                                              self._load_source, settings.state_dir, self.metrics)
         if model is not None:
             self._after_load(model)
 
@@ -106,9 +110,30 @@ class Services:
         finally:
             self._loaded.set()
 
+    def _load_source(self, source: str):
+        """A model (e.g. a project's adapted one) loaded as the served model was: device, dtype, quantization."""
+        from seggpt_plugins.engine import SegGPT  # not the process's one-model cache: the served model stays in it
+
+        auto = ("auto", "none")
+        return SegGPT.from_pretrained(source, device=self.settings.device,
+                                      dtype=None if self.settings.dtype in auto else self.settings.dtype,
+                                      quantize=None if self.settings.quantize in auto else self.settings.quantize)
+
     def _after_load(self, model) -> None:
-        self.model_tag = f"{model_name(getattr(model, 'source', None) or self.settings.model)}-{model_fingerprint(model)}"
+        self.model_tag = self.tag_of(model)
         self._loaded.set()
+
+    def tag_of(self, model) -> str:
+        """A model's part of the backend's model version: its name and weights' fingerprint."""
+        return f"{model_name(getattr(model, 'source', None) or self.settings.model)}-{model_fingerprint(model)}"
+
+    def project_tag(self, project_id: int) -> str | None:
+        """The model-version part of the model a project's predictions come from: its adapted model's when
+        this process holds one, else the served model's (None while it loads)."""
+        adapted = self.adaptations.known(project_id)
+        if adapted is None:
+            return self.model_tag
+        return f"{model_name(self.settings.model)}-adapted-{model_fingerprint(adapted)}"  # wherever it was loaded from
 
     def model_status(self) -> tuple[str, str | None]:
         """("UP" | "LOADING" | "ERROR", a short public reason): reads two attributes, takes no lock."""
