@@ -11,6 +11,10 @@ painted). Two rules hold it to the examples:
 - a predicted frame joins it only when its painted share is within MEMORY_SHARE_FACTOR of the
   examples' (ExampleStats.foreground); an over- or under-painted frame is predicted but not remembered.
 Chosen on generated moving scenes (seeds 0-2) and stardist's stack; BENCHMARKS.md section 15.
+
+When an annotated frame's ids are objects, its runs' ids follow the objects by where they were going, not
+by colour alone (object_tracks.py: crossing objects keep their ids, an object that has gone ends), and
+the memory remembers the followed ids; BENCHMARKS.md section 16.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Run:
     fixed: Any = None  # PromptSet
     memory: deque = field(default_factory=deque)  # (image, mask) model-size tensors of recent predictions
     left_out: int = 0  # predicted frames kept out of the memory (their painted share far from the examples')
+    tracks: Any = None  # object_tracks.ObjectTracks: the origin's objects, when its ids are objects
 
     @property
     def done(self) -> bool:
@@ -73,11 +78,14 @@ def stack_intensity_range(frames: Sequence, samples: int = 16) -> tuple[float, f
 def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *, memory: int = 8,
               annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
               seg_type: str = "instance", intensity_range=None, label_ids=None, ensemble: str = "feature",
-              quality: str | None = "fast", memory_gate: bool = True) -> Iterator:
+              quality: str | None = "fast", memory_gate: bool = True, follow_objects: bool = True) -> Iterator:
     """See SegGPT.propagate. Drives the model through its public steps only (encode_images, paint_targets,
     to_predictions, assess), so this module does not import the engine. memory_gate=False: the memory as
     it was before its rules (every predicted frame joins it, each weighing as much as an example), for
-    comparisons. Each prediction says whether it joined its run's memory (`joined_memory`)."""
+    comparisons. Each prediction says whether it joined its run's memory (`joined_memory`). follow_objects:
+    when an annotated frame's ids are objects (each one connected piece), its runs' ids follow the objects
+    by where they were going (object_tracks.py: crossing objects keep their ids, an object that has gone
+    ends); False: ids by their painted colours alone, as before."""
     num_frames = len(frames)
     if num_frames == 0:
         raise InputError("no frames given")
@@ -128,6 +136,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             run.fixed = model.prepare_prompts(examples, masks, intensity_range, code=code, ensemble=ensemble,
                                               example_ids="classes")
         run.memory = deque(maxlen=memory)
+        if follow_objects and run.origin is not None:
+            run.tracks = _object_tracks(annotation_masks[run.origin])
 
     while True:
         active = [run for run in runs if not run.done]
@@ -143,6 +153,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             predictions = model.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs], [code] * len(chunk),
                                                indices)
             for j, (run, prediction) in enumerate(zip(chunk, predictions)):
+                if run.tracks is not None:
+                    prediction.labels = run.tracks.follow(prediction.labels)
                 prediction.joined_memory = bool(run.memory.maxlen) and (
                     not memory_gate or _agrees(prediction.labels, run.fixed.examples))
                 if prediction.joined_memory:
@@ -154,6 +166,17 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
                 if quality:
                     prediction.quality = model.assess(prediction, run.fixed.examples, rgbs[j], quality)
                 yield prediction
+
+
+def _object_tracks(annotation: np.ndarray):
+    """ObjectTracks of an annotated frame whose ids are all objects (one connected piece each), else None
+    (its ids are classes: a class may be painted in any number of pieces)."""
+    from .object_tracks import ObjectTracks, one_piece_ids
+
+    if annotation.ndim != 2:
+        return None  # a colour mask: its colours are classes
+    ids = one_piece_ids(annotation)
+    return ObjectTracks(annotation, ids) if ids and len(ids) == len(np.unique(annotation[annotation > 0])) else None
 
 
 def _with_memory(run: Run, gated: bool):
