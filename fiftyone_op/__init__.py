@@ -6,7 +6,8 @@ operator by its canonical, absolute name, so every module of the adapter is load
 model cache, one set of constants), whether FiftyOne or Python imported it first. Nothing heavy is
 imported here, so that `seggpt --help` (which imports `seggpt_plugins.fiftyone.cli`) stays instant.
 
-Modules: `operators` (the App form, execution modes, sharding), `plan` (checks, prompts and targets),
+Modules: `operators` (the App forms, execution modes, sharding), `adapting` (the model adapted to the
+labelled samples of a view), `plan` (checks, prompts and targets),
 `options`, `fields`, `models` (the models offered), `codecs` (labels <-> label maps), `segment`
 (prediction), `videos` (video datasets: frame labels propagated through each video), `commit` (staging
 and the crash-safe commit), `evaluation`, `app` (how the App shows the output), `runs` (where scheduled
@@ -16,6 +17,7 @@ runs are), `cli`.
 
 def register(p):
     """Called by FiftyOne with its plugin context."""
-    from seggpt_plugins.fiftyone.operators import PropagateLabels
+    from seggpt_plugins.fiftyone.operators import AdaptSeggpt, PropagateLabels
 
     p.register(PropagateLabels)
+    p.register(AdaptSeggpt)

@@ -1,6 +1,7 @@
 """The models the App offers, and the form's check of the chosen one (without loading it).
 
-    model_choices()          # [(value, description)]: auto, demo, cached SegGPT hub weights, $SEGGPT_MODEL
+    model_choices()          # [(value, description)]: auto, demo, cached SegGPT hub weights, $SEGGPT_MODEL,
+                             # the models adapt_seggpt saved (newest first)
     model_problem("BAAI/x")  # None when it can be loaded on this machine, else what is wrong (for the form)
     device_choices(), device_problem("cuda:1")
 
@@ -74,6 +75,23 @@ def model_choices() -> list[tuple[str, str]]:
     configured = os.environ.get(MODEL_ENV, "").strip()
     if configured and configured not in {value for value, _ in choices} and model_problem(configured) is None:
         choices.append((configured, f"${MODEL_ENV}"))
+    return choices + adapted_choices()
+
+
+def adapted_choices() -> list[tuple[str, str]]:
+    """(folder, description) of the models saved in the core's adapted models folder, newest first."""
+    from seggpt_plugins.adapt import adapted_models
+
+    choices = []
+    for path, info in adapted_models():
+        where = info.get("fiftyone") or {}
+        what = (f"{where.get('samples')} samples of '{where.get('dataset')}' ({where.get('label_field')})" if where
+                else f"{info.get('examples')} examples")
+        try:
+            iou = f": held-out IoU {info['held_out_iou_before']:.2f} -> {info['held_out_iou_best']:.2f}"
+        except (KeyError, TypeError, ValueError):
+            iou = ""
+        choices.append((str(path), f"adapted to {what} from {info.get('base_model')}{iou}"))
     return choices
 
 

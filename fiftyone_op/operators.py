@@ -1,4 +1,5 @@
-"""The FiftyOne operator `@seggpt/seggpt/propagate_labels`: the App form, execution modes and sharding.
+"""The FiftyOne operators `@seggpt/seggpt/propagate_labels` (the App form, execution modes and sharding) and
+`@seggpt/seggpt/adapt_seggpt` (the model fine-tuned on the labelled samples of a view: `adapting.py`).
 
 The work itself is in the other modules: `plan.py` (checks, prompts and targets: one plan for the form and
 the run), `segment.py` (prediction), `commit.py` (staging and commit), `evaluation.py`; `app.py` (how the
@@ -13,6 +14,8 @@ From Python:
     propagate(dataset, "ground_truth", "seggpt", prompt_tag="prompt", model="demo")            # now
     propagate(view, "ground_truth", "seggpt", num_shards=4, delegate=True)                       # queued
     propagate(videos, "frames.gt", "frames.seggpt", model="demo")        # video datasets: frame fields
+    adapt = foo.get_operator("@seggpt/seggpt/adapt_seggpt")
+    adapt(view, "ground_truth", model="demo", name="v1")  # saved as adapt.adapted_models_dir() / "v1"
 
 Video datasets: see `plan.py` (prompts and targets) and `videos.py` (the run); shards are sets of whole videos.
 """
@@ -26,8 +29,9 @@ import fiftyone.operators.types as types
 from fiftyone.operators.constants import ViewTarget
 
 from seggpt_plugins.errors import SegGPTError
-from seggpt_plugins.vocabulary import AUTO_MODEL, PRECISIONS
+from seggpt_plugins.vocabulary import ADAPTED_ENV, AUTO_MODEL, PRECISIONS
 
+from seggpt_plugins.fiftyone.adapting import adapt_plan, adapt_view
 from seggpt_plugins.fiftyone.app import colour_fields, shown_fields
 from seggpt_plugins.fiftyone.commit import declare_output
 from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, best_label_field, label_fields
@@ -40,6 +44,8 @@ from seggpt_plugins.fiftyone.videos import segment_videos
 
 URI = "@seggpt/seggpt/propagate_labels"
 LABEL = "Propagate labels with SegGPT"
+ADAPT_LABEL = "Adapt SegGPT to labelled samples"
+ADAPT_ADVANCED = ("batch_size", "learning_rate", "eval_every", "device", "precision")
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
 SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
 PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
@@ -80,14 +86,7 @@ class PropagateLabels(foo.Operator):
 
         fields = label_fields(ctx.dataset, learnable=True)
         if not fields:
-            inputs.view("no_fields", types.Error(
-                label="Nothing to learn from",
-                description="This dataset has no Segmentation field and no Detections field (other than SegGPT's "
-                            "own predictions). Label a few samples first (masks or instance masks), then run this "
-                            "operator."))
-            inputs.str("label_field", required=True, invalid=True,
-                       error_message="no Segmentation or Detections field to learn from in this dataset")
-            return types.Property(inputs, view=types.View(label=LABEL))
+            return nothing_to_learn_from(inputs, LABEL)
 
         errors, summary, kind = self._validate(ctx)
         label_field = params.get("label_field") or best_label_field(ctx.dataset, fields, self._prompt_candidates(ctx))
@@ -95,12 +94,7 @@ class PropagateLabels(foo.Operator):
         if errors.get("view_target"):
             target.invalid, target.error_message = True, errors["view_target"]
 
-        def field(name, add, **kwargs):
-            message = errors.get(name)
-            if message:
-                kwargs.update(invalid=True, error_message=message)
-            return add(name, label=label(name), **kwargs)
-
+        field = field_adder(errors)
         self._essentials(ctx, field, inputs, fields, label_field, kind)
         inputs.bool("advanced", default=False, label="Advanced settings", view=types.SwitchView(),
                     description="Prompts per target, segmentation type, ensemble, tiles, batch size, device, mask "
@@ -121,9 +115,7 @@ class PropagateLabels(foo.Operator):
 
     def _essentials(self, ctx, field, inputs, fields, label_field, kind):
         """What to learn from, where to write, and with which model."""
-        choices = types.Dropdown()
-        for name, field_type in fields.items():
-            choices.add_choice(name, label=name, description=field_type)
+        choices = _choices(fields)
         if label_field not in fields and label_field in label_fields(ctx.dataset):  # one of SegGPT's own
             choices.add_choice(label_field, label=label_field, description="written by SegGPT")
         video = ctx.dataset.media_type == "video"
@@ -132,10 +124,7 @@ class PropagateLabels(foo.Operator):
                            "with instance masks, set on the annotated frames of each video" if video else
                            "What SegGPT learns from: Segmentation, or Detections with instance masks, filled on "
                            "the prompt samples"))
-        tags = types.Dropdown()
-        for tag in sorted(ctx.dataset.distinct("tags")):
-            tags.add_choice(tag, label=tag)
-        field("prompt_tag", inputs.str, required=False, view=tags,
+        field("prompt_tag", inputs.str, required=False, view=tag_view(ctx.dataset),
               description=("Videos with this tag are prompt videos: their annotated frames are prompts for the "
                            "other videos too. Empty: the selected videos, else each video learns from its own "
                            "annotated frames only" if video else
@@ -146,12 +135,10 @@ class PropagateLabels(foo.Operator):
               description=f"Where the predictions go ({kind or 'same type as the label field'}"
                           f"{', a frame field: frames.<name>' if video else ''}); <output field>{CONFIDENCE_SUFFIX} "
                           f"gets each {'frame' if video else 'sample'}'s {CONFIDENCE_DESCRIPTION}")
-        models = types.AutocompleteView()
-        for value, description in model_choices():
-            models.add_choice(value, label=value, description=description)
-        field("model", inputs.str, default=AUTO_MODEL, view=models,
-              description="A listed model (auto, demo, SegGPT weights downloaded on this machine), or the path of "
-                          "a transformers folder or Painter .pth checkpoint on this machine")
+        field("model", inputs.str, default=AUTO_MODEL, view=model_view(),
+              description="A listed model (auto, demo, SegGPT weights downloaded on this machine, models adapted by "
+                          f"'{ADAPT_LABEL}'), or the path of a transformers folder or Painter .pth checkpoint on "
+                          "this machine")
 
     def _advanced(self, ctx, field, inputs, label_field, kind):
         """Everything with a good default."""
@@ -180,17 +167,7 @@ class PropagateLabels(foo.Operator):
                   description="Video datasets: the last predicted frames that join each frame's prompts (SegGPT's "
                               "video mode; 0: the annotated frames alone)")
         field("batch_size", inputs.int, min=1, default=8, description="Targets per forward pass")
-        devices = types.Dropdown()
-        for device in device_choices():
-            devices.add_choice(device, label=device)
-        field("device", inputs.str, default="auto", view=devices,
-              description="auto: cuda, then mps, then cpu (of the machine that runs the operation)")
-        precisions = types.Dropdown()
-        for precision in PRECISIONS:
-            precisions.add_choice(precision, label=precision)
-        field("precision", inputs.str, default="auto", view=precisions,
-              description="auto: bfloat16 on a GPU and on CPUs that compute it in hardware, else float32; "
-                          "int8: int8 linear layers on the CPU (fastest there, slightly less exact)")
+        device_fields(field, inputs)
         field("mask_dir", inputs.str, required=False,
               description="Absolute folder for mask PNGs (mask_path; <folder>/<output field>/<file>.png). "
                           "Empty: masks inline in the database (fine for small views)")
@@ -383,6 +360,174 @@ class PropagateLabels(foo.Operator):
         if selected:
             ctx["selected"] = list(selected)
         return foo.execute_operator(self.uri, ctx, request_delegation=delegate)
+
+
+class AdaptSeggpt(foo.Operator):
+    """Fine-tune SegGPT on the labelled samples of a view (adapting.py); the propagate operator then offers the
+    adapted model."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="adapt_seggpt",
+            label=ADAPT_LABEL,
+            description="Fine-tune SegGPT on the labelled samples of a view (minutes); 'Propagate labels with "
+                        "SegGPT' then offers the adapted model",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        target = inputs.view_target(ctx, action_description="Adapt to the labelled samples of")
+        fields = label_fields(ctx.dataset, learnable=True)
+        if not fields:
+            return nothing_to_learn_from(inputs, ADAPT_LABEL)
+        summary = None
+        try:
+            plan = adapt_plan(ctx.dataset, ctx.params, ctx.target_view())
+            errors = {}
+            summary = f"{_count(len(plan.examples), 'labelled sample')} ({plan.how}) -> model folder {plan.out}"
+        except ParamError as exc:  # "required": a form still being filled in, not an error to show
+            errors = {k: v for k, v in exc.errors.items() if v != "required"}
+        if errors.get("view_target"):
+            target.invalid, target.error_message = True, errors["view_target"]
+        field = field_adder(errors)
+        field("label_field", inputs.str, required=True, view=_choices(fields),
+              default=ctx.params.get("label_field") or best_label_field(ctx.dataset, fields),
+              description="What SegGPT adapts to: Segmentation, or Detections with instance masks; the samples of "
+                          "the view where it is filled are the examples")
+        field("prompt_tag", inputs.str, required=False, view=tag_view(ctx.dataset),
+              description="Only the labelled samples with this tag. Empty: every labelled sample of the view")
+        field("model", inputs.str, default=AUTO_MODEL, view=model_view(), description="The model to start from")
+        field("time_limit", inputs.float, default=180.0, min=1,
+              description="Seconds at most (a few minutes on a GPU; the best weights so far are kept)")
+        field("steps", inputs.int, default=300, min=1, description="Training steps at most")
+        field("name", inputs.str, required=False,
+              description="The adapted model's folder name. Empty: <dataset>-<label field>-<time>")
+        field("models_dir", inputs.str, required=False,
+              description=f"Absolute folder the models go into (every worker must reach it). Empty: {ADAPTED_ENV}, "
+                          "else the user's cache folder (seggpt-plugins/adapted); 'Propagate labels with SegGPT' "
+                          "offers the models there")
+        inputs.bool("advanced", default=False, label="Advanced settings", view=types.SwitchView(),
+                    description="Batch size, learning rate, evaluations, device, precision")
+        if ctx.params.get("advanced") or any(k in errors for k in ADAPT_ADVANCED):
+            field("batch_size", inputs.int, default=4, min=1, description="Training tasks per step")
+            field("learning_rate", inputs.float, default=1e-4, description="AdamW's learning rate")
+            field("eval_every", inputs.int, default=10, min=1,
+                  description="Steps between evaluations on the held-out corner (the best weights are kept)")
+            device_fields(field, inputs)
+        if summary:
+            inputs.view("plan", types.Notice(label=summary))
+        other = {k: v for k, v in errors.items() if k not in inputs.properties or k == "view_target"}
+        if other:
+            inputs.view("problems", types.Error(label="Cannot run", description="; ".join(other.values())))
+        return types.Property(inputs, view=types.View(label=ADAPT_LABEL))
+
+    def resolve_run_name(self, ctx):
+        return f"{ADAPT_LABEL} ({ctx.params.get('label_field') or '?'})"
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("message", label="SegGPT")
+        outputs.str("model", label="Adapted model")
+        outputs.float("held_out_iou", label="Held-out IoU")
+        return types.Property(outputs, view=types.View(label=ADAPT_LABEL))
+
+    def execute(self, ctx):
+        run = self._run(ctx)
+        return _drain(run) if ctx.delegated else run
+
+    def _run(self, ctx):
+        try:
+            plan = adapt_plan(ctx.dataset, ctx.params, ctx.target_view())
+            summary = yield from _relay(ctx, adapt_view(ctx.dataset, plan))
+        except Exception as exc:
+            if not ctx.delegated:
+                yield from _stopped(ctx, exc)
+            raise
+        if not ctx.delegated:
+            yield ctx.ops.notify(summary["message"], variant="success" if summary["model"] else "warning")
+        return summary
+
+    def __call__(self, sample_collection, label_field, *, prompt_tag=None, model=AUTO_MODEL, time_limit=180.0,
+                 steps=300, name=None, models_dir=None, batch_size=4, learning_rate=1e-4, eval_every=10,
+                 device=None, precision=None, view_target=None, delegate=False):
+        """Run on a dataset or view from Python (through `execute_operator`, as the App does); returns the
+        `ExecutionResult` (of a delegated run: its summary, with `model`, the saved folder, or None, is the
+        operation's result once a worker ran it). The folder: `models_dir` (default
+        adapt.adapted_models_dir()) / `name`."""
+        params = dict(label_field=label_field, prompt_tag=prompt_tag, model=model, time_limit=time_limit,
+                      steps=steps, name=name, models_dir=models_dir, batch_size=batch_size,
+                      learning_rate=learning_rate, eval_every=eval_every, device=device, precision=precision)
+        params = {k: v for k, v in params.items() if v is not None}
+        if view_target is not None:
+            params["view_target"] = view_target
+        return foo.execute_operator(self.uri, dict(view=sample_collection.view(), params=params),
+                                    request_delegation=delegate)
+
+
+def _choices(fields: dict):
+    choices = types.Dropdown()
+    for name, field_type in fields.items():
+        choices.add_choice(name, label=name, description=field_type)
+    return choices
+
+
+def nothing_to_learn_from(inputs, title: str):
+    """The form of a dataset with no field to learn from."""
+    inputs.view("no_fields", types.Error(
+        label="Nothing to learn from",
+        description="This dataset has no Segmentation field and no Detections field (other than SegGPT's "
+                    "own predictions). Label a few samples first (masks or instance masks), then run this "
+                    "operator."))
+    inputs.str("label_field", required=True, invalid=True,
+               error_message="no Segmentation or Detections field to learn from in this dataset")
+    return types.Property(inputs, view=types.View(label=title))
+
+
+def tag_view(dataset):
+    tags = types.Dropdown()
+    for tag in sorted(dataset.distinct("tags")):
+        tags.add_choice(tag, label=tag)
+    return tags
+
+
+def model_view():
+    """The models offered (models.model_choices); a path may be typed too."""
+    models = types.AutocompleteView()
+    for value, description in model_choices():
+        models.add_choice(value, label=value, description=description)
+    return models
+
+
+def device_fields(field, inputs):
+    """The Device and Precision fields of both operators."""
+    devices = types.Dropdown()
+    for device in device_choices():
+        devices.add_choice(device, label=device)
+    field("device", inputs.str, default="auto", view=devices,
+          description="auto: cuda, then mps, then cpu (of the machine that runs the operation)")
+    precisions = types.Dropdown()
+    for precision in PRECISIONS:
+        precisions.add_choice(precision, label=precision)
+    field("precision", inputs.str, default="auto", view=precisions,
+          description="auto: bfloat16 on a GPU and on CPUs that compute it in hardware, else float32; "
+                      "int8: int8 linear layers on the CPU (fastest there, slightly less exact)")
+
+
+def field_adder(errors: dict):
+    """field(name, add, **kwargs): a form field named in the App's words, marked when `errors` names it."""
+
+    def field(name, add, **kwargs):
+        message = errors.get(name)
+        if message:
+            kwargs.update(invalid=True, error_message=message)
+        return add(name, label=label(name), **kwargs)
+
+    return field
 
 
 def _relay(ctx, steps):

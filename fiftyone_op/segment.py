@@ -104,6 +104,7 @@ def segment_view(dataset, opts: Options, prompts: list[str], targets: list[str],
         if model is None:
             yield 0.0, f"Loading model {shown_name(opts.model)}"
             model = load_model(opts)
+        summary["model_fingerprint"] = model.fingerprint  # which weights predicted (an adapted model's own)
         commit = Commit(dataset, opts, kind, declare=declare)
         try:
             yield from _predict(model, dataset, opts, seg_type, pool, codec, targets, commit)

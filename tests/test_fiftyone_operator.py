@@ -49,7 +49,8 @@ def fo_env(tmp_path_factory):
         pytest.skip("fiftyone is not installed (the `fiftyone` extra)")
     root = tmp_path_factory.mktemp("fiftyone")
     env = {"FIFTYONE_DATABASE_DIR": str(root / "db"), "FIFTYONE_PLUGINS_DIR": str(root / "plugins"),
-           "FIFTYONE_DO_NOT_TRACK": "true", "FIFTYONE_SHOW_PROGRESS_BARS": "false"}
+           "FIFTYONE_DO_NOT_TRACK": "true", "FIFTYONE_SHOW_PROGRESS_BARS": "false",
+           "SEGGPT_ADAPTED_DIR": str(root / "adapted")}  # the models adapt_seggpt saves, which propagate offers
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     if "fiftyone" in sys.modules:  # imported by another test module: its config was read already
@@ -1229,3 +1230,145 @@ def test_cli_fiftyone_and_label_studio_give_the_same_objects_and_scores(fo_env, 
     from .same_answer import check_same_answer
 
     check_same_answer(nuclei2d, fo_env, tmp_path, demo_model)
+
+
+# --------------------------------------------------------------- adapting the model (issue 31, item 3)
+
+ADAPT_URI = "@seggpt/seggpt/adapt_seggpt"
+
+
+def quick_adapt(**params):
+    """Six quick steps that beat the demo model on the held-out corner of the prompt tiles."""
+    return {"label_field": "labels", "model": "demo", "device": "cpu", "time_limit": 600, "steps": 6,
+            "eval_every": 2, "batch_size": 2, "learning_rate": 1e-3, **params}
+
+
+@pytest.fixture
+def models_dir(fo_env, tmp_path, monkeypatch):
+    folder = tmp_path / "adapted"
+    monkeypatch.setenv("SEGGPT_ADAPTED_DIR", str(folder))
+    return folder
+
+
+def test_adapted_model_is_offered_and_used_by_propagate(dataset, models_dir):
+    """Immediate: the labelled samples of the view (the two prompt tiles) adapt the demo model, with progress;
+    the model folder it saves is offered by the propagate form, and propagating with it uses its weights."""
+    import json
+
+    import fiftyone.operators as foo
+
+    view = dataset.limit(8)  # tiles 0 and 5 have 'labels'
+    result = foo.execute_operator(ADAPT_URI, dict(view=view, params=quick_adapt(name="nuclei")))
+    assert result.error is None, result.error
+    folder = models_dir / "nuclei"
+    info = json.loads((folder / "adaptation.json").read_text())
+    assert info["improved"] and info["examples"] == 2 and info["fingerprint"] != info["base_fingerprint"]
+    assert info["fiftyone"] == {"dataset": dataset.name, "label_field": "labels", "samples": 2}
+    progress = [r["params"] for r in requests(result, "set_progress")]
+    fractions = [p["progress"] for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(p["label"].startswith("Adapting to 2 labelled samples: step ") for p in progress)
+    note = requests(result, "notify")[-1]["params"]
+    assert note["variant"] == "success" and note["message"].startswith("Adapted to 2 labelled samples in ")
+    assert f"saved as {folder}: choose it as the Model of 'Propagate labels with SegGPT'" in note["message"]
+
+    choices = {c.value: c.description for c in form(dataset, demo(label_field="labels", output_field="pred",
+                                                                  prompt_tag="prompt"))["model"].view.choices}
+    assert choices[str(folder)].startswith(f"adapted to 2 samples of '{dataset.name}' (labels) from demo: "
+                                           "held-out IoU ")
+    adapted = run(dataset.limit(4), demo(label_field="labels", output_field="pred", prompt_tag="prompt",
+                                         model=str(folder)), delegate=True)
+    base = run(dataset.limit(4), demo(label_field="labels", output_field="base", prompt_tag="prompt"), delegate=True)
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    service = DelegatedOperationService()
+    service.execute_queued_operations(dataset_name=dataset.name)
+    summaries = [service.get(r.result["id"]).result.result for r in (adapted, base)]
+    assert summaries[0]["model_fingerprint"] == info["fingerprint"]
+    assert summaries[1]["model_fingerprint"] == info["base_fingerprint"]
+    assert dataset.count("pred") == 3
+
+    # the same name again: refused in the form's words, the model kept
+    _adapt_fails(view, quick_adapt(name="nuclei"), f"Path: name. Reason: a model named 'nuclei' exists in "
+                 f"{models_dir}; choose another name (it is never overwritten)")
+    assert json.loads((folder / "adaptation.json").read_text()) == info
+
+
+def test_adapt_delegated_reports_progress_and_saves_under_a_new_name(dataset, models_dir, monkeypatch):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    import fiftyone.operators as foo
+
+    queued = foo.get_operator(ADAPT_URI)(dataset.limit(8), "labels", **{k: v for k, v in quick_adapt().items()
+                                                                          if k != "label_field"}, delegate=True)
+    assert queued.delegated and not models_dir.exists()
+    reported = []
+    original = DelegatedOperationService.set_progress
+
+    def record(self, doc_id, progress):
+        reported.append((progress.progress, progress.label))
+        return original(self, doc_id, progress)
+
+    monkeypatch.setattr(DelegatedOperationService, "set_progress", record)
+    service = DelegatedOperationService()
+    service.execute_queued_operations(dataset_name=dataset.name)
+    doc = service.get(queued.result["id"])
+    assert doc.run_state == ExecutionRunState.COMPLETED, doc.result
+    summary = doc.result.result
+    [folder] = list(models_dir.iterdir())
+    assert summary["model"] == str(folder) and folder.name.startswith(f"{dataset.name}-labels-")
+    fractions = [f for f, _ in reported]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(label.startswith("Adapting to 2 labelled samples: step 6 / 6") for _, label in reported)
+
+
+def test_adapt_stopped_in_the_app_saves_nothing(dataset, models_dir):
+    """An immediate run the App stops (its generator closed) stops the training and saves no model: the
+    propagate operator's models stay as they were."""
+    import threading
+    import time
+
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import ExecutionContext, Executor
+
+    request = {"dataset_name": dataset.name, "params": quick_adapt(steps=300, name="stopped")}
+    messages = foo.get_operator(ADAPT_URI).execute(ExecutionContext(request_params=request, executor=Executor()))
+    for message in messages:
+        if "Adapting to 2 labelled samples: step" in str(message.to_json()):
+            break
+    else:
+        pytest.fail("no adapting progress")
+    messages.close()
+    for _ in range(1200):  # the training thread ends at the next step
+        if not any(t.name == "seggpt-adapt" for t in threading.enumerate()):
+            break
+        time.sleep(0.1)
+    assert not any(t.name == "seggpt-adapt" for t in threading.enumerate())
+    assert not (models_dir / "stopped").exists()
+
+
+def _adapt_fails(view, params, *expected):
+    import fiftyone.operators as foo
+    import fiftyone.operators.executor as foe
+
+    with pytest.raises(foe.ExecutionError) as info:
+        foo.execute_operator(ADAPT_URI, dict(view=view, params=params))
+    for text in expected:
+        assert text in str(info.value), str(info.value)[-800:]
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({}, "Path: label_field. Reason: nothing to adapt to: no samples of the view with 'labels' filled. Label one or "
+         "a few samples (masks or instance masks), then adapt"),
+    ({"steps": 0}, "Path: steps. Reason: must be >= 1, got 0"),
+    ({"models_dir": "relative/models"}, "Path: models_dir. Reason: must be an absolute folder"),
+    ({"name": "../up"}, "Path: name. Reason: '../up' is not a usable folder name"),
+])
+def test_adapt_refuses_bad_input_before_any_training(base, models_dir, monkeypatch, params, expected):
+    from seggpt_plugins import SegGPT
+
+    monkeypatch.setattr(SegGPT, "adapt", lambda *a, **k: pytest.fail("training started"))
+    view = base.limit(8) if params else base.match_tags("prompt", bool=False)  # labelled samples, or none
+    _adapt_fails(view, quick_adapt(**params), expected)
+    assert not models_dir.exists()
