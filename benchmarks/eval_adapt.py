@@ -102,7 +102,7 @@ def stack(args) -> None:
         [foreground_iou(otsu_mask(frames[z], frames[middle], annotation), truth[z]) for z in others])), 4)
     info = adapted.adaptation
     report({"benchmark": "eval_adapt --stack", "stack": "stardist nuclei3d, middle slice annotated",
-            "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+            "time_limit_s": args.time_limit, "step_cap": args.steps, "lr": args.lr, "batch_size": args.batch_size,
             "adapt_seconds": round(seconds, 1), **result,
             "adapted_minus_otsu": round(result["adapted_mean_slice_iou"] - result["otsu_mean_slice_iou"], 4),
             **{k: info[k] for k in ("improved", "steps", "best_step", "stopped", "held_out_iou_before",
