@@ -112,15 +112,18 @@ class ObjectTracks:
         for label_id, linked in links.items():
             for piece in linked:
                 owners.setdefault(int(piece), []).append(label_id)
-        out = np.where(followed, 0, labels).astype(labels.dtype)
+        owner = np.zeros(count + 1, labels.dtype)  # each piece's one owner (0: none, or several)
+        for piece, ids in owners.items():
+            owner[piece] = ids[0] if len(ids) == 1 else 0
+        out = np.where(followed, owner[pieces], labels).astype(labels.dtype, copy=False)
         overlapping = set()
         for piece, ids in owners.items():
-            if len(ids) == 1:
-                out[pieces == piece] = ids[0]
-            else:
+            if len(ids) > 1:
                 overlapping.update(_split(out, pieces == piece, {i: expected[i] for i in ids}))
         for label_id in expected:
-            self._update(label_id, out == label_id, coast=label_id in overlapping)
+            region = out == label_id
+            if not self._update(label_id, region, coast=label_id in overlapping):
+                out[region] = 0  # (a few pixels left of an object that ends)
         return out
 
     def end(self, label_id: int) -> None:
@@ -128,21 +131,23 @@ class ObjectTracks:
         self.tracks.pop(label_id, None)
         self.ended.append(label_id)
 
-    def _update(self, label_id: int, region: np.ndarray, coast: bool) -> None:
-        """The track after this frame: moved on unchanged while it shares a piece, else its own region."""
+    def _update(self, label_id: int, region: np.ndarray, coast: bool) -> bool:
+        """The track after this frame: moved on unchanged while it overlaps another, else its own region.
+        False when the region is too small and the object ends."""
         track = self.tracks[label_id]
         if coast:
             track.corner = track.corner + track.velocity
-            return
+            return True
         rows, cols = np.nonzero(region)
         if len(rows) < MIN_AREA:
             self.end(label_id)
-            return
+            return False
         box = slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
         before = track.corner + np.mean(np.nonzero(track.mask), axis=1)
         after = np.array([rows.mean(), cols.mean()])
         track.velocity = track.velocity + VELOCITY_STEP * (after - before - track.velocity)
         track.mask, track.corner = region[box], np.array([box[0].start, box[1].start], float)
+        return True
 
 
 def _split(out: np.ndarray, piece: np.ndarray, expected: dict) -> set[int]:
