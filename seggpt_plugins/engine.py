@@ -166,37 +166,9 @@ class SegGPT:
             out_dir: the directory to write.
             overwrite: replace a directory that exists and is not empty (else InputError).
         """
-        import copy
-        import json
-        import shutil
-        from pathlib import Path
+        from .saving import save_model
 
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise InputError(f"{out_dir}: is a file; a model is saved as a directory")
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-        float_state = getattr(self, "_float32_state", None)
-        if self.quantize and float_state is None:
-            raise InputError("a quantized model has no float weights to save; save the model it was loaded from")
-        if float_state is not None:  # an adapted model at reduced precision kept its float32 weights
-            from transformers import SegGptForImageSegmentation
-
-            clone = SegGptForImageSegmentation(self.net.config)
-            clone.load_state_dict(float_state)
-        else:
-            clone = copy.deepcopy(self.net).cpu().float()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.with_name(f".{out_dir.name}.part")
-        shutil.rmtree(tmp, ignore_errors=True)
-        clone.save_pretrained(tmp)
-        adaptation = getattr(self, "adaptation", None)
-        if adaptation:
-            (tmp / "adaptation.json").write_text(json.dumps(adaptation, indent=1, default=str) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        return out_dir
+        return save_model(self, out_dir, overwrite)
 
     def __repr__(self) -> str:
         quantized = f", quantize={self.quantize}" if self.quantize else ""

@@ -451,16 +451,7 @@ def load_painter_checkpoint(path: str | os.PathLike):
 
 def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a Painter checkpoint as a transformers directory (config.json + model.safetensors)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ModelSourceError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-    net = load_painter_checkpoint(checkpoint)
-    tmp = out_dir.with_name(f".{out_dir.name}.part")
-    import shutil
+    from .saving import checked_out_dir, write_model_dir
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    out_dir = checked_out_dir(out_dir, overwrite, ModelSourceError)
+    return write_model_dir(load_painter_checkpoint(checkpoint), out_dir)

@@ -1,0 +1,56 @@
+"""Model directories written whole: `SegGPT.save_pretrained` and `seggpt convert` write a transformers
+directory beside its place and rename it into place, so a reader never sees half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import InputError
+
+
+def checked_out_dir(out_dir: str | os.PathLike, overwrite: bool, error: type[Exception] = InputError) -> Path:
+    """`out_dir` as a Path, or `error` when it is a file, or a directory with files in it and not `overwrite`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise error(f"{out_dir}: is a file; a model is saved as a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise error(f"{out_dir}: exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    return out_dir
+
+
+def write_model_dir(net, out_dir: Path, extra_json: dict[str, dict] | None = None) -> Path:
+    """Write `net` (a transformers model) and the `extra_json` files ({name: content}) to `out_dir`,
+    replacing what is there: written to a hidden sibling first, then renamed into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(tmp)
+    for name, content in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(content, indent=1, default=str) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def save_model(model, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`SegGPT.save_pretrained`: the weights in float32 (an adapted model at reduced precision kept them),
+    with adaptation.json when the model was adapted."""
+    import copy
+
+    out_dir = checked_out_dir(out_dir, overwrite)
+    float_state = getattr(model, "_float32_state", None)
+    if model.quantize and float_state is None:
+        raise InputError("a quantized model has no float weights to save; save the model it was loaded from")
+    if float_state is not None:
+        from transformers import SegGptForImageSegmentation
+
+        clone = SegGptForImageSegmentation(model.net.config)
+        clone.load_state_dict(float_state)
+    else:
+        clone = copy.deepcopy(model.net).cpu().float()
+    adaptation = getattr(model, "adaptation", None)
+    return write_model_dir(clone, out_dir, {"adaptation.json": adaptation} if adaptation else None)
