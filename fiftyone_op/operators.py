@@ -1,5 +1,7 @@
-"""The FiftyOne operators `@seggpt/seggpt/propagate_labels` (the App form, execution modes and sharding) and
-`@seggpt/seggpt/adapt_seggpt` (the model fine-tuned on the labelled samples of a view: `adapting.py`).
+"""The FiftyOne operators `@seggpt/seggpt/propagate_labels` (here: the App form, execution modes and sharding) and
+`@seggpt/seggpt/adapt_seggpt` (the model fine-tuned on the labelled samples of a view: `adapt_operator.py`, the
+work in `adapting.py`; re-exported here). `forms.py` holds the form parts both share, `progress.py` how their
+runs talk to the App.
 
 The work itself is in the other modules: `plan.py` (checks, prompts and targets: one plan for the form and
 the run), `segment.py` (prediction), `commit.py` (staging and commit), `evaluation.py`; `app.py` (how the
@@ -28,24 +30,23 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone.operators.constants import ViewTarget
 
-from seggpt_plugins.errors import SegGPTError
-from seggpt_plugins.vocabulary import ADAPTED_ENV, AUTO_MODEL, PRECISIONS
+from seggpt_plugins.vocabulary import AUTO_MODEL
 
-from seggpt_plugins.fiftyone.adapting import adapt_plan, adapt_view
+from seggpt_plugins.fiftyone.adapt_operator import ADAPT_ADVANCED, ADAPT_LABEL, AdaptSeggpt
 from seggpt_plugins.fiftyone.app import colour_fields, shown_fields
 from seggpt_plugins.fiftyone.commit import declare_output
 from seggpt_plugins.fiftyone.fields import DETECTIONS, SEGMENTATION, best_label_field, label_fields
-from seggpt_plugins.fiftyone.models import device_choices, model_choices
-from seggpt_plugins.fiftyone.options import CONFIDENCE_DESCRIPTION, CONFIDENCE_SUFFIX, Options, ParamError, label
+from seggpt_plugins.fiftyone.forms import (_choices, _count, device_fields, field_adder, model_view,
+                                           nothing_to_learn_from, tag_view)
+from seggpt_plugins.fiftyone.options import CONFIDENCE_DESCRIPTION, CONFIDENCE_SUFFIX, Options, ParamError
 from seggpt_plugins.fiftyone.plan import make_plan, split
+from seggpt_plugins.fiftyone.progress import _drain, _relay, _stopped
 from seggpt_plugins.fiftyone.runs import LAUNCH, scheduled_runs
 from seggpt_plugins.fiftyone.segment import segment_view
 from seggpt_plugins.fiftyone.videos import segment_videos
 
 URI = "@seggpt/seggpt/propagate_labels"
 LABEL = "Propagate labels with SegGPT"
-ADAPT_LABEL = "Adapt SegGPT to labelled samples"
-ADAPT_ADVANCED = ("batch_size", "learning_rate", "eval_every", "device", "precision")
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
 SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
 PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
@@ -55,6 +56,9 @@ ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "memory
 _NOT_FOR_SHARDS = {"selected", "selected_samples", "selected_labels", "current_sample", "extended_selection",
                    "run_doc", "results", "request_delegation", "filters", "extended", "view_name", "target",
                    "num_distributed_tasks"}
+
+__all__ = ["ADAPT_ADVANCED", "ADAPT_LABEL", "ADVANCED", "IMMEDIATE_LIMIT", "LABEL", "PROMPTS_PARAM", "SHARD_PARAM",
+           "URI", "AdaptSeggpt", "PropagateLabels", "run_name"]
 
 
 class PropagateLabels(foo.Operator):
@@ -362,216 +366,12 @@ class PropagateLabels(foo.Operator):
         return foo.execute_operator(self.uri, ctx, request_delegation=delegate)
 
 
-class AdaptSeggpt(foo.Operator):
-    """Fine-tune SegGPT on the labelled samples of a view (adapting.py); the propagate operator then offers the
-    adapted model."""
-
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="adapt_seggpt",
-            label=ADAPT_LABEL,
-            description="Fine-tune SegGPT on the labelled samples of a view (minutes); 'Propagate labels with "
-                        "SegGPT' then offers the adapted model",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
-
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        target = inputs.view_target(ctx, action_description="Adapt to the labelled samples of")
-        fields = label_fields(ctx.dataset, learnable=True)
-        if not fields:
-            return nothing_to_learn_from(inputs, ADAPT_LABEL)
-        summary = None
-        try:
-            plan = adapt_plan(ctx.dataset, ctx.params, ctx.target_view())
-            errors = {}
-            summary = f"{_count(len(plan.examples), 'labelled sample')} ({plan.how}) -> model folder {plan.out}"
-        except ParamError as exc:  # "required": a form still being filled in, not an error to show
-            errors = {k: v for k, v in exc.errors.items() if v != "required"}
-        if errors.get("view_target"):
-            target.invalid, target.error_message = True, errors["view_target"]
-        field = field_adder(errors)
-        field("label_field", inputs.str, required=True, view=_choices(fields),
-              default=ctx.params.get("label_field") or best_label_field(ctx.dataset, fields),
-              description="What SegGPT adapts to: Segmentation, or Detections with instance masks; the samples of "
-                          "the view where it is filled are the examples")
-        field("prompt_tag", inputs.str, required=False, view=tag_view(ctx.dataset),
-              description="Only the labelled samples with this tag. Empty: every labelled sample of the view")
-        field("model", inputs.str, default=AUTO_MODEL, view=model_view(), description="The model to start from")
-        field("time_limit", inputs.float, default=180.0, min=1,
-              description="Seconds at most (a few minutes on a GPU; the best weights so far are kept)")
-        field("steps", inputs.int, default=300, min=1, description="Training steps at most")
-        field("name", inputs.str, required=False,
-              description="The adapted model's folder name. Empty: <dataset>-<label field>-<time>")
-        field("models_dir", inputs.str, required=False,
-              description=f"Absolute folder the models go into (every worker must reach it). Empty: {ADAPTED_ENV}, "
-                          "else the user's cache folder (seggpt-plugins/adapted); 'Propagate labels with SegGPT' "
-                          "offers the models there")
-        inputs.bool("advanced", default=False, label="Advanced settings", view=types.SwitchView(),
-                    description="Batch size, learning rate, evaluations, device, precision")
-        if ctx.params.get("advanced") or any(k in errors for k in ADAPT_ADVANCED):
-            field("batch_size", inputs.int, default=4, min=1, description="Training tasks per step")
-            field("learning_rate", inputs.float, default=1e-4, description="AdamW's learning rate")
-            field("eval_every", inputs.int, default=10, min=1,
-                  description="Steps between evaluations on the held-out corner (the best weights are kept)")
-            device_fields(field, inputs)
-        if summary:
-            inputs.view("plan", types.Notice(label=summary))
-        other = {k: v for k, v in errors.items() if k not in inputs.properties or k == "view_target"}
-        if other:
-            inputs.view("problems", types.Error(label="Cannot run", description="; ".join(other.values())))
-        return types.Property(inputs, view=types.View(label=ADAPT_LABEL))
-
-    def resolve_run_name(self, ctx):
-        return f"{ADAPT_LABEL} ({ctx.params.get('label_field') or '?'})"
-
-    def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("message", label="SegGPT")
-        outputs.str("model", label="Adapted model")
-        outputs.float("held_out_iou", label="Held-out IoU")
-        return types.Property(outputs, view=types.View(label=ADAPT_LABEL))
-
-    def execute(self, ctx):
-        run = self._run(ctx)
-        return _drain(run) if ctx.delegated else run
-
-    def _run(self, ctx):
-        try:
-            plan = adapt_plan(ctx.dataset, ctx.params, ctx.target_view())
-            summary = yield from _relay(ctx, adapt_view(ctx.dataset, plan))
-        except Exception as exc:
-            if not ctx.delegated:
-                yield from _stopped(ctx, exc)
-            raise
-        if not ctx.delegated:
-            yield ctx.ops.notify(summary["message"], variant="success" if summary["model"] else "warning")
-        return summary
-
-    def __call__(self, sample_collection, label_field, *, prompt_tag=None, model=AUTO_MODEL, time_limit=180.0,
-                 steps=300, name=None, models_dir=None, batch_size=4, learning_rate=1e-4, eval_every=10,
-                 device=None, precision=None, view_target=None, delegate=False):
-        """Run on a dataset or view from Python (through `execute_operator`, as the App does); returns the
-        `ExecutionResult` (of a delegated run: its summary, with `model`, the saved folder, or None, is the
-        operation's result once a worker ran it). The folder: `models_dir` (default
-        adapt.adapted_models_dir()) / `name`."""
-        params = dict(label_field=label_field, prompt_tag=prompt_tag, model=model, time_limit=time_limit,
-                      steps=steps, name=name, models_dir=models_dir, batch_size=batch_size,
-                      learning_rate=learning_rate, eval_every=eval_every, device=device, precision=precision)
-        params = {k: v for k, v in params.items() if v is not None}
-        if view_target is not None:
-            params["view_target"] = view_target
-        return foo.execute_operator(self.uri, dict(view=sample_collection.view(), params=params),
-                                    request_delegation=delegate)
-
-
-def _choices(fields: dict):
-    choices = types.Dropdown()
-    for name, field_type in fields.items():
-        choices.add_choice(name, label=name, description=field_type)
-    return choices
-
-
-def nothing_to_learn_from(inputs, title: str):
-    """The form of a dataset with no field to learn from."""
-    inputs.view("no_fields", types.Error(
-        label="Nothing to learn from",
-        description="This dataset has no Segmentation field and no Detections field (other than SegGPT's "
-                    "own predictions). Label a few samples first (masks or instance masks), then run this "
-                    "operator."))
-    inputs.str("label_field", required=True, invalid=True,
-               error_message="no Segmentation or Detections field to learn from in this dataset")
-    return types.Property(inputs, view=types.View(label=title))
-
-
-def tag_view(dataset):
-    tags = types.Dropdown()
-    for tag in sorted(dataset.distinct("tags")):
-        tags.add_choice(tag, label=tag)
-    return tags
-
-
-def model_view():
-    """The models offered (models.model_choices); a path may be typed too."""
-    models = types.AutocompleteView()
-    for value, description in model_choices():
-        models.add_choice(value, label=value, description=description)
-    return models
-
-
-def device_fields(field, inputs):
-    """The Device and Precision fields of both operators."""
-    devices = types.Dropdown()
-    for device in device_choices():
-        devices.add_choice(device, label=device)
-    field("device", inputs.str, default="auto", view=devices,
-          description="auto: cuda, then mps, then cpu (of the machine that runs the operation)")
-    precisions = types.Dropdown()
-    for precision in PRECISIONS:
-        precisions.add_choice(precision, label=precision)
-    field("precision", inputs.str, default="auto", view=precisions,
-          description="auto: bfloat16 on a GPU and on CPUs that compute it in hardware, else float32; "
-                      "int8: int8 linear layers on the CPU (fastest there, slightly less exact)")
-
-
-def field_adder(errors: dict):
-    """field(name, add, **kwargs): a form field named in the App's words, marked when `errors` names it."""
-
-    def field(name, add, **kwargs):
-        message = errors.get(name)
-        if message:
-            kwargs.update(invalid=True, error_message=message)
-        return add(name, label=label(name), **kwargs)
-
-    return field
-
-
-def _relay(ctx, steps):
-    """Forward (fraction, label) steps as progress: App messages when immediate, ctx.set_progress (stored
-    on the delegated operation) when delegated. Returns the steps' summary."""
-    while True:
-        try:
-            fraction, label = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if ctx.delegated:
-            ctx.set_progress(progress=fraction, label=label)
-        else:
-            yield ctx.ops.set_progress(label=label, progress=fraction)
-
-
-def _drain(run):
-    while True:
-        try:
-            next(run)
-        except StopIteration as stop:
-            return stop.value
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def run_name(params: dict) -> str:
     """'Propagate labels with SegGPT -> <output field>': how runs are named in the queue."""
     try:
         return f"{LABEL} -> {Options.from_params(params).output_field}"
     except ParamError:
         return LABEL
-
-
-def _stopped(ctx, exc):
-    """A failed immediate run: the App's progress line says it stopped (not '0% Loading model' forever),
-    and a notification says why."""
-    message = str(exc) if isinstance(exc, SegGPTError) else f"{type(exc).__name__}: {exc}"
-    outputs = types.Object()
-    outputs.view("stopped", types.Error(label="SegGPT stopped", description=message))
-    yield ctx.ops.show_output(types.Property(outputs).to_json(), {})
-    yield ctx.ops.notify(f"SegGPT stopped: {message}", variant="error")
 
 
 def _describe(summary, shard) -> str:
