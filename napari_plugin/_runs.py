@@ -5,19 +5,24 @@ status lines); after it ends it holds the proposals Accept and Review work on. A
 `open_outputs` (the run's output layers, emptied), `review_rows` (least confident first),
 `accept` (the last run's shown proposals into each target's own Labels layer, every check before any
 write, one undo step per layer) and `export_sets` (what Export writes). `AdaptState` is an 'Adapt to my
-labels' run.
+labels' run (`work`: the core's adapt in the worker); `save_adapted` writes its model. `series_message`:
+the status line of an opened folder of images.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from seggpt_plugins.errors import InputError
+
 from ._actions import Action, UserError, fmt_shape, plural
 from ._export import LabelSet
-from ._layers import PlaneKey, add_own_labels, label_set, output_layers, own_labels, plane_name, plane_word
+from ._layers import (LABELS_SUFFIX, PlaneKey, add_own_labels, label_set, output_layers, own_labels, plane_name,
+                      plane_word)
 from ._stack import accept_indices, level0, worst_first
 
 REFRESH_SECONDS = 0.3  # redraw the result layer at most this often while a run writes into it
@@ -150,6 +155,25 @@ class AdaptState:
     def removed(self, layer) -> None:
         """Layers leaving the viewer do not stop it: the examples were read when it started."""
         return None
+
+    def work(self, examples, steps: int, settings):
+        """The worker's work (`_worker.load_and_work`): the core's `SegGPT.adapt` on `examples`, for at most
+        `time_limit` seconds and `steps` steps, stopped after the step in flight once `cancelled`."""
+
+        def work(model, report):
+            yield (model.adapt(examples, None, time_limit=self.time_limit, steps=steps, settings=settings,
+                               progress=report, cancel=lambda: self.cancelled),)
+
+        return work
+
+    def used(self) -> bool:
+        """Whether the next runs use the adapted model: it came back, was not cancelled, and beat the old one."""
+        return self.adapted is not None and not self.cancelled and self.adapted.adaptation["improved"]
+
+    def summary(self, used: bool) -> dict:
+        """How it ended (the widget's `last_adapt`, for scripts and tests)."""
+        return dict(what=self.what, cancelled=self.cancelled, error=self.error, used=used,
+                    adaptation=getattr(self.adapted, "adaptation", None))
 
     def progress(self, p) -> tuple[int, str]:
         """(progress bar value of 1000, status line) for an adapt.AdaptProgress report."""
@@ -290,3 +314,28 @@ def export_sets(viewer, image, labels, accepted: dict) -> list[LabelSet]:
     if not pairs or not any(np.any(np.asarray(level0(lab.data))) for _, lab in pairs):
         raise UserError("Nothing to export: the examples layer is empty and nothing was accepted yet.")
     return [label_set(source, layer) for source, layer in pairs]
+
+
+def save_adapted(adapted, folder) -> tuple[Path, str]:
+    """Write the adapted model into an empty or new folder (`SegGPT.save_pretrained`), which any Model field or
+    `--model` loads: (the folder, the status line). UserError: a folder not empty, or the save failed."""
+    path = Path(folder)
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"'{path}' is not empty: choose an empty or new folder for the adapted model.")
+    try:
+        adapted.save_pretrained(path)
+    except InputError as exc:
+        raise UserError(str(exc)) from None
+    message = (f"Saved the adapted model to {path}: give that folder as Model (here, or --model of the seggpt "
+               "commands) to use it again.")
+    return path, message
+
+
+def series_message(series, image) -> str:
+    """The status line of a folder of images opened (`_series.read_series`, `image` its first layer)."""
+    if series.stackable:
+        name = series.folder.name
+        return (f"Opened {plural(len(series.names), 'image')} of '{name}' as one stack: paint one or a few of "
+                f"them in '{name}{LABELS_SUFFIX}', then 'Segment targets' segments the rest.")
+    return (f"Opened {plural(len(series.names), 'image')} of different sizes as layers: paint "
+            f"'{image.name}{LABELS_SUFFIX}', then 'Segment targets' segments the others.")

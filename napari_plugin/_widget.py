@@ -8,11 +8,13 @@ reads cancels it too. A run's proposals go to a Labels layer "<image> SegGPT" pe
 run starts, so that it only ever holds that run's proposals. The user's Labels layers are only changed
 by "Accept", one undo step per layer, and only with proposals of the last run that are shown.
 
-The logic behind it is Qt-free: `_actions.py` builds each button's `Action` (inputs read and checked,
-prompt planes chosen, the work function); `_runs.py` holds a run's state and what follows it (output
-layers, Review rows, Accept, export sets). The controls and their layout are in `_form.py`; the worker
-body in `_worker.py`; plane bookkeeping (pure numpy) in `_stack.py`; the layers it reads and makes in
-`_layers.py`; image series in `_series.py`; export in `_export.py`.
+The widget's runs (the worker started, its messages shown as they arrive) are in `_widget_run.py`, and
+"Adapt to my labels" in `_widget_adapt.py`: the Qt wiring of `SegGPTWidget`, as mixins. The logic behind
+them is Qt-free: `_actions.py` builds each button's `Action` (inputs read and checked, prompt planes
+chosen, the work function); `_runs.py` holds a run's state and what follows it (output layers, Review rows,
+Accept, export sets, the adapted model's work and saving). The controls and their layout are in
+`_form.py`; the worker body in `_worker.py`; plane bookkeeping (pure numpy) in `_stack.py`; the layers it
+reads and makes in `_layers.py`; image series in `_series.py`; export in `_export.py`.
 
 "Adapt to my labels" fine-tunes a copy of the model in use on the annotated planes (the core's
 `SegGPT.adapt`) in the same kind of worker, with progress per step and the same Cancel; when it beats the
@@ -22,35 +24,30 @@ shipped model" or a change of the Model field; "Save adapted model…" writes it
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
-from typing import Callable
 
 from magicgui.widgets import Container
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from seggpt_plugins import loading
 from seggpt_plugins.errors import InputError
 
-from ._actions import Action, Actions, FormValues, NothingToDo, UserError, axis_choices, plural
+from ._actions import Actions, FormValues, UserError, axis_choices, plural
 from ._export import export
 from ._form import build_form
-from ._layers import (LABELS_SUFFIX, META_KEY, PlaneKey, add_series, default_targets, go_to, image_kind,
-                      matching_labels, target_choices)
-from ._runs import AdaptState, RunState, accept, accepted_message, export_sets, loading_text, open_outputs, review_rows
+from ._layers import META_KEY, add_series, default_targets, go_to, image_kind, matching_labels, target_choices
+from ._runs import AdaptState, RunState, accept, accepted_message, export_sets, review_rows, series_message
 from ._series import read_series
 from ._stack import spatial_shape
-from ._worker import load_and_work
+from ._widget_adapt import AdaptControls
+from ._widget_run import RunControls
 
-log = logging.getLogger(__name__)
 
-
-class SegGPTWidget(Container):
-    """Dock widget: image + example labels in, SegGPT proposals out."""
+class SegGPTWidget(RunControls, AdaptControls, Container):
+    """Dock widget: image + example labels in, SegGPT proposals out. Its runs are in `_widget_run.py`
+    (`RunControls`), 'Adapt to my labels' in `_widget_adapt.py` (`AdaptControls`)."""
 
     status_changed = Signal(str)  # every status line shown under the progress bar
 
@@ -382,13 +379,7 @@ class SegGPTWidget(Container):
             self._report(UserError(str(exc)))
             return
         image, labels, targets = add_series(self.viewer, series)
-        if series.stackable:
-            name = series.folder.name
-            message = (f"Opened {plural(len(series.names), 'image')} of '{name}' as one stack: paint one or a few of "
-                       f"them in '{name}{LABELS_SUFFIX}', then 'Segment targets' segments the rest.")
-        else:
-            message = (f"Opened {plural(len(series.names), 'image')} of different sizes as layers: paint "
-                       f"'{image.name}{LABELS_SUFFIX}', then 'Segment targets' segments the others.")
+        message = series_message(series, image)
         self._image.value, self._labels.value = image, labels
         self._targets.value = targets
         self._set_status(message)
@@ -438,228 +429,3 @@ class SegGPTWidget(Container):
             show_warning("SegGPT is still running: wait for it or press Cancel.")
             return True
         return False
-
-    def _run(self, build: Callable[[Actions], Action]):
-        """Start an action: `build` checks the input (UserError: a message; NothingToDo: information) and
-        returns the action; its results go to the output layers, from a worker thread."""
-        if self._busy():
-            return
-        try:
-            action = build(Actions(self.viewer, self._form_values()))
-        except UserError as exc:
-            self._report(exc)
-            return
-        except NothingToDo as exc:
-            show_info(str(exc))
-            return
-        results, confidences = open_outputs(self.viewer, action, self._proposal, self._confidence.value)
-        self._active = self._proposal = RunState(action, results, confidences)
-        self._update_review(self._active)
-
-        def report(*tile):  # from the core's thread, per tile: a Qt signal hands it to this thread
-            worker.yielded.emit(("tile", *tile))
-
-        worker = thread_worker(load_and_work, start_thread=False)(self._model_in_use(), self._device.value,
-                                                                  action.work, self._precision.value, report)
-        worker.yielded.connect(self._on_yielded)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._set_running(True)
-        self._progress.max = max(action.total, 1)
-        self._progress.value = 0
-        self._set_status(f"Starting: {action.what}{' with the adapted model' * (self._adapted is not None)}…")
-        if action.note:
-            show_info(action.note)
-        log.info("SegGPT %s: %s", action.name, action.what)
-        worker.start()
-
-    def _set_running(self, running: bool):
-        for button in (self._segment_btn, self._propagate_btn, self._targets_btn, self._accept_btn,
-                       self._export_btn, self._series_btn, self._adapt_btn):
-            button.enabled = not running
-        self._cancel_btn.enabled = running
-        self._unadapt_btn.enabled = self._save_model_btn.enabled = not running and self._adapted is not None
-
-    def _on_yielded(self, message):
-        run = self._active
-        if run is None or self._closed:
-            return
-        kind = message[0]
-        if kind == "note":
-            show_warning(message[1])
-        elif kind == "loading":
-            _, source, seconds, downloaded = message
-            self._progress.max = 0  # busy indicator while the model loads
-            if not run.cancelled:
-                self._set_status(loading_text(source, seconds, downloaded))
-        elif kind == "running":
-            self._progress.max = max(run.total, 1)
-            self._progress.value = 0
-            run.start_running()
-            run.model = message[2]
-            if not run.cancelled:
-                self._set_status(f"Running on {message[1]}: 0 / {run.total} {run.action.units}")
-        elif kind == "tile":
-            _, _t, _key, done, tiles = message
-            run.tile = (done, tiles)
-            self._show_progress(run)
-        elif kind == "result":
-            _, t, key, pred = message
-            self._write_result(run, t, key, pred)
-        elif kind == "error":
-            run.error = message[1]
-            self._set_status(f"Failed: {message[1]}")
-            show_error(message[1])
-
-    def _write_result(self, run: RunState, t: int, key: PlaneKey, pred):
-        run.record(t, key, pred)
-        self._show_progress(run)
-        if run.refresh_due():
-            self._refresh_outputs(run)
-
-    def _show_progress(self, run: RunState):
-        value, maximum = run.progress()
-        if self._progress.max != maximum:
-            self._progress.max = maximum
-        self._progress.value = value
-        if not run.cancelled:
-            self._set_status(run.progress_text())
-
-    def _refresh_outputs(self, run: RunState):
-        for layer in run.results + run.confidences:
-            if layer is not None and layer in self.viewer.layers:
-                layer.refresh()
-        self._update_review(run)
-
-    def _on_finished(self):
-        run, self._worker, self._active = self._active, None, None
-        if run is None or self._closed:
-            return
-        self._refresh_outputs(run)
-        seconds = time.monotonic() - run.started
-        self.last_run = run.summary(seconds)
-        self._set_running(False)
-        if run.error is not None:
-            return
-        self._set_status(run.end_message(seconds) + " (adapted model)" * (self._adapted is not None))
-
-    # ------------------------------------------------------------------------------- adapting the model
-
-    def _model_in_use(self):
-        """What the runs load: the adapted SegGPT, else the Model field's source."""
-        return self._adapted if self._adapted is not None else self._model.value
-
-    def _model_name(self) -> str:
-        return "the adapted model" if self._adapted is not None else f"'{self._model.value}'"
-
-    def adapt_model(self, _=None):
-        """Fine-tune a copy of the model in use on the annotated examples (the core's `SegGPT.adapt`) in a
-        worker, for at most the form's seconds; when it beats that model on its held-out corner, the next
-        runs use it. Cancel stops it after the step in flight and keeps the model in use."""
-        if self._busy():
-            return
-        try:
-            examples, what = Actions(self.viewer, self._form_values()).adapt_examples()
-        except UserError as exc:
-            self._report(exc)
-            return
-        state = AdaptState(what, self._model_name(), float(self._adapt_time.value))
-        steps, settings = self.adapt_steps, self.adapt_settings
-
-        def work(model, report):
-            yield (model.adapt(examples, None, time_limit=state.time_limit, steps=steps, settings=settings,
-                               progress=report, cancel=lambda: state.cancelled),)
-
-        def report(p):  # from the worker thread, per step: a Qt signal hands it to this thread
-            worker.yielded.emit(("adapt", p))
-
-        worker = thread_worker(load_and_work, start_thread=False)(self._model_in_use(), self._device.value, work,
-                                                                  self._precision.value, report)
-        worker.yielded.connect(self._on_adapt_yielded)
-        worker.finished.connect(self._on_adapt_finished)
-        self._active, self._worker = state, worker
-        self._set_running(True)
-        self._progress.max, self._progress.value = 1000, 0
-        self._set_status(f"Starting: adapting {state.model} to {what}…")
-        log.info("SegGPT adapt: %s to %s", state.model, what)
-        worker.start()
-
-    def _on_adapt_yielded(self, message):
-        state = self._active
-        if not isinstance(state, AdaptState) or self._closed:
-            return
-        kind = message[0]
-        if kind == "note":
-            show_warning(message[1])
-        elif kind == "loading":
-            self._progress.max = 0  # busy indicator while the model loads
-            if not state.cancelled:
-                self._set_status(loading_text(*message[1:]))
-        elif kind == "adapt":
-            value, line = state.progress(message[1])
-            self._progress.max, self._progress.value = 1000, value
-            if not state.cancelled:
-                self._set_status(line)
-        elif kind == "result" and not state.cancelled:
-            state.adapted = message[1]
-        elif kind == "error":
-            state.error = message[1]
-            show_error(message[1])
-
-    def _on_adapt_finished(self):
-        state, self._worker, self._active = self._active, None, None
-        if not isinstance(state, AdaptState) or self._closed:
-            return
-        used = state.adapted is not None and not state.cancelled and state.adapted.adaptation["improved"]
-        if used:
-            self._adapted = state.adapted
-        self._set_running(False)
-        message = state.end_message()
-        self.last_adapt = dict(what=state.what, cancelled=state.cancelled, error=state.error, used=used,
-                               adaptation=getattr(state.adapted, "adaptation", None))
-        self._set_status(message)
-        if state.error is None:
-            show_info(message)
-
-    def use_shipped_model(self, _=None):
-        """Drop the adapted model: the next runs use the model the Model field names."""
-        if self._busy() or self._adapted is None:
-            return
-        self._adapted = None
-        self._set_running(False)
-        self._set_status(f"Back to '{self._model.value}': the next runs use it (the adapted model was dropped).")
-
-    def _on_model_changed(self, _value=None):
-        if self._adapted is not None and self._worker is None:
-            self._adapted = None
-            self._set_running(False)
-            self._set_status(f"Model changed: the next runs use '{self._model.value}', not the adapted model.")
-
-    def save_adapted_model(self, _=None, folder=None) -> Path | None:
-        """Write the adapted model into an empty or new folder (`SegGPT.save_pretrained`), which any Model
-        field or `--model` loads."""
-        try:
-            if self._adapted is None:
-                raise UserError("No adapted model to save: press 'Adapt to my labels' first.")
-            if folder is None:
-                from qtpy.QtWidgets import QFileDialog
-
-                folder = QFileDialog.getExistingDirectory(self.native, "Save the adapted model into this (empty) "
-                                                                       "folder")
-                if not folder:
-                    return None
-            path = Path(folder)
-            if path.is_dir() and any(path.iterdir()):
-                raise UserError(f"'{path}' is not empty: choose an empty or new folder for the adapted model.")
-            try:
-                self._adapted.save_pretrained(path)
-            except InputError as exc:
-                raise UserError(str(exc)) from None
-        except UserError as exc:
-            self._report(exc)
-            return None
-        message = (f"Saved the adapted model to {path}: give that folder as Model (here, or --model of the seggpt "
-                   "commands) to use it again.")
-        self._set_status(message)
-        show_info(message)
-        return path
