@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,6 +52,8 @@ class PromptSet:
     ids_are_objects: bool = False  # the examples' ids numbered objects, shown as one class (example_ids.py)
     intensity_range: tuple | None = None  # the range that made its 16-bit/float examples 8-bit (for targets too)
     weights: Any = None  # (P,) float on the CPU: each prompt's weight in the ensemble (None: all equal)
+    base: "PromptSet | None" = field(default=None, repr=False, compare=False)  # extended(): the set its own
+    #                                      examples came from (its first len(base) rows); None: all rows are
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -64,14 +66,16 @@ class PromptSet:
 
     def extended(self, images, masks, weight: float = 1.0) -> "PromptSet":
         """This set with more prompt rows (P', 3, h, w) after its own, in the same colour code, each weighing
-        `weight` in the ensemble where one of its own weighs 1 (as before)."""
+        `weight` in the ensemble where one of its own weighs 1 (as before). Its `base` is the set of its own
+        examples (a propagation run's fixed prompts, its memory after them)."""
         import torch
 
         weights = None
         if weight != 1.0 or self.weights is not None:
             weights = torch.cat([self.row_weights(), torch.full((images.shape[0],), float(weight))])
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
-                         self.examples, self.shown, self.ids_are_objects, self.intensity_range, weights)
+                         self.examples, self.shown, self.ids_are_objects, self.intensity_range, weights,
+                         self.base if self.base is not None else self)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""

@@ -2,7 +2,9 @@
 
 Fixed prompts (example pairs, annotated frames) plus a FIFO memory of each run's last predicted
 frames, coloured with the prompts' own colour code so every object keeps its id from frame to frame.
-Runs go outward from annotated frames; independent runs advance in lockstep and share batches.
+Runs go outward from annotated frames; independent runs advance in lockstep, their next frames one
+step of the Runner (runner.py), so they share batches and every frame is painted and judged as `segment`'s
+targets are.
 
 The memory must not drift (a predicted frame feeds its errors into the next one, until whole frames are
 painted). Two rules hold it to the examples:
@@ -26,8 +28,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import InputError
-from .images import shared_range, to_mask, to_rgb8
+from .images import shared_range, to_mask
 from .prompts import PromptSet, as_list, is_tuned, nearest
+from .run_items import Target
+from .runner import Runner
 from .vocabulary import SEG_TYPES
 
 
@@ -79,8 +83,9 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
               annotations: dict | None = None, max_prompts: int | None = None, batch_size: int = 8,
               seg_type: str = "instance", intensity_range=None, label_ids=None, ensemble: str = "feature",
               quality: str | None = "fast", memory_gate: bool = True, follow_objects: bool = True) -> Iterator:
-    """See SegGPT.propagate. Drives the model through its public steps only (encode_images, paint_targets,
-    to_predictions, assess), so this module does not import the engine. memory_gate=False: the memory as
+    """See SegGPT.propagate. Each step, the next frame of every run goes through the one loop (runner.Runner:
+    batches, colour mode, unseen ids, the quality estimate), each frame a Target with its run's prompts; the
+    model's public steps only, so this module does not import the engine. memory_gate=False: the memory as
     it was before its rules (every predicted frame joins it, each weighing as much as an example), for
     comparisons. Each prediction says whether it joined its run's memory (`joined_memory`). follow_objects:
     when an annotated frame's ids are objects (each one connected piece), its runs' ids follow the objects
@@ -139,33 +144,34 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
         if follow_objects and run.origin is not None:
             run.tracks = _object_tracks(annotation_masks[run.origin])
 
+    # each step, the next frame of every run still going: one Target each, with its run's prompts
+    runner = Runner(model, None, batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range,
+                    quality=quality, keep_images=True, readers=0)
     while True:
         active = [run for run in runs if not run.done]
         if not active:
             return
-        for start in range(0, len(active), batch_size):
-            chunk = active[start:start + batch_size]
-            indices = [run.frames[run.position] for run in chunk]
-            rgbs = [to_rgb8(frames[i], intensity_range, name=f"frame {i}") for i in indices]
-            targets = model.encode_images(rgbs)
-            sets = [_with_memory(run, memory_gate) for run in chunk]
-            paintings = model.paint_targets(targets, sets, seg_type)
-            predictions = model.to_predictions(paintings, [rgb.shape[:2] for rgb in rgbs], [code] * len(chunk),
-                                               indices)
-            for j, (run, prediction) in enumerate(zip(chunk, predictions)):
-                if run.tracks is not None:
-                    prediction.labels = run.tracks.follow(prediction.labels)
-                prediction.joined_memory = bool(run.memory.maxlen) and (
-                    not memory_gate or _agrees(prediction.labels, run.fixed.examples))
-                if prediction.joined_memory:
-                    colour_mask = model.encode_images([code.encode(prediction.labels)], nearest=True)[0]
-                    run.memory.append((targets[j], colour_mask))
-                elif run.memory.maxlen:
-                    run.left_out += 1
-                run.position += 1
-                if quality:
-                    prediction.quality = model.assess(prediction, run.fixed.examples, rgbs[j], quality)
-                yield prediction
+        step = [_next_target(run, frames, memory_gate) for run in active]
+        for run, result in zip(active, runner.run(step, errors="raise")):
+            prediction = result.prediction
+            prediction.index = result.key
+            prediction.joined_memory = bool(run.memory.maxlen) and (
+                not memory_gate or _agrees(prediction.labels, run.fixed.examples))
+            if prediction.joined_memory:
+                frame, colour_mask = model.encode_images([result.rgb]), model.encode_images(
+                    [code.encode(prediction.labels)], nearest=True)
+                run.memory.append((frame[0], colour_mask[0]))
+            elif run.memory.maxlen:
+                run.left_out += 1
+            run.position += 1
+            yield prediction
+
+
+def _next_target(run: Run, frames: Sequence, gated: bool) -> Target:
+    """The run's next frame with its prompts: the fixed ones and the memory (and its object tracks)."""
+    index = run.frames[run.position]
+    return Target(key=index, image=lambda: frames[index], name=f"frame {index}",
+                  prompts=_with_memory(run, gated), relabel=run.tracks.follow if run.tracks is not None else None)
 
 
 def _object_tracks(annotation: np.ndarray):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,6 +24,8 @@ class Target:
     name: how messages name it (default: the key).
     exclude: keys of the pool's examples it must not be shown (e.g. itself).
     prompts: its own prepared prompts, in place of the runner's choice.
+    relabel: a function of its predicted labels (H, W) that gives the labels kept, applied before they are
+        judged (propagation's object tracks: ids that follow the objects).
     """
 
     key: Any
@@ -31,6 +33,7 @@ class Target:
     name: str | None = None
     exclude: tuple = ()
     prompts: PromptSet | None = None
+    relabel: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass

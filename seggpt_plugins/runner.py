@@ -332,25 +332,31 @@ class Runner:
     def _one_colour_mode(self, rgb: np.ndarray, prompts: PromptSet) -> tuple[np.ndarray, PromptSet]:
         """The target and its prompts in one colour mode (images.one_colour_mode): the examples' pixels are
         read back from the prepared set, and judged grey or not, once per set; a set made grey is encoded
-        once. Tuned prompts (learnt pixels) are left as they are."""
-        if prompts.shown is None:
+        once. Tuned prompts (learnt pixels) are left as they are. An extended set (a propagation run's
+        memory after its examples) is judged by its examples alone: the memory is the targets' own frames."""
+        own = prompts.base if prompts.base is not None else prompts
+        if own.shown is None:
             return rgb, prompts
         with self._lock:
-            kept = self._modes.get(id(prompts))
-            if kept is None or kept[0] is not prompts:
+            kept = self._modes.get(id(own))
+            if kept is None or kept[0] is not own:
                 from .modeling import denormalize
 
-                pixels = denormalize(prompts.images.float()).round().permute(0, 2, 3, 1).cpu().numpy()
+                pixels = denormalize(own.images.float()).round().permute(0, 2, 3, 1).cpu().numpy()
                 pixels = pixels.astype(np.uint8)
-                kept = self._modes[id(prompts)] = [prompts, pixels, None, [looks_grey(e) for e in pixels]]
+                kept = self._modes[id(own)] = [own, pixels, None, [looks_grey(e) for e in pixels]]
                 while len(self._modes) > self._sets_kept:
                     self._modes.popitem(last=False)
             target, examples = one_colour_mode(rgb, kept[1], kept[3])
             if examples is kept[1]:
                 return target, prompts
             if kept[2] is None:
-                kept[2] = replace(prompts, images=self.model.encode_images(list(examples)))
-            return target, kept[2]
+                kept[2] = replace(own, images=self.model.encode_images(list(examples)))
+            if own is prompts:
+                return target, kept[2]
+            import torch
+
+            return target, replace(prompts, images=torch.cat([kept[2].images, prompts.images[len(own):]]))
 
     @staticmethod
     def _pieces(job: _Job) -> Iterator[_Piece]:
@@ -433,6 +439,8 @@ class Runner:
                 unseen = np.isin(prediction.labels, shown, invert=True)
                 if unseen.any():
                     prediction.labels[unseen] = 0
+            if job.target.relabel is not None:
+                prediction.labels = job.target.relabel(prediction.labels)
             if self.quality:
                 prediction.quality = self.model.assess(prediction, job.prompts.examples, job.rgb, self.quality,
                                                        mirrored)

@@ -70,3 +70,19 @@ def test_the_memory_still_follows_objects_that_move_far(demo_model, kind):
     assert scores["default"][0] >= scores["before"][0] - 0.01, scores  # ids: per-object IoU
     assert scores["default"][1] >= scores["before"][1] - 0.01, scores  # foreground IoU
     assert scores["default"][0] > scores["no memory"][0], scores  # the memory still helps the ids
+
+
+def test_each_frame_is_a_target_of_the_runner_colour_mode_included(demo_model, nuclei_stack):
+    """Propagation paints its frames through the one loop (runner.Runner), so a colour stack shown grey
+    examples is made grey first, as `segment` does a colour target (images.one_colour_mode): the same ids
+    as the stack made grey by hand, and the example's ids followed from the annotated slice."""
+    from seggpt_plugins.images import to_grey, to_rgb8
+
+    stack, truth, _ = nuclei_stack
+    frames = np.stack([to_rgb8(s) for s in stack[:6]]) * np.array([1.0, 0.55, 0.3])  # tinted orange
+    frames = frames.round().astype(np.uint8)
+    example, mask = to_rgb8(stack[8]), (truth[8] > 0).astype(np.uint8)
+    found = [p.labels for p in demo_model.propagate(frames, [example], [mask], memory=2)]
+    by_hand = [p.labels for p in demo_model.propagate(to_grey(frames), [example], [mask], memory=2)]
+    assert all(np.array_equal(a, b) for a, b in zip(found, by_hand))
+    assert np.mean([iou(f > 0, truth[z] > 0) for z, f in enumerate(found)]) > 0.3
