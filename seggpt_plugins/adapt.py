@@ -303,6 +303,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     import torch
 
     from .engine import SegGPT
+    from .quality import calibrated_file
     from .training import TrainSettings, _set_trainable, make_optimizer, train_step
 
     base = settings or AdaptSettings()
@@ -396,6 +397,9 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     adapted = SegGPT(net, device=model.device, dtype=model.dtype, attention=model.attention,
                      source=None, quantize=model.quantize, threads=model.threads)
     adapted._float32_state = float_state
+    # it judges its proposals as its base does; saved, it carries the base's fitted estimate (saving.py)
+    adapted._quality_models = model.quality_models()
+    adapted.quality_inherited = calibrated_file(model.source) if model.source else model.quality_inherited
     adapted.adaptation = {
         "base_model": model.source, "base_fingerprint": model.fingerprint, "fingerprint": adapted.fingerprint,
         "improved": best_state is not None, "steps": step, "best_step": best_step, "stopped": stopped,

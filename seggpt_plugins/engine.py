@@ -123,6 +123,7 @@ class SegGPT:
         self._forward = modeling.paint if compile is None else torch.compile(modeling.paint, mode=compile, dynamic=False)
         self._torch = torch
         self._quality_models = None  # the quality estimates for these weights, loaded on first use
+        self.quality_inherited = None  # adapted: the quality.json fitted for the weights it was adapted from
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = AUTO_MODEL, device=None, dtype=None,
@@ -415,6 +416,15 @@ class SegGPT:
         for result in runner.run(items, errors="raise"):
             yield result.prediction
 
+    def quality_models(self) -> dict:
+        """The quality estimates for these weights ("fast", "full", optionally per object), loaded once
+        (quality.models_for: the quality.json fitted for them, else the demo model's with a warning)."""
+        if self._quality_models is None:
+            from .quality import models_for
+
+            self._quality_models = models_for(self.source)
+        return self._quality_models
+
     def assess(self, prediction: Prediction, examples, rgb: np.ndarray, quality: str = "fast",
                mirrored_labels: np.ndarray | None = None, strided: int | None = None,
                texture: tuple | None = None) -> float:
@@ -422,19 +432,18 @@ class SegGPT:
         (PromptSet.examples); "full" needs the mirrored target's labels, mirrored back (quality.py).
         strided: the arrays are a strided view of the target already, and texture its texture words read
         at the pixel scale, strided alike (quality.features)."""
-        from .quality import OBJECT_MODEL, ObjectContext, features, gross_error, models_for
+        from .quality import OBJECT_MODEL, ObjectContext, features, gross_error
 
-        if self._quality_models is None:
-            self._quality_models = models_for(self.source)
+        models = self.quality_models()
         examples = examples if examples is not None else ExampleStats(float("nan"), None)
-        estimate, maps = self._quality_models[quality], {}
+        estimate, maps = models[quality], {}
         values = features(prediction.labels, prediction.scores, examples, rgb, mirrored_labels, strided,
                           names=estimate.names, maps=maps, texture=texture)
         prediction.quality_features = values
         if "foreground" in maps:  # kept small (uint8, strided) for the per-object estimate of instances()
             prediction.object_context = ObjectContext(np.round(maps["foreground"] * 255).astype(np.uint8),
                                                       maps["stride"], examples.diameter,
-                                                      self._quality_models.get(OBJECT_MODEL))
+                                                      models.get(OBJECT_MODEL))
         values.update(gross_error(prediction.labels, examples, strided, prediction.ids_are_objects))
         return estimate.predict(values) * values["gross_error"]  # (the factor is 1 unless far from the examples)
 

@@ -298,17 +298,32 @@ class UncalibratedQualityWarning(UserWarning):
     """The quality estimate in use was fitted for other weights (its ranking holds, its scale may not)."""
 
 
+def models_document(models: dict[str, QualityModel], fitted_on: str) -> dict:
+    """A quality.json's content: the estimates and what they were fitted on (load_models reads it)."""
+    return {"format": "seggpt-quality/1", "fitted_on": fitted_on,
+            "models": {name: m.as_dict() for name, m in models.items()}}
+
+
+def calibrated_file(source: str | None) -> Path | None:
+    """The quality.json fitted for a model's weights: $SEGGPT_QUALITY_MODEL, the demo model's, or the one
+    beside its weights (a model folder); None when there is none (models_for then warns)."""
+    configured = os.environ.get(QUALITY_ENV)
+    if configured:
+        return Path(configured)
+    if source == DEMO_MODEL:
+        return SHIPPED
+    folder = Path(source) if source else None
+    if folder is not None and folder.is_dir() and (folder / QUALITY_FILE).is_file():
+        return folder / QUALITY_FILE
+    return None
+
+
 def models_for(source: str | None) -> dict[str, QualityModel]:
     """The estimates for a model: $SEGGPT_QUALITY_MODEL, else the quality.json beside its weights (a
     model folder), else the demo model's, with a warning for loaded weights (fit one: `seggpt fit-quality`)."""
-    configured = os.environ.get(QUALITY_ENV)
-    if configured:
-        return load_models(configured)
-    if source == DEMO_MODEL:
-        return load_models(SHIPPED)
-    folder = Path(source) if source else None
-    if folder is not None and folder.is_dir() and (folder / QUALITY_FILE).is_file():
-        return load_models(folder / QUALITY_FILE)
+    path = calibrated_file(source)
+    if path is not None:
+        return load_models(path)
     if source:  # weights loaded from somewhere (a network built in memory has nowhere to keep one)
         warnings.warn(f"the quality estimate was fitted for the demo model, not for {source}: its ranking holds "
                       f"better than its scale; fit one with `seggpt fit-quality --model {source}` (quality.json "

@@ -22,7 +22,7 @@ from .colors import ColorCode
 from .instances import find_instances
 from .io import atomic_write
 from .quality import (BLENDS, CANDIDATES, FEATURE_GROUPS, OBJECT_BLEND, OBJECT_CANDIDATES, OBJECT_MODEL,
-                      QualityModel, agreement, object_features)
+                      QualityModel, agreement, models_document, object_features)
 from .synthetic import SyntheticTasks
 
 FIT_SEED = 30_000_000  # generated tasks the estimate is fitted on (training uses seeds far below)
@@ -66,8 +66,7 @@ def fit_models(rows: list[dict], ious: list[float], objects: list[tuple[dict, fl
 def save_models(path, models: dict[str, QualityModel], fitted_on: str) -> None:
     """One file holding the "fast" and "full" estimates fitted for one set of weights, and optionally the
     per-object one (OBJECT_MODEL) (replaced whole); quality.load_models reads it."""
-    text = json.dumps({"format": "seggpt-quality/1", "fitted_on": fitted_on,
-                       "models": {name: m.as_dict() for name, m in models.items()}}, indent=1)
+    text = json.dumps(models_document(models, fitted_on), indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=True)
 
 

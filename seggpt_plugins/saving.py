@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from .errors import InputError
+from .quality import QUALITY_FILE
 
 
 def checked_out_dir(out_dir: str | os.PathLike, overwrite: bool, error: type[Exception] = InputError) -> Path:
@@ -52,5 +53,23 @@ def save_model(model, out_dir: str | os.PathLike, overwrite: bool = False) -> Pa
         clone.load_state_dict(float_state)
     else:
         clone = copy.deepcopy(model.net).cpu().float()
+    extra = {}
     adaptation = getattr(model, "adaptation", None)
-    return write_model_dir(clone, out_dir, {"adaptation.json": adaptation} if adaptation else None)
+    if adaptation:
+        extra["adaptation.json"] = adaptation
+    inherited = getattr(model, "quality_inherited", None)
+    if inherited is not None:
+        extra[QUALITY_FILE] = inherited_quality(inherited, adaptation or {})
+    return write_model_dir(clone, out_dir, extra)
+
+
+def inherited_quality(path: Path, adaptation: dict) -> dict:
+    """The quality.json of an adapted model: the estimate fitted for the weights it was adapted from, saying
+    so (its ranking carries over; fit one of its own with `seggpt fit-quality --model DIR`)."""
+    from .quality import load_models, models_document
+
+    fitted_on = json.loads(Path(path).read_text()).get("fitted_on", "")
+    base = adaptation.get("base_model") or "its base model"
+    return models_document(load_models(path), f"inherited from {base}, which this model was adapted from "
+                                              f"(adaptation.json), where it was fitted on: {fitted_on}; fit one "
+                                              "for these weights with `seggpt fit-quality --model DIR`")

@@ -4,6 +4,7 @@ early stopping, saved as a model directory with a new fingerprint."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -77,6 +78,7 @@ def test_adapted_model_saves_loads_back_with_a_new_fingerprint(adapted_run, base
     loaded = SegGPT.from_pretrained(out, device="cpu")
     assert loaded.fingerprint == adapted.fingerprint
     assert json.loads((out / "adaptation.json").read_text())["fingerprint"] == adapted.fingerprint
+    assert not (out / "quality.json").exists()  # its base (built in memory) had no estimate fitted for it
     target, _ = scene(5)
     assert np.array_equal(loaded.segment(target, image, mask, quality=None)[0].labels,
                           adapted.segment(target, image, mask, quality=None)[0].labels)
@@ -201,6 +203,15 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
     base_fingerprint = SegGPT.from_pretrained("demo", device="cpu").fingerprint
     assert loaded.fingerprint == info["fingerprint"] and info["base_fingerprint"] == base_fingerprint
     assert (loaded.fingerprint != base_fingerprint) == info["improved"]  # six steps need not beat the base
+    # it carries the demo model's fitted quality estimate, saying whose it is: no uncalibrated warning
+    from seggpt_plugins.quality import SHIPPED, UncalibratedQualityWarning, load_models
+
+    carried = json.loads((out / "quality.json").read_text())
+    assert carried["fitted_on"].startswith("inherited from demo") and "fit-quality" in carried["fitted_on"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncalibratedQualityWarning)
+        assert loaded.quality_models().keys() == load_models(SHIPPED).keys()
+    assert loaded.quality_models()["fast"].as_dict() == load_models(SHIPPED)["fast"].as_dict()
     code, err = _run(["segment", "--model", str(out), "--prompt", str(tmp_path / "tile.tif"),
                       str(tmp_path / "tile_mask.tif"), str(tmp_path / "target.tif"), "--out", str(tmp_path / "seg")],
                      capsys)
