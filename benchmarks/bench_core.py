@@ -167,12 +167,14 @@ def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row, 
     tgt, pim, pms = inputs(1, 1)
     for model in models.values():  # oneDNN builds its bf16/int8 kernels on first use
         model.segment(tgt, pim, pms, quality=None)
+    ref_threads = torch.get_num_threads()  # the reference runs as torch sets itself up (ours may follow the load)
     for phase in ["quiet"] + (["contended"] if contention else []):
         burner = burn_one_core() if phase == "contended" else None
         try:
             for targets, prompts in sizes:
                 tgt, pim, pms = inputs(targets, prompts)
                 pairs = targets * prompts
+                torch.set_num_threads(ref_threads)
                 ref_s = timed(lambda: reference.run_pairs(tgt, pim, pms, batch_size=targets), torch.device("cpu"), 1)
                 for precision, model in models.items():
                     our_s = timed(lambda: model.segment(tgt, pim, pms, batch_size=targets, quality=quality),
@@ -183,7 +185,8 @@ def cpu_sweep(net, reference, sizes, precisions, contention, flops, peaks, row, 
                         prompts=prompts,
                         pairs=pairs, ours_s_per_pair=round(our_s / pairs, 2), ref_s_per_pair=round(ref_s / pairs, 2),
                         ratio=round(ref_s / our_s, 2), ours_tflops=round(executed, 3),
-                        ours_fraction_of_peak=round(executed / peak, 3) if peak else None)
+                        ours_fraction_of_peak=round(executed / peak, 3) if peak else None,
+                        ours_threads=torch.get_num_threads(), ref_threads=ref_threads)
         finally:
             if burner is not None:
                 burner.kill()

@@ -395,7 +395,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     keep_float = model.dtype != torch.float32 or bool(model.quantize)
     float_state = {k: v.clone() for k, v in net.state_dict().items()} if keep_float else None
     adapted = SegGPT(net, device=model.device, dtype=model.dtype, attention=model.attention,
-                     source=None, quantize=model.quantize, threads=model.threads)
+                     source=None, quantize=model.quantize, threads=None if model.threads_auto else model.threads)
     adapted._float32_state = float_state
     # it judges its proposals as its base does; saved, it carries the base's fitted estimate (saving.py)
     adapted._quality_models = model.quality_models()

@@ -21,8 +21,9 @@ from .colors import ColorCode
 from .errors import InputError
 from .example_ids import foreground, ids_are_objects
 from .images import as_array, label_dtype, shared_range, to_mask, to_rgb8
+from .cpu_share import thread_governor
 from .loading import (load_network, pick_device, pick_dtype, pick_quantize, resolve_source, set_cpu_threads,
-                      weights_fingerprint)
+                      threads_are_auto, weights_fingerprint)
 from .ensembles import example_windows, groups, object_diameter, stitch_examples, tile_size
 from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
@@ -95,6 +96,9 @@ class SegGPT:
         self.quantize = pick_quantize(quantize, self.device)
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = set_cpu_threads(threads) if self.device.type == "cpu" else None
+        # automatic threads leave the cores other processes keep busy (cpu_share.py)
+        self.threads_auto = self.device.type == "cpu" and threads_are_auto(threads)
+        self._governor = thread_governor(self.threads) if self.threads_auto else None
         self.fingerprint = weights_fingerprint(net)  # of the weights as given: the same at every precision
         kernel = None
         if self.quantize == "int8":
@@ -305,6 +309,8 @@ class SegGPT:
 
         if seg_type not in SEG_TYPES:
             raise InputError(f"seg_type must be one of {SEG_TYPES}, got {seg_type!r}")
+        if self._governor is not None:
+            self._governor.adjust()
         with self._torch.inference_mode():
             out = self._forward(self.net, targets, prompt_images, prompt_masks, owner, seg_type, self.attention,
                                 weight)

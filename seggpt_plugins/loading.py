@@ -159,6 +159,13 @@ def _cgroup_cpu_quota() -> float | None:
         return None
 
 
+def threads_are_auto(threads: int | None = None) -> bool:
+    """Whether set_cpu_threads(threads) picks the count itself (no number given, no $SEGGPT_THREADS,
+    OMP_NUM_THREADS or MKL_NUM_THREADS): then it may follow the cores other work leaves (cpu_share.py)."""
+    return threads is None and not any(os.environ.get(name, "").strip()
+                                       for name in (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+
+
 def set_cpu_threads(threads: int | None = None) -> int:
     """Set torch's CPU threads: `threads`, else $SEGGPT_THREADS, else (unless OMP_NUM_THREADS or
     MKL_NUM_THREADS says otherwise) the CPUs this process may use (`cpu_count`). Returns the count."""
