@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 CHECK_EVERY_S = 1.0  # how often the other processes' share is read (and the threads changed)
+STALE_S = 3.0  # a reading older than this is stale: the share is read afresh over FRESH_S
+FRESH_S = 0.05  # (while this process waits, so it shows what the others take when it does not compete)
 TAKEN_FROM = 0.6  # a core's worth of other work from this share on counts as a core taken
 PROC = Path("/proc")
 
@@ -56,7 +58,8 @@ class CoreShare:
 
 class ThreadGovernor:
     """torch's threads: `most` (the CPUs this process may use) less the cores other processes keep busy,
-    at least 1; re-read at most every CHECK_EVERY_S. Call `adjust()` before a forward pass."""
+    at least 1; re-read at most every CHECK_EVERY_S (over the time since the last reading, or afresh over
+    FRESH_S when that is older than STALE_S). Call `adjust()` before a forward pass."""
 
     def __init__(self, most: int, cpus=None, proc: Path = PROC):
         self.most = max(1, int(most))
@@ -79,7 +82,10 @@ class ThreadGovernor:
 
         now = time.monotonic()
         if now - self.checked >= CHECK_EVERY_S:
-            self.checked = now
+            if now - self.checked >= STALE_S:  # an average since long ago says little about now
+                self.share.others()
+                time.sleep(FRESH_S)
+            self.checked = time.monotonic()
             self.threads = self.wanted(self.share.others())
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)

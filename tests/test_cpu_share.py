@@ -83,3 +83,26 @@ def test_threads_are_auto_unless_a_number_is_given(monkeypatch):
     assert threads_are_auto(None) and not threads_are_auto(2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert not threads_are_auto(None)
+
+
+def test_a_stale_reading_is_taken_afresh_over_a_short_wait(tmp_path, monkeypatch):
+    """Long after the last reading, the share is read over FRESH_S now, not averaged since then."""
+    import torch
+
+    before = torch.get_num_threads()
+    fake_proc(tmp_path, {0: 0, 1: 0}, ours=0)
+    now = [0.0]
+    monkeypatch.setattr(cpu_share.time, "monotonic", lambda: now[0])
+    governor = ThreadGovernor(2, [0, 1], tmp_path)
+    tick = governor.share.tick
+
+    def wait(seconds):  # another process has just started and takes a whole core while we wait
+        now[0] += seconds
+        fake_proc(tmp_path, {0: int(round(seconds * tick)), 1: 0}, ours=0)
+
+    now[0] = 100.0  # 100 s quiet since the last reading: averaged since then, the share would be ~0
+    monkeypatch.setattr(cpu_share.time, "sleep", wait)
+    try:
+        assert governor.adjust() == 1
+    finally:
+        torch.set_num_threads(before)
