@@ -14,6 +14,14 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 # (loading.pick_dtype), which would make results depend on the machine the tests run on. The automatic
 # choice and the reduced precisions have tests of their own (test_cpu_precision.py).
 os.environ.setdefault("SEGGPT_DTYPE", "float32")
+# Likewise one thread count: automatic threads follow the cores other processes keep busy (cpu_share.py),
+# and a GEMM's float results may differ by the last bit between thread counts, which would make the same
+# image's answer depend on what else runs beside a test (the hosts' servers are other processes).
+# test_cpu_share.py tests the automatic count; SEGGPT_THREADS set here fixes it for everything else.
+if not os.environ.get("SEGGPT_THREADS") and not os.environ.get("OMP_NUM_THREADS"):
+    from seggpt_plugins.loading import cpu_count
+
+    os.environ["SEGGPT_THREADS"] = str(cpu_count())
 
 
 def pytest_configure(config):
