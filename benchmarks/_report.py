@@ -1,13 +1,33 @@
-"""The end of every benchmark script: the result with the machine and the commit, printed and saved."""
+"""What every benchmark script shares: its command line and model (`model_and_args`), and its end (`report`:
+the result with the machine and the commit, printed and saved)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_and_args(doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+                   ) -> tuple[Any, argparse.Namespace]:
+    """(the model, the parsed command line) of an eval script: --model (default demo), --device (cpu) and --out
+    (where the JSON goes; default: printed only), described by `doc`'s first line; `extra(parser)` adds the
+    script's own options. The model is `SegGPT.from_pretrained(--model, device=--device)`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    from seggpt_plugins.engine import SegGPT
+
+    return SegGPT.from_pretrained(args.model, device=args.device), args
 
 
 def report(result: dict, out: str | None) -> None:

@@ -21,7 +21,6 @@ targets. One intensity range for all tiles (the image's 0.2-99.8 percentiles).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +100,13 @@ def _summary(rows):
 def main() -> None:
     import tifffile
 
-    from _report import report
-    from seggpt_plugins.engine import SegGPT
+    from _report import model_and_args, report
     from seggpt_plugins.example_ids import instance_labelled
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    model, args = model_and_args(__doc__)
     image = tifffile.imread(SAMPLES / "nuclei2d.tif")
     truth = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
     intensity_range = tuple(float(v) for v in np.percentile(image, (0.2, 99.8)))
-    model = SegGPT.from_pretrained(args.model, device=args.device)
     sets = {"design (128 px tiles, left half)": tiles_of(image, truth, 128, (0, 256)),
             "held-out (128 px tiles, right half)": tiles_of(image, truth, 128, (256, 512)),
             "256 px tiles (the issue's case)": tiles_of(image, truth, 256)}

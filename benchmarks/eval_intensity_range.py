@@ -15,7 +15,6 @@ demo model on this machine's CPU. Three readings of the 16-bit pixels, in the sa
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +35,12 @@ def iou(a, b) -> float:
 def main() -> None:
     import tifffile
 
-    from _report import report
-    from seggpt_plugins.engine import SegGPT
+    from _report import model_and_args, report
     from seggpt_plugins.images import robust_range, to_rgb8
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    model, args = model_and_args(__doc__)
     image = tifffile.imread(SAMPLES / "nuclei2d.tif")
     truth = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
-    model = SegGPT.from_pretrained(args.model, device=args.device)
     whole = robust_range(image)
     result = {"model": args.model, "device": args.device, "whole_image_range": whole, "sets": {}}
     for size in (128, 256):

@@ -25,10 +25,8 @@ Scenes:
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from _report import report
+from _report import model_and_args, report
 from eval_demo import SAMPLES, otsu_mask
 from eval_demo import foreground_iou as iou
 
@@ -99,16 +97,10 @@ def generated(model, kind: str, seeds) -> dict:
 
 
 def main() -> None:
-    from seggpt_plugins.engine import SegGPT
     from seggpt_plugins.propagation import MEMORY_SHARE_FACTOR
     from seggpt_plugins.quality import GROSS_SHARE
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    model = SegGPT.from_pretrained(args.model, device=args.device)
+    model, args = model_and_args(__doc__)
     result = {"model": args.model, "device": args.device, "memory_share_factor": MEMORY_SHARE_FACTOR,
               "gross_share": GROSS_SHARE, "stardist_3d": stardist(model)}
     for kind in ("video", "stack"):

@@ -24,7 +24,6 @@ held out; the four 256 px tiles are the issue's case. One intensity range for al
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -68,19 +67,13 @@ def main() -> None:
 
     import tifffile
 
-    from _report import report
-    from seggpt_plugins.engine import SegGPT
+    from _report import model_and_args, report
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
     warnings.simplefilter("ignore")
+    model, args = model_and_args(__doc__)
     image = tifffile.imread(SAMPLES / "nuclei2d.tif")
     truth = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
     intensity_range = tuple(float(v) for v in np.percentile(image, (0.2, 99.8)))
-    model = SegGPT.from_pretrained(args.model, device=args.device)
     sets = {"design (128 px tiles, left half)": tiles_of(image, truth, 128, (0, 256)),
             "held-out (128 px tiles, right half)": tiles_of(image, truth, 128, (256, 512)),
             "256 px tiles (the issue's case)": tiles_of(image, truth, 256)}

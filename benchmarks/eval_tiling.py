@@ -17,12 +17,11 @@ its ground truth. Two setups, each run with the demo model in one process:
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
-from _report import report
+from _report import model_and_args, report
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "seggpt_plugins" / "demo" / "samples"
@@ -72,14 +71,7 @@ def large_example(model, image, truth, intensity) -> dict:
 def main() -> None:
     from tifffile import imread
 
-    from seggpt_plugins import SegGPT
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    model = SegGPT.from_pretrained(args.model, device=args.device)
+    model, args = model_and_args(__doc__)
     image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif") > 0
     intensity = (float(np.percentile(image, 0.5)), float(np.percentile(image, 99.8)))
     report({"model": args.model, "device": args.device, "image": "stardist nuclei2d, 512x512", "halo": HALO,
