@@ -9,6 +9,12 @@ ground truth (nuclei vs background), the demo model is adapted on it alone (SegG
 report tiles with that tile as the example; foreground IoU against ground truth, with Otsu's threshold on
 each target (polarity from the example) as the baseline, as in eval_demo.py.
 
+With --every-reference (what tests/test_labelstudio_e2e.py's adaptation test meets): the seven 128 px tiles
+that test imports (8-bit, as it scales them), each in turn the one reference; the demo model adapted on it for
+--steps steps (the learning-rate schedule spans them; the time limit does not bind), kept or not by its
+held-out corner as the hosts keep it, then the mean foreground IoU of the six other tiles with that
+reference as the example, before and after. Does "kept" mean "better on the other images"?
+
 With --stack: stardist's 3D stack instead, its middle slice annotated (foreground), the demo model adapted
 on that slice alone, then `propagate` with its defaults (the shipped and the adapted model); mean slice
 IoU over the other slices against per-slice Otsu (polarity from the annotated slice), as
@@ -36,10 +42,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--stack", action="store_true", help="the 3D stack's middle slice (see above)")
+    parser.add_argument("--every-reference", action="store_true",
+                        help="the Label Studio test's seven tiles, each the one reference in turn (see above)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.stack:
         return stack(args)
+    if args.every_reference:
+        return every_reference(args)
     from tifffile import imread
 
     from seggpt_plugins import SegGPT
@@ -111,3 +121,44 @@ def stack(args) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+LS_TILES = [(0, 0), (0, 256), (128, 128), (128, 384), (256, 0), (256, 256), (384, 128)]  # as in that test
+
+
+def every_reference(args) -> None:
+    from tifffile import imread
+
+    from seggpt_plugins import SegGPT
+    from seggpt_plugins.adapt import AdaptSettings
+
+    image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif") > 0
+    low, high = float(image.min()), float(np.percentile(image, 99.8))
+    image8 = np.clip((image.astype(np.float64) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+    tiles = [image8[r:r + 128, c:c + 128] for r, c in LS_TILES]
+    masks = [truth[r:r + 128, c:c + 128].astype(np.uint8) for r, c in LS_TILES]
+    base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
+    runs = []
+    for k in range(len(tiles)):
+        others = [t for t in range(len(tiles)) if t != k]
+
+        def mean_iou(model):
+            preds = model.segment([tiles[t] for t in others], tiles[k], masks[k], quality=None)
+            return round(float(np.mean([foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, others)])), 4)
+
+        adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=args.steps, example_ids="classes",
+                             settings=AdaptSettings(lr=args.lr, batch_size=args.batch_size))
+        info = adapted.adaptation
+        before = mean_iou(base)
+        after = mean_iou(adapted) if info["improved"] else before
+        run = {"reference": f"tile_{LS_TILES[k][0]}_{LS_TILES[k][1]}", "kept": info["improved"],
+               "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
+               "best_step": info["best_step"], "others_iou_before": before, "others_iou_after": after,
+               "change": round(after - before, 4)}
+        print(run, flush=True)
+        runs.append(run)
+    kept = [r for r in runs if r["kept"]]
+    report({"benchmark": "eval_adapt --every-reference", "tiles": "tests/test_labelstudio_e2e.py TILES, 8-bit",
+            "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "runs": runs,
+            "kept": len(kept), "kept_and_better": sum(r["change"] > 0 for r in kept),
+            "kept_and_worse": sum(r["change"] < 0 for r in kept)}, args.out)
