@@ -185,7 +185,7 @@ def _propagate(model, opts: Options, seg_type: str, codec, pool, videos: list[Vi
                 used += [pool.keys[i] for i in chosen]
             todo = set(video.todo)
             results = propagate_video(model, frames, annotations, images or None, masks or None,
-                                      objects=codec.kind == DETECTIONS, min_area=OBJECTS.min_area,
+                                      objects=OBJECTS if codec.kind == DETECTIONS else None,
                                       memory=opts.memory, batch_size=opts.batch_size, seg_type=seg_type,
                                       max_prompts=opts.max_prompts, ensemble=opts.ensemble)
             for result in results:

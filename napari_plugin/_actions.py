@@ -22,14 +22,23 @@ import numpy as np
 
 from seggpt_plugins.ensembles import tile_size
 from seggpt_plugins.errors import InputError
-from seggpt_plugins.tracking import IdentityTracker, StackTracker, annotated_objects
+from seggpt_plugins.instances import ObjectRule
 from seggpt_plugins.prompts import nearest, spread
 from seggpt_plugins.runner import Runner
 from seggpt_plugins.runner import Target as RunTarget
+from seggpt_plugins.tracking import IdentityTracker, StackTracker, annotated_objects
 from seggpt_plugins.vocabulary import MAX_CLASSES
 
 from ._layers import PlaneKey, image_kind, own_labels, plane_word, series_names
 from ._stack import SUPPORTED_NDIM, PlaneStack, annotated_planes, level0, spatial_shape
+
+
+#: The core's object rule in every action with Output "instances". The examples are shown as one class
+#: (`Actions._examples`), so touching objects come out as one piece and only the split tells them apart (as
+#: `Prediction.objects` does for examples whose ids are objects). It differs from `seggpt propagate`'s default
+#: on purpose: that propagates each object's own id, which keeps touching objects apart already (on stardist's
+#: 3D stack the split takes the CLI's F1 0.48 -> 0.46 and napari's 0.32 -> 0.73: BENCHMARKS.md section 18).
+OBJECTS = ObjectRule(split_touching=True)
 
 
 class UserError(Exception):
@@ -462,12 +471,12 @@ def read_plane(data, key) -> np.ndarray:
 
 
 def with_objects(work, follow=None):
-    """`work` whose predictions carry one id per object (touching objects split); `follow(target, key,
+    """`work` whose predictions carry one id per object (`Prediction.objects(OBJECTS)`); `follow(target, key,
     instances)` may give them the ids of the objects they continue."""
 
     def objects(model, report=None):
         for t, key, pred in work(model, report):
-            found = pred.instances(split_touching=True)
+            found = pred.objects(OBJECTS)
             if follow is not None:
                 found = follow(t, key, found)
             yield t, key, replace(pred, labels=found.map)

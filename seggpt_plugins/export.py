@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import InputError
-from .instances import Instances
+from .instances import Instances, ObjectRule
 from .vocabulary import IMAGE_SUFFIXES
 
 FORMATS = ("png", "tiff", "coco", "panoptic")
@@ -367,6 +367,11 @@ class ExportOptions:
     def objects(self) -> bool:
         return self.output != "labels"
 
+    @property
+    def rule(self) -> ObjectRule:
+        """How objects are found (instances.ObjectRule): --min-area, --split-touching."""
+        return ObjectRule(min_area=self.min_area, split_touching=self.split_touching)
+
 
 class Exporter:
     """The files of one run and how each prediction is written into them (inside an io.OutputSet).
@@ -418,7 +423,7 @@ class Exporter:
 
     def instances_of(self, prediction) -> Instances:
         """The objects of a prediction, with their predicted IoU when its quality was estimated."""
-        return prediction.instances(min_area=self.options.min_area, split_touching=self.options.split_touching)
+        return prediction.objects(self.options.rule)
 
     def write(self, i: int, prediction, source: str, instances: Instances | None = None, **review) -> np.ndarray:
         """Write target i's maps and entries; `instances` (e.g. tracked through a stack) or found here.

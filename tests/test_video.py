@@ -194,6 +194,106 @@ def test_napari_lazy_tyx_layer_is_read_plane_by_plane(model64):
     assert done == 23 and sorted(set(reads)) == list(range(24)) and len(reads) <= 24 + 2
 
 
+def touching_discs(n=6, h=48, w=64):
+    """A stack annotated on frame 0 with two discs apart (ids 1, 2) and predicted frames where they overlap,
+    painted as one id, with a 9 px fragment apart: (stack (N, H, W) uint8, annotation, [Predictions of 1..])."""
+    from seggpt_plugins.prediction import Prediction
+
+    yy, xx = np.mgrid[:h, :w]
+    stack, labels = np.zeros((n, h, w), np.uint8), np.zeros((n, h, w), np.uint8)
+    for t in range(n):
+        for k, cx in enumerate((22 + t, 42 - t), 1):
+            disc = (yy - 24) ** 2 + (xx - cx) ** 2 < 10 ** 2
+            stack[t][disc], labels[t][disc] = 200, k if t == 0 else 1
+        if t:
+            labels[t, 2:5, 2:5] = 1
+    predictions = [Prediction(labels[t].copy(), np.full((h, w), 0.9, np.float32), index=t) for t in range(1, n)]
+    return stack, labels[0], predictions
+
+
+class ScriptedModel:
+    """`propagate` yields the same predicted frames whoever calls it (copies: hosts rewrite their index)."""
+
+    def __init__(self, predictions):
+        self.predictions = predictions
+
+    def propagate(self, frames, *args, **options):
+        from dataclasses import replace
+
+        return (replace(p, labels=p.labels.copy()) for p in self.predictions)
+
+
+def napari_propagate(model, stack, annotation):
+    """Objects of napari's 'Propagate through stack' (Output instances) work function, {frame: id map}."""
+    from types import SimpleNamespace
+
+    from napari.layers import Image as ImageLayer
+    from napari.layers import Labels
+
+    from seggpt_plugins.napari._actions import Actions, FormValues
+
+    examples = np.zeros_like(stack)
+    examples[0] = annotation
+    viewer = SimpleNamespace(dims=SimpleNamespace(point=(0.0, 0.0, 0.0), ndim=3, axis_labels=("0", "1", "2")))
+    form = FormValues(image=ImageLayer(stack, contrast_limits=(0, 255)), labels=Labels(examples), axis=0,
+                      targets=[], deselected=set(), num_prompts=3, batch_size=1, seg_type="instance",
+                      output="instances", ensemble="feature", memory=4, tile=None, halo=32)
+    return {key[0]: pred.labels for _, key, pred in Actions(viewer, form).propagate().work(model)}
+
+
+def test_every_host_finds_a_propagations_objects_by_the_one_rule(tmp_path, monkeypatch):
+    """The same propagated frames give the same objects in `seggpt propagate --output instances`,
+    `propagate_video` (FiftyOne's videos) and napari's Propagate, each frame's through `Prediction.objects`
+    with the host's rule: the CLI's options (--min-area 4 keeps the fragment; split_touching off, as
+    FiftyOne: the discs stay one object) and napari's (touching objects split: BENCHMARKS.md section 18)."""
+    pytest.importorskip("napari")
+    import seggpt_plugins.cli.propagate as cli_propagate
+    from seggpt_plugins.instances import ObjectRule
+    from seggpt_plugins.napari._actions import OBJECTS as NAPARI
+    from seggpt_plugins.prediction import Prediction
+
+    stack, annotation, predictions = touching_discs()
+    model = ScriptedModel(predictions)
+    rules, objects = [], Prediction.objects
+
+    def spy(self, rule=ObjectRule()):
+        rules.append(rule)
+        return objects(self, rule)
+
+    monkeypatch.setattr(Prediction, "objects", spy)
+    monkeypatch.setattr(cli_propagate, "load_model", lambda args: model)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    tifffile.imwrite(tmp_path / "z0.tif", annotation)
+
+    def cli(*options):
+        out = tmp_path / f"cli{''.join(options)}.tif"
+        assert main(["propagate", str(tmp_path / "stack.tif"), "--prompt-slice", "0", str(tmp_path / "z0.tif"),
+                     "--out", str(out), "--model", "demo", "--output", "instances", *options]) == 0
+        return dict(enumerate(tifffile.imread(out)))
+
+    def video(rule):
+        with open_frames(tmp_path / "stack.tif") as frames:
+            return {r.index: r.instances.map for r in propagate_video(model, frames, {0: annotation}, objects=rule)}
+
+    def by(rule, host):
+        rules.clear()
+        found = host()
+        assert rules == [rule] * len(predictions)  # every predicted frame, by this rule
+        return found
+
+    small = ObjectRule(min_area=4)
+    runs = {"cli": by(small, lambda: cli("--min-area", "4")), "video": by(small, lambda: video(small)),
+            "cli split": by(NAPARI, lambda: cli("--split-touching")), "video split": by(NAPARI, lambda: video(NAPARI))}
+    runs["napari"] = by(NAPARI, lambda: napari_propagate(model, stack, annotation))
+    assert NAPARI == ObjectRule(split_touching=True)
+    for z in range(1, len(stack)):
+        assert np.array_equal(runs["cli"][z], runs["video"][z])
+        assert np.array_equal(runs["cli split"][z], runs["video split"][z])
+        assert np.array_equal(runs["cli split"][z], runs["napari"][z])
+        assert len(np.unique(runs["cli"][z])) == 3 and runs["cli"][z][3, 3]  # the discs as one, the fragment
+        assert set(np.unique(runs["napari"][z])) == {0, 1, 2}  # the discs apart, each its own id; no fragment
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 

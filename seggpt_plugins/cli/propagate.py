@@ -128,18 +128,16 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
 
 def _tracked_instances(predictions: dict, annotations: dict, depth: int, options):
-    """Objects of every slice with ids kept through the stack (tracking.track_stack, from the annotated
-    slices' own objects). Returns (id stack, {slice: Instances})."""
+    """Objects of every slice by the run's rule (`Prediction.objects(options.rule)`, each with its predicted
+    IoU), with ids kept through the stack (tracking.track_stack, from the annotated slices' own objects).
+    Returns (id stack, {slice: Instances})."""
     import numpy as np
 
     from ..export import map_dtype
-    from ..instances import find_instances
     from ..tracking import annotated_objects, track_stack
 
     annotated = annotated_objects(annotations)
-    found = {z: p.with_object_quality(find_instances(p.labels, p.scores, min_area=options.min_area,
-                                                     split_touching=options.split_touching))
-             for z, p in predictions.items()}
+    found = {z: p.objects(options.rule) for z, p in predictions.items()}
     tracked = {**track_stack(found, annotated, depth), **annotated}
     top = max((int(o.map.max()) for o in tracked.values()), default=0)
     dtype = map_dtype("instances")  # uint16, wider only for ids past it (a TIFF; the whole stack alike)
@@ -219,8 +217,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
         model = load_model(args)
         intensity = intensity_option(args) or stack_intensity_range(frames)
         results = propagate_video(model, frames, annotations, [i for i, _ in args.prompt], prompt_masks,
-                                  objects=options.objects, min_area=options.min_area,
-                                  split_touching=options.split_touching, memory=args.memory,
+                                  objects=options.rule if options.objects else None, memory=args.memory,
                                   max_prompts=args.max_prompts, batch_size=args.batch_size, seg_type=args.seg_type,
                                   intensity_range=intensity, ensemble=args.ensemble,
                                   quality=quality_option(args))

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from ..errors import InputError
 from .frames import Frames
+
+if TYPE_CHECKING:
+    from ..instances import ObjectRule
 
 
 @dataclass
@@ -25,19 +28,20 @@ class FrameResult:
 
 
 def propagate_video(model, frames: Frames, annotations: dict | None = None, prompt_images=None, prompt_masks=None,
-                    *, objects: bool = False, min_area: int = 16, split_touching: bool = False,
-                    **options) -> Iterator[FrameResult]:
+                    *, objects: ObjectRule | bool | None = None, **options) -> Iterator[FrameResult]:
     """Every chosen frame once: the annotated frames first (as given), then SegGPT's predictions as
     `model.propagate` yields them (runs outward from the annotated frames, both ways; in order without).
 
     annotations: {frame index in the file: label mask (H, W)}; each must be a chosen frame of `frames`.
-    objects: also find each frame's objects (min_area, split_touching as instances.find_instances) with ids
-    that stay with them, from the annotated frames' objects outward. options: model.propagate's (memory,
-    batch_size, seg_type, intensity_range, max_prompts, ensemble, ...). Only the current frames and the last
-    object map of each run are held, so memory stays flat however long the video.
+    objects: the rule (instances.ObjectRule; True: its defaults) by which each predicted frame's objects are
+    found (`Prediction.objects`), with ids that stay with them from the annotated frames' objects outward
+    (tracking.StackTracker); None or False: labels alone. options: model.propagate's (memory, batch_size,
+    seg_type, intensity_range, max_prompts, ensemble, ...). Only the current frames and the last object map
+    of each run are held, so memory stays flat however long the video.
     """
     from ..engine import Prediction
     from ..images import to_mask
+    from ..instances import ObjectRule
     from ..tracking import StackTracker, annotated_objects
 
     masks = {}
@@ -48,17 +52,16 @@ def propagate_video(model, frames: Frames, annotations: dict | None = None, prom
             raise InputError(f"annotation of frame {index}: a label mask of {frames.size[1]}x{frames.size[0]} (width x "
                              f"height) is needed, like the frames of {frames.path}; got shape {mask.shape}")
         masks[position] = mask
-    tracker = StackTracker(len(frames), annotated_objects(masks)) if objects else None
+    rule = ObjectRule() if objects is True else objects or None
+    tracker = StackTracker(len(frames), annotated_objects(masks)) if rule is not None else None
     predictions = model.propagate(frames, prompt_images, prompt_masks, annotations=masks, **options)
     for position, mask in masks.items():
         index = frames.indices[position]
         prediction = Prediction(labels=mask, scores=np.ones(mask.shape, np.float32), index=index)
         yield FrameResult(index, frames.time(position), prediction,
-                          tracker.annotated[position] if objects else None, annotated=True)
+                          tracker.annotated[position] if tracker is not None else None, annotated=True)
     for prediction in predictions:
         position = prediction.index
         prediction.index = frames.indices[position]
-        instances = None
-        if objects:
-            instances = tracker.follow(position, prediction.instances(min_area=min_area, split_touching=split_touching))
+        instances = tracker.follow(position, prediction.objects(rule)) if tracker is not None else None
         yield FrameResult(prediction.index, frames.time(position), prediction, instances)
