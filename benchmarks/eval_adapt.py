@@ -119,9 +119,6 @@ def stack(args) -> None:
                                     "held_out_iou_best")}}, args.out)
 
 
-if __name__ == "__main__":
-    main()
-
 
 LS_TILES = [(0, 0), (0, 256), (128, 128), (128, 384), (256, 0), (256, 256), (384, 128)]  # as in that test
 
@@ -162,3 +159,7 @@ def every_reference(args) -> None:
             "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "runs": runs,
             "kept": len(kept), "kept_and_better": sum(r["change"] > 0 for r in kept),
             "kept_and_worse": sum(r["change"] < 0 for r in kept)}, args.out)
+
+
+if __name__ == "__main__":
+    main()
