@@ -35,11 +35,13 @@ class ProjectAdaptations:
         load: loads a saved model directory the way the base model was loaded.
         folder: where adapted models are saved (None: kept in memory only).
         metrics: the process's Metrics (adaptations_started / _kept / _not_better / _failed).
+        steps: the step cap of one adaptation (the learning-rate schedule spans it).
     """
 
     def __init__(self, seconds: float, base: Callable[[], Any], load: Callable[[str], Any],
-                 folder: str | Path | None, metrics) -> None:
+                 folder: str | Path | None, metrics, steps: int = 300) -> None:
         self.seconds, self.base, self.load, self.metrics = float(seconds), base, load, metrics
+        self.steps = int(steps)
         self.folder = Path(folder) / ADAPTED if folder else None
         self._pending: dict[int, tuple[str, PairsFor]] = {}
         self._models: dict[int, tuple[int | None, Any]] = {}  # project -> (saved stamp, model)
@@ -129,7 +131,8 @@ class ProjectAdaptations:
             return
         self.metrics.add("adaptations_started")
         started = time.monotonic()
-        adapted = base.adapt(images, masks, time_limit=self.seconds, example_ids="classes")  # labels, as /predict
+        adapted = base.adapt(images, masks, time_limit=self.seconds, steps=self.steps,
+                             example_ids="classes")  # labels, as /predict
         info = adapted.adaptation
         line = summary_line(info, f"{len(images)} reference(s)")
         self.last[project_id] = line

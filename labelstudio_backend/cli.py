@@ -70,6 +70,9 @@ def register(subparsers) -> None:
                        help="after each annotation, adapt the model to the project's references for at most S "
                        "seconds in the background (Label Studio's fit on webhooks; the next predictions use it "
                        "when it does better; saved in the state directory) (default: $SEGGPT_ADAPT_SECONDS, else 0: off)")
+    serve.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                       help="and for at most N steps (the learning-rate schedule spans them) "
+                       "(default: $SEGGPT_ADAPT_STEPS, else 300)")
     serve.add_argument("--state-dir", default=None, help="where project settings and references persist "
                        "(default: $SEGGPT_STATE_DIR or ~/.local/state/seggpt-labelstudio)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -109,7 +112,8 @@ def cmd_serve(args) -> int:
             label_studio_url=args.label_studio_url, api_key=args.api_key, model=args.model, device=args.device,
             dtype=args.dtype, quantize=args.quantize, basic_auth_user=args.basic_auth_user, basic_auth_pass=args.basic_auth_pass,
             max_prompts=args.max_prompts, batch_size=args.batch_size, predict_timeout=args.predict_timeout,
-            state_dir=args.state_dir, adapt_seconds=args.adapt_seconds, allowed_hosts=args.allow_host, server_names=args.server_name,
+            state_dir=args.state_dir, adapt_seconds=args.adapt_seconds, adapt_steps=args.adapt_steps,
+            allowed_hosts=args.allow_host, server_names=args.server_name,
             bind_host=args.host)
     except ValueError as exc:
         return fail(str(exc))

@@ -74,7 +74,8 @@ class Services:
         self.model_tag = None
         self.label_configs: dict[int, str] = {}  # project -> its labeling config, as /setup or /predict last gave it
         self.adaptations = ProjectAdaptations(settings.adapt_seconds, lambda: self.model(wait=24 * 3600.0),
-                                              self._load_source, settings.state_dir, self.metrics)
+                                              self._load_source, settings.state_dir, self.metrics,
+                                              steps=settings.adapt_steps)
         if model is not None:
             self._after_load(model)
 

@@ -80,6 +80,7 @@ class Settings:
     max_request_pixels: int = 1 << 27  # SEGGPT_MAX_REQUEST_PIXELS: decoded pixels one request holds at once (134 M)
     state_dir: str | None = None  # SEGGPT_STATE_DIR: project settings and references that survive restarts
     adapt_seconds: float = 0.0  # SEGGPT_ADAPT_SECONDS: adapt to a project's annotations for at most this long (0: off)
+    adapt_steps: int = 300  # SEGGPT_ADAPT_STEPS: and for at most this many steps (the learning-rate schedule spans them)
     allowed_hosts: tuple = ()  # SEGGPT_ALLOWED_HOSTS (comma-separated): private hosts that may serve task images
     server_names: tuple = ()  # SEGGPT_SERVER_NAMES (comma-separated): Host header names besides the bound address
     bind_host: str | None = None  # the address served on (set by `serve`): the Host header is checked against it
@@ -113,6 +114,7 @@ class Settings:
             max_request_pixels=_env_int("SEGGPT_MAX_REQUEST_PIXELS", 1 << 27),
             state_dir=_env("SEGGPT_STATE_DIR"),
             adapt_seconds=_env_float("SEGGPT_ADAPT_SECONDS", 0.0),
+            adapt_steps=_env_int("SEGGPT_ADAPT_STEPS", 300),
             allowed_hosts=_env_list("SEGGPT_ALLOWED_HOSTS"),
             server_names=_env_list("SEGGPT_SERVER_NAMES"),
         )
@@ -147,6 +149,8 @@ class Settings:
             problems.append(f"SEGGPT_TILE/SEGGPT_HALO: {exc}")
         if self.adapt_seconds < 0:
             problems.append(f"adapt_seconds must be >= 0 (0: no adaptation), got {self.adapt_seconds}")
+        if self.adapt_steps < 1:
+            problems.append(f"adapt_steps must be >= 1, got {self.adapt_steps}")
         if self.predict_timeout <= 0:
             problems.append(f"predict_timeout must be > 0 seconds, got {self.predict_timeout}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

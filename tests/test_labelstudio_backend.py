@@ -978,6 +978,12 @@ def test_settings_read_the_environment(monkeypatch):
     monkeypatch.setenv("SEGGPT_QUANTIZE", "int4")
     with pytest.raises(ValueError, match="SEGGPT_QUANTIZE must be int8 \\(or unset\\), got 'int4'"):
         Settings.from_env(basic_auth_pass="p")
+    monkeypatch.setenv("SEGGPT_QUANTIZE", "int8")
+    monkeypatch.setenv("SEGGPT_ADAPT_STEPS", "20")
+    assert Settings.from_env(basic_auth_pass="p").adapt_steps == 20
+    assert Settings.from_env(basic_auth_pass="p", adapt_steps=5).adapt_steps == 5  # the flag wins
+    with pytest.raises(ValueError, match="adapt_steps must be >= 1, got 0"):
+        Settings.from_env(basic_auth_pass="p", adapt_steps=0)
     monkeypatch.delenv("SEGGPT_QUANTIZE")
     with pytest.raises(ValueError, match="SEGGPT_DTYPE must be float32, bfloat16 or float16, got 'int8'"):
         Settings.from_env(basic_auth_pass="p", dtype="int8")

@@ -637,25 +637,45 @@ def test_a_large_task_past_the_deadline_is_predicted_when_opened_right_after_a_r
         _stop(restarted, grace=30)
 
 
-def test_an_annotation_in_label_studio_adapts_the_model_in_the_background(label_studio, tiles, tmp_path):
+def test_an_annotation_in_label_studio_adapts_the_model_and_the_predictions_improve(label_studio, tiles, tmp_path):
     """Issue 31, item 3: with --adapt-seconds, the annotation a person saves reaches the backend by Label
     Studio's own webhook, an adaptation runs in the background (/health and /predict answer meanwhile), and
-    the predictions after it come from the adapted model when it beat the served one on its held-out corner
-    (the backend's version says which). Whether 15 s of adaptation beats the demo model on this tile is not
-    asserted: measured on this CPU, 40 s (24 steps) did not; the unit tests fix the result instead."""
+    the predictions after it come from the adapted model, which it kept because it beat the served one on
+    its held-out corner (the backend's version says so), and they are better: the mean IoU of the six other
+    tasks against their nuclei rises (offline, the same 20 steps: 0.629 -> 0.677).
+    20 steps (--adapt-steps; the time limit generous, so the result does not depend on the machine's load)
+    on tile_0_256. That tile was chosen because adapting helps there: with each of the other tiles as the
+    reference, 20 steps were kept on 5 of 6 and lowered the other tiles' IoU on 3 of those (BENCHMARKS.md
+    section 16), so this shows the loop working, not that adapting always helps."""
     project = _new_project(label_studio, tiles, "SegGPT adapt")
     ls, project_id, names = project["ls"], project["id"], project["names"]
-    first = min(names)
+    reference = next(task for task, name in names.items() if name == "tile_0_256.png")
+    others = [task for task in sorted(names) if task != reference]
     port = _free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "adapt.log"
-    process = _serve(label_studio, log, port, "--adapt-seconds", "15", state=tmp_path / "state")
+    process = _serve(label_studio, log, port, "--adapt-seconds", "900", "--adapt-steps", "20",
+                     state=tmp_path / "state")
+
+    def predicted_iou() -> tuple[float, str]:  # (mean IoU of the other tasks' predictions, the version)
+        everything = {"all": True, "excluded": []}  # a new round: Delete Predictions, then Retrieve
+        ls.actions.create(id="delete_tasks_predictions", project=project_id, selected_items=everything)
+        ls.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items=everything)
+        ious = []
+        for task in others:
+            (prediction,) = _predictions(ls, task, "SegGPT")
+            assert prediction.result, _tail(log)
+            ious.append(_iou(_decode(prediction.result[0]), tiles[names[task]]["nuclei"]))
+        return float(np.mean(ious)), _metrics({"url": url})["last_predict"]["version"]
+
     try:
         _wait_for(f"{url}/health", process, log, 240, "the SegGPT backend", auth=BASIC)
         _wait_model_loaded(url, process, log)
         ls.ml.create(project=project_id, url=url, title="SegGPT", auth_method="BASIC_AUTH", basic_auth_user=BASIC[0],
                      basic_auth_pass=BASIC[1])
-        ls.annotations.create(id=first, result=[_brush(tiles[names[first]]["nuclei"], "Nucleus")])
-        deadline, seen_running = time.monotonic() + 180, False
+        ls.annotations.create(id=reference, result=[_brush(tiles[names[reference]]["nuclei"], "Nucleus")])
+        before, served = predicted_iou()  # the served model, while the adaptation has started beside it
+        assert "-adapted-" not in served, served
+        deadline, seen_running = time.monotonic() + 900, False
         while time.monotonic() < deadline:
             adaptation = _metrics({"url": url}).get("adaptation", {})
             if adaptation.get("running") == project_id:
@@ -669,15 +689,13 @@ def test_an_annotation_in_label_studio_adapts_the_model_in_the_background(label_
         assert str(project_id) in metrics["adaptation"]["last"], _tail(log)
         assert seen_running and metrics["counters"]["adaptations_started"] == 1
         assert metrics["counters"]["webhook_ANNOTATION_CREATED"] >= 1  # Label Studio's own webhook started it
-        kept = metrics["counters"].get("adaptations_kept", 0) == 1
-        assert kept == (tmp_path / "state" / "adapted" / f"project-{project_id}" / "adaptation.json").is_file()
-        ls.actions.create(id="retrieve_tasks_predictions", project=project_id,
-                          selected_items={"all": True, "excluded": []})
-        for task_id in sorted(names)[1:]:
-            assert _predictions(ls, task_id, "SegGPT"), _tail(log)
-        version = _metrics({"url": url})["last_predict"]["version"]
-        assert ("-adapted-" in version) == kept, version
-        print(f"adaptation: {metrics['adaptation']['last'][str(project_id)]}; predicted with {version}")
+        assert metrics["counters"].get("adaptations_kept", 0) == 1, metrics["adaptation"]["last"]
+        assert (tmp_path / "state" / "adapted" / f"project-{project_id}" / "adaptation.json").is_file()
+        after, adapted = predicted_iou()
+        assert "-adapted-" in adapted, adapted
+        assert after > before + 0.02, (before, after)
+        print(f"adaptation: {metrics['adaptation']['last'][str(project_id)]}; mean IoU of the other tasks "
+              f"{before:.3f} ({served}) -> {after:.3f} ({adapted})")
     finally:
         _stop(process, grace=30)
 
