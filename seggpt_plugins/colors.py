@@ -159,6 +159,25 @@ def decide(distance):
     return two.indices[:, 0], ((d2 - d1) / (d2 + d1).clamp_min(1e-6)).float()
 
 
+def resize_rows(maps, size: tuple[int, int], start: int, stop: int):
+    """Rows start..stop of a bilinear resize of (B, C, h, w) maps to `size`, as F.interpolate(align_corners=False)
+    would give them, without materialising the whole output (bilinear is separable)."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = maps.shape[-2:]
+    if width != size[1]:
+        maps = F.interpolate(maps, size=(height, size[1]), mode="bilinear", align_corners=False)
+    if height == size[0]:
+        return maps[:, :, start:stop]
+    y = ((torch.arange(start, stop, device=maps.device, dtype=torch.float32) + 0.5) * (height / size[0]) - 0.5)
+    y = y.clamp_min(0)
+    y0 = y.floor().long().clamp_max(height - 1)
+    y1 = (y0 + 1).clamp_max(height - 1)
+    weight = (y - y0.float()).view(1, 1, -1, 1)
+    return maps[:, :, y0] * (1 - weight) + maps[:, :, y1] * weight
+
+
 def restrict_to_neighbours(distance, confident_score: float = 0.3, radius: int = 2):
     """Keep uncertain pixels from snapping to a colour that is not around them.
 

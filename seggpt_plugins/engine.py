@@ -40,25 +40,6 @@ class EmptyPromptWarning(UserWarning):
     """A prompt mask holds no labels: there is nothing for SegGPT to propagate from it."""
 
 
-def _resize_rows(maps, size: tuple[int, int], start: int, stop: int):
-    """Rows start..stop of a bilinear resize of (B, C, h, w) maps to `size`, as F.interpolate(align_corners=False)
-    would give them, without materialising the whole output (bilinear is separable)."""
-    import torch
-    import torch.nn.functional as F
-
-    height, width = maps.shape[-2:]
-    if width != size[1]:
-        maps = F.interpolate(maps, size=(height, size[1]), mode="bilinear", align_corners=False)
-    if height == size[0]:
-        return maps[:, :, start:stop]
-    y = ((torch.arange(start, stop, device=maps.device, dtype=torch.float32) + 0.5) * (height / size[0]) - 0.5)
-    y = y.clamp_min(0)
-    y0 = y.floor().long().clamp_max(height - 1)
-    y1 = (y0 + 1).clamp_max(height - 1)
-    weight = (y - y0.float()).view(1, 1, -1, 1)
-    return maps[:, :, y0] * (1 - weight) + maps[:, :, y1] * weight
-
-
 def _example_stats(pairs, code: ColorCode, object_masks=None) -> ExampleStats:
     """The quality estimate's view of the examples: their label masks (colour masks read through the
     code) and images; with `object_masks` (the masks of examples whose ids are objects, shown as their
@@ -344,7 +325,7 @@ class SegGPT:
         and come back to the host in one copy per array, as small dtypes. The painting itself is resized
         and returned only `with_painting`.
         """
-        from .colors import color_distances, decide, restrict_to_neighbours
+        from .colors import color_distances, decide, resize_rows, restrict_to_neighbours
 
         torch = self._torch
         results = [None] * len(sizes)
@@ -359,11 +340,11 @@ class SegGPT:
             index_parts, score_parts, paint_parts = [], [], []
             for start in range(0, size[0], rows):
                 stop = min(size[0], start + rows)
-                index, score = decide(_resize_rows(distances, size, start, stop))
+                index, score = decide(resize_rows(distances, size, start, stop))
                 index_parts.append(index.to(torch.uint8))  # at most MAX_CLASSES + 1 = 125 colours
                 score_parts.append(score)
                 if with_painting:
-                    paint_parts.append(_resize_rows(group, size, start, stop).round().clamp_(0, 255).to(torch.uint8))
+                    paint_parts.append(resize_rows(group, size, start, stop).round().clamp_(0, 255).to(torch.uint8))
             index_map = torch.cat(index_parts, 1).cpu().numpy()
             score_map = torch.cat(score_parts, 1).cpu().numpy()
             painted = torch.cat(paint_parts, 2).permute(0, 2, 3, 1).cpu().numpy() if with_painting else None
@@ -423,11 +404,10 @@ class SegGPT:
             yield result.prediction
 
     def quality_models(self) -> dict:
-        """The quality estimates for these weights ("fast", "full", optionally per object), loaded once
-        (quality.models_for: the quality.json fitted for them, else the demo model's with a warning)."""
-        if self._quality_models is None:
-            from .quality import models_for
+        """The quality estimates for these weights, loaded once (quality.models_for)."""
+        from .quality import models_for
 
+        if self._quality_models is None:
             self._quality_models = models_for(self.source)
         return self._quality_models
 
