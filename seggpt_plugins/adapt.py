@@ -8,7 +8,8 @@ each flipped, cropped at a random scale and jittered in intensity, coloured with
 code or random colours. Every `eval_every` steps the held-out square is segmented through the public
 `SegGPT.segment` with the remaining regions as examples; the weights with the best held-out IoU are
 kept (the base weights count as step 0), and the run stops after `patience` evaluations without
-improvement, at `steps`, at `time_limit`, or when `cancel()` says so. Memory stays bounded: one batch
+improvement, at `steps`, at `time_limit` (steps since the last evaluation are then evaluated, past it), or
+when `cancel()` says so. Memory stays bounded: one batch
 of crops at a time and one copy of the trainable parameters (the best state).
 """
 
@@ -291,7 +292,9 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         model: the SegGPT to start from (left unchanged).
         images: example images (arrays, PIL images or paths).
         masks: their masks (label or colour masks), one per image.
-        time_limit: seconds for the whole run, evaluations included (None: no limit).
+        time_limit: seconds for the whole run, evaluations included (None: no limit). No step starts that
+            would end past it, but steps since the last evaluation are evaluated once at the end even past it
+            (one evaluation is cheap next to a step), so a run never throws away steps it has not scored.
         steps: the step cap.
         settings: the other training settings (AdaptSettings); `time_limit` and `steps` override its own.
         progress: called with an AdaptProgress after every step and every evaluation.
@@ -346,14 +349,24 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         return {name: state[name].detach().to("cpu", copy=True) for name in names}
 
     torch.manual_seed(settings.seed)
-    tick = time.monotonic()
     first = evaluate()
-    eval_seconds = time.monotonic() - tick
     best, best_step, best_state, history = first, 0, None, [{"step": 0, "held_out_iou": round(first, 4)}]
     report = lambda step, loss, score=None: progress and progress(AdaptProgress(  # noqa: E731
         step, settings.steps, loss, round(elapsed(), 2), score, best, best_step))
     report(0, None, first)
-    step, stale, loss, stopped = 0, 0, None, "steps"
+    step, stale, loss, stopped, scored = 0, 0, None, "steps", 0
+
+    def score_steps() -> None:
+        """Evaluate the weights after `step`; keep them when they beat the best."""
+        nonlocal best, best_step, best_state, stale, scored
+        score, scored = evaluate(), step
+        history.append({"step": step, "loss": round(loss, 5), "held_out_iou": round(score, 4)})
+        if score > best:
+            best, best_step, best_state, stale = score, step, snapshot(), 0
+        else:
+            stale += 1
+        report(step, loss, score)
+
     step_seconds = 0.0
     net.train()
     while step < settings.steps:
@@ -370,19 +383,12 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         step_seconds = time.monotonic() - tick
         report(step, loss)
         if step % settings.eval_every == 0 or step == settings.steps:
-            if settings.time_limit is not None and elapsed() + eval_seconds > settings.time_limit:
-                stopped = "time_limit"
-                break
-            score = evaluate()
-            history.append({"step": step, "loss": round(loss, 5), "held_out_iou": round(score, 4)})
-            if score > best:
-                best, best_step, best_state, stale = score, step, snapshot(), 0
-            else:
-                stale += 1
-            report(step, loss, score)
+            score_steps()
             if stale >= settings.patience:
                 stopped = "early_stop"
                 break
+    if stopped == "time_limit" and step > scored:  # steps since the last evaluation are scored, past the limit
+        score_steps()
     del optimizer, params
     with torch.no_grad():
         if best_state is None:  # nothing beat the base weights: give them back

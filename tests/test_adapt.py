@@ -4,6 +4,7 @@ early stopping, saved as a model directory with a new fingerprint."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -104,6 +105,8 @@ def test_adapt_stops_at_the_time_limit_and_the_step_cap(base, monkeypatch):
     timed = base.adapt([image], [mask], time_limit=12, steps=100, settings=settings)
     assert timed.adaptation["stopped"] == "time_limit"
     assert 0 < timed.adaptation["steps"] < 10
+    # the steps it ran were scored once at the end, past the limit, not thrown away unscored
+    assert [h["step"] for h in timed.adaptation["history"]] == [0, timed.adaptation["steps"]]
     capped = base.adapt([image], [mask], time_limit=None, steps=3, settings=settings)
     assert capped.adaptation["stopped"] == "steps" and capped.adaptation["steps"] == 3
 
@@ -198,6 +201,7 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
     assert code == 0, err
     info = json.loads((out / "adaptation.json").read_text())
     assert info["steps"] <= 6 and len(info["history"]) >= 2
+    assert re.search(rf"adapting: .*\| {info['steps']}/6 \[", err)  # a progress bar per step
     assert (info["held_out_iou_best"] > info["held_out_iou_before"]) == info["improved"]
     loaded = SegGPT.from_pretrained(out, device="cpu")
     base_fingerprint = SegGPT.from_pretrained("demo", device="cpu").fingerprint

@@ -72,13 +72,20 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"adapting {model} on {len(examples.images)} example(s) for at most {args.time_limit:g} s, "
           f"{args.steps} steps", file=sys.stderr)
 
-    def show(p) -> None:
-        if p.held_out_iou is not None:
-            print(f"step {p.step}/{p.steps}  {p.seconds:.0f} s  held-out IoU {p.held_out_iou:.4f} (best "
-                  f"{p.best_iou:.4f} at step {p.best_step})", file=sys.stderr)
+    from tqdm import tqdm
 
-    adapted = model.adapt(examples, None, time_limit=args.time_limit, steps=args.steps, settings=settings,
-                          progress=show)
+    with tqdm(total=args.steps, desc="adapting", unit="step", file=sys.stderr) as bar:
+        def show(p) -> None:
+            """A step moves the bar (its loss beside it); an evaluation is a line above it."""
+            bar.update(p.step - bar.n)
+            if p.loss is not None:
+                bar.set_postfix(loss=f"{p.loss:.4f}", refresh=False)
+            if p.held_out_iou is not None:
+                tqdm.write(f"step {p.step}/{p.steps}  {p.seconds:.0f} s  held-out IoU {p.held_out_iou:.4f} (best "
+                           f"{p.best_iou:.4f} at step {p.best_step})", file=sys.stderr)
+
+        adapted = model.adapt(examples, None, time_limit=args.time_limit, steps=args.steps, settings=settings,
+                              progress=show)
     adapted.save_pretrained(out, overwrite=args.overwrite)
     summary = {k: v for k, v in adapted.adaptation.items() if k not in ("settings", "history")}
     print(json.dumps(summary, indent=1))
