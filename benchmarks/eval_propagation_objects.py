@@ -28,17 +28,20 @@ from _report import model_and_args, report
 from eval_instance_examples import SAMPLES, instance_f1
 
 HOSTS = {"instance ids, CLI settings (the CLI, FiftyOne)": dict(foreground=False, memory=8, napari_range=False),
+         "instance ids as colours, CLI settings (example_ids='classes', as before)":
+             dict(foreground=False, memory=8, napari_range=False, example_ids="classes"),
          "foreground, napari settings (napari)": dict(foreground=True, memory=4, napari_range=True),
          "instance ids, napari settings (cross-check)": dict(foreground=False, memory=4, napari_range=True),
          "foreground, CLI settings (cross-check)": dict(foreground=True, memory=8, napari_range=False)}
 
 
-def propagated(model, stack, annotation, foreground: bool, memory: int, napari_range: bool) -> dict:
+def propagated(model, stack, annotation, foreground: bool, memory: int, napari_range: bool,
+               example_ids: str = "auto") -> dict:
     shown = (annotation > 0).astype(np.uint8) if foreground else annotation
     middle = len(stack) // 2
     intensity = (float(stack.min()), float(stack.max())) if napari_range else None
     return {p.index: p for p in model.propagate(stack, annotations={middle: shown}, memory=memory,
-                                                intensity_range=intensity)}
+                                                intensity_range=intensity, example_ids=example_ids)}
 
 
 def tracked(predictions: dict, annotation, depth: int, split_touching: bool) -> dict:

@@ -187,7 +187,8 @@ def _propagate(model, opts: Options, seg_type: str, codec, pool, videos: list[Vi
             results = propagate_video(model, frames, annotations, images or None, masks or None,
                                       objects=OBJECTS if codec.kind == DETECTIONS else None,
                                       memory=opts.memory, batch_size=opts.batch_size, seg_type=seg_type,
-                                      max_prompts=opts.max_prompts, ensemble=opts.ensemble)
+                                      max_prompts=opts.max_prompts, ensemble=opts.ensemble,
+                                      example_ids="classes")  # the codec's ids, as its segment runs have them
             for result in results:
                 if result.annotated:
                     continue

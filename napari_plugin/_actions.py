@@ -364,7 +364,8 @@ class Actions:
         masks, objects, note = self._examples(list(annotations.values()))
         planes = inputs.images
         options = dict(self._model_options(inputs.image), ensemble=self.form.ensemble, memory=self.form.memory,
-                       max_prompts=self.form.num_prompts, annotations=dict(zip(annotations, masks)))
+                       max_prompts=self.form.num_prompts, annotations=dict(zip(annotations, masks)),
+                       example_ids="classes")  # as _examples made them (objects: already their foreground)
 
         def work(model, _report=None):
             for pred in model.propagate(planes, **options):

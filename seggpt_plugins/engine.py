@@ -459,7 +459,8 @@ class SegGPT:
                   annotations: dict[int, Any] | None = None, max_prompts: int | None = None,
                   batch_size: int = 8, seg_type: str = "instance", intensity_range=None,
                   label_ids=None, ensemble: str = "feature", quality: str | None = "fast",
-                  memory_gate: bool = True, follow_objects: bool = True) -> Iterator[Prediction]:
+                  memory_gate: bool = True, follow_objects: bool = True,
+                  example_ids: str = "auto") -> Iterator[Prediction]:
         """Propagate masks through a stack or video; yields one Prediction per frame that is not annotated.
 
         Prompts are fixed: the given example pairs and/or `annotations` ({frame index: mask}) inside the
@@ -473,10 +474,11 @@ class SegGPT:
         When an annotated frame's ids are objects (each one connected piece), its runs follow each object by
         where it was going rather than by its painted colour (object_tracks.py): crossing objects keep their
         ids, and an object that has gone ends (its id is not painted again in that run); follow_objects=False
-        leaves the painted ids as they come.
+        leaves the painted ids as they come. example_ids: what the annotations' ids mean, as in `segment`;
+        instance labels ("auto" detects them) are shown as their foreground and followed by their tracks.
         quality: "fast" (the default) or None, as in `segment`, judged against the fixed examples.
         """
         return propagate(self, frames, prompt_images, prompt_masks, memory=memory, annotations=annotations,
                          max_prompts=max_prompts, batch_size=batch_size, seg_type=seg_type,
                          intensity_range=intensity_range, label_ids=label_ids, ensemble=ensemble, quality=quality,
-                         memory_gate=memory_gate, follow_objects=follow_objects)
+                         memory_gate=memory_gate, follow_objects=follow_objects, example_ids=example_ids)

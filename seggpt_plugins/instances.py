@@ -68,6 +68,10 @@ class Instances:
         """The same objects with their predicted IoU ({object id: quality}; ids left out keep theirs)."""
         return Instances(self.map, [replace(o, quality=qualities.get(o.id, o.quality)) for o in self.objects])
 
+    def with_classes(self, classes: dict[int, int]) -> "Instances":
+        """The same objects with their class ids mapped ({class id: new class id}; others keep theirs)."""
+        return Instances(self.map, [replace(o, class_id=classes.get(o.class_id, o.class_id)) for o in self.objects])
+
     @classmethod
     def of_map(cls, id_map: np.ndarray, scores: np.ndarray | None = None) -> "Instances":
         """The objects of a map whose ids already are objects (ids kept; each id is its own class)."""

@@ -126,6 +126,14 @@ class ObjectTracks:
                 out[region] = 0  # (a few pixels left of an object that ends)
         return out
 
+    def follow_foreground(self, labels: np.ndarray) -> np.ndarray:
+        """`follow` for a frame painted as the objects' foreground (any id non-zero): its pieces go to the
+        objects as a painting in their colours would."""
+        labels = np.asarray(labels)
+        if not self.ids:
+            return np.zeros_like(labels)
+        return self.follow(np.where(labels != 0, self.ids[0], 0).astype(np.asarray(self.ids).dtype))
+
     def end(self, label_id: int) -> None:
         """Stop following `label_id`: it is not painted again in this run."""
         self.tracks.pop(label_id, None)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (add_ensemble, add_export, add_inference, add_model, add_quality, check_model_options,
-                      check_numbers, export_options, intensity_option, load_model, prompt_ids, quality_option,
-                      require_files)
+from .options import (add_ensemble, add_example_ids, add_export, add_inference, add_model, add_quality,
+                      check_model_options, check_numbers, example_ids_option, export_options, intensity_option,
+                      load_model, prompt_ids, quality_option, require_files)
 
 
 def register(sub) -> None:
@@ -37,6 +37,7 @@ def register(sub) -> None:
     add_inference(p)
     add_ensemble(p, tiles=False)
     add_export(p, stack=True)
+    add_example_ids(p)
     add_quality(p, ["fast", "off"])
     p.set_defaults(handler=cmd_propagate)
 
@@ -48,7 +49,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import InputError
-    from ..export import CocoWriter, ReviewTable, categories_for, map_dtype
+    from ..export import CocoWriter, ReviewTable, map_dtype
     from ..images import read_image, to_mask
     from ..io import OutputSet
     from ..preflight import check_prompts, check_writable
@@ -61,6 +62,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     inputs = [args.stack, *(m for _, m in args.prompt_slice), *(p for pair in args.prompt for p in pair)]
     require_files(inputs)
     out = Path(args.out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise InputError(f"--out {out}: propagate writes a stack as one TIFF; name it .tif or .tiff")
     check_writable(out.parent)
     extra = {"coco": out.with_name(f"{out.stem}_coco.json"), "review": out.with_name(f"{out.stem}_review.jsonl")}
     outputs = OutputSet([out] + [extra["coco"]] * ("coco" in options.formats) + [extra["review"]] * options.review,
@@ -88,7 +91,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
     check_model_options(args)  # after the inputs: a bad input is named even with a bad --model
     ids = prompt_ids([*annotations.values(), *prompt_masks])
-    categories = categories_for(ids, options.names, _colours(prompt_masks, annotations)) if options.objects else {}
+    one_class = _objects_shown(args, annotations)
+    categories = _categories(ids, options, prompt_masks, annotations, one_class) if options.objects else {}
     model = load_model(args)
     labels = np.zeros(stack.shape[:3], dtype=map_dtype("labels", max(ids, default=0)))
     for z, mask in annotations.items():
@@ -97,7 +101,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                                   annotations=annotations, memory=args.memory, max_prompts=args.max_prompts,
                                   batch_size=args.batch_size, seg_type=args.seg_type,
                                   intensity_range=intensity_option(args), ensemble=args.ensemble,
-                                  quality=quality_option(args))
+                                  quality=quality_option(args), example_ids=example_ids_option(args))
     todo = depth - len(annotations)
     found, remembered = {}, 0
     for prediction in tqdm(predictions, total=todo, desc="propagating", unit="slice"):
@@ -109,6 +113,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         picture = labels
         if options.objects:
             picture, objects = _tracked_instances(found, annotations, depth, options)
+            if one_class:  # every object of the one class the annotation's ids number (example_ids.py)
+                objects = {z: o.with_classes(dict.fromkeys(ids, 1)) for z, o in objects.items()}
         if "tiff" in options.formats:
             outputs.write_tiff(out, picture)
         if "coco" in options.formats:
@@ -184,7 +190,7 @@ def _propagate_frames(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import InputError
-    from ..export import Exporter, categories_for
+    from ..export import Exporter
     from ..images import to_mask
     from ..io import OutputSet
     from ..preflight import check_prompts, check_writable
@@ -212,23 +218,26 @@ def _propagate_frames(args: argparse.Namespace) -> int:
         check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
         check_model_options(args)
         ids = prompt_ids([*annotations.values(), *prompt_masks])
-        categories = categories_for(ids, options.names, _colours(prompt_masks, annotations)) \
-            if options.objects else {}
+        one_class = _objects_shown(args, annotations)
+        categories = _categories(ids, options, prompt_masks, annotations, one_class) if options.objects else {}
         model = load_model(args)
         intensity = intensity_option(args) or stack_intensity_range(frames)
         results = propagate_video(model, frames, annotations, [i for i, _ in args.prompt], prompt_masks,
                                   objects=options.rule if options.objects else None, memory=args.memory,
                                   max_prompts=args.max_prompts, batch_size=args.batch_size, seg_type=args.seg_type,
                                   intensity_range=intensity, ensemble=args.ensemble,
-                                  quality=quality_option(args))
+                                  quality=quality_option(args), example_ids=example_ids_option(args))
         with outputs:
             exporter.open(outputs, categories, max(ids, default=0))  # annotated and predicted frames alike
             remembered = 0
             with _FrameMaps(out if args.overlay else None) as maps:
                 for result in tqdm(results, total=len(frames), desc="propagating", unit="frame"):
                     remembered += bool(result.prediction.joined_memory)
+                    instances = result.instances
+                    if one_class and instances is not None:
+                        instances = instances.with_classes(dict.fromkeys(ids, 1))
                     exporter.write(frames.indices.index(result.index), result.prediction,
-                                   f"{Path(args.stack).name}#frame{result.index}", result.instances,
+                                   f"{Path(args.stack).name}#frame{result.index}", instances,
                                    frame=result.index, time=round(result.time, 4), annotated=result.annotated,
                                    model=model.source)
                     maps.put(result.index, result.prediction.labels if options.output == "labels"
@@ -242,6 +251,26 @@ def _propagate_frames(args: argparse.Namespace) -> int:
           f"{len(annotations)} annotated; {', '.join(options.formats)})" + ("; overlay.mp4" if args.overlay else "")
           + _memory_note(args.memory, remembered, len(frames) - len(annotations), "frames"))
     return 0
+
+
+def _objects_shown(args: argparse.Namespace, annotations: dict) -> bool:
+    """Whether the annotated slices' ids number objects of one class (--example-ids; example_ids.py): then
+    propagate shows them as their foreground and the objects are of one category, `object`."""
+    from ..example_ids import ids_are_objects
+
+    if not annotations or args.prompt:
+        return False
+    return ids_are_objects(list(annotations.values()), example_ids_option(args))
+
+
+def _categories(ids, options, prompt_masks: list, annotations: dict, one_class: bool) -> dict:
+    """The COCO categories: one, `object` (or --label-names' id 1), when the ids number objects; else one
+    per id."""
+    from ..export import categories_for
+
+    if one_class:
+        return categories_for([1], options.names, objects=True)
+    return categories_for(ids, options.names, _colours(prompt_masks, annotations))
 
 
 def _memory_note(memory: int, remembered: int, predicted: int, unit: str) -> str:
