@@ -644,9 +644,10 @@ def test_an_annotation_in_label_studio_adapts_the_model_and_the_predictions_impr
     its held-out corner (the backend's version says so), and they are better: the mean IoU of the six other
     tasks against their nuclei rises (offline, the same 20 steps: 0.629 -> 0.677).
     20 steps (--adapt-steps; the time limit generous, so the result does not depend on the machine's load)
-    on tile_0_256. That tile was chosen because adapting helps there: with each of the other tiles as the
-    reference, 20 steps were kept on 5 of 6 and lowered the other tiles' IoU on 3 of those (BENCHMARKS.md
-    section 16), so this shows the loop working, not that adapting always helps."""
+    on tile_0_256. That tile was chosen because adapting helps there: with each of the seven tiles as the
+    reference in turn, 20 steps were kept for 5 and lowered the other tiles' IoU for 2 of those (BENCHMARKS.md
+    section 16, eval_adapt.py --every-reference), so this shows the loop working, not that adapting always
+    helps."""
     project = _new_project(label_studio, tiles, "SegGPT adapt")
     ls, project_id, names = project["ls"], project["id"], project["names"]
     reference = next(task for task, name in names.items() if name == "tile_0_256.png")
