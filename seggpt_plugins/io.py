@@ -28,6 +28,16 @@ def current_umask() -> int:
     return mask
 
 
+def umask_modes(folder) -> None:
+    """Give `folder` and everything in it the modes the umask gives new files and folders (libraries such as
+    safetensors write 0600)."""
+    mask = current_umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_write(path, write: Callable[[str], None], overwrite: bool = False) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`.
 

@@ -24,13 +24,17 @@ def checked_out_dir(out_dir: str | os.PathLike, overwrite: bool, error: type[Exc
 
 def write_model_dir(net, out_dir: Path, extra_json: dict[str, dict] | None = None) -> Path:
     """Write `net` (a transformers model) and the `extra_json` files ({name: content}) to `out_dir`,
-    replacing what is there: written to a hidden sibling first, then renamed into place."""
+    replacing what is there: written to a hidden sibling first, then renamed into place; every file gets the
+    modes the umask gives (transformers writes the weights 0600)."""
+    from .io import umask_modes
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.part")
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(tmp)
     for name, content in (extra_json or {}).items():
         (tmp / name).write_text(json.dumps(content, indent=1, default=str) + "\n")
+    umask_modes(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

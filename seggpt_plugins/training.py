@@ -309,12 +309,16 @@ def train(out_dir: str | os.PathLike, net=None, config="demo", data=None, settin
 
 
 def export(net, out_dir: Path, half: bool = False) -> Path:
-    """save_pretrained (safetensors); `half` stores float16 weights (loaded back as float32)."""
+    """save_pretrained (safetensors), the files with the umask's modes; `half` stores float16 weights (loaded
+    back as float32)."""
     import copy
+
+    from .io import umask_modes
 
     out_dir = Path(out_dir)
     clone = copy.deepcopy(net).cpu()
     if half:
         clone = clone.half()
     clone.save_pretrained(out_dir)
+    umask_modes(out_dir)
     return out_dir

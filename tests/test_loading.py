@@ -68,6 +68,23 @@ def test_save_pretrained_directory_round_trip(net64, tmp_path):
     assert np.array_equal(paint_once(a), paint_once(b))
 
 
+def test_saved_model_folders_get_the_umask_modes(net64, tmp_path):
+    """transformers writes model.safetensors 0600; every file of a saved model folder gets the umask's modes."""
+    import os
+
+    from seggpt_plugins.training import export
+
+    old = os.umask(0o027)
+    try:
+        folders = [SegGPT(net64, device="cpu").save_pretrained(tmp_path / "saved"), export(net64, tmp_path / "run")]
+    finally:
+        os.umask(old)
+    for folder in folders:
+        assert os.stat(folder).st_mode & 0o777 == 0o750
+        modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
 def test_painter_checkpoint_loads_with_inferred_config(painter_net, tmp_path):
     torch.save({"model": to_painter_state(painter_net)}, tmp_path / "seggpt_small.pth")
     loaded = load_network(tmp_path / "seggpt_small.pth")
