@@ -37,7 +37,15 @@ class Category:
     thing: bool = True  # things get one id per object; stuff stays one region per class (panoptic)
 
 
-def load_label_names(path) -> dict[int, Category]:
+class LabelNames(dict):
+    """{label id: Category} read from a file (`path`), so errors about the names can name it."""
+
+    def __init__(self, names: dict[int, Category], path: Path) -> None:
+        super().__init__(names)
+        self.path = path
+
+
+def load_label_names(path) -> LabelNames:
     """Class names from a file: JSON or YAML ({"1": "nucleus"} or {"1": {"name": "sky", "thing": false}}),
     or text, one class a line: `ID NAME [thing|stuff]`. InputError names the file and line at fault."""
     path = Path(path)
@@ -92,20 +100,27 @@ def load_label_names(path) -> dict[int, Category]:
         names[label_id] = Category(label_id, value["name"].strip(), bool(thing))
     if not names:
         raise InputError(f"{path}: names no class")
-    return names
+    return LabelNames(names, path)
 
 
 def categories_for(ids, names: dict[int, Category] | None, colors: dict | None = None,
-                   objects: bool = False) -> dict[int, Category]:
+                   objects: bool = False, instance_like: bool = False) -> dict[int, Category]:
     """A category per label id: the given names (--label-names, which must cover every id), else a name that
     says where the id came from: `label <id>` (the value the example masks mark it with, e.g. `label 255`
     for a 0/255 mask), the colour `#rrggbb` of colour masks (`colors`: {id: (r, g, b)}), or `object` when
-    the examples' ids numbered objects (`objects`: shown as one class, example_ids.py)."""
+    the examples' ids numbered objects (`objects`: shown as one class, example_ids.py). `instance_like`:
+    the example masks look instance-labelled, so names that miss ids suggest `--example-ids instances`."""
     ids = sorted(int(i) for i in ids if int(i) != 0)
     if names:
         missing = [i for i in ids if i not in names]
         if missing:
-            raise InputError(f"--label-names names no class for label id(s) {missing[:10]} found in the prompts")
+            source = f"{names.path} (--label-names)" if isinstance(names, LabelNames) else "--label-names"
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            hint = ("; the example masks look instance-labelled (many ids, each one object): pass --example-ids "
+                    "instances to show their objects as one class, named by id 1" if instance_like and not objects
+                    else "")
+            raise InputError(f"{source}: no name for label id(s) {missing[:10]}{more} found in the example masks"
+                             f"{hint}")
         return {i: names[i] for i in ids}
     if objects:
         return {i: Category(i, "object") for i in ids}

@@ -118,6 +118,26 @@ def test_checks_before_the_model_loads(folder, capsys, monkeypatch, engine, case
     assert time.monotonic() - started < 60  # a guard against a hang only, not a timing claim
 
 
+@pytest.mark.parametrize("engine", [[], ["--engine", "local"]])
+def test_label_names_missing_instance_ids_name_the_file_and_suggest_instances(folder, capsys, monkeypatch, engine):
+    """An instance-labelled example with --label-names (which reads its ids as classes): the one line names the
+    names file and suggests --example-ids instances (was: '--label-names names no class for label id(s)')."""
+    monkeypatch.setattr(segment_command, "load_model", _refuse_model)
+    monkeypatch.setattr("seggpt_plugins.scale.predictor.SegGPTPredictor.__init__", _refuse_model)
+    objects = np.zeros((64, 64), np.uint8)
+    for k in range(8):  # eight nuclei apart, each its own id
+        objects[4 + 30 * (k // 4):16 + 30 * (k // 4), 4 + 15 * (k % 4):14 + 15 * (k % 4)] = k + 1
+    Image.fromarray(objects).save(folder / "objects.png")
+    (folder / "names.txt").write_text("1 nucleus\n")
+    code = main(["segment", str(folder / "in"), "--prompt", str(folder / "ex.png"), str(folder / "objects.png"),
+                 "--out", str(folder / "out"), "--model", "demo", "--device", "cpu", "--output", "instances",
+                 "--label-names", str(folder / "names.txt"), *engine])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{folder / 'names.txt'} (--label-names): no name for label id(s) [2, 3, 4, 5, 6, 7, 8]" in err, err
+    assert "look instance-labelled" in err and "--example-ids instances" in err, err
+
+
 def test_propagate_refuses_an_all_background_annotation_before_the_model(tmp_path, capsys, monkeypatch):
     import tifffile
 

@@ -68,6 +68,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import InputError
+    from ..example_ids import instance_labelled
     from ..export import Exporter, categories_for
     from ..images import display_colors, overlay, to_mask
     from ..instances import ObjectRule
@@ -116,8 +117,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     overlays = [out / f"{stem}_overlay.png" for stem in stems] if args.overlay else []
     scores = [out / f"{stem}_scores.tif" for stem in stems] if args.scores else []
     outputs = OutputSet(exporter.paths() + overlays + scores, inputs=[*files, *prompt_files], overwrite=args.overwrite)
-    if options.objects:
-        categories_for(shown_ids, options.names)  # names checked before the model loads
+    if options.objects:  # names checked before the model loads
+        categories_for(shown_ids, options.names, instance_like=bool(options.names) and instance_labelled(prompt_masks))
     model = load_model(args)
     prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
                                     intensity_option(args), ensemble=args.ensemble, tile=tile,

@@ -103,8 +103,8 @@ def run(sources: Iterable[str], prompts=(), out: str = "", *, tuned_prompts=(), 
     check_out_of_inputs(out, sources)
     if not is_url(out):
         check_writable(out)
-    ids, colors, objects = _checked_examples(prompts, tuned_prompts, example_ids)
-    categories = categories_for(ids, options.names, colors, objects) if options.objects else {}
+    ids, colors, objects, instance_like = _checked_examples(prompts, tuned_prompts, example_ids)
+    categories = categories_for(ids, options.names, colors, objects, instance_like) if options.objects else {}
     examples = [path for pair in prompts for path in pair]  # never targets, even inside a target folder
     predictor_kwargs = dict(prompts=prompts, tuned_prompts=[str(t) for t in tuned_prompts], model=str(model),
                             device=device, dtype=dtype, quantize=quantize, threads=threads, most_similar=most_similar,
@@ -149,17 +149,19 @@ def _model_source(model) -> str:
     return os.path.abspath(source) if os.path.exists(source) else source
 
 
-def _checked_examples(prompts, tuned_prompts, example_ids: str = "auto") -> tuple[list[int], dict | None, bool]:
-    """(the prompts' label ids, {id: colour} for colour masks or None, whether the ids number objects), the
-    example pairs checked first (preflight.check_prompts: readable, one size per pair, ids the colour prompt
-    keeps apart, some foreground), before any model work: what export.categories_for names them by."""
-    from ..example_ids import ids_are_objects
+def _checked_examples(prompts, tuned_prompts, example_ids: str = "auto") -> tuple[list[int], dict | None, bool,
+                                                                                  bool]:
+    """(the prompts' label ids, {id: colour} for colour masks or None, whether the ids number objects, whether
+    the masks look instance-labelled), the example pairs checked first (preflight.check_prompts: readable, one
+    size per pair, ids the colour prompt keeps apart, some foreground), before any model work: what
+    export.categories_for names them by."""
+    from ..example_ids import ids_are_objects, instance_labelled
     from ..images import to_mask
     from ..prompts import TunedPrompt
     from .predictor import decode
 
     if tuned_prompts:
-        return [int(i) for i in TunedPrompt.load(tuned_prompts[0]).code.ids], None, False
+        return [int(i) for i in TunedPrompt.load(tuned_prompts[0]).code.ids], None, False, False
     images, masks = [], []
     for image, mask in prompts:
         try:
@@ -170,7 +172,7 @@ def _checked_examples(prompts, tuned_prompts, example_ids: str = "auto") -> tupl
     code = check_prompts(images, masks, example_ids=example_ids)
     colour_masks = bool(masks) and masks[0].ndim == 3
     return ([int(i) for i in code.ids], code.as_dict() if colour_masks else None,
-            bool(masks) and ids_are_objects(masks, example_ids))
+            bool(masks) and ids_are_objects(masks, example_ids), instance_labelled(masks))
 
 
 def _claim(store: Store, settings: dict, overwrite: bool) -> None:
