@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -109,13 +110,54 @@ def check_writable(folder) -> None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise InputError(f"{folder}: cannot write there ({probe}: {exc.strerror or exc})") from None
+        raise InputError(f"{folder}: cannot write there: {_why_not_writable(probe, exc)}") from None
     if probe != folder:
         try:  # a folder that cannot be made (e.g. under /proc) fails here rather than after the model
             trial = Path(tempfile.mkdtemp(prefix=".seggpt-probe-", dir=probe))
             trial.rmdir()
         except OSError as exc:
-            raise InputError(f"{folder}: cannot be created ({probe}: {exc.strerror or exc})") from None
+            raise InputError(f"{folder}: cannot be created: {_why_not_writable(probe, exc)}") from None
+
+
+PSEUDO_FILESYSTEMS = {"proc", "sysfs", "devtmpfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                      "configfs", "pstore", "bpf", "efivarfs"}
+
+
+def _why_not_writable(folder: Path, exc: OSError) -> str:
+    """Why files cannot be created in the existing `folder`, for people (its errno read plainly: /proc
+    answers 'No such file or directory', which misleads)."""
+    import errno
+
+    fs = _filesystem_type(folder)
+    if fs in PSEUDO_FILESYSTEMS:
+        return f"{folder} is on a {fs} pseudo-filesystem, where files cannot be created"
+    if exc.errno == errno.EROFS:
+        return f"{folder} is on a read-only filesystem"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"you have no permission to create files in {folder}"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device of {folder}"
+    if exc.errno == errno.ENOENT:
+        return f"{folder} does not accept new files" + (f" (a {fs} filesystem)" if fs else "")
+    return f"{folder}: {exc.strerror or exc}"
+
+
+def _filesystem_type(folder: Path) -> str | None:
+    """The type of the filesystem `folder` is on, from /proc/self/mounts (None where that cannot be read)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    resolved, best, kind = str(Path(folder).resolve()), "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # a space is \040
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
 
 
 def input_folders(sources: Iterable[str]) -> list[Path]:

@@ -85,7 +85,7 @@ def _refuse_model(*args, **kwargs):
     ("many labels", "more than the 124"),
     ("empty example", "an empty file (0 bytes)"),
     ("background only", "every example mask is all background"),
-    ("proc out", "cannot"),
+    ("proc out", "cannot write there: /proc is on a proc pseudo-filesystem"),  # (was 'No such file')
     ("threads 0", "--threads must be a whole number >= 1"),
 ])
 def test_checks_before_the_model_loads(folder, capsys, monkeypatch, engine, case, message):
