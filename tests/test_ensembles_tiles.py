@@ -218,6 +218,20 @@ def test_bad_tile_settings_are_refused(model64, rng):
             model64.segment(image, image, mask, tile=tile, halo=halo)
 
 
+def test_cli_tile_0_is_no_tiling_as_in_every_host():
+    """--tile 0 is off, as 0 is in napari's Tile, SEGGPT_TILE and FiftyOne's tile (was 'a 0x0 tile ... leaves
+    no core'); 0 beside a size is refused, saying so."""
+    from argparse import Namespace
+
+    from seggpt_plugins.cli.options import tile_option
+
+    assert tile_option(Namespace(tile=["0"], halo=32)) is None
+    assert tile_option(Namespace(tile=["0", "0"], halo=32)) is None
+    assert tile_option(Namespace(tile=["256"], halo=32)) == (256, 256)
+    with pytest.raises(InputError, match="0 is not a size; --tile 0 alone turns tiling off"):
+        tile_option(Namespace(tile=["0", "256"], halo=32))
+
+
 def test_cli_tiles_a_large_image_at_the_examples_scale(tmp_path, nuclei2d):
     """The full 512x512 nuclei image with a 128x128 example: tiled (--tile auto) it is segmented at the
     example's scale; downscaled to the demo model's 128x128 canvas, the nuclei vanish."""

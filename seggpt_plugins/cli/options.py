@@ -44,7 +44,8 @@ def add_ensemble(parser: argparse.ArgumentParser, tiles: bool = True) -> None:
         group.add_argument("--tile", nargs="+", default=None, metavar="PIXELS",
                            help="cut large targets into tiles: H W, one size for both, or 'auto' (six object "
                                 "diameters of the examples); larger examples are cut to their most labelled "
-                                "tile, so both are seen at one scale")
+                                "tile, so both are seen at one scale. 0 (the default): no tiling, targets are "
+                                "resized to the model's canvas")
         group.add_argument("--halo", type=int, default=32, help="overlap of neighbouring tiles, pixels (default: 32)")
 
 
@@ -128,7 +129,7 @@ def require_files(paths) -> None:
 
 
 def tile_option(args: argparse.Namespace):
-    """--tile as segment() takes it, checked before any work."""
+    """--tile as segment() takes it, checked before any work; 0 is no tiling, as in every host's settings."""
     from ..ensembles import tile_size
     from ..errors import InputError
 
@@ -139,9 +140,13 @@ def tile_option(args: argparse.Namespace):
     try:
         numbers = [int(v) for v in args.tile]
     except ValueError:
-        raise InputError(f"--tile takes H W, one size, or 'auto'; got {' '.join(args.tile)}") from None
+        raise InputError(f"--tile takes H W, one size, 'auto' or 0 (no tiling); got {' '.join(args.tile)}") from None
     if len(numbers) not in (1, 2):
-        raise InputError(f"--tile takes H W, one size, or 'auto'; got {' '.join(args.tile)}")
+        raise InputError(f"--tile takes H W, one size, 'auto' or 0 (no tiling); got {' '.join(args.tile)}")
+    if not any(numbers):
+        return None
+    if 0 in numbers:
+        raise InputError(f"--tile {' '.join(args.tile)}: 0 is not a size; --tile 0 alone turns tiling off")
     return tile_size(tuple(numbers * 2 if len(numbers) == 1 else numbers), args.halo)
 
 
