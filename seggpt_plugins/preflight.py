@@ -70,7 +70,7 @@ def unreadable(paths: Iterable) -> dict[str, str]:
 
 
 def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Sequence[np.ndarray] = (),
-                  example_ids: str = "classes") -> ColorCode:
+                  example_ids: str = "classes", mask_names: Sequence | None = None) -> ColorCode:
     """The colour code of example pairs, checked: each image readable and of its mask's size, the ids few
     enough for the colour prompt, and some foreground in at least one mask.
 
@@ -79,6 +79,7 @@ def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Se
         masks: their masks, read already (images.to_mask).
         annotations: masks of annotated frames or slices of the target itself (their size checked already).
         example_ids: what the masks' ids mean (example_ids.py): ids that are objects are one class.
+        mask_names: the masks' files, named beside the image's in a size error.
     """
     for k, (image, mask) in enumerate(zip(images, masks)):
         if isinstance(image, (str, os.PathLike)):
@@ -86,7 +87,8 @@ def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Se
         else:
             height, width = np.asarray(image).shape[:2]
         if mask.shape[:2] != (height, width):
-            raise InputError(f"prompt {k} ({image}): mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+            which = f"{image}, mask {mask_names[k]}" if mask_names else f"{image}"
+            raise InputError(f"prompt {k} ({which}): mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                              f"size {width}x{height} (width x height)")
     if masks and ids_are_objects(masks, example_ids):
         masks = [foreground(mask) for mask in masks]

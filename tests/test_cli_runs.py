@@ -81,7 +81,7 @@ def _refuse_model(*args, **kwargs):
 
 @pytest.mark.parametrize("engine", [[], ["--engine", "local"]])
 @pytest.mark.parametrize("case, message", [
-    ("small mask", "mask size 32x32 differs from its image size 64x64"),
+    ("small mask", "small.png): mask size 32x32 differs from its image size 64x64"),  # the mask named too
     ("many labels", "more than the 124"),
     ("empty example", "an empty file (0 bytes)"),
     ("background only", "every example mask is all background"),

@@ -94,7 +94,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     shown_ids = []  # the ids the examples are shown with (instance ids are one class: example_ids.py)
     if args.prompt:
         shown_ids = [int(i) for i in check_prompts([image for image, _ in args.prompt], prompt_masks,
-                                                   example_ids=example_ids_option(args)).ids]
+                                                   example_ids=example_ids_option(args),
+                                                   mask_names=[mask for _, mask in args.prompt]).ids]
     targets = _expand_targets(args.targets, exclude=prompt_files)
     require_files([f for f, _ in targets])
     exporter = Exporter(out, [stem for _, stem in targets], options)

@@ -169,7 +169,7 @@ def _checked_examples(prompts, tuned_prompts, example_ids: str = "auto") -> tupl
             images.append(decode(read_bytes(image), image) if is_url(image) else image)
         except OSError as exc:
             raise InputError(f"--prompt {image} {mask}: cannot be read ({exc})") from None
-    code = check_prompts(images, masks, example_ids=example_ids)
+    code = check_prompts(images, masks, example_ids=example_ids, mask_names=[mask for _, mask in prompts])
     colour_masks = bool(masks) and masks[0].ndim == 3
     return ([int(i) for i in code.ids], code.as_dict() if colour_masks else None,
             bool(masks) and ids_are_objects(masks, example_ids), instance_labelled(masks))
