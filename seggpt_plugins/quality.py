@@ -325,9 +325,12 @@ def models_for(source: str | None) -> dict[str, QualityModel]:
     if path is not None:
         return load_models(path)
     if source:  # weights loaded from somewhere (a network built in memory has nowhere to keep one)
+        folder = Path(source).is_dir()
+        out = Path(source) / QUALITY_FILE if folder else QUALITY_FILE
+        where = "read beside the weights" if folder else f"then point ${QUALITY_ENV} at it"
         warnings.warn(f"the quality estimate was fitted for the demo model, not for {source}: its ranking holds "
-                      f"better than its scale; fit one with `seggpt fit-quality --model {source}` (quality.json "
-                      f"beside the weights, or ${QUALITY_ENV})", UncalibratedQualityWarning, stacklevel=3)
+                      f"better than its scale; fit one with `seggpt fit-quality --model {source} --out {out}` "
+                      f"({where})", UncalibratedQualityWarning, stacklevel=3)
     return load_models(SHIPPED)
 
 

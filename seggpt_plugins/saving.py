@@ -69,11 +69,12 @@ def save_model(model, out_dir: str | os.PathLike, overwrite: bool = False) -> Pa
 
 def inherited_quality(path: Path, adaptation: dict) -> dict:
     """The quality.json of an adapted model: the estimate fitted for the weights it was adapted from, saying
-    so (its ranking carries over; fit one of its own with `seggpt fit-quality --model DIR`)."""
+    so (its ranking carries over; fit one of its own with `seggpt fit-quality --model DIR --out DIR/quality.json`)."""
     from .quality import load_models, models_document
 
     fitted_on = json.loads(Path(path).read_text()).get("fitted_on", "")
     base = adaptation.get("base_model") or "its base model"
     return models_document(load_models(path), f"inherited from {base}, which this model was adapted from "
                                               f"(adaptation.json), where it was fitted on: {fitted_on}; fit one "
-                                              "for these weights with `seggpt fit-quality --model DIR`")
+                                              "for these weights with `seggpt fit-quality --model DIR --out "
+                                              "DIR/quality.json`")

@@ -1,6 +1,7 @@
 """The quality estimate (predicted IoU): its features, its calibration, and its use by segment/propagate."""
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -168,6 +169,10 @@ def test_which_estimate_a_model_gets(tmp_path, monkeypatch):
     assert models_for(str(tmp_path))["fast"].bias == pytest.approx(shipped["fast"].bias + 1.0)
     with pytest.warns(UncalibratedQualityWarning, match="fit-quality"):
         models_for(str(tmp_path / "elsewhere"))
+    (tmp_path / "weights").mkdir()  # a model folder without its own: the whole command, --out included
+    with pytest.warns(UncalibratedQualityWarning, match=re.escape(
+            f"`seggpt fit-quality --model {tmp_path / 'weights'} --out {tmp_path / 'weights' / 'quality.json'}`")):
+        models_for(str(tmp_path / "weights"))
     monkeypatch.setenv("SEGGPT_QUALITY_MODEL", str(tmp_path / "quality.json"))
     assert models_for("demo")["fast"].bias == pytest.approx(shipped["fast"].bias + 1.0)
 
