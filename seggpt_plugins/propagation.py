@@ -56,7 +56,6 @@ class Run:
     memory: deque = field(default_factory=deque)  # (image, mask) model-size tensors of recent predictions
     left_out: int = 0  # predicted frames kept out of the memory (their painted share far from the examples')
     tracks: Any = None  # object_tracks.ObjectTracks: the origin's objects, when its ids are objects
-    objects: bool = False  # its objects are shown as their foreground (one class) and followed by their tracks
 
     @property
     def done(self) -> bool:
@@ -157,7 +156,6 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
         run.memory = deque(maxlen=memory)
         if follow_objects and run.origin is not None:
             run.tracks = _object_tracks(annotation_masks[run.origin])
-        run.objects = objects
 
     # each step, the next frame of every run still going: one Target each, with its run's prompts
     runner = Runner(model, None, batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range,
@@ -166,7 +164,7 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
         active = [run for run in runs if not run.done]
         if not active:
             return
-        step = [_next_target(run, frames, memory_gate) for run in active]
+        step = [_next_target(run, frames, memory_gate, objects) for run in active]
         for run, result in zip(active, runner.run(step, errors="raise")):
             prediction = result.prediction
             prediction.index = result.key
@@ -184,12 +182,13 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             yield prediction
 
 
-def _next_target(run: Run, frames: Sequence, gated: bool) -> Target:
-    """The run's next frame with its prompts: the fixed ones and the memory (and its object tracks)."""
+def _next_target(run: Run, frames: Sequence, gated: bool, objects: bool) -> Target:
+    """The run's next frame with its prompts: the fixed ones and the memory (and its object tracks, which
+    read a frame painted as the objects' foreground when `objects`)."""
     index = run.frames[run.position]
     relabel = None
     if run.tracks is not None:
-        relabel = run.tracks.follow_foreground if run.objects else run.tracks.follow
+        relabel = run.tracks.follow_foreground if objects else run.tracks.follow
     return Target(key=index, image=lambda: frames[index], name=f"frame {index}",
                   prompts=_with_memory(run, gated), relabel=relabel)
 

@@ -39,37 +39,44 @@ def test_a_core_taken_from_six_tenths_on_and_one_thread_at_least(tmp_path, other
     assert ThreadGovernor(4, [0], tmp_path).wanted(others) == threads
 
 
-def test_the_governor_sets_torch_threads_at_most_once_a_second_and_restores_them(tmp_path, monkeypatch):
+@pytest.fixture
+def clocked(tmp_path, monkeypatch):
+    """(a ThreadGovernor of 2 CPUs over a fake /proc, made at time 0, the clock [now] it reads); torch's
+    threads are put back afterwards."""
     import torch
 
     before = torch.get_num_threads()
     fake_proc(tmp_path, {0: 0, 1: 0}, ours=0)
     now = [0.0]
     monkeypatch.setattr(cpu_share.time, "monotonic", lambda: now[0])
-    governor = ThreadGovernor(2, [0, 1], tmp_path)
-    try:
-        now[0] = 2.0
-        fake_proc(tmp_path, {0: 2 * governor.share.tick, 1: 0}, ours=0)  # another process on one core
-        assert governor.adjust() == 1 and torch.get_num_threads() == 1
-        torch.set_num_threads(2)  # something else in the process changes them: put back
-        now[0] = 2.5
-        assert governor.adjust() == 1 and torch.get_num_threads() == 1
-        now[0] = 4.0  # the other process has stopped
-        assert governor.adjust() == 2 and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    yield ThreadGovernor(2, [0, 1], tmp_path), now
+    torch.set_num_threads(before)
+
+
+def test_the_governor_sets_torch_threads_at_most_once_a_second_and_restores_them(tmp_path, clocked):
+    import torch
+
+    governor, now = clocked
+    now[0] = 2.0
+    fake_proc(tmp_path, {0: 2 * governor.share.tick, 1: 0}, ours=0)  # another process on one core
+    assert governor.adjust() == 1 and torch.get_num_threads() == 1
+    torch.set_num_threads(2)  # something else in the process changes them: put back
+    now[0] = 2.5
+    assert governor.adjust() == 1 and torch.get_num_threads() == 1
+    now[0] = 4.0  # the other process has stopped
+    assert governor.adjust() == 2 and torch.get_num_threads() == 2
 
 
 def test_a_spinning_process_is_seen_on_this_machine():
     """Real /proc: a process spinning on a core for 1.5 s is at least 0.6 of a core of other work."""
-    share = cpu_share.thread_governor(len(__import__("os").sched_getaffinity(0)))
-    if share is None:
+    governor = cpu_share.thread_governor(len(__import__("os").sched_getaffinity(0)))
+    if governor is None:
         pytest.skip("no /proc/stat, or a CPU quota below the CPUs this process may use")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        share.share.others()
+        governor.share.others()
         time.sleep(1.5)
-        assert share.share.others() >= 0.6
+        assert governor.share.others() >= 0.6
     finally:
         spinner.kill()
         spinner.wait()
@@ -85,15 +92,9 @@ def test_threads_are_auto_unless_a_number_is_given(monkeypatch):
     assert not threads_are_auto(None)
 
 
-def test_a_stale_reading_is_taken_afresh_over_a_short_wait(tmp_path, monkeypatch):
+def test_a_stale_reading_is_taken_afresh_over_a_short_wait(tmp_path, monkeypatch, clocked):
     """Long after the last reading, the share is read over FRESH_S now, not averaged since then."""
-    import torch
-
-    before = torch.get_num_threads()
-    fake_proc(tmp_path, {0: 0, 1: 0}, ours=0)
-    now = [0.0]
-    monkeypatch.setattr(cpu_share.time, "monotonic", lambda: now[0])
-    governor = ThreadGovernor(2, [0, 1], tmp_path)
+    governor, now = clocked
     tick = governor.share.tick
 
     def wait(seconds):  # another process has just started and takes a whole core while we wait
@@ -102,7 +103,4 @@ def test_a_stale_reading_is_taken_afresh_over_a_short_wait(tmp_path, monkeypatch
 
     now[0] = 100.0  # 100 s quiet since the last reading: averaged since then, the share would be ~0
     monkeypatch.setattr(cpu_share.time, "sleep", wait)
-    try:
-        assert governor.adjust() == 1
-    finally:
-        torch.set_num_threads(before)
+    assert governor.adjust() == 1
