@@ -37,7 +37,7 @@ SNAP_CHUNK_PIXELS = 1 << 22  # snap at most 4 M pixels at a time (bounds memory 
 
 
 class EmptyPromptWarning(UserWarning):
-    """A prompt mask holds no labels: there is nothing for SegGPT to propagate from it."""
+    """A prompt mask holds no labels: that example shows the model only background."""
 
 
 def _example_stats(pairs, code: ColorCode, object_masks=None) -> ExampleStats:
@@ -230,7 +230,7 @@ class SegGPT:
                 raise InputError(f"{name}: mask size {mask_arr.shape[1]}x{mask_arr.shape[0]} differs from its image "
                                  f"size {rgb.shape[1]}x{rgb.shape[0]} (width x height)")
             if not np.any(mask_arr):
-                warnings.warn(f"{name}: the mask is all background: nothing to propagate from it",
+                warnings.warn(f"{name}: the mask is all background (no label id > 0): this example shows only background",
                               EmptyPromptWarning, stacklevel=3)
             pairs.append((rgb, mask_arr, name))
         objects = not tuned and bool(pairs) and ids_are_objects([m for _, m, _ in pairs], example_ids)

@@ -154,6 +154,36 @@ def test_propagate_refuses_an_all_background_annotation_before_the_model(tmp_pat
     assert "/proc/seggpt: cannot" in capsys.readouterr().err
 
 
+def test_propagate_names_the_mask_file_and_suggests_instances_before_the_model(tmp_path, capsys, monkeypatch):
+    """propagate's checks say what segment's say: a wrong-size --prompt mask names its file, and --label-names
+    that miss the ids of an instance-labelled slice read as classes suggest --example-ids instances."""
+    import tifffile
+
+    from seggpt_plugins.cli import propagate as propagate_command
+
+    monkeypatch.setattr(propagate_command, "load_model", _refuse_model)
+    tifffile.imwrite(tmp_path / "stack.tif", np.random.default_rng(0).integers(0, 255, (5, 64, 64), dtype=np.uint8))
+    objects = np.zeros((64, 64), np.uint8)
+    for k in range(8):  # eight nuclei apart, each its own id
+        objects[4 + 30 * (k // 4):16 + 30 * (k // 4), 4 + 15 * (k % 4):14 + 15 * (k % 4)] = k + 1
+    Image.fromarray(objects).save(tmp_path / "z2.png")
+    Image.fromarray(objects[:32, :32]).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "ex.png")
+    (tmp_path / "names.txt").write_text("1 nucleus\n")
+    args = ["propagate", str(tmp_path / "stack.tif"), "--out", str(tmp_path / "labels.tif"), "--model", "demo",
+            "--device", "cpu"]
+    assert main([*args, "--prompt", str(tmp_path / "ex.png"), str(tmp_path / "small.png")]) == 2
+    err = capsys.readouterr().err
+    assert "small.png): mask size 32x32 differs from its image size 64x64" in err and len(err.strip().splitlines()) == 1
+    slice_args = [*args, "--prompt-slice", "2", str(tmp_path / "z2.png"), "--output", "instances",
+                  "--label-names", str(tmp_path / "names.txt")]
+    assert main([*slice_args, "--example-ids", "classes"]) == 2
+    err = capsys.readouterr().err
+    assert "names.txt (--label-names): no name for label id(s) [2, 3, 4, 5, 6, 7, 8]" in err, err
+    assert "--example-ids instances" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "labels.tif").exists()
+
+
 def test_the_scaled_engine_lists_its_failures_too(folder, capsys):
     assert run(folder, "--engine", "local") == 1
     err = capsys.readouterr().err

@@ -88,7 +88,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                              f"needed, like the slices of {args.stack}; got shape {annotation.shape}")
         annotations[z] = annotation
     prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
-    check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
+    check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()),
+                  mask_names=[m for _, m in args.prompt])
     check_model_options(args)  # after the inputs: a bad input is named even with a bad --model
     ids = prompt_ids([*annotations.values(), *prompt_masks])
     one_class = _objects_shown(args, annotations)
@@ -215,7 +216,8 @@ def _propagate_frames(args: argparse.Namespace) -> int:
         outputs = OutputSet(exporter.paths() + [overlay_path] * args.overlay, inputs=[args.stack, *files],
                             overwrite=args.overwrite)
         prompt_masks = [to_mask(m, name=f"--prompt {i} {m}") for i, m in args.prompt]
-        check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()))
+        check_prompts([i for i, _ in args.prompt], prompt_masks, list(annotations.values()),
+                      mask_names=[m for _, m in args.prompt])
         check_model_options(args)
         ids = prompt_ids([*annotations.values(), *prompt_masks])
         one_class = _objects_shown(args, annotations)
@@ -265,12 +267,15 @@ def _objects_shown(args: argparse.Namespace, annotations: dict) -> bool:
 
 def _categories(ids, options, prompt_masks: list, annotations: dict, one_class: bool) -> dict:
     """The COCO categories: one, `object` (or --label-names' id 1), when the ids number objects; else one
-    per id."""
+    per id (names that miss the ids of annotated slices that look instance-labelled suggest --example-ids
+    instances: only annotated slices can be read as objects)."""
+    from ..example_ids import instance_labelled
     from ..export import categories_for
 
     if one_class:
         return categories_for([1], options.names, objects=True)
-    return categories_for(ids, options.names, _colours(prompt_masks, annotations))
+    instance_like = bool(options.names) and not prompt_masks and instance_labelled(list(annotations.values()))
+    return categories_for(ids, options.names, _colours(prompt_masks, annotations), instance_like=instance_like)
 
 
 def _memory_note(memory: int, remembered: int, predicted: int, unit: str) -> str:
