@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from _report import report
 
 SAMPLES = Path(__file__).resolve().parents[1] / "seggpt_plugins" / "demo" / "samples"
 TILE = 128
@@ -98,6 +98,8 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--tasks", type=int, default=96, help="generated held-out tasks")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--foreground-margin", type=float, default=None,
+                        help="read the paintings with this margin instead of the model's own (0: plain nearest colour)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -105,16 +107,15 @@ def main():
     from seggpt_plugins.evaluation import evaluate_generated
 
     model = SegGPT.from_pretrained(args.model, device=args.device, dtype="float32")
+    if args.foreground_margin is not None:
+        model.foreground_margin = args.foreground_margin
     started = time.time()
-    results = {"model": args.model, "device": str(model.device)}
+    results = {"model": args.model, "device": str(model.device), "foreground_margin": model.foreground_margin}
     results["generated"] = {f"{p}-shot": evaluate_generated(model, tasks=args.tasks, prompts=p) for p in (1, 3)}
     results["stardist_2d_tiles"] = stardist_2d(model, args.batch_size)
     results["stardist_3d_propagation"] = stardist_3d(model, args.batch_size)
     results["seconds"] = round(time.time() - started, 1)
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    report(results, args.out)
 
 
 if __name__ == "__main__":

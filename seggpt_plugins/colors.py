@@ -142,6 +142,17 @@ def color_distances(painting, colors):
     return distance.transpose(1, 2).reshape(batch, colors.shape[1], height, width)
 
 
+def favour_background(distance, margin: float):
+    """Distances (B, K+1, H, W) with the background's (index 0) scaled so that a pixel takes a label only
+    when its painting is nearer that label's colour than black by at least `margin`, in decide()'s terms:
+    (d_background - d_label) / (d_background + d_label) >= margin. 0: the plain nearest colour."""
+    if not margin:
+        return distance
+    distance = distance.clone()
+    distance[:, 0] *= (1.0 - margin) / (1.0 + margin)
+    return distance
+
+
 def decide(distance):
     """Nearest colour and confidence from (B, K+1, H, W) distances.
 

@@ -97,6 +97,9 @@ class SegGPT:
         self.net = net.eval()
         self.source = source
         self.input_size = half_size(net.config)  # (h, w) of one half
+        # how much nearer a label's colour than black a painted pixel must be to take it (colors.favour_background):
+        # a model trained with foreground pixels weighted up paints a halo of blends around its objects
+        self.foreground_margin = float(getattr(net.config, "foreground_margin", 0.0) or 0.0)
         if attention == "auto":
             attention = "folded" if self.device.type == "cuda" else "chunked"
         if attention not in ATTENTION_KERNELS:
@@ -325,7 +328,7 @@ class SegGPT:
         and come back to the host in one copy per array, as small dtypes. The painting itself is resized
         and returned only `with_painting`.
         """
-        from .colors import color_distances, decide, resize_rows, restrict_to_neighbours
+        from .colors import color_distances, decide, favour_background, resize_rows, restrict_to_neighbours
 
         torch = self._torch
         results = [None] * len(sizes)
@@ -334,7 +337,8 @@ class SegGPT:
             code = codes[members[0]]
             colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=paintings.device)[None]
             group = paintings[members].float()  # (G, 3, h, w)
-            distances = restrict_to_neighbours(color_distances(group, colors))  # (G, K+1, h, w)
+            distances = favour_background(color_distances(group, colors), self.foreground_margin)  # (G, K+1, h, w)
+            distances = restrict_to_neighbours(distances)
             channels = distances.shape[1] + 3
             rows = max(1, SNAP_CHUNK_PIXELS // (size[1] * len(members) * max(1, channels // 4)))
             index_parts, score_parts, paint_parts = [], [], []

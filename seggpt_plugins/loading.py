@@ -258,10 +258,14 @@ def weights_fingerprint(net) -> str:
     """A short hash of a network's weights (64 values sampled from every tensor, read as float32), so that
     other weights give another fingerprint. SegGPT takes it before converting or quantizing the network:
     the same weights at any precision, on any device, have the same fingerprint (Label Studio's
-    model_version is built on it)."""
+    model_version is built on it). A config's `foreground_margin` (how paintings are read: engine.py) counts
+    too, when set: the same weights read another way give other labels."""
     import hashlib
 
     digest = hashlib.sha256()
+    margin = float(getattr(getattr(net, "config", None), "foreground_margin", 0.0) or 0.0)
+    if margin:
+        digest.update(f"foreground_margin:{margin:.6g}:".encode())
     for name, tensor in sorted(net.state_dict().items()):
         if not hasattr(tensor, "reshape"):
             continue

@@ -67,6 +67,23 @@ def test_snap_score_is_margin_between_two_nearest():
     assert score[0, 0].tolist() == pytest.approx([1.0, 0.0, 1.0, 0.5], abs=1e-5)
 
 
+def test_a_foreground_margin_gives_a_label_only_to_pixels_that_far_from_black():
+    """favour_background: with margin m a pixel takes a label only when (d_black - d_label) / (d_black + d_label)
+    >= m; between labels nothing changes (a model trained with its foreground weighted up paints blends)."""
+    from seggpt_plugins.colors import color_distances, decide, favour_background
+
+    colors = torch.tensor([[[0.0, 0, 0], [255, 255, 255], [255, 0, 0]]])
+    # white at 3/4 (margin 0.5 from black), white at 19/20 (margin 0.9), a pinkish white (margin 0.84)
+    painting = torch.tensor([[191.25, 191.25, 191.25], [242.25, 242.25, 242.25], [255, 230, 230]]).T.reshape(1, 3, 1, 3)
+    distances = color_distances(painting, colors)
+    assert decide(distances)[0][0, 0].tolist() == [1, 1, 1]
+    assert decide(favour_background(distances, 0.4))[0][0, 0].tolist() == [1, 1, 1]
+    assert decide(favour_background(distances, 0.7))[0][0, 0].tolist() == [0, 1, 1]
+    assert decide(favour_background(distances, 0.95))[0][0, 0].tolist() == [0, 0, 0]
+    assert torch.equal(favour_background(distances, 0.0), distances)  # 0: the plain nearest colour
+    assert decide(favour_background(distances, 0.7))[0][0, 0, 2] == decide(distances)[0][0, 0, 2]  # labels unchanged
+
+
 def test_unknown_ids_and_mixed_kinds_are_refused():
     code = ColorCode.for_ids([1, 2])
     with pytest.raises(InputError, match="not in this prompt set"):

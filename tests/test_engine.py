@@ -36,15 +36,40 @@ def test_predictions_have_target_size_dtypes_and_prompt_ids(model64, pair, rng):
 
 
 def test_labels_are_the_nearest_prompt_colour_of_the_painting(demo_model, nuclei2d):
+    """Nearest, with black's distance scaled by the model's foreground margin (colors.favour_background)."""
     image, truth = nuclei2d
     pred = demo_model.segment(image[128:256, :128], image[:128, :128], (truth[:128, :128] > 0) * 3,
                               with_painting=True)[0]
     code = ColorCode.for_ids([3])
     distance = np.linalg.norm(pred.painting[..., None, :].astype(float) - code.all_colors[None, None].astype(float), axis=-1)
+    margin = demo_model.foreground_margin
+    distance[..., 0] *= (1 - margin) / (1 + margin)
     clear = pred.scores > 0.05  # the uint8 painting is rounded: only near-ties may differ
     assert clear.mean() > 0.9
     # the painting is resized from the model's canvas apart from the labels: a boundary pixel may differ
     assert np.mean(pred.labels[clear] != code.all_ids[distance.argmin(-1)][clear]) < 1e-3
+
+
+def test_the_foreground_margin_comes_with_the_model_and_changes_its_fingerprint(demo_model, nuclei2d, tmp_path):
+    """The demo model's config sets a foreground margin (it was trained with foreground pixels weighted x10, so
+    it paints a halo of blends): it paints less than the plain nearest colour, and nearer the truth, on real
+    nuclei; the margin is saved with the model and is part of its fingerprint."""
+    from seggpt_plugins.loading import load_network
+
+    image, truth = nuclei2d
+    plain_net = load_network("demo")
+    plain_net.config.foreground_margin = 0.0
+    plain = SegGPT(plain_net, device="cpu")
+    assert demo_model.foreground_margin > 0 and plain.foreground_margin == 0
+    assert plain.fingerprint != demo_model.fingerprint
+    args = ([image[256:384, 256:384]], image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8))
+    with_margin, without = demo_model.segment(*args)[0].labels > 0, plain.segment(*args)[0].labels > 0
+    true = truth[256:384, 256:384] > 0
+    iou = lambda a: (a & true).sum() / (a | true).sum()  # noqa: E731
+    assert with_margin.sum() < without.sum() and (with_margin & ~without).sum() == 0
+    assert iou(with_margin) > iou(without)
+    demo_model.save_pretrained(tmp_path / "saved")
+    assert SegGPT.from_pretrained(tmp_path / "saved", device="cpu").foreground_margin == demo_model.foreground_margin
 
 
 def test_shared_prompts_equal_per_target_prompts_and_batches_do_not_matter(model64, pair, rng):
