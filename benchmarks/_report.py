@@ -15,19 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def model_and_args(doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
                    ) -> tuple[Any, argparse.Namespace]:
-    """(the model, the parsed command line) of an eval script: --model (default demo), --device (cpu) and --out
-    (where the JSON goes; default: printed only), described by `doc`'s first line; `extra(parser)` adds the
-    script's own options. The model is `SegGPT.from_pretrained(--model, device=--device)`."""
+    """(the model, the parsed command line) of an eval script: --model (default demo), --device (cpu), --out
+    (where the JSON goes; default: printed only) and --foreground-margin (default: the model's own), described
+    by `doc`'s first line; `extra(parser)` adds the script's own options. The model is
+    `SegGPT.from_pretrained(--model, device=--device)`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--foreground-margin", type=float, default=None,
+                        help="read the paintings with this margin, not the model's own (0: the plain nearest colour)")
     parser.add_argument("--out", default=None)
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
     from seggpt_plugins.engine import SegGPT
 
-    return SegGPT.from_pretrained(args.model, device=args.device), args
+    model = SegGPT.from_pretrained(args.model, device=args.device)
+    if args.foreground_margin is not None:
+        model.foreground_margin = args.foreground_margin
+    return model, args
 
 
 def report(result: dict, out: str | None) -> None:

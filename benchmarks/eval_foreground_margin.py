@@ -7,7 +7,7 @@ its objects; `foreground_margin` m gives a pixel a label only when its painting 
 than black by m (colors.favour_background). For each m of --margins:
 
 - choice: generated tasks from seed 40,000,000 (--tasks, 1 and 3 examples), a range used neither in training
-  nor in eval_demo.py's held-out figures; the margin shipped is the one with the best 1-shot mIoU here;
+  nor in eval_demo.py's held-out figures; the margin chosen is the one with the best 1-shot mIoU here;
 - report, not looked at for the choice: stardist's 2D tiles and 3D stack as eval_demo.py measures them
   (foreground IoU, Otsu in the same run).
 """
