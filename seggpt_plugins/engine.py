@@ -22,8 +22,8 @@ from .errors import InputError
 from .example_ids import foreground, ids_are_objects
 from .images import as_array, label_dtype, shared_range, to_mask, to_rgb8
 from .cpu_share import thread_governor
-from .loading import (load_network, pick_device, pick_dtype, pick_quantize, resolve_source, set_cpu_threads,
-                      threads_are_auto, weights_fingerprint)
+from .loading import (foreground_margin, load_network, pick_device, pick_dtype, pick_quantize, resolve_source,
+                      set_cpu_threads, threads_are_auto, weights_fingerprint)
 from .ensembles import example_windows, groups, object_diameter, stitch_examples, tile_size
 from .prediction import Prediction
 from .prompts import PromptSet, TunedPrompt, as_list, is_tuned
@@ -99,7 +99,7 @@ class SegGPT:
         self.input_size = half_size(net.config)  # (h, w) of one half
         # how much nearer a label's colour than black a painted pixel must be to take it (colors.favour_background):
         # a model trained with foreground pixels weighted up paints a halo of blends around its objects
-        self.foreground_margin = float(getattr(net.config, "foreground_margin", 0.0) or 0.0)
+        self.foreground_margin = foreground_margin(net.config)
         if attention == "auto":
             attention = "folded" if self.device.type == "cuda" else "chunked"
         if attention not in ATTENTION_KERNELS:

@@ -254,6 +254,11 @@ def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
 
 # ------------------------------------------------------------------------------------- model cache
 
+def foreground_margin(config) -> float:
+    """The margin a network's config asks its paintings to be read with (colors.favour_background); 0 if none."""
+    return float(getattr(config, "foreground_margin", 0.0) or 0.0)
+
+
 def weights_fingerprint(net) -> str:
     """A short hash of a network's weights (64 values sampled from every tensor, read as float32), so that
     other weights give another fingerprint. SegGPT takes it before converting or quantizing the network:
@@ -263,7 +268,7 @@ def weights_fingerprint(net) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    margin = float(getattr(getattr(net, "config", None), "foreground_margin", 0.0) or 0.0)
+    margin = foreground_margin(getattr(net, "config", None))
     if margin:
         digest.update(f"foreground_margin:{margin:.6g}:".encode())
     for name, tensor in sorted(net.state_dict().items()):
