@@ -255,8 +255,17 @@ def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
 # ------------------------------------------------------------------------------------- model cache
 
 def foreground_margin(config) -> float:
-    """The margin a network's config asks its paintings to be read with (colors.favour_background); 0 if none."""
-    return float(getattr(config, "foreground_margin", 0.0) or 0.0)
+    """The margin a network's config asks its paintings to be read with (colors.favour_background); 0 if none.
+    ModelSourceError when it is not a number in [0, 1)."""
+    value = getattr(config, "foreground_margin", 0.0) or 0.0
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        margin = float("nan")
+    if not 0.0 <= margin < 1.0:
+        raise ModelSourceError(f"config.json: foreground_margin must be a number in [0, 1) (0: the plain nearest "
+                               f"colour), got {value!r}")
+    return margin
 
 
 def weights_fingerprint(net) -> str:

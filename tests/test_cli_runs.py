@@ -199,3 +199,16 @@ def test_a_model_name_that_is_nowhere_is_called_a_possible_typo(folder, capsys, 
                  "--out", str(folder / "out"), "--model", "demoo", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--model demoo" in err and "a typo?" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_target_that_is_only_the_example_is_named_before_the_model(tmp_path, capsys, monkeypatch):
+    """Every target is also the --prompt image (excluded from the targets): one line, not a StopIteration."""
+    monkeypatch.setattr(segment_command, "load_model", _refuse_model)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ex.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:16, 8:16] = 1
+    Image.fromarray(mask).save(tmp_path / "ex_mask.png")
+    assert main(["segment", str(tmp_path / "ex.png"), "--prompt", str(tmp_path / "ex.png"),
+                 str(tmp_path / "ex_mask.png"), "--out", str(tmp_path / "out"), "--model", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert "no targets left" in err and "ex.png" in err and len(err.strip().splitlines()) == 1, err

@@ -70,6 +70,11 @@ def test_the_foreground_margin_comes_with_the_model_and_changes_its_fingerprint(
     assert iou(with_margin) > iou(without)
     margined.save_pretrained(tmp_path / "saved")
     assert SegGPT.from_pretrained(tmp_path / "saved", device="cpu").foreground_margin == 0.7
+    from seggpt_plugins.errors import ModelSourceError
+
+    net.config.foreground_margin = 1.5  # a bad config value: one line naming the field, not labels of nothing
+    with pytest.raises(ModelSourceError, match=r"foreground_margin must be a number in \[0, 1\).*got 1.5"):
+        SegGPT(net, device="cpu")
 
 
 def test_shared_prompts_equal_per_target_prompts_and_batches_do_not_matter(model64, pair, rng):

@@ -111,7 +111,11 @@ def _same_key(location) -> str:
 def local_targets(targets: list[str], exclude: Iterable[str] = ()) -> list[tuple[Path, str]]:
     """(file, output stem) of local files, folders and globs, as `seggpt segment` takes them (less `exclude`)."""
     check_sources(targets)
-    return [(Path(item.uri), item.stem) for item in iter_sources(targets, exclude)]
+    found = [(Path(item.uri), item.stem) for item in iter_sources(targets, exclude)]
+    if not found:
+        raise InputError(f"no targets left: every image of {', '.join(map(str, targets))} is also an example "
+                         "(--prompt); give other images to segment")
+    return found
 
 
 def _hidden(parts) -> bool:
