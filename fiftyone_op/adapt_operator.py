@@ -5,7 +5,7 @@ From Python:
 
     import fiftyone.operators as foo
     adapt = foo.get_operator("@seggpt/seggpt/adapt_seggpt")
-    adapt(view, "ground_truth", model="demo", name="v1")  # saved as adapt.adapted_models_dir() / "v1"
+    adapt(view, "ground_truth", model="demo", name="v1")  # saved as adapted.adapted_models_dir() / "v1"
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class AdaptSeggpt(foo.Operator):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does); returns the
         `ExecutionResult` (of a delegated run: its summary, with `model`, the saved folder, or None, is the
         operation's result once a worker ran it). The folder: `models_dir` (default
-        adapt.adapted_models_dir()) / `name`."""
+        adapted.adapted_models_dir()) / `name`."""
         params = dict(label_field=label_field, prompt_tag=prompt_tag, model=model, time_limit=time_limit,
                       steps=steps, name=name, models_dir=models_dir, batch_size=batch_size,
                       learning_rate=learning_rate, eval_every=eval_every, device=device, precision=precision)

@@ -57,7 +57,7 @@ def default_name(dataset_name: str, label_field: str) -> str:
 def adapt_plan(dataset, params: dict, view) -> AdaptPlan:
     """Parse and check the params, choose the labelled samples of `view`; ParamError on bad input (before any
     model work)."""
-    from seggpt_plugins.adapt import adapted_models_dir
+    from seggpt_plugins.adapted import adapted_models_dir
 
     errors: dict[str, str] = {}
     shared = {k: params.get(k) for k in ("label_field", "prompt_tag", "model", "device", "precision", "batch_size")}
@@ -133,7 +133,8 @@ def adapt_plan(dataset, params: dict, view) -> AdaptPlan:
 def adapt_view(dataset, plan: AdaptPlan, stop=None):
     """Adapt the plan's model to its labelled samples, save it when a step beat it; yields (fraction, label),
     returns a summary dict. `stop()` returning True stops the run (nothing is saved)."""
-    from seggpt_plugins.adapt import adapt_steps, progress_fraction, read_examples, summary_line
+    from seggpt_plugins.adapt import read_examples
+    from seggpt_plugins.adapted import adapt_steps, progress_fraction, summary_line
 
     from seggpt_plugins.fiftyone.codecs import make_codec
     from seggpt_plugins.fiftyone.fields import DETECTIONS

@@ -17,7 +17,7 @@ From Python:
     propagate(view, "ground_truth", "seggpt", num_shards=4, delegate=True)                       # queued
     propagate(videos, "frames.gt", "frames.seggpt", model="demo")        # video datasets: frame fields
     adapt = foo.get_operator("@seggpt/seggpt/adapt_seggpt")
-    adapt(view, "ground_truth", model="demo", name="v1")  # saved as adapt.adapted_models_dir() / "v1"
+    adapt(view, "ground_truth", model="demo", name="v1")  # saved as adapted.adapted_models_dir() / "v1"
 
 Video datasets: see `plan.py` (prompts and targets) and `videos.py` (the run); shards are sets of whole videos.
 """

@@ -121,7 +121,7 @@ class ProjectAdaptations:
                     self.running = None
 
     def _adapt(self, project_id: int, label_config: str, pairs_for: PairsFor) -> None:
-        from seggpt_plugins.adapt import summary_line
+        from seggpt_plugins.adapted import summary_line
 
         base = self.base()
         images, masks = pairs_for(label_config)

@@ -177,7 +177,7 @@ class AdaptState:
 
     def progress(self, p) -> tuple[int, str]:
         """(progress bar value of 1000, status line) for an adapt.AdaptProgress report."""
-        from seggpt_plugins.adapt import progress_fraction
+        from seggpt_plugins.adapted import progress_fraction
 
         line = f"Adapting to {self.what}: step {p.step} / {p.steps} · {p.seconds:.0f} of {self.time_limit:.0f} s"
         if p.best_iou is not None:
@@ -186,7 +186,7 @@ class AdaptState:
 
     def end_message(self) -> str:
         """The status line when it ends (the next runs use the adapted model only when it beat the old one)."""
-        from seggpt_plugins.adapt import summary_line
+        from seggpt_plugins.adapted import summary_line
 
         if self.cancelled:
             return f"Adapting cancelled: the runs keep using {self.model}."

@@ -32,5 +32,5 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".
 MODEL_ENV = "SEGGPT_MODEL"
 MIN_OBJECT_AREA = 16  # pixels: smaller parts join the object they touch or are dropped (instances.ObjectRule)
 
-#: Where the host apps keep the models they adapt (adapt.adapted_models_dir: default the user's cache folder).
+#: Where the host apps keep the models they adapt (adapted.adapted_models_dir: default the user's cache folder).
 ADAPTED_ENV = "SEGGPT_ADAPTED_DIR"

@@ -229,7 +229,8 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
 
 def test_adapt_steps_yields_the_progress_and_returns_the_model(base):
     from seggpt_plugins import InputError
-    from seggpt_plugins.adapt import AdaptProgress, AdaptSettings, adapt_steps
+    from seggpt_plugins.adapt import AdaptProgress, AdaptSettings
+    from seggpt_plugins.adapted import adapt_steps
 
     image, mask = scene(0)
     steps = adapt_steps(base, [image], [mask], time_limit=None, steps=3, settings=AdaptSettings(batch_size=2))
@@ -249,7 +250,7 @@ def test_adapt_steps_yields_the_progress_and_returns_the_model(base):
 def test_adapted_models_are_listed_newest_first_with_one_line_each(adapted_run, tmp_path, monkeypatch):
     import os
 
-    from seggpt_plugins.adapt import adapted_models, adapted_models_dir, summary_line
+    from seggpt_plugins.adapted import adapted_models, adapted_models_dir, summary_line
 
     monkeypatch.setenv("SEGGPT_ADAPTED_DIR", str(tmp_path / "models"))
     assert adapted_models_dir() == tmp_path / "models" and adapted_models() == []
