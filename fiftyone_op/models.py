@@ -80,7 +80,7 @@ def model_choices() -> list[tuple[str, str]]:
 
 def adapted_choices() -> list[tuple[str, str]]:
     """(folder, description) of the models saved in the core's adapted models folder, newest first."""
-    from seggpt_plugins.adapt import adapted_models
+    from seggpt_plugins.adapted import adapted_models
 
     choices = []
     for path, info in adapted_models():
