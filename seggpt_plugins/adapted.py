@@ -41,14 +41,18 @@ def adapted_models(folder=None) -> list[tuple[Path, dict]]:
 
 def summary_line(adaptation: dict, examples: str) -> str:
     """How an adaptation went, in one line for people: 'Adapted to 2 examples in 12 s (held-out IoU 0.70 ->
-    0.75 at step 20 of 26)', or that no step beat the base weights. `examples`: what was learnt from."""
+    0.75 at step 20 of 26, foreground margin 0.7 -> 0.5)', or that it did not beat the base model.
+    `examples`: what was learnt from."""
     before, best = adaptation["held_out_iou_before"], adaptation["held_out_iou_best"]
     seconds = f"{adaptation['seconds']:.0f} s"
     if not adaptation["improved"]:
         return (f"Adapting to {examples} for {seconds} ({adaptation['steps']} steps) did not beat the model on the "
                 f"held-out part (IoU {before:.2f})")
-    return (f"Adapted to {examples} in {seconds} (held-out IoU {before:.2f} -> {best:.2f} at step "
-            f"{adaptation['best_step']} of {adaptation['steps']})")
+    weights = (f"at step {adaptation['best_step']} of {adaptation['steps']}" if adaptation["best_step"]
+               else f"no step of {adaptation['steps']} beat the weights")
+    margin, base = adaptation.get("foreground_margin"), adaptation.get("base_foreground_margin")
+    margin = f", foreground margin {base:g} -> {margin:g}" if margin is not None and margin != base else ""
+    return f"Adapted to {examples} in {seconds} (held-out IoU {before:.2f} -> {best:.2f} {weights}{margin})"
 
 
 def progress_fraction(p: AdaptProgress, time_limit: float | None) -> float:

@@ -227,6 +227,29 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
 # ------------------------------------------------------------------------------ helpers of the host apps
 
 
+def test_adapt_reads_the_paintings_with_the_margin_its_held_out_square_prefers(nuclei2d):
+    """The demo's weights read with no foreground margin paint a halo around real nuclei: adapting without a
+    single step (steps=0) still chooses the margin that reads the held-out square best, a new model."""
+    from seggpt_plugins import SegGPT
+    from seggpt_plugins.adapt import MARGIN_GAIN
+    from seggpt_plugins.adapted import summary_line
+    from seggpt_plugins.loading import load_network
+
+    image, truth = nuclei2d
+    net = load_network("demo")
+    net.config.foreground_margin = 0.0
+    plain = SegGPT(net, device="cpu")
+    adapted = plain.adapt([image[:128, :128]], [truth[:128, :128]], time_limit=None, steps=0)
+    info = adapted.adaptation
+    scores = {float(m): v for m, v in info["margin_held_out_iou"].items()}
+    assert adapted.foreground_margin == info["foreground_margin"] > 0 and info["base_foreground_margin"] == 0
+    assert scores[0.0] == info["held_out_iou_before"]  # the base weights at their own margin
+    assert scores[adapted.foreground_margin] >= scores[0.0] + MARGIN_GAIN
+    assert info["improved"] and adapted.fingerprint != plain.fingerprint and info["steps"] == 0
+    assert summary_line(info, "1 tile").endswith(
+        f"no step of 0 beat the weights, foreground margin 0 -> {adapted.foreground_margin:g})")
+
+
 def test_adapt_steps_yields_the_progress_and_returns_the_model(base):
     from seggpt_plugins import InputError
     from seggpt_plugins.adapt import AdaptProgress, AdaptSettings
