@@ -80,10 +80,11 @@ def main() -> None:
                "adapted_minus_otsu": round(float(np.mean(scores["adapted"]) - np.mean(scores["otsu"])), 4),
                "steps": info["steps"], "best_step": info["best_step"], "stopped": info["stopped"],
                "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
-               "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
+               "foreground_margin": info["foreground_margin"], "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
         print(run, flush=True)
         runs.append(run)
     report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; report tiles 8-15",
+            "base_foreground_margin": base.foreground_margin,
             "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
             "runs": runs}, args.out)
 
@@ -116,7 +117,7 @@ def stack(args) -> None:
             "adapt_seconds": round(seconds, 1), **result,
             "adapted_minus_otsu": round(result["adapted_mean_slice_iou"] - result["otsu_mean_slice_iou"], 4),
             **{k: info[k] for k in ("improved", "steps", "best_step", "stopped", "held_out_iou_before",
-                                    "held_out_iou_best")}}, args.out)
+                                    "held_out_iou_best", "base_foreground_margin", "foreground_margin")}}, args.out)
 
 
 
