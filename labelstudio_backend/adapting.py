@@ -135,8 +135,8 @@ class ProjectAdaptations:
                              example_ids="classes")  # labels, as /predict
         info = adapted.adaptation
         line = summary_line(info, f"{len(images)} reference(s)")
-        self.last[project_id] = line
         if not info["improved"]:
+            self.last[project_id] = line
             self.metrics.add("adaptations_not_better")
             log.info("project %s: %s; predictions keep the model they have", project_id, line)
             return
@@ -148,6 +148,7 @@ class ProjectAdaptations:
         with self._lock:
             self._models[project_id] = (stamp, adapted)
         self.metrics.add("adaptations_kept")
+        self.last[project_id] = line  # said once the adapted model is in place (saved and serving)
         log.info("project %s: %s (%.0f s); its predictions now come from the adapted model (%s)", project_id, line,
                  time.monotonic() - started, getattr(adapted, "fingerprint", "?"))
 
