@@ -9,8 +9,8 @@ code or random colours. Every `eval_every` steps the held-out square is segmente
 `SegGPT.segment` with the remaining regions as examples; the weights with the best held-out IoU are
 kept (the base weights count as step 0), and the run stops after `patience` evaluations without
 improvement, at `steps`, at `time_limit` (steps since the last evaluation are then evaluated, past it), or
-when `cancel()` says so. Last, the foreground margin (how the paintings are read, colors.favour_background) is
-chosen on the same square for the kept weights (`fit_margin`). Memory stays bounded: one batch
+when `cancel()` says so. Last, with `AdaptSettings(fit_margin=True)`, the foreground margin (how the paintings
+are read, colors.favour_background) is chosen on the same square for the kept weights (`fit_margin`). Memory stays bounded: one batch
 of crops at a time and one copy of the trainable parameters (the best state).
 """
 
@@ -51,6 +51,9 @@ class AdaptSettings:
     min_scale: float = 0.5  # crop side, as a share of the region's shorter side
     intensity_jitter: float = 0.25
     seed: int = 0
+    # choose the foreground margin for the kept weights on the held-out square (fit_margin). Off by default:
+    # propagation's memory erodes under a margin (BENCHMARKS.md section 19), so a margin helps still images only
+    fit_margin: bool = False
 
 
 @dataclass
@@ -414,12 +417,13 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
             net.load_state_dict(best_state, strict=False)
     for p in net.parameters():
         p.requires_grad_(False)
-    # how the adapted weights' paintings are read: the margin that reads the held-out square best
-    evaluator = SegGPT(net.eval(), device=model.device, dtype="float32", attention=model.attention,
-                       threads=model.threads)
-    margin, margin_scores = fit_margin(evaluator, regions, held, examples.ids, model.foreground_margin)
+    margin, margin_scores = model.foreground_margin, {}
+    if settings.fit_margin:  # how the adapted weights' paintings are read: what reads the held-out square best
+        evaluator = SegGPT(net.eval(), device=model.device, dtype="float32", attention=model.attention,
+                           threads=model.threads)
+        margin, margin_scores = fit_margin(evaluator, regions, held, examples.ids, model.foreground_margin)
+        best = max(best, margin_scores[margin])
     net.config.foreground_margin = margin
-    best = max(best, margin_scores[margin])
     net = net.cpu().eval()
     keep_float = model.dtype != torch.float32 or bool(model.quantize)
     float_state = {k: v.clone() for k, v in net.state_dict().items()} if keep_float else None

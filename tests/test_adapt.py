@@ -229,9 +229,10 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
 
 def test_adapt_reads_the_paintings_with_the_margin_its_held_out_square_prefers(nuclei2d):
     """The demo's weights read with no foreground margin paint a halo around real nuclei: adapting without a
-    single step (steps=0) still chooses the margin that reads the held-out square best, a new model."""
+    single step (steps=0) with fit_margin still chooses the margin that reads the held-out square best, a new
+    model; by default the base's margin is kept."""
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.adapt import MARGIN_GAIN
+    from seggpt_plugins.adapt import MARGIN_GAIN, AdaptSettings
     from seggpt_plugins.adapted import summary_line
     from seggpt_plugins.loading import load_network
 
@@ -239,7 +240,9 @@ def test_adapt_reads_the_paintings_with_the_margin_its_held_out_square_prefers(n
     net = load_network("demo")
     net.config.foreground_margin = 0.0
     plain = SegGPT(net, device="cpu")
-    adapted = plain.adapt([image[:128, :128]], [truth[:128, :128]], time_limit=None, steps=0)
+    assert plain.adapt([image[:128, :128]], [truth[:128, :128]], time_limit=None, steps=0).foreground_margin == 0
+    adapted = plain.adapt([image[:128, :128]], [truth[:128, :128]], time_limit=None, steps=0,
+                          settings=AdaptSettings(fit_margin=True))
     info = adapted.adaptation
     scores = {float(m): v for m, v in info["margin_held_out_iou"].items()}
     assert adapted.foreground_margin == info["foreground_margin"] > 0 and info["base_foreground_margin"] == 0
