@@ -80,7 +80,8 @@ def main() -> None:
                "adapted_minus_otsu": round(float(np.mean(scores["adapted"]) - np.mean(scores["otsu"])), 4),
                "steps": info["steps"], "best_step": info["best_step"], "stopped": info["stopped"],
                "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
-               "foreground_margin": info["foreground_margin"], "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
+               "foreground_margin": info["foreground_margin"],
+               "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
         print(run, flush=True)
         runs.append(run)
     report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; report tiles 8-15",

@@ -55,7 +55,12 @@ def summary(results: list) -> dict:
     from scipy.stats import spearmanr
 
     runs, pairs = [r for r, _ in results], [p for _, p in results]
-    pooled = lambda a, b: round(float(spearmanr(sum((p[a] for p in pairs), []), sum((p[b] for p in pairs), []))[0]), 3)  # noqa: E731
+
+    def pooled(score: int, truth: int) -> float:  # Spearman over every run's pairs together
+        scores = [v for p in pairs for v in p[score]]
+        truths = [v for p in pairs for v in p[truth]]
+        return round(float(spearmanr(scores, truths)[0]), 3)
+
     return {"runs": len(runs), "mean_iou": round(float(np.mean([np.mean(r["iou"]) for r in runs])), 3),
             "image_median_spearman": round(float(np.median([r["image_spearman"] for r in runs])), 3),
             "image_pooled_spearman": pooled(0, 1),

@@ -10,8 +10,8 @@ code or random colours. Every `eval_every` steps the held-out square is segmente
 kept (the base weights count as step 0), and the run stops after `patience` evaluations without
 improvement, at `steps`, at `time_limit` (steps since the last evaluation are then evaluated, past it), or
 when `cancel()` says so. Last, with `AdaptSettings(fit_margin=True)`, the foreground margin (how the paintings
-are read, colors.favour_background) is chosen on the same square for the kept weights (`fit_margin`). Memory stays bounded: one batch
-of crops at a time and one copy of the trainable parameters (the best state).
+are read, colors.favour_background) is chosen on the same square for the kept weights (`fit_margin`).
+Memory stays bounded: one batch of crops at a time and one copy of the trainable parameters (the best state).
 """
 
 from __future__ import annotations
@@ -351,7 +351,9 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
                                    foreground_weight=settings.foreground_weight, seed=settings.seed)
     params, optimizer = make_optimizer(net, train_settings, model.device)
     names = [name for name, p in net.named_parameters() if p.requires_grad]
-    evaluator = SegGPT(net, device=model.device, dtype="float32", attention=model.attention, threads=model.threads)
+    evaluator_of = lambda network: SegGPT(network, device=model.device, dtype="float32",  # noqa: E731
+                                          attention=model.attention, threads=model.threads)
+    evaluator = evaluator_of(net)
     tasks = CropTasks(regions, examples.ids, evaluator.input_size, settings.min_scale, settings.intensity_jitter)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
@@ -412,16 +414,15 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     del optimizer, params
     with torch.no_grad():
         if best_state is None:  # nothing beat the base weights: give them back
-            net = _float_network(model).to(model.device)
+            net = _float_network(model)
         else:
             net.load_state_dict(best_state, strict=False)
     for p in net.parameters():
         p.requires_grad_(False)
     margin, margin_scores = model.foreground_margin, {}
     if settings.fit_margin:  # how the adapted weights' paintings are read: what reads the held-out square best
-        evaluator = SegGPT(net.eval(), device=model.device, dtype="float32", attention=model.attention,
-                           threads=model.threads)
-        margin, margin_scores = fit_margin(evaluator, regions, held, examples.ids, model.foreground_margin)
+        margin, margin_scores = fit_margin(evaluator_of(net.eval()), regions, held, examples.ids,
+                                           model.foreground_margin)
         best = max(best, margin_scores[margin])
     net.config.foreground_margin = margin
     net = net.cpu().eval()

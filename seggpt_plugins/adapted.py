@@ -12,7 +12,6 @@ from .adapt import AdaptProgress
 def adapted_models_dir() -> Path:
     """Where the host apps keep the models they adapt: $SEGGPT_ADAPTED_DIR, else
     $XDG_CACHE_HOME (or ~/.cache)/seggpt-plugins/adapted."""
-
     from .vocabulary import ADAPTED_ENV
 
     configured = os.environ.get(ADAPTED_ENV, "").strip()
