@@ -12,6 +12,8 @@ painted). Two rules hold it to the examples:
   fixed/remembered when there are more of them), so the examples keep half the say at least;
 - a predicted frame joins it only when its painted share is within MEMORY_SHARE_FACTOR of the
   examples' (ExampleStats.foreground); an over- or under-painted frame is predicted but not remembered.
+Both read a frame as the plain nearest colour (colors.plain_labels) whatever the model's foreground
+margin: a margin shows a person tighter masks, but remembered, each frame would shrink the next.
 Chosen on generated moving scenes (seeds 0-2) and stardist's stack; BENCHMARKS.md section 15.
 
 When an annotated frame's ids are objects (each one connected piece), its runs' ids follow the objects by
@@ -34,6 +36,7 @@ import numpy as np
 
 from .errors import InputError
 from .example_ids import check_example_ids, foreground, ids_are_objects
+from .colors import plain_labels
 from .images import shared_range, to_mask
 from .prompts import PromptSet, as_list, is_tuned, nearest
 from .run_items import Target
@@ -158,6 +161,7 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             run.tracks = _object_tracks(annotation_masks[run.origin])
 
     # each step, the next frame of every run still going: one Target each, with its run's prompts
+    margin = getattr(model, "foreground_margin", 0.0)
     runner = Runner(model, None, batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range,
                     quality=quality, keep_images=True, readers=0)
     while True:
@@ -169,10 +173,13 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             prediction = result.prediction
             prediction.index = result.key
             prediction.ids_are_objects = objects and run.tracks is None  # id 1 is all of them: split by the rule
+            # the memory (and its gate) read the plain nearest colour: a foreground margin sharpens what a
+            # person is shown, but remembered it shrinks every frame a little more (BENCHMARKS.md section 19)
+            plain = plain_labels(prediction.labels, prediction.scores, margin)
             prediction.joined_memory = bool(run.memory.maxlen) and (
-                not memory_gate or _agrees(prediction.labels, run.fixed.examples))
+                not memory_gate or _agrees(plain, run.fixed.examples))
             if prediction.joined_memory:
-                remembered = foreground(prediction.labels) if objects else prediction.labels
+                remembered = foreground(plain) if objects else plain
                 frame, colour_mask = model.encode_images([result.rgb]), model.encode_images(
                     [code.encode(remembered)], nearest=True)
                 run.memory.append((frame[0], colour_mask[0]))
