@@ -153,31 +153,6 @@ def favour_background(distance, margin: float):
     return distance
 
 
-def plain_labels(labels: np.ndarray, scores: np.ndarray, margin: float) -> np.ndarray:
-    """The labels the plain nearest colour (margin 0) gives, read back from a reading with `margin`
-    (favour_background), without a second reading. A pixel read as background with score s (decide()) has
-    its nearest label at d2 = d1 (1 + s) / (1 - s) from the scaled background's d1, so that label is nearer
-    than the unscaled background exactly when s < margin; those pixels take the id of the nearest labelled
-    pixel (the margin only moves boundaries between the background and a label). Up to the neighbour rule
-    (restrict_to_neighbours), which sees the margined distances. labels (H, W), scores (H, W) -> (H, W)."""
-    labels = np.asarray(labels)
-    if not margin:
-        return labels
-    gained = (labels == 0) & (np.asarray(scores) < margin)
-    if not gained.any() or not labels.any():
-        return labels
-    ids = np.unique(labels[labels != 0])
-    out = labels.copy()
-    if len(ids) == 1:
-        out[gained] = ids[0]
-        return out
-    from scipy import ndimage
-
-    nearest = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
-    out[gained] = labels[tuple(axis[gained] for axis in nearest)]
-    return out
-
-
 def decide(distance):
     """Nearest colour and confidence from (B, K+1, H, W) distances.
 

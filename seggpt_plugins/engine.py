@@ -317,7 +317,7 @@ class SegGPT:
         return self.paint(targets, images, masks, owner.to(self.device), seg_type, weight)
 
     def to_predictions(self, paintings, sizes: list[tuple[int, int]], codes: list[ColorCode], indices: list[int],
-                       with_painting: bool = False) -> list[Prediction]:
+                       with_painting: bool = False, margin: float | None = None) -> list[Prediction]:
         """(T, 3, h, w) paintings in 0..255 -> one Prediction per target at its own size (H, W).
 
         Each pixel's distance to each prompt colour is computed at model resolution (uncertain pixels
@@ -326,18 +326,20 @@ class SegGPT:
         boundary snap to a third colour, leaving 1-pixel fringes.
         Targets of one size and colour code are processed together, in row chunks that bound memory,
         and come back to the host in one copy per array, as small dtypes. The painting itself is resized
-        and returned only `with_painting`.
+        and returned only `with_painting`. margin: the foreground margin to read with (colors.favour_background;
+        None: the model's own, `foreground_margin`).
         """
         from .colors import color_distances, decide, favour_background, resize_rows, restrict_to_neighbours
 
         torch = self._torch
+        margin = self.foreground_margin if margin is None else margin
         results = [None] * len(sizes)
         key = lambda j: (tuple(int(v) for v in sizes[j]), id(codes[j]))  # noqa: E731
         for (size, _), members in _group_by(range(len(sizes)), key).items():
             code = codes[members[0]]
             colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=paintings.device)[None]
             group = paintings[members].float()  # (G, 3, h, w)
-            distances = favour_background(color_distances(group, colors), self.foreground_margin)  # (G, K+1, h, w)
+            distances = favour_background(color_distances(group, colors), margin)  # (G, K+1, h, w)
             distances = restrict_to_neighbours(distances)
             channels = distances.shape[1] + 3
             rows = max(1, SNAP_CHUNK_PIXELS // (size[1] * len(members) * max(1, channels // 4)))

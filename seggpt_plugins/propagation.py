@@ -12,8 +12,10 @@ painted). Two rules hold it to the examples:
   fixed/remembered when there are more of them), so the examples keep half the say at least;
 - a predicted frame joins it only when its painted share is within MEMORY_SHARE_FACTOR of the
   examples' (ExampleStats.foreground); an over- or under-painted frame is predicted but not remembered.
-Both read a frame as the plain nearest colour (colors.plain_labels) whatever the model's foreground
-margin: a margin shows a person tighter masks, but remembered, each frame would shrink the next.
+Frames are read as the plain nearest colour (PROPAGATION_MARGIN), whatever foreground margin the model
+reads a still image with: remembered, a margined frame makes the next one paint a little less, and the
+gate then keeps frames out until the objects fade; read plain, the memory holds and the frames are nearer
+the truth (BENCHMARKS.md section 19).
 Chosen on generated moving scenes (seeds 0-2) and stardist's stack; BENCHMARKS.md section 15.
 
 When an annotated frame's ids are objects (each one connected piece), its runs' ids follow the objects by
@@ -36,7 +38,6 @@ import numpy as np
 
 from .errors import InputError
 from .example_ids import check_example_ids, foreground, ids_are_objects
-from .colors import plain_labels
 from .images import shared_range, to_mask
 from .prompts import PromptSet, as_list, is_tuned, nearest
 from .run_items import Target
@@ -46,6 +47,8 @@ from .vocabulary import SEG_TYPES
 
 #: a predicted frame joins the memory when its painted share is within this factor of the examples'
 MEMORY_SHARE_FACTOR = 1.5
+#: the foreground margin propagated frames are read with (colors.favour_background): the plain nearest colour
+PROPAGATION_MARGIN = 0.0
 
 
 @dataclass
@@ -161,9 +164,8 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             run.tracks = _object_tracks(annotation_masks[run.origin])
 
     # each step, the next frame of every run still going: one Target each, with its run's prompts
-    margin = getattr(model, "foreground_margin", 0.0)
     runner = Runner(model, None, batch_size=batch_size, seg_type=seg_type, intensity_range=intensity_range,
-                    quality=quality, keep_images=True, readers=0)
+                    quality=quality, keep_images=True, readers=0, foreground_margin=PROPAGATION_MARGIN)
     while True:
         active = [run for run in runs if not run.done]
         if not active:
@@ -173,13 +175,10 @@ def propagate(model, frames: Sequence, prompt_images=None, prompt_masks=None, *,
             prediction = result.prediction
             prediction.index = result.key
             prediction.ids_are_objects = objects and run.tracks is None  # id 1 is all of them: split by the rule
-            # the memory (and its gate) read the plain nearest colour: a foreground margin sharpens what a
-            # person is shown, but remembered it shrinks every frame a little more (BENCHMARKS.md section 19)
-            plain = plain_labels(prediction.labels, prediction.scores, margin)
             prediction.joined_memory = bool(run.memory.maxlen) and (
-                not memory_gate or _agrees(plain, run.fixed.examples))
+                not memory_gate or _agrees(prediction.labels, run.fixed.examples))
             if prediction.joined_memory:
-                remembered = foreground(plain) if objects else plain
+                remembered = foreground(prediction.labels) if objects else prediction.labels
                 frame, colour_mask = model.encode_images([result.rgb]), model.encode_images(
                     [code.encode(remembered)], nearest=True)
                 run.memory.append((frame[0], colour_mask[0]))

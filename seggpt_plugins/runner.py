@@ -108,6 +108,7 @@ class Runner:
             bounds the pixels it holds counts batch_size * (1 + read_ahead) targets, plus its results).
         prompt_sets_kept: prepared prompt sets cached for choices from a pool.
         example_ids: with a pool, what the examples' ids mean ("auto", "classes", "instances"; example_ids.py).
+        foreground_margin: how the paintings are read (colors.favour_background; None: the model's own).
     """
 
     def __init__(self, model, prompts: PromptSet | PromptPool | None = None, *, most_similar: int | None = None,
@@ -115,7 +116,8 @@ class Runner:
                  ensemble: str = "feature", tile=None, halo: int = 32, quality: str | None = "fast",
                  with_painting: bool = False, objects: ObjectRule | None = None, keep_images: bool = False,
                  overlap: bool | None = None, readers: int | None = None, read_ahead: int = READ_AHEAD_BATCHES,
-                 prompt_sets_kept: int = PROMPT_SETS_KEPT, example_ids: str = "auto"):
+                 prompt_sets_kept: int = PROMPT_SETS_KEPT, example_ids: str = "auto",
+                 foreground_margin: float | None = None):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if seg_type not in SEG_TYPES:
@@ -130,6 +132,7 @@ class Runner:
         self.quality, self.with_painting = check_quality(quality), with_painting
         self.objects, self.keep_images = objects, keep_images
         self.example_ids = check_example_ids(example_ids)
+        self.foreground_margin = foreground_margin
         on_cuda = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
         self.overlap = on_cuda if overlap is None else overlap
         self.readers = (2 if on_cuda else 1) if readers is None else readers
@@ -421,7 +424,8 @@ class Runner:
         paintings = model.paint_targets(model.encode_images(crops), sets, self.seg_type)
         return model.to_predictions(paintings, [c.shape[:2] for c in crops], [s.code for s in sets],
                                     [p.job.index for p in pieces],
-                                    self.with_painting and not any(p.mirrored for p in pieces))
+                                    self.with_painting and not any(p.mirrored for p in pieces),
+                                    margin=self.foreground_margin)
 
     # ------------------------------------------------------------------------------------- the host
 

@@ -84,26 +84,6 @@ def test_a_foreground_margin_gives_a_label_only_to_pixels_that_far_from_black():
     assert decide(favour_background(distances, 0.7))[0][0, 0, 2] == decide(distances)[0][0, 0, 2]  # labels unchanged
 
 
-def test_plain_labels_reads_back_the_nearest_colour_from_a_margined_reading():
-    """A pixel the margin gave to the background with a score below it was nearer a label than black: plain_labels
-    gives it back, with the id of the nearest labelled pixel; pixels clearly black stay background."""
-    from seggpt_plugins.colors import color_distances, decide, favour_background, plain_labels
-
-    colors = torch.tensor([[[0.0, 0, 0], [255, 255, 255], [255, 0, 0]]])
-    # red, dark red (nearer red than black), black, near-black, grey (nearer white than black), white
-    row = [[255, 0, 0], [170, 0, 0], [0, 0, 0], [40, 40, 40], [150, 150, 150], [255, 255, 255]]
-    painting = torch.tensor(row, dtype=torch.float32).T.reshape(1, 3, 1, 6)
-    distances = color_distances(painting, colors)
-    plain = decide(distances)[0][0].numpy()
-    labels, scores = (t[0].numpy() for t in decide(favour_background(distances, 0.7)))
-    assert plain[0].tolist() == [2, 2, 0, 0, 1, 1] and labels[0].tolist() == [2, 0, 0, 0, 0, 1]
-    assert np.array_equal(plain_labels(labels, scores, 0.7), plain)
-    assert plain_labels(labels, scores, 0.0) is labels  # margin 0: the reading is already plain
-    one = np.where(labels == 2, 0, labels)
-    assert plain_labels(one, scores, 0.7)[0].tolist() == [0, 1, 0, 0, 1, 1]  # one id: every gained pixel takes it
-    assert np.array_equal(plain_labels(np.zeros_like(labels), scores, 0.7), np.zeros_like(labels))
-
-
 def test_unknown_ids_and_mixed_kinds_are_refused():
     code = ColorCode.for_ids([1, 2])
     with pytest.raises(InputError, match="not in this prompt set"):

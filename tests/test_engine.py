@@ -68,11 +68,6 @@ def test_the_foreground_margin_comes_with_the_model_and_changes_its_fingerprint(
     iou = lambda a: (a & true).sum() / (a | true).sum()  # noqa: E731
     assert with_margin.sum() < without.sum() and (with_margin & ~without).sum() == 0
     assert iou(with_margin) > iou(without)
-    # the plain nearest colour read back from the margined reading (what propagation's memory remembers)
-    from seggpt_plugins.colors import plain_labels
-
-    reading = margined.segment(*args)[0]
-    assert np.mean((plain_labels(reading.labels, reading.scores, 0.7) > 0) == without) > 0.99
     margined.save_pretrained(tmp_path / "saved")
     assert SegGPT.from_pretrained(tmp_path / "saved", device="cpu").foreground_margin == 0.7
     from seggpt_plugins.errors import ModelSourceError
