@@ -72,20 +72,21 @@ def test_the_memory_still_follows_objects_that_move_far(demo_model, kind):
     assert scores["default"][0] > scores["no memory"][0], scores  # the memory still helps the ids
 
 
-def test_propagated_frames_are_read_plain_whatever_margin_the_model_reads_still_images_with(demo_model):
+def test_propagated_frames_are_read_plain_whatever_margin_the_model_reads_still_images_with():
     """A model whose config sets a foreground margin reads a still image with it, but propagated frames with
     the plain nearest colour (remembered, margined frames shrink the next ones: BENCHMARKS.md section 19)."""
     from seggpt_plugins import SegGPT
     from seggpt_plugins.loading import load_network
 
     frames, truth = moving_objects("video", seed=11, num_frames=8)
-    net = load_network("demo")
-    net.config.foreground_margin = 0.7
-    margined = SegGPT(net, device="cpu")
-    assert margined.foreground_margin == 0.7 and demo_model.foreground_margin == 0
-    still = [m.segment([frames[3]], frames[0], truth[0])[0].labels for m in (margined, demo_model)]
+    models = []
+    for margin in (0.7, 0.0):
+        net = load_network("demo")
+        net.config.foreground_margin = margin
+        models.append(SegGPT(net, device="cpu"))
+    still = [m.segment([frames[3]], frames[0], truth[0])[0].labels for m in models]
     assert np.count_nonzero(still[0]) < np.count_nonzero(still[1])
-    runs = [list(m.propagate(frames, annotations={0: truth[0]})) for m in (margined, demo_model)]
+    runs = [list(m.propagate(frames, annotations={0: truth[0]})) for m in models]
     assert [p.index for p in runs[0]] == [p.index for p in runs[1]]
     assert all(np.array_equal(a.labels, b.labels) and a.joined_memory == b.joined_memory for a, b in zip(*runs))
 
