@@ -4,7 +4,8 @@
 
 Stardist's 2D image (ships in seggpt_plugins/demo/samples) in 16 tiles of 128 px, each tile in turn the one
 example with its instance labels (a nucleus, an id), the other 15 the targets; the demo model read with
-margins 0 and 0.7 (colors.favour_background), the example's ids read three ways: as the foreground (one
+margins 0 and 0.7 (colors.favour_background; the margin measured against the nearest label's colour, and
+against the nearest blend of the two nearest labels' colours, colors.MARGIN_AGAINST_BLENDS), the example's ids read three ways: as the foreground (one
 class, eval_demo.py's case), as objects (`example_ids="instances"`: shown as their foreground, section 13)
 and as classes (`example_ids="classes"`: each nucleus its own colour, what Label Studio's and FiftyOne's
 label maps and napari's "labels" output pass). Mean foreground IoU of the targets; examples in the left
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 MARGINS = (0.0, 0.7)
+RULES = (False, True)  # colors.MARGIN_AGAINST_BLENDS
 READINGS = {"foreground": None, "objects": "instances", "classes": "classes"}
 
 
@@ -26,6 +28,8 @@ def main() -> None:
     from eval_demo import SAMPLES, TILE, foreground_iou
     from tifffile import imread
 
+    from seggpt_plugins import colors
+
     warnings.simplefilter("ignore")
     model, args = model_and_args(__doc__)
     image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif")
@@ -35,8 +39,9 @@ def main() -> None:
     intensity = (float(np.percentile(image, 0.5)), float(np.percentile(image, 99.8)))
     split = ["design" if c < image.shape[1] // 2 else "report" for _, c in corners]
     means = {}
-    for margin in MARGINS:
-        model.foreground_margin = margin
+    for margin, blends in [(0.0, False)] + [(m, rule) for m in MARGINS if m for rule in RULES]:
+        model.foreground_margin, colors.MARGIN_AGAINST_BLENDS = margin, blends
+        name = f"margin {margin}" + (", against blends" if blends else "")
         for reading, example_ids in READINGS.items():
             ious = {"design": [], "report": []}
             for k in range(len(tiles)):
@@ -46,9 +51,8 @@ def main() -> None:
                                       intensity_range=intensity, example_ids=example_ids or "auto")
                 ious[split[k]] += [foreground_iou(p.labels > 0, labels[j] > 0) for j, p in zip(targets, found)]
             for half, values in ious.items():
-                means[f"margin {margin}, {reading}, {half}"] = round(float(np.mean(values)), 3)
-            print({key: value for key, value in means.items() if key.startswith(f"margin {margin}, {reading}")},
-                  flush=True)
+                means[f"{name}, {reading}, {half}"] = round(float(np.mean(values)), 3)
+            print({key: value for key, value in means.items() if key.startswith(f"{name}, {reading}")}, flush=True)
     report({"model": args.model, "device": args.device, "mean_foreground_iou": means}, args.out)
 
 

@@ -142,15 +142,48 @@ def color_distances(painting, colors):
     return distance.transpose(1, 2).reshape(batch, colors.shape[1], height, width)
 
 
-def favour_background(distance, margin: float):
+#: favour_background measures a pixel's distance to the foreground as its distance to the nearest blend of
+#: its two nearest label colours (the segment between them), not to the nearest colour alone
+MARGIN_AGAINST_BLENDS = False
+
+
+def favour_background(distance, margin: float, colors=None):
     """Distances (B, K+1, H, W) with the background's (index 0) scaled so that a pixel takes a label only
-    when its painting is nearer that label's colour than black by at least `margin`, in decide()'s terms:
-    (d_background - d_label) / (d_background + d_label) >= margin. 0: the plain nearest colour."""
+    when its painting is nearer the foreground than black by at least `margin`, in decide()'s terms:
+    (d_background - d_foreground) / (d_background + d_foreground) >= margin. 0: the plain nearest colour.
+
+    d_foreground is the distance to the nearest label's colour; with `colors` ((1 or B, K+1, 3), black first)
+    and MARGIN_AGAINST_BLENDS, to the nearest blend of the two nearest labels' colours (a pixel the model
+    paints between two labels is foreground, however far from both). A pixel that takes a label takes the
+    nearest one, as without a margin."""
     if not margin:
         return distance
     distance = distance.clone()
-    distance[:, 0] *= (1.0 - margin) / (1.0 + margin)
+    scale = (1.0 - margin) / (1.0 + margin)
+    if colors is None or not MARGIN_AGAINST_BLENDS or distance.shape[1] < 3:
+        distance[:, 0] *= scale
+        return distance
+    nearest = _distance_to_blends(distance[:, 1:], colors[:, 1:].float())  # (B, H, W)
+    first = distance[:, 1:].min(1).values  # (B, H, W): to the nearest label's colour, >= nearest
+    distance[:, 0] *= scale * first.clamp_min(1e-6) / nearest.clamp_min(1e-6)  # background iff scale * d_bg > nearest
     return distance
+
+
+def _distance_to_blends(label_distance, label_colors):
+    """Each pixel's distance to the segment between its two nearest label colours. label_distance
+    (B, K, H, W), label_colors (1 or B, K, 3) -> (B, H, W); from the triangle of the two distances and the
+    colours' own distance, so the painting itself is not needed."""
+    import torch
+
+    batch, labels, height, width = label_distance.shape
+    two = label_distance.topk(2, dim=1, largest=False)
+    d_a, d_b = two.values[:, 0], two.values[:, 1]  # (B, H, W)
+    gaps = torch.cdist(label_colors, label_colors).expand(batch, -1, -1).reshape(batch, labels * labels)
+    pair = (two.indices[:, 0] * labels + two.indices[:, 1]).reshape(batch, -1)
+    gap = gaps.gather(1, pair).reshape(batch, height, width).clamp_min(1e-6)  # |colour a - colour b|
+    along = (d_a ** 2 - d_b ** 2 + gap ** 2) / (2 * gap)  # the pixel's projection onto a->b, from a
+    height_above = (d_a ** 2 - along ** 2).clamp_min(0).sqrt()
+    return torch.where((along > 0) & (along < gap), height_above, d_a)
 
 
 def decide(distance):

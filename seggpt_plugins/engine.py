@@ -339,7 +339,7 @@ class SegGPT:
             code = codes[members[0]]
             colors = torch.as_tensor(code.all_colors, dtype=torch.float32, device=paintings.device)[None]
             group = paintings[members].float()  # (G, 3, h, w)
-            distances = favour_background(color_distances(group, colors), margin)  # (G, K+1, h, w)
+            distances = favour_background(color_distances(group, colors), margin, colors)  # (G, K+1, h, w)
             distances = restrict_to_neighbours(distances)
             channels = distances.shape[1] + 3
             rows = max(1, SNAP_CHUNK_PIXELS // (size[1] * len(members) * max(1, channels // 4)))
