@@ -143,8 +143,10 @@ def color_distances(painting, colors):
 
 
 #: favour_background measures a pixel's distance to the foreground as its distance to the nearest blend of
-#: its two nearest label colours (the segment between them), not to the nearest colour alone
-MARGIN_AGAINST_BLENDS = False
+#: its two nearest label colours (the segment between them), not to the nearest colour alone: with one
+#: colour per nucleus, stardist's tiles read 0.57 rather than 0.42 at margin 0.7, generated tasks the same
+#: (BENCHMARKS.md section 19, eval_margin_classes.py)
+MARGIN_AGAINST_BLENDS = True
 
 
 def favour_background(distance, margin: float, colors=None):
