@@ -84,6 +84,28 @@ def test_a_foreground_margin_gives_a_label_only_to_pixels_that_far_from_black():
     assert decide(favour_background(distances, 0.7))[0][0, 0, 2] == decide(distances)[0][0, 0, 2]  # labels unchanged
 
 
+def test_the_margin_keeps_a_blend_of_two_labels_in_the_foreground(monkeypatch):
+    """With several labels, a pixel painted between two of them is as far from each as from black: measured
+    against the nearest blend of its two nearest labels (MARGIN_AGAINST_BLENDS) it stays foreground, with the
+    nearest label; one label, or the rule off, measures against the label's colour as before."""
+    from seggpt_plugins import colors as module
+    from seggpt_plugins.colors import color_distances, decide, favour_background
+
+    colors = torch.tensor([[[0.0, 0, 0], [255, 0, 0], [0, 255, 0]]])
+    # red, red-green blend (leaning green), near-black, dark red (nearest red, 0.56 from black), darker red
+    painting = torch.tensor([[255.0, 0, 0], [120, 135, 0], [40, 40, 0], [200, 10, 0], [60, 0, 0]]).T.reshape(1, 3, 1, 5)
+    distances = color_distances(painting, colors)
+    assert decide(distances)[0][0, 0].tolist() == [1, 2, 0, 1, 0]
+    monkeypatch.setattr(module, "MARGIN_AGAINST_BLENDS", True)
+    assert decide(favour_background(distances, 0.7, colors))[0][0, 0].tolist() == [1, 2, 0, 1, 0]
+    assert decide(favour_background(distances, 0.95, colors))[0][0, 0].tolist() == [1, 2, 0, 0, 0]
+    assert decide(favour_background(distances, 0.7))[0][0, 0].tolist() == [1, 0, 0, 0, 0]  # no colours: as before
+    one = distances[:, :2]  # red alone: the blend rule has no second label
+    assert torch.equal(favour_background(one, 0.7, colors[:, :2]), favour_background(one, 0.7))
+    monkeypatch.setattr(module, "MARGIN_AGAINST_BLENDS", False)
+    assert decide(favour_background(distances, 0.7, colors))[0][0, 0].tolist() == [1, 0, 0, 0, 0]
+
+
 def test_unknown_ids_and_mixed_kinds_are_refused():
     code = ColorCode.for_ids([1, 2])
     with pytest.raises(InputError, match="not in this prompt set"):
