@@ -52,8 +52,8 @@ class AdaptSettings:
     intensity_jitter: float = 0.25
     seed: int = 0
     # choose the foreground margin for the kept weights on the held-out square (fit_margin). Off by default:
-    # a margin helps examples of few classes and hurts examples read as many (one colour per object), and
-    # propagation reads plain whatever it is (BENCHMARKS.md section 19)
+    # a margin helps examples of few classes and costs a little on examples read as many (one colour per
+    # object), and propagation reads plain whatever it is (BENCHMARKS.md section 19)
     fit_margin: bool = False
 
 
