@@ -52,23 +52,24 @@ def test_labels_are_the_nearest_prompt_colour_of_the_painting(demo_model, nuclei
 
 def test_the_foreground_margin_comes_with_the_model_and_changes_its_fingerprint(demo_model, nuclei2d, tmp_path):
     """A config's foreground margin (for a model trained with foreground pixels weighted x10, which paints a halo
-    of blends): the demo model read with 0.7 paints less than the plain nearest colour, and nearer the truth, on
-    real nuclei; the margin is saved with the model and is part of its fingerprint."""
+    of blends): the demo model ships 0.7, and paints less than the plain nearest colour (the same weights read
+    with 0), and nearer the truth, on real nuclei; the margin is saved with the model and is part of its
+    fingerprint."""
     from seggpt_plugins.loading import load_network
 
     image, truth = nuclei2d
     net = load_network("demo")
-    net.config.foreground_margin = 0.7
-    margined = SegGPT(net, device="cpu")
-    assert margined.foreground_margin == 0.7 and demo_model.foreground_margin == 0
-    assert margined.fingerprint != demo_model.fingerprint
+    net.config.foreground_margin = 0.0
+    plain = SegGPT(net, device="cpu")
+    assert demo_model.foreground_margin == 0.7 and plain.foreground_margin == 0
+    assert plain.fingerprint != demo_model.fingerprint
     args = ([image[256:384, 256:384]], image[:128, :128], (truth[:128, :128] > 0).astype(np.uint8))
-    with_margin, without = margined.segment(*args)[0].labels > 0, demo_model.segment(*args)[0].labels > 0
+    with_margin, without = demo_model.segment(*args)[0].labels > 0, plain.segment(*args)[0].labels > 0
     true = truth[256:384, 256:384] > 0
     iou = lambda a: (a & true).sum() / (a | true).sum()  # noqa: E731
     assert with_margin.sum() < without.sum() and (with_margin & ~without).sum() == 0
     assert iou(with_margin) > iou(without)
-    margined.save_pretrained(tmp_path / "saved")
+    demo_model.save_pretrained(tmp_path / "saved")
     assert SegGPT.from_pretrained(tmp_path / "saved", device="cpu").foreground_margin == 0.7
     from seggpt_plugins.errors import ModelSourceError
 
