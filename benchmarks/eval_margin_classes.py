@@ -5,10 +5,10 @@
 Stardist's 2D image (ships in seggpt_plugins/demo/samples) in 16 tiles of 128 px, each tile in turn the one
 example with its instance labels (a nucleus, an id), the other 15 the targets; the demo model read with
 margins 0 and 0.7 (colors.favour_background; the margin measured against the nearest label's colour, and
-against the nearest blend of the two nearest labels' colours, colors.MARGIN_AGAINST_BLENDS), the example's ids read three ways: as the foreground (one
-class, eval_demo.py's case), as objects (`example_ids="instances"`: shown as their foreground, section 13)
-and as classes (`example_ids="classes"`: each nucleus its own colour, what Label Studio's and FiftyOne's
-label maps and napari's "labels" output pass). Mean foreground IoU of the targets; examples in the left
+against the nearest blend of the two nearest labels' colours, colors.MARGIN_AGAINST_BLENDS), the example's
+ids read three ways: as the foreground (one class, eval_demo.py's case), as objects (`example_ids=
+"instances"`: shown as their foreground, section 13) and as classes (`example_ids="classes"`: each nucleus
+its own colour, what Label Studio's and FiftyOne's label maps and napari's "labels" output pass). Mean foreground IoU of the targets; examples in the left
 half of the image are the design runs, in the right half the report (section 13's split). And, as
 eval_foreground_margin.py chose the margin, generated tasks from seed 40,000,000 (120, 1 and 3 examples,
 mIoU; some tasks have several classes), a design set for both.
