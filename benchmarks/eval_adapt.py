@@ -7,7 +7,8 @@ are for choosing settings, tiles 8-15 for reporting: each example tile (from 8-1
 ground truth (nuclei vs background), the demo model is adapted on it alone (SegGPT.adapt, at most
 --time-limit seconds on this machine), and then both the shipped and the adapted model segment the other
 report tiles with that tile as the example; foreground IoU against ground truth, with Otsu's threshold on
-each target (polarity from the example) as the baseline, as in eval_demo.py.
+each target (polarity from the example) as the baseline, as in eval_demo.py. With --design, the example
+tiles and their targets are the design tiles 0-7 instead (how the settings were chosen).
 
 With --every-reference (what tests/test_labelstudio_e2e.py's adaptation test meets): the seven 128 px tiles
 that test imports (8-bit, as it scales them), each in turn the one reference; the demo model adapted on it for
@@ -31,7 +32,16 @@ import numpy as np
 from _report import report
 from eval_demo import SAMPLES, TILE, foreground_iou, otsu_mask
 
+DESIGN_TILES = list(range(8))
 REPORT_TILES = list(range(8, 16))
+
+
+def adapt_settings(args):
+    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
+    from seggpt_plugins.adapt import AdaptSettings
+
+    weight = {} if args.foreground_weight is None else {"foreground_weight": args.foreground_weight}
+    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight)
 
 
 def main() -> None:
@@ -41,6 +51,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--foreground-weight", type=float, default=None,
+                        help="the loss's weight on foreground pixels (default: AdaptSettings')")
+    parser.add_argument("--design", action="store_true", help="example and target tiles of the design tiles 0-7")
     parser.add_argument("--stack", action="store_true", help="the 3D stack's middle slice (see above)")
     parser.add_argument("--every-reference", action="store_true",
                         help="the Label Studio test's seven tiles, each the one reference in turn (see above)")
@@ -53,7 +66,6 @@ def main() -> None:
     from tifffile import imread
 
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.adapt import AdaptSettings
 
     image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif") > 0
     corners = [(r, c) for r in range(0, image.shape[0], TILE) for c in range(0, image.shape[1], TILE)]
@@ -61,12 +73,14 @@ def main() -> None:
     masks = [truth[r:r + TILE, c:c + TILE].astype(np.uint8) for r, c in corners]
     base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
     runs = []
+    split = DESIGN_TILES if args.design else REPORT_TILES
     for k in args.examples:
-        if k not in REPORT_TILES:
-            raise SystemExit(f"example tile {k} is not a report tile (8-15)")
-        targets = [t for t in REPORT_TILES if t != k]
+        if k not in split:
+            raise SystemExit(f"example tile {k} is not a {'design' if args.design else 'report'} tile "
+                             f"({split[0]}-{split[-1]})")
+        targets = [t for t in split if t != k]
         started = time.time()
-        settings = AdaptSettings(lr=args.lr, batch_size=args.batch_size)
+        settings = adapt_settings(args)
         adapted = base.adapt([tiles[k]], [masks[k]], time_limit=args.time_limit, steps=args.steps, settings=settings)
         seconds = time.time() - started
         scores = {}
@@ -84,9 +98,11 @@ def main() -> None:
                "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
         print(run, flush=True)
         runs.append(run)
-    report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; report tiles 8-15",
+    report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; "
+            + ("design tiles 0-7" if args.design else "report tiles 8-15"),
             "base_foreground_margin": base.foreground_margin,
             "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+            "foreground_weight": adapt_settings(args).foreground_weight,
             "runs": runs}, args.out)
 
 
@@ -94,7 +110,6 @@ def stack(args) -> None:
     from tifffile import imread
 
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.adapt import AdaptSettings
 
     frames, truth = imread(SAMPLES / "nuclei3d.tif"), imread(SAMPLES / "nuclei3d_mask.tif") > 0
     middle = len(frames) // 2
@@ -102,7 +117,7 @@ def stack(args) -> None:
     base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
     started = time.time()
     adapted = base.adapt([frames[middle]], [annotation], time_limit=args.time_limit, steps=args.steps,
-                         settings=AdaptSettings(lr=args.lr, batch_size=args.batch_size))
+                         settings=adapt_settings(args))
     seconds = time.time() - started
     others = [z for z in range(len(frames)) if z != middle]
     result = {}
@@ -129,7 +144,6 @@ def every_reference(args) -> None:
     from tifffile import imread
 
     from seggpt_plugins import SegGPT
-    from seggpt_plugins.adapt import AdaptSettings
 
     image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif") > 0
     low, high = float(image.min()), float(np.percentile(image, 99.8))
@@ -146,7 +160,7 @@ def every_reference(args) -> None:
             return round(float(np.mean([foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, others)])), 4)
 
         adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=args.steps, example_ids="classes",
-                             settings=AdaptSettings(lr=args.lr, batch_size=args.batch_size))
+                             settings=adapt_settings(args))
         info = adapted.adaptation
         before = mean_iou(base)
         after = mean_iou(adapted) if info["improved"] else before

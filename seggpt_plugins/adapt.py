@@ -43,7 +43,10 @@ class AdaptSettings:
     lr: float = 1e-4
     warmup: int = 10
     weight_decay: float = 0.05
-    foreground_weight: float = 10.0
+    # the loss's weight on the examples' foreground pixels (training.painting_loss). 1, not the 10 the demo
+    # was trained with: weighted up, a few examples teach the model to paint more than the objects (1.2-1.5x
+    # on stardist's design tiles) and that does not carry to other images (BENCHMARKS.md section 16)
+    foreground_weight: float = 1.0
     trainable: str = "auto"
     holdout: float = 0.25  # the held-out square's share of the largest example's shorter side, squared
     eval_every: int = 10

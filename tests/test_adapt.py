@@ -164,6 +164,7 @@ def example_files(tmp_path):
     ("empty", "all background"),
     ("exists", "exists and is not empty; pass --overwrite"),
     ("steps", "--steps must be >= 1"),
+    ("weight", "--foreground-weight must be positive, got 0.0"),
 ])
 def test_cli_bad_input_is_one_line_before_the_model_loads(example_files, capsys, case, message):
     d = example_files
@@ -173,7 +174,8 @@ def test_cli_bad_input_is_one_line_before_the_model_loads(example_files, capsys,
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     argv = ["adapt", "--model", str(d / "no_such_model"), "--prompt", str(d / "image.png"), str(d / mask),
-            "--out", str(out), "--time-limit", "5"] + (["--steps", "0"] if case == "steps" else [])
+            "--out", str(out), "--time-limit", "5"] + {"steps": ["--steps", "0"],
+                                                       "weight": ["--foreground-weight", "0"]}.get(case, [])
     code, err = _run(argv, capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
