@@ -20,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
     p.add_argument("--trainable", default="auto",
                    help="auto (all weights under 60 M parameters, else decoder + last 4 blocks), all, decoder, last:N")
-    p.add_argument("--foreground-weight", type=float, default=1.0,
-                   help="the loss's weight on the examples' foreground pixels (default: 1; the demo was trained at 10)")
+    p.add_argument("--foreground-weight", type=float, default=10.0,
+                   help="the loss's weight on the examples' foreground pixels (default: 10, as the demo was trained)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default: 10)")
     p.add_argument("--patience", type=int, default=6,
                    help="stop after this many evaluations without improvement (default: %(default)s)")
