@@ -46,7 +46,8 @@ def adapt_settings(args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, nargs="+", default=[9, 12], help="example tiles (of 8-15; of 0-7 with --design)")
+    parser.add_argument("--examples", type=int, nargs="+", default=[9, 12],
+                        help="example tiles (of 8-15; of 0-7 with --design)")
     parser.add_argument("--time-limit", type=float, default=180.0)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-4)
