@@ -8,10 +8,10 @@ margins 0 and 0.7 (colors.favour_background; the margin measured against the nea
 against the nearest blend of the two nearest labels' colours, colors.MARGIN_AGAINST_BLENDS), the example's
 ids read three ways: as the foreground (one class, eval_demo.py's case), as objects (`example_ids=
 "instances"`: shown as their foreground, section 13) and as classes (`example_ids="classes"`: each nucleus
-its own colour, what Label Studio's and FiftyOne's label maps and napari's "labels" output pass). Mean foreground IoU of the targets; examples in the left
-half of the image are the design runs, in the right half the report (section 13's split). And, as
-eval_foreground_margin.py chose the margin, generated tasks from seed 40,000,000 (120, 1 and 3 examples,
-mIoU; some tasks have several classes), a design set for both.
+its own colour, what Label Studio's and FiftyOne's label maps and napari's "labels" output pass). Mean
+foreground IoU of the targets; examples in the left half of the image are the design runs, in the right
+half the report (section 13's split). And, as eval_foreground_margin.py chose the margin, generated tasks
+from seed 40,000,000 (120, 1 and 3 examples, mIoU; some tasks have several classes), a design set for both.
 """
 
 from __future__ import annotations
