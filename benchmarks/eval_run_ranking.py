@@ -1,12 +1,13 @@
 """Does the confidence rank a run's targets? (issue 30, item 5: the 16-tile protocol)
 
     cd benchmarks && OMP_NUM_THREADS=1 python eval_run_ranking.py --out results/eval_run_ranking.json
+    (the same with `--quality full --out results/eval_run_ranking_full.json`: the full estimate)
 
 A person reviews one run at a time. Stardist's 2D nuclei image (seggpt_plugins/demo/samples, 512x512) is cut
 into 16 tiles of 128 px; each tile in turn is the example (its foreground mask) and the other 15 are the
 targets: 16 runs. Per run:
-- per image: Spearman's rho between each target's confidence (`Prediction.confidence`, the fast estimate)
-  and its true foreground IoU;
+- per image: Spearman's rho between each target's confidence (`Prediction.confidence`, the estimate that
+  --quality names: fast, the default, or full, which reads the mirrored target too) and its true foreground IoU;
 - per object: Spearman's rho between each predicted object's confidence (`Prediction.objects()`, its
   predicted IoU) and its IoU with the true nucleus it overlaps best (quality_fit.object_ious), over all
   the run's objects.
@@ -29,7 +30,7 @@ from eval_quality import SAMPLES, scaled
 TILE = 128
 
 
-def run(model, tiles, k: int) -> dict:
+def run(model, tiles, k: int, quality: str = "fast") -> dict:
     """(the run with tile k as the example, summed up; its (confidence, IoU) pairs of targets and of objects)."""
     from scipy.stats import spearmanr
 
@@ -39,7 +40,7 @@ def run(model, tiles, k: int) -> dict:
     example, example_truth = tiles[k]
     targets = [t for j, t in enumerate(tiles) if j != k]
     predictions = model.segment([t[0] for t in targets], example, (example_truth > 0).astype(np.uint8),
-                                seg_type="semantic", quality="fast")
+                                seg_type="semantic", quality=quality)
     iou = [float(agreement(p.labels != 0, truth > 0)) for p, (_, truth) in zip(predictions, targets)]
     confidence = [float(p.confidence) for p in predictions]
     object_iou, object_confidence, from_objects = [], [], []
@@ -90,14 +91,16 @@ def main() -> None:
     from _report import model_and_args, report
 
     warnings.simplefilter("ignore")
-    model, args = model_and_args(__doc__)
+    model, args = model_and_args(__doc__, lambda parser: parser.add_argument(
+        "--quality", choices=["fast", "full"], default="fast", help="the per-image estimate (default: fast)"))
     image, truth = scaled(tifffile.imread(SAMPLES / "nuclei2d.tif")), tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
     boxes = [(r, c) for r in range(0, 512, TILE) for c in range(0, 512, TILE)]
     tiles = [(image[r:r + TILE, c:c + TILE], truth[r:r + TILE, c:c + TILE]) for r, c in boxes]
-    results = [run(model, tiles, k) for k in range(len(tiles))]
+    results = [run(model, tiles, k, args.quality) for k in range(len(tiles))]
     left = [r for r, (_, c) in zip(results, boxes) if c < 256]
     right = [r for r, (_, c) in zip(results, boxes) if c >= 256]
     report({"model": args.model, "device": args.device, "foreground_margin": model.foreground_margin,
+            "quality": args.quality,
             "splits": {"design (examples in the left half)": summary(left),
                        "held-out (examples in the right half)": summary(right),
                        "all 16 runs (the issue's figure)": summary(results)},

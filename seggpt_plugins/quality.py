@@ -59,10 +59,12 @@ from .instances import connected_components, find_instances
 from .vocabulary import DEMO_MODEL
 
 QUALITIES = ("fast", "full")
-#: the features each estimate blends, with their weights (on standardised features): three views of a
-#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py)
+#: the features each estimate blends, with their weights (on standardised features). fast: three views of a
+#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py);
+#: full: the mirrored target's agreement leads, which ranks the targets of one run on real nuclei
+#: (chosen on the design runs of benchmarks/eval_run_ranking.py; docs/quality.md, "Ranking a run")
 BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0},
-          "full": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0, "flip_agreement": 0.25}}
+          "full": {"snap_foreground": 1.0, "boundary_edges": 1.0, "flip_agreement": 2.0}}
 UNCERTAIN_MARGIN = 0.5
 #: features are read on a strided view of at most this many pixels a side (statistics: 16k pixels are
 #: plenty; benchmarks/eval_quality_large.py measures the ranking of 512x512 targets read this way)

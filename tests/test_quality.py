@@ -395,7 +395,7 @@ def test_an_object_painted_on_background_or_cut_short_looks_worse(rng):
 
 
 def test_fit_models_adds_the_object_estimate_and_old_files_still_load(tmp_path, rng):
-    rows = [{name: v for name in BLENDS["full"]} for v in rng.random(50)]
+    rows = [{name: v for blend in BLENDS.values() for name in blend} for v in rng.random(50)]
     objects = [({name: v for name in OBJECT_BLEND}, 0.1 + 0.8 * v) for v in rng.random(300)]
     models = fit_models(rows, [r["snap_foreground"] for r in rows], objects)
     assert set(models) == {"fast", "full", OBJECT_MODEL}
