@@ -38,9 +38,10 @@ REPORT_TILES = list(range(8, 16))
 
 def adapt_settings(args):
     """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
-    from seggpt_plugins.adapt import AdaptSettings
+    from seggpt_plugins.adapt import AdaptSettings, check_foreground_weight
 
-    weight = {} if args.foreground_weight is None else {"foreground_weight": args.foreground_weight}
+    weight = ({} if args.foreground_weight is None
+              else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
     return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight)
 
 
@@ -52,8 +53,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--foreground-weight", type=float, default=None,
-                        help="the loss's weight on foreground pixels (default: AdaptSettings')")
+    parser.add_argument("--foreground-weight", default=None,
+                        help="the loss's weight on foreground pixels: a number or 'balanced' (default: AdaptSettings')")
     parser.add_argument("--design", action="store_true", help="example and target tiles of the design tiles 0-7")
     parser.add_argument("--stack", action="store_true", help="the 3D stack's middle slice (see above)")
     parser.add_argument("--every-reference", action="store_true",

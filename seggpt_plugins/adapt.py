@@ -43,10 +43,11 @@ class AdaptSettings:
     lr: float = 1e-4
     warmup: int = 10
     weight_decay: float = 0.05
-    # the loss's weight on the examples' foreground pixels (training.painting_loss), as the demo was trained.
-    # 1 was tried: better on stardist's 16-bit tiles, but on 8-bit ones it taught the model to paint 0.4-0.7x
-    # the nuclei of the other tiles while its held-out square improved (BENCHMARKS.md section 16)
-    foreground_weight: float = 10.0
+    # the loss's weight on the examples' foreground pixels (training.painting_loss): 10 as the demo was trained,
+    # or "balanced" (balanced_foreground_weight: the training regions' background share over their foreground
+    # share, 1..10). 1 was tried: better on stardist's 16-bit tiles, but on 8-bit ones it taught the model to
+    # paint 0.4-0.7x the nuclei of the other tiles while its held-out square improved (BENCHMARKS.md section 16)
+    foreground_weight: float | str = 10.0
     trainable: str = "auto"
     holdout: float = 0.25  # the held-out square's share of the largest example's shorter side, squared
     eval_every: int = 10
@@ -165,6 +166,28 @@ def split_examples(examples: Examples, holdout: float = 0.25):
     regions = [(rgb[:, cols], mask[:, cols]), (rgb[rows], mask[rows])]
     regions += [(examples.images[k], examples.masks[k]) for k in range(len(examples.images)) if k != largest]
     return [reg for reg in regions if min(reg[1].shape) >= MIN_HELD_OUT], held
+
+
+def balanced_foreground_weight(regions) -> float:
+    """The loss's foreground weight that balances the training regions' [(rgb, labels)] foreground pixels
+    against their background pixels: background share / foreground share, clipped to 1..10 (10: the demo's
+    training weight; a region with no foreground gives 10)."""
+    foreground = sum(int(np.count_nonzero(labels)) for _, labels in regions)
+    total = sum(labels.size for _, labels in regions)
+    return float(np.clip((total - foreground) / foreground, 1.0, 10.0)) if foreground else 10.0
+
+
+def check_foreground_weight(weight) -> float | str:
+    """A foreground weight as AdaptSettings takes it (a positive number or "balanced"); InputError otherwise."""
+    if weight == "balanced":
+        return weight
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0:
+        raise InputError(f"foreground weight must be a positive number or 'balanced', got {weight!r}")
+    return value
 
 
 class CropTasks:
@@ -339,6 +362,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         raise InputError("steps must be >= 0; batch_size, eval_every and patience >= 1")
     if settings.time_limit is not None and settings.time_limit <= 0:
         raise InputError(f"time_limit must be positive seconds, got {settings.time_limit}")
+    check_foreground_weight(settings.foreground_weight)
     examples = images if isinstance(images, Examples) else read_examples(
         images, masks, intensity_range, example_ids, settings.holdout)
     started = time.monotonic()
@@ -350,9 +374,11 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     net = _float_network(model).to(model.device)
     trainable = _trainable(net, settings.trainable)
     _set_trainable(net, trainable)
+    weight = (balanced_foreground_weight(regions) if settings.foreground_weight == "balanced"
+              else float(settings.foreground_weight))
     train_settings = TrainSettings(steps=max(1, settings.steps), batch_size=settings.batch_size, lr=settings.lr,
                                    warmup=settings.warmup, weight_decay=settings.weight_decay,
-                                   foreground_weight=settings.foreground_weight, seed=settings.seed)
+                                   foreground_weight=weight, seed=settings.seed)
     params, optimizer = make_optimizer(net, train_settings, model.device)
     names = [name for name, p in net.named_parameters() if p.requires_grad]
     evaluator_of = lambda network: SegGPT(network, device=model.device, dtype="float32",  # noqa: E731
@@ -446,6 +472,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         "base_foreground_margin": model.foreground_margin,
         "margin_held_out_iou": {f"{m:g}": round(v, 4) for m, v in margin_scores.items()},
         "seconds": round(elapsed(), 1), "trainable": trainable, "examples": len(examples.images),
-        "held_out_pixels": int(held[1].size), "settings": asdict(settings), "history": history,
+        "held_out_pixels": int(held[1].size), "foreground_weight": round(weight, 3), "settings": asdict(settings),
+        "history": history,
     }
     return adapted

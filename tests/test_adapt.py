@@ -121,6 +121,26 @@ def test_adapt_cancel_stops_between_steps(base):
     assert adapted.adaptation["stopped"] == "cancelled" and adapted.adaptation["steps"] == 2
 
 
+def test_a_balanced_foreground_weight_is_read_from_the_training_regions(base):
+    from seggpt_plugins import InputError
+    from seggpt_plugins.adapt import AdaptSettings, balanced_foreground_weight
+
+    quarter = np.zeros((8, 8), np.uint8)
+    quarter[:4, :4] = 1  # a quarter foreground: 3 background pixels per foreground pixel
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    assert balanced_foreground_weight([(rgb, quarter)]) == pytest.approx(3.0)
+    assert balanced_foreground_weight([(rgb, quarter), (rgb, np.zeros_like(quarter))]) == pytest.approx(7.0)
+    assert balanced_foreground_weight([(rgb, np.ones_like(quarter))]) == 1.0  # clipped
+    assert balanced_foreground_weight([(rgb, np.zeros_like(quarter))]) == 10.0  # nothing to balance
+    image, mask = scene(0)
+    capped = base.adapt([image], [mask], time_limit=None, steps=1,
+                        settings=AdaptSettings(batch_size=2, foreground_weight="balanced"))
+    assert 1.0 <= capped.adaptation["foreground_weight"] <= 10.0
+    assert capped.adaptation["settings"]["foreground_weight"] == "balanced"
+    with pytest.raises(InputError, match="foreground weight must be a positive number or 'balanced', got 'heavy'"):
+        base.adapt([image], [mask], settings=AdaptSettings(foreground_weight="heavy"))
+
+
 def test_adapt_refuses_bad_examples(base):
     from seggpt_plugins import InputError
 
@@ -164,7 +184,7 @@ def example_files(tmp_path):
     ("empty", "all background"),
     ("exists", "exists and is not empty; pass --overwrite"),
     ("steps", "--steps must be >= 1"),
-    ("weight", "--foreground-weight must be positive, got 0.0"),
+    ("weight", "--foreground-weight must be a positive number or 'balanced', got '0'"),
 ])
 def test_cli_bad_input_is_one_line_before_the_model_loads(example_files, capsys, case, message):
     d = example_files

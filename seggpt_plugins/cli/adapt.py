@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
     p.add_argument("--trainable", default="auto",
                    help="auto (all weights under 60 M parameters, else decoder + last 4 blocks), all, decoder, last:N")
-    p.add_argument("--foreground-weight", type=float, default=10.0,
-                   help="the loss's weight on the examples' foreground pixels (default: 10, as the demo was trained)")
+    p.add_argument("--foreground-weight", default="10",
+                   help="the loss's weight on the examples' foreground pixels: a number (default: 10, as the demo was "
+                        "trained) or 'balanced' (their background share over their foreground share, 1..10)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default: 10)")
     p.add_argument("--patience", type=int, default=6,
                    help="stop after this many evaluations without improvement (default: %(default)s)")
@@ -39,7 +40,7 @@ def register(sub) -> None:
 def cmd_adapt(args: argparse.Namespace) -> int:
     import json
 
-    from ..adapt import AdaptSettings, read_examples
+    from ..adapt import AdaptSettings, check_foreground_weight, read_examples
     from ..errors import InputError
     from .options import check_model_options, require_files
 
@@ -53,8 +54,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise InputError(f"--time-limit must be positive seconds, got {args.time_limit}")
     if args.lr <= 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
-    if args.foreground_weight <= 0:
-        raise InputError(f"--foreground-weight must be positive, got {args.foreground_weight}")
+    try:
+        weight = check_foreground_weight(args.foreground_weight)
+    except InputError:
+        raise InputError(f"--foreground-weight must be a positive number or 'balanced', "
+                         f"got {args.foreground_weight!r}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out names the model directory to write")
@@ -63,7 +67,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     require_files([f for pair in args.prompt for f in pair])
     settings = AdaptSettings(steps=args.steps, time_limit=args.time_limit, batch_size=args.batch_size, lr=args.lr,
                              trainable=args.trainable, eval_every=args.eval_every, patience=args.patience,
-                             seed=args.seed, foreground_weight=args.foreground_weight)
+                             seed=args.seed, foreground_weight=weight)
     if settings.trainable not in ("auto", "all", "decoder") and not settings.trainable.startswith("last:"):
         raise InputError(f"--trainable must be auto, all, decoder or last:N, got {settings.trainable!r}")
     examples = read_examples([image for image, _ in args.prompt], [mask for _, mask in args.prompt],
