@@ -318,7 +318,8 @@ class SegGPTBackend:
                                      descriptors=np.stack([p.descriptor for p in prepared]))
         runner = Runner(model, pool, most_similar=self.max_prompts, label_ids=list(view.label_ids.values()),
                         batch_size=max(1, self.settings.batch_size), seg_type=self.seg_type, ensemble=self.ensemble,
-                        tile=self.tile, halo=self.halo, objects=self.object_rule, example_ids="classes",  # labels
+                        tile=self.tile, halo=self.halo, quality=self.settings.quality, objects=self.object_rule,
+                        example_ids="classes",  # the masks' values are the config's labels
                         readers=TARGET_DOWNLOADS, read_ahead=0)  # the pixel budget counts one batch
         targets = [Target(i, lambda task=task: self._load_target(task, view, fetcher),
                           name=f"task {str(task.get('id') if isinstance(task, dict) else '?')[:40]} image",

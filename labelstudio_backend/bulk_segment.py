@@ -127,6 +127,7 @@ class Segmenting:
                        batch_size=settings.batch_size, threads=self.run_options["threads"],
                        most_similar=backend.max_prompts if len(prompts) > backend.max_prompts else None,
                        seg_type=backend.seg_type, ensemble=backend.ensemble, tile=backend.tile, halo=backend.halo,
+                       quality=settings.quality,  # SEGGPT_QUALITY
                        example_ids="classes")  # the masks' values are the config's labels, as in /predict
         # the objects by the backend's rule, each with its own confidence (as /predict gives them)
         export = ExportOptions(output="instances", min_area=backend.object_rule.min_area,

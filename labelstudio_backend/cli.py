@@ -24,6 +24,8 @@ ENV_HELP = """environment (used when the flag is not given):
   SEGGPT_MAX_DOWNLOAD_MB, SEGGPT_MAX_IMAGE_PIXELS, SEGGPT_MIN_AREA, SEGGPT_POLYGON_TOLERANCE,
   SEGGPT_ENSEMBLE (feature, spatial, both), SEGGPT_TILE (pixels or auto), SEGGPT_HALO: defaults of the
   extra_params of the same names
+  SEGGPT_QUALITY          fast (default) or full: the predictions' scores; full ranks a run's images better
+                          for review and reads each image mirrored too (twice the time)
 
 Label Studio side, for a backend on the same machine: SSRF_PROTECTION_ENABLED=false ML_BLOCK_LOCAL_IP=false;
 a prediction call is cut after ML_TIMEOUT_PREDICT seconds (default 100)."""

@@ -76,6 +76,7 @@ class Settings:
     ensemble: str = "feature"  # SEGGPT_ENSEMBLE: feature, spatial or both (a project's extra_params override)
     tile: int | str | None = None  # SEGGPT_TILE: tiles of this many pixels, or "auto"; None: no tiling
     halo: int = 32  # SEGGPT_HALO: pixels each tile overlaps its neighbours by
+    quality: str = "fast"  # SEGGPT_QUALITY: the prediction's score; full reads the mirrored image too (2x the time)
     max_request_mb: float = 64.0  # SEGGPT_MAX_REQUEST_MB: largest /predict body (/webhook: a quarter, /setup: 1 MB)
     max_request_pixels: int = 1 << 27  # SEGGPT_MAX_REQUEST_PIXELS: decoded pixels one request holds at once (134 M)
     state_dir: str | None = None  # SEGGPT_STATE_DIR: project settings and references that survive restarts
@@ -110,6 +111,7 @@ class Settings:
             ensemble=_env("SEGGPT_ENSEMBLE", "feature"),
             tile=_env_tile("SEGGPT_TILE"),
             halo=_env_int("SEGGPT_HALO", 32),
+            quality=_env("SEGGPT_QUALITY", "fast"),
             max_request_mb=_env_float("SEGGPT_MAX_REQUEST_MB", 64.0),
             max_request_pixels=_env_int("SEGGPT_MAX_REQUEST_PIXELS", 1 << 27),
             state_dir=_env("SEGGPT_STATE_DIR"),
@@ -135,6 +137,7 @@ class Settings:
             problems.append(f"seg_type must be one of {SEG_TYPES}, got {self.seg_type!r}")
         from seggpt_plugins.ensembles import ENSEMBLES, tile_size
         from seggpt_plugins.loading import DTYPE_NAMES, QUANTIZE_CHOICES
+        from seggpt_plugins.quality import QUALITIES
         from seggpt_plugins.errors import InputError
 
         if self.dtype not in (None, "auto", *DTYPE_NAMES):
@@ -143,6 +146,8 @@ class Settings:
             problems.append(f"SEGGPT_QUANTIZE must be int8 (or unset), got {self.quantize!r}")
         if self.ensemble not in ENSEMBLES:
             problems.append(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if self.quality not in QUALITIES:
+            problems.append(f"SEGGPT_QUALITY must be fast or full, got {self.quality!r}")
         try:
             tile_size(self.tile, self.halo)
         except InputError as exc:

@@ -766,6 +766,26 @@ def test_ensemble_and_tile_defaults_from_the_environment(monkeypatch):
         Settings.from_env()
 
 
+def test_quality_full_scores_the_predictions_with_the_mirrored_image_too(make_client, fake_ls, tiles, monkeypatch):
+    assert Settings().quality == "fast"
+    monkeypatch.setenv("SEGGPT_QUALITY", "full")
+    assert Settings.from_env().quality == "full"
+    monkeypatch.setenv("SEGGPT_QUALITY", "best")
+    with pytest.raises(ValueError, match="SEGGPT_QUALITY must be fast or full, got 'best'"):
+        Settings.from_env()
+    for k in (0, 2):
+        fake_ls.add_task(7, tiles[k], annotation_result=[brush_region(tiles[k]["nuclei"], "Nucleus")])
+    targets = [fake_ls.add_task(7, tiles[k]) for k in (5, 6, 9)]
+    scores = {}
+    for quality in ("fast", "full"):
+        client = make_client(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, quality=quality)
+        response = client.post("/predict", json=predict_body(targets))
+        assert response.status_code == 200, response.json
+        scores[quality] = [item["score"] for item in response.json["results"]]
+        assert all(0 < score < 1 for score in scores[quality]), scores
+    assert scores["full"] != scores["fast"]  # another estimate: the full one reads the mirrored image's agreement
+
+
 def test_ensemble_and_tile_params_accepted():
     assert check_params({"ensemble": "spatial", "tile": 256, "halo": 16}) == {"ensemble": "spatial", "tile": 256,
                                                                              "halo": 16}
