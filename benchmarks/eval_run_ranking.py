@@ -1,7 +1,8 @@
 """Does the confidence rank a run's targets? (issue 30, item 5: the 16-tile protocol)
 
     cd benchmarks && OMP_NUM_THREADS=1 python eval_run_ranking.py --out results/eval_run_ranking.json
-    (the same with `--quality full --out results/eval_run_ranking_full.json`: the full estimate)
+    (the same with `--quality full --out results/eval_run_ranking_full.json`: the full estimate; with `--stack`:
+    the 3D stack's runs, below)
 
 A person reviews one run at a time. Stardist's 2D nuclei image (seggpt_plugins/demo/samples, 512x512) is cut
 into 16 tiles of 128 px; each tile in turn is the example (its foreground mask) and the other 15 are the
@@ -20,6 +21,9 @@ the image's confidence ("image and objects"); a target without objects keeps its
 Splits: the runs whose example lies in the left half of the image (8) are the design split, those in the
 right half (8) are held out; the targets of every run are the other 15 tiles, so the splits share targets,
 not examples. One intensity scale for all tiles (eval_quality.scaled: the image's percentiles).
+
+--stack: stardist's 3D stack (31 slices of 61x57) the same way, each slice in turn the example and the other
+30 the targets (31 runs, one scale for the stack); no estimate was chosen on these runs: all are held out.
 """
 
 from __future__ import annotations
@@ -91,16 +95,28 @@ def main() -> None:
     from _report import model_and_args, report
 
     warnings.simplefilter("ignore")
-    model, args = model_and_args(__doc__, lambda parser: parser.add_argument(
-        "--quality", choices=["fast", "full"], default="fast", help="the per-image estimate (default: fast)"))
+    def options(parser) -> None:
+        parser.add_argument("--quality", choices=["fast", "full"], default="fast",
+                            help="the per-image estimate (default: fast)")
+        parser.add_argument("--stack", action="store_true", help="the 3D stack's slices, not the 2D image's tiles")
+
+    model, args = model_and_args(__doc__, options)
+    common = {"model": args.model, "device": args.device, "foreground_margin": model.foreground_margin,
+              "quality": args.quality}
+    if args.stack:
+        stack, truth = scaled(tifffile.imread(SAMPLES / "nuclei3d.tif")), tifffile.imread(SAMPLES / "nuclei3d_mask.tif")
+        results = [run(model, list(zip(stack, truth)), z, args.quality) for z in range(len(stack))]
+        report({**common, "set": "stardist 3D stack: each slice the example of the other 30",
+                "splits": {"all 31 runs (held out: none chose the estimate)": summary(results)},
+                "runs": [r for r, _ in results]}, args.out)
+        return
     image, truth = scaled(tifffile.imread(SAMPLES / "nuclei2d.tif")), tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
     boxes = [(r, c) for r in range(0, 512, TILE) for c in range(0, 512, TILE)]
     tiles = [(image[r:r + TILE, c:c + TILE], truth[r:r + TILE, c:c + TILE]) for r, c in boxes]
     results = [run(model, tiles, k, args.quality) for k in range(len(tiles))]
     left = [r for r, (_, c) in zip(results, boxes) if c < 256]
     right = [r for r, (_, c) in zip(results, boxes) if c >= 256]
-    report({"model": args.model, "device": args.device, "foreground_margin": model.foreground_margin,
-            "quality": args.quality,
+    report({**common, "set": "stardist 2D image: 16 tiles of 128 px, each the example of the other 15",
             "splits": {"design (examples in the left half)": summary(left),
                        "held-out (examples in the right half)": summary(right),
                        "all 16 runs (the issue's figure)": summary(results)},
