@@ -85,10 +85,12 @@ def main() -> None:
         settings = adapt_settings(args)
         adapted = base.adapt([tiles[k]], [masks[k]], time_limit=args.time_limit, steps=args.steps, settings=settings)
         seconds = time.time() - started
-        scores = {}
+        scores, painted = {}, {}
         for name, model in (("shipped", base), ("adapted", adapted)):
             preds = model.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
             scores[name] = [foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]
+            painted[name] = round(sum(int((p.labels > 0).sum()) for p in preds)
+                                  / sum(int(masks[t].sum()) for t in targets), 3)
         scores["otsu"] = [foreground_iou(otsu_mask(tiles[t], tiles[k], masks[k]), masks[t] > 0) for t in targets]
         info = adapted.adaptation
         run = {"example_tile": k, "targets": targets, "adapt_seconds": round(seconds, 1),
@@ -96,7 +98,8 @@ def main() -> None:
                "adapted_minus_otsu": round(float(np.mean(scores["adapted"]) - np.mean(scores["otsu"])), 4),
                "steps": info["steps"], "best_step": info["best_step"], "stopped": info["stopped"],
                "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
-               "foreground_margin": info["foreground_margin"],
+               "foreground_margin": info["foreground_margin"], "foreground_weight": info["foreground_weight"],
+               "painted_over_true": painted,
                "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
         print(run, flush=True)
         runs.append(run)
@@ -135,7 +138,8 @@ def stack(args) -> None:
             "adapt_seconds": round(seconds, 1), **result,
             "adapted_minus_otsu": round(result["adapted_mean_slice_iou"] - result["otsu_mean_slice_iou"], 4),
             **{k: info[k] for k in ("improved", "steps", "best_step", "stopped", "held_out_iou_before",
-                                    "held_out_iou_best", "base_foreground_margin", "foreground_margin")}}, args.out)
+                                    "held_out_iou_best", "base_foreground_margin", "foreground_margin",
+                                    "foreground_weight")}}, args.out)
 
 
 
@@ -157,19 +161,22 @@ def every_reference(args) -> None:
     for k in range(len(tiles)):
         others = [t for t in range(len(tiles)) if t != k]
 
-        def mean_iou(model):
+        def mean_iou(model):  # (and the share of the other tiles' nuclei it paints)
             preds = model.segment([tiles[t] for t in others], tiles[k], masks[k], quality=None)
-            return round(float(np.mean([foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, others)])), 4)
+            painted = sum(int((p.labels > 0).sum()) for p in preds) / sum(int(masks[t].sum()) for t in others)
+            return (round(float(np.mean([foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, others)])),
+                          4), round(painted, 3))
 
         adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=args.steps, example_ids="classes",
                              settings=adapt_settings(args))
         info = adapted.adaptation
-        before = mean_iou(base)
-        after = mean_iou(adapted) if info["improved"] else before
+        (before, painted_before) = mean_iou(base)
+        (after, painted_after) = mean_iou(adapted) if info["improved"] else (before, painted_before)
         run = {"reference": f"tile_{LS_TILES[k][0]}_{LS_TILES[k][1]}", "kept": info["improved"],
                "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
-               "best_step": info["best_step"], "others_iou_before": before, "others_iou_after": after,
-               "change": round(after - before, 4)}
+               "best_step": info["best_step"], "foreground_weight": info["foreground_weight"],
+               "others_iou_before": before, "others_iou_after": after, "change": round(after - before, 4),
+               "others_painted_over_true": [painted_before, painted_after]}
         print(run, flush=True)
         runs.append(run)
     kept = [r for r in runs if r["kept"]]
