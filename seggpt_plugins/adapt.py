@@ -45,8 +45,9 @@ class AdaptSettings:
     weight_decay: float = 0.05
     # the loss's weight on the examples' foreground pixels (training.painting_loss): 10 as the demo was trained,
     # or "balanced" (balanced_foreground_weight: the training regions' background share over their foreground
-    # share, 1..10). 1 was tried: better on stardist's 16-bit tiles, but on 8-bit ones it taught the model to
-    # paint 0.4-0.7x the nuclei of the other tiles while its held-out square improved (BENCHMARKS.md section 16)
+    # share, 1..10). 1 and "balanced" were measured: better on stardist's 16-bit tiles, but from two of seven
+    # 8-bit tiles they taught the model to paint 0.4-0.75x the nuclei of the other tiles while its held-out
+    # square improved (BENCHMARKS.md section 16)
     foreground_weight: float | str = 10.0
     trainable: str = "auto"
     holdout: float = 0.25  # the held-out square's share of the largest example's shorter side, squared
