@@ -220,6 +220,8 @@ def check(dataset, opts: Options, shard: bool = False) -> str:
             errors["mask_dir"] = problem
     if video and opts.tile is not None:
         errors["tile"] = "tiles are for images; video frames are propagated whole (leave it empty)"
+    if video and opts.quality != "fast":
+        errors["quality"] = f"video datasets are propagated, which reads the fast estimate only, got {opts.quality!r}"
     if errors:
         raise ParamError(errors)
     return kind

@@ -50,8 +50,9 @@ LABEL = "Propagate labels with SegGPT"
 IMMEDIATE_LIMIT = 200  # the App suggests delegated execution for more targets than this
 SHARD_PARAM = "_shard"  # [index, count] in the params of a queued shard
 PROMPTS_PARAM = "_prompt_ids"  # the prompt samples, fixed when the shards were queued
-ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "memory", "batch_size", "device", "precision",
-            "mask_dir", "skip_existing", "overwrite_field", "num_shards", "gt_field")  # behind the Advanced settings switch
+ADVANCED = ("max_prompts", "embedding_type", "ensemble", "tile", "halo", "memory", "quality", "batch_size", "device",
+            "precision", "mask_dir", "skip_existing", "overwrite_field", "num_shards",
+            "gt_field")  # behind the Advanced settings switch
 # request params of the run that queues shards that must not reach the shards themselves
 _NOT_FOR_SHARDS = {"selected", "selected_samples", "selected_labels", "current_sample", "extended_selection",
                    "run_doc", "results", "request_delegation", "filters", "extended", "view_name", "target",
@@ -170,6 +171,12 @@ class PropagateLabels(foo.Operator):
             field("memory", inputs.int, min=0, default=8,
                   description="Video datasets: the last predicted frames that join each frame's prompts (SegGPT's "
                               "video mode; 0: the annotated frames alone)")
+        qualities = types.RadioGroup()
+        qualities.add_choice("fast", label="fast", description="nearly free")
+        qualities.add_choice("full", label="full", description="image datasets: each image segmented mirrored too "
+                                                               "(twice the time); ranks the images of one run better")
+        field("quality", inputs.enum, values=qualities.values(), view=qualities, default="fast",
+              description="The confidence that orders the review (the confidence field)")
         field("batch_size", inputs.int, min=1, default=8, description="Targets per forward pass")
         device_fields(field, inputs)
         field("mask_dir", inputs.str, required=False,
@@ -340,14 +347,15 @@ class PropagateLabels(foo.Operator):
     def __call__(self, sample_collection, label_field, output_field=None, *, prompt_tag=None, max_prompts=4,
                  embedding_type=None, batch_size=8, model=AUTO_MODEL, device=None, precision=None, mask_dir=None,
                  skip_existing=True, num_shards=1, gt_field=None, overwrite_field=False, ensemble=None,
-                 tile=None, halo=None, memory=None, view_target=None, selected=None, delegate=False):
+                 tile=None, halo=None, memory=None, quality=None, view_target=None, selected=None, delegate=False):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does).
 
         view_target: a `fiftyone.operators.constants.ViewTarget` value (default: the given collection);
         selected: sample ids playing the App's selection; delegate: queue instead of running now.
         ensemble ("feature", "spatial", "both"), tile (pixels or "auto") and halo: see the core's segment.
         Video datasets: label_field and output_field are frame fields ("frames.<name>"); memory: the last
-        predicted frames that join each frame's prompts (see the core's propagate).
+        predicted frames that join each frame's prompts (see the core's propagate). quality: the confidence,
+        "fast" (default) or "full" (image datasets: the mirrored image too, twice the time; see the core's segment).
         Returns the `ExecutionResult` (for a delegated run, `.result` describes the queued operation).
         """
         params = dict(label_field=label_field, output_field=output_field, prompt_tag=prompt_tag,
@@ -356,7 +364,7 @@ class PropagateLabels(foo.Operator):
                       num_shards=num_shards,
                       gt_field=gt_field, overwrite_field=overwrite_field, ensemble=ensemble,
                       tile=None if tile is None else str(tile), halo=halo,  # the form's tile is text
-                      memory=memory)
+                      memory=memory, quality=quality)
         params = {k: v for k, v in params.items() if v is not None}
         if view_target is not None:
             params["view_target"] = view_target

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from seggpt_plugins.ensembles import ENSEMBLES, tile_size
 from seggpt_plugins.errors import InputError
+from seggpt_plugins.quality import QUALITIES
 from seggpt_plugins.vocabulary import AUTO_MODEL, PRECISIONS, SEG_TYPES
 
 CONFIDENCE_SUFFIX = "_confidence"  # per-sample predicted IoU (lower: review first), to sort the review queue by
@@ -55,6 +56,7 @@ class Options:
     tile: int | str | None = None  # large targets cut into tiles of this many pixels, or "auto"; None: no tiling
     halo: int = 32  # pixels each tile overlaps its neighbours by
     memory: int = 8  # video datasets: the last predicted frames of each run that join its prompts
+    quality: str = "fast"  # the confidence (core quality.py): fast, or full (the mirrored image too; images only)
 
     @property
     def confidence_field(self) -> str:
@@ -131,6 +133,9 @@ class Options:
             errors["tile"] = f"expected 'auto' or a number of pixels >= 2 (empty or 0: no tiling), got {tile!r}"
             tile = None
         halo = integer("halo", 32, low=0)
+        quality = text("quality") or "fast"
+        if quality not in QUALITIES:
+            errors["quality"] = f"must be one of {QUALITIES}, got {quality!r}"
         if tile is not None and "halo" not in errors:
             try:
                 tile_size(tile, halo)
@@ -142,7 +147,7 @@ class Options:
                    precision=precision, mask_dir=mask_dir, skip_existing=boolean("skip_existing", True),
                    num_shards=integer("num_shards", 1), gt_field=text("gt_field"),
                    overwrite_field=boolean("overwrite_field", False), ensemble=ensemble, tile=tile, halo=halo,
-                   memory=integer("memory", 8, low=0))
+                   memory=integer("memory", 8, low=0), quality=quality)
         if errors:
             raise ParamError(errors)
         return opts

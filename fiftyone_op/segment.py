@@ -130,7 +130,8 @@ def _predict(model, dataset, opts, seg_type, pool: PromptPool, codec, targets, c
     prediction (Detections: the runner's objects, by the core's rule)."""
     progress = Progress()
     runner = Runner(model, pool, most_similar=opts.max_prompts, batch_size=opts.batch_size, seg_type=seg_type,
-                    ensemble=opts.ensemble, tile=opts.tile, halo=opts.halo, example_ids="classes",  # the codec's
+                    ensemble=opts.ensemble, tile=opts.tile, halo=opts.halo, quality=opts.quality,
+                    example_ids="classes",  # the codec's
                     objects=OBJECTS if codec.kind == DETECTIONS else None)
     filepaths = dataset.select(targets, ordered=True).values("filepath")
     items = [Target(sample_id, filepath, name=f"image {filepath}") for sample_id, filepath in zip(targets, filepaths)]

@@ -472,12 +472,41 @@ def test_spatial_ensemble_and_tiles_reach_the_core(dataset, monkeypatch):
     assert dataset.count("pred2") == 3
 
 
+def test_quality_full_reaches_the_core_and_scores_the_confidence_field(dataset, monkeypatch):
+    """quality "full": the runner reads the mirrored image too, and the confidence field holds that estimate."""
+    import fiftyone.operators as foo
+
+    from seggpt_plugins.fiftyone.options import Options
+    from seggpt_plugins.runner import Runner
+
+    qualities = []
+    original = Runner.__init__
+
+    def spy(self, *args, **kwargs):
+        qualities.append(kwargs.get("quality", "fast"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "__init__", spy)
+    targets = dataset.match_tags("prompt", bool=False).limit(3)
+    confidences = {}
+    for quality in ("fast", "full"):
+        result = foo.get_operator(URI)(targets, "labels", f"pred_{quality}", prompt_tag="prompt", max_prompts=2,
+                                       model="demo", device="cpu", quality=quality)
+        assert result.error is None, result.error
+        confidences[quality] = targets.values(f"pred_{quality}_confidence")
+        assert all(0 < c < 1 for c in confidences[quality]), confidences
+    assert qualities == ["fast", "full"]
+    assert confidences["full"] != confidences["fast"]  # another estimate: the mirrored image's agreement leads
+    assert Options.from_params({"label_field": "labels"}).quality == "fast"
+
+
 @pytest.mark.parametrize("params, expected", [
     ({"ensemble": "mean"}, "Path: ensemble. Reason: must be one of ('feature', 'spatial', 'both'), got 'mean'"),
     ({"tile": "big"}, "Path: tile. Reason: expected 'auto' or a number of pixels >= 2"),
     ({"tile": "1"}, "Path: tile. Reason: expected 'auto' or a number of pixels >= 2"),
     ({"halo": -1}, "Path: halo. Reason: must be >= 0, got -1"),
     ({"tile": "40", "halo": 20}, "Path: halo. Reason: a 40x40 tile with a halo of 20 leaves no core"),
+    ({"quality": "best"}, "Path: quality. Reason: must be one of ('fast', 'full'), got 'best'"),
 ])
 def test_bad_ensemble_and_tile_are_refused(base, params, expected):
     from seggpt_plugins.fiftyone.options import Options, ParamError
@@ -1173,7 +1202,7 @@ def test_form_essentials_first_and_advanced_behind_a_switch(base):
     assert fields == ["view_target", "label_field", "prompt_tag", "output_field", "model", "advanced"]
     assert (props["label_field"].view.label, props["output_field"].view.label) == ("Label field", "Output field")
     advanced = form(base, demo(label_field="labels", output_field="out", prompt_tag="prompt", advanced=True))
-    assert {"max_prompts", "batch_size", "device", "precision", "num_shards", "gt_field", "tile"} <= set(advanced)
+    assert {"max_prompts", "batch_size", "device", "precision", "num_shards", "gt_field", "tile", "quality"} <= set(advanced)
     assert (advanced["gt_field"].view.label, advanced["max_prompts"].view.label) == ("Ground truth field",
                                                                                      "Max prompts")
     # an error in a hidden setting opens the section

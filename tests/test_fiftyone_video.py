@@ -330,6 +330,8 @@ def test_sample_fields_on_a_video_dataset_and_a_video_without_prompts(dataset):
            "Path: output_field", "'x' is a sample field, but this is a video dataset")
     _fails(dataset.view(), demo(label_field="frames.gt", output_field="frames.x"),
            "1 video has no annotated frame ('frames.gt' set) and there are no prompt videos", "clip2.mp4")
+    _fails(dataset.view(), demo(label_field="frames.gt", output_field="frames.x", quality="full"),
+           "Path: quality. Reason: video datasets are propagated, which reads the fast estimate only, got 'full'")
     assert not dataset.has_field("frames.x")
 
 
