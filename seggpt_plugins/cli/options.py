@@ -82,8 +82,9 @@ def add_export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
 def add_quality(parser: argparse.ArgumentParser, choices: list[str]) -> None:
     parser.add_argument("--quality", choices=choices, default="fast",
                         help="estimate each proposal's IoU (the confidence of --review, worst first): fast (nearly "
-                             "free)" + (", full (also segments each target mirrored: twice the time)" if "full" in
-                                        choices else "") + " or off (default: %(default)s)")
+                             "free)" + (", full (also segments each target mirrored: twice the time; ranks the "
+                                        "targets of one run better)" if "full" in choices else "")
+                             + " or off (default: %(default)s)")
 
 
 # ------------------------------------------------------------------------------------------ reading them
