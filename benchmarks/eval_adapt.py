@@ -45,6 +45,11 @@ def adapt_settings(args):
     return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight)
 
 
+def painted_over_true(predictions, truths) -> float:
+    """The pixels the predictions paint over the true foreground pixels, summed over the targets."""
+    return round(sum(int((p.labels > 0).sum()) for p in predictions) / sum(int((t > 0).sum()) for t in truths), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, nargs="+", default=[9, 12],
@@ -89,8 +94,7 @@ def main() -> None:
         for name, model in (("shipped", base), ("adapted", adapted)):
             preds = model.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
             scores[name] = [foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]
-            painted[name] = round(sum(int((p.labels > 0).sum()) for p in preds)
-                                  / sum(int(masks[t].sum()) for t in targets), 3)
+            painted[name] = painted_over_true(preds, [masks[t] for t in targets])
         scores["otsu"] = [foreground_iou(otsu_mask(tiles[t], tiles[k], masks[k]), masks[t] > 0) for t in targets]
         info = adapted.adaptation
         run = {"example_tile": k, "targets": targets, "adapt_seconds": round(seconds, 1),
@@ -163,9 +167,8 @@ def every_reference(args) -> None:
 
         def mean_iou(model):  # (and the share of the other tiles' nuclei it paints)
             preds = model.segment([tiles[t] for t in others], tiles[k], masks[k], quality=None)
-            painted = sum(int((p.labels > 0).sum()) for p in preds) / sum(int(masks[t].sum()) for t in others)
             return (round(float(np.mean([foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, others)])),
-                          4), round(painted, 3))
+                          4), painted_over_true(preds, [masks[t] for t in others]))
 
         adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=args.steps, example_ids="classes",
                              settings=adapt_settings(args))
