@@ -1202,7 +1202,8 @@ def test_form_essentials_first_and_advanced_behind_a_switch(base):
     assert fields == ["view_target", "label_field", "prompt_tag", "output_field", "model", "advanced"]
     assert (props["label_field"].view.label, props["output_field"].view.label) == ("Label field", "Output field")
     advanced = form(base, demo(label_field="labels", output_field="out", prompt_tag="prompt", advanced=True))
-    assert {"max_prompts", "batch_size", "device", "precision", "num_shards", "gt_field", "tile", "quality"} <= set(advanced)
+    assert {"max_prompts", "batch_size", "device", "precision", "num_shards", "gt_field", "tile",
+            "quality"} <= set(advanced)
     assert (advanced["gt_field"].view.label, advanced["max_prompts"].view.label) == ("Ground truth field",
                                                                                      "Max prompts")
     # an error in a hidden setting opens the section
