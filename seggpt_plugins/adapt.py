@@ -16,7 +16,6 @@ Memory stays bounded: one batch of crops at a time and one copy of the trainable
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -273,28 +272,6 @@ def _trainable(net, choice: str) -> str:
     return "all" if sum(p.numel() for p in net.parameters()) < 60_000_000 else "last:4"
 
 
-def _float_network(model):
-    """A float32 copy of the model's weights to train: reloaded from its source when the model runs at a
-    lower precision or quantized (a copy would carry the rounding), else copied."""
-    import torch
-
-    from .loading import load_network
-
-    float_state = getattr(model, "_float32_state", None)
-    if float_state is not None:  # an adapted model at reduced precision keeps its float32 weights
-        from transformers import SegGptForImageSegmentation
-
-        net = SegGptForImageSegmentation(model.net.config)
-        net.load_state_dict(float_state)
-        return net.float()
-    if model.quantize or model.dtype != torch.float32:
-        if not model.source:
-            raise InputError("adapting a model held at reduced precision or quantized needs its source; load it "
-                             "with SegGPT.from_pretrained or at dtype float32")
-        return load_network(model.source)
-    return copy.deepcopy(model.net).float()
-
-
 def held_out_iou(evaluator, regions, held, ids, batch_size: int = 2) -> float:
     """Mean IoU over the classes on the held-out square (and its mirror image), segmented through
     `SegGPT.segment` with the training regions as examples."""
@@ -355,6 +332,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
 
     from .engine import SegGPT
     from .quality import calibrated_file
+    from .saving import float32_network
     from .training import TrainSettings, _set_trainable, make_optimizer, train_step
 
     base = settings or AdaptSettings()
@@ -372,7 +350,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     if not regions:
         raise InputError("the examples leave no region to train on beside the held-out square; give larger ones")
 
-    net = _float_network(model).to(model.device)
+    net = float32_network(model).to(model.device)
     trainable = _trainable(net, settings.trainable)
     _set_trainable(net, trainable)
     weight = (balanced_foreground_weight(regions) if settings.foreground_weight == "balanced"
@@ -445,7 +423,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
     del optimizer, params
     with torch.no_grad():
         if best_state is None:  # nothing beat the base weights: give them back
-            net = _float_network(model)
+            net = float32_network(model)
         else:
             net.load_state_dict(best_state, strict=False)
     for p in net.parameters():

@@ -41,22 +41,39 @@ def write_model_dir(net, out_dir: Path, extra_json: dict[str, dict] | None = Non
     return out_dir
 
 
-def save_model(model, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`SegGPT.save_pretrained`: the weights in float32 (an adapted model at reduced precision kept them),
-    with adaptation.json when the model was adapted."""
+def float32_network(model):
+    """A float32 copy of `model`'s network (a SegGPT): its kept float32 weights (an adapted model at reduced
+    precision), reloaded from its source when it runs at a lower precision or quantized (a copy would carry
+    the rounding, and another fingerprint), else copied, with the model's foreground margin."""
     import copy
 
-    out_dir = checked_out_dir(out_dir, overwrite)
+    import torch
+
+    from .loading import load_network
+
     float_state = getattr(model, "_float32_state", None)
-    if model.quantize and float_state is None:
-        raise InputError("a quantized model has no float weights to save; save the model it was loaded from")
     if float_state is not None:
         from transformers import SegGptForImageSegmentation
 
-        clone = SegGptForImageSegmentation(model.net.config)
-        clone.load_state_dict(float_state)
-    else:
-        clone = copy.deepcopy(model.net).cpu().float()
+        net = SegGptForImageSegmentation(copy.deepcopy(model.net.config))
+        net.load_state_dict(float_state)
+        return net.float()
+    if model.quantize or model.dtype != torch.float32:
+        if not model.source:
+            raise InputError("a model held at reduced precision or quantized keeps no float32 weights and has no "
+                             "source to reload them from; load it with SegGPT.from_pretrained or at dtype float32")
+        net = load_network(model.source)
+        if hasattr(model.net.config, "foreground_margin"):  # read as the model reads (adapt may have set it)
+            net.config.foreground_margin = model.net.config.foreground_margin
+        return net.float()
+    return copy.deepcopy(model.net).cpu().float()
+
+
+def save_model(model, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`SegGPT.save_pretrained`: the weights in float32 (`float32_network`: never the rounded ones of a model
+    held at reduced precision), with adaptation.json when the model was adapted."""
+    out_dir = checked_out_dir(out_dir, overwrite)
+    clone = float32_network(model)
     extra = {}
     adaptation = getattr(model, "adaptation", None)
     if adaptation:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seggpt_plugins import ModelSourceError, SegGPT
+from seggpt_plugins.errors import InputError
 from seggpt_plugins.loading import PAINTER_RENAMES, load_network, painter_to_transformers_keys
 
 from .conftest import random_net
@@ -66,6 +67,24 @@ def test_save_pretrained_directory_round_trip(net64, tmp_path):
     net64.save_pretrained(tmp_path / "m")
     a, b = SegGPT(net64, device="cpu"), SegGPT.from_pretrained(tmp_path / "m", device="cpu")
     assert np.array_equal(paint_once(a), paint_once(b))
+
+
+def test_a_model_held_at_reduced_precision_saves_its_float32_weights(net64, tmp_path):
+    """Loaded at bfloat16 or quantized, then saved: the weights written are the source's float32 ones (not
+    rounded), so the saved model has the source's fingerprint; its margin is the one it reads with."""
+    net64.save_pretrained(tmp_path / "src")
+    source = SegGPT.from_pretrained(tmp_path / "src", device="cpu", dtype="float32")
+    for held in ({"dtype": "bfloat16"}, {"quantize": "int8"}):
+        model = SegGPT.from_pretrained(tmp_path / "src", device="cpu", **held)
+        model.net.config.foreground_margin = 0.25
+        out = model.save_pretrained(tmp_path / next(iter(held.values())))
+        saved = SegGPT.from_pretrained(out, device="cpu", dtype="float32")
+        assert saved.foreground_margin == 0.25
+        saved.net.config.foreground_margin = source.foreground_margin
+        for (name, a), b in zip(saved.net.state_dict().items(), source.net.state_dict().values()):
+            assert torch.equal(a, b), name
+    with pytest.raises(InputError, match="no source to reload them from"):
+        SegGPT(net64, device="cpu", dtype="bfloat16").save_pretrained(tmp_path / "nowhere")
 
 
 def test_saved_model_folders_get_the_umask_modes(net64, tmp_path):
