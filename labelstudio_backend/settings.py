@@ -147,7 +147,7 @@ class Settings:
         if self.ensemble not in ENSEMBLES:
             problems.append(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
         if self.quality not in QUALITIES:
-            problems.append(f"SEGGPT_QUALITY must be fast or full, got {self.quality!r}")
+            problems.append(f"SEGGPT_QUALITY must be {' or '.join(QUALITIES)}, got {self.quality!r}")
         try:
             tile_size(self.tile, self.halo)
         except InputError as exc:
