@@ -59,16 +59,23 @@ def _renumbered(labels):
     return relabel_sequential(labels)[0]
 
 
-def run_split(model, tiles, intensity_range):
+def example_radius(labels) -> float:
+    """The radius of the example's median object (sqrt(area / pi)), in pixels."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    return float(np.sqrt(np.median(areas[areas > 0]) / np.pi))
+
+
+def run_split(model, tiles, intensity_range, radius_from_example=False):
     from skimage.filters import threshold_otsu
 
     from seggpt_plugins.images import to_rgb8
     from seggpt_plugins.instances import ObjectRule
 
-    rule = ObjectRule(min_area=16)
-    split = ObjectRule(min_area=16, split_touching=True)
     rows = {"classes": [], "objects": [], "otsu": []}
     for k, (example, example_truth) in enumerate(tiles):
+        radius = example_radius(example_truth) if radius_from_example else None
+        rule = ObjectRule(min_area=16, object_radius=radius)
+        split = ObjectRule(min_area=16, split_touching=True, object_radius=radius)
         targets = [t for j, t in enumerate(tiles) if j != k]
         images = [to_rgb8(t[0], intensity_range) for t in targets]
         rgb = to_rgb8(example, intensity_range)
@@ -103,18 +110,27 @@ def main() -> None:
     from _report import model_and_args, report
     from seggpt_plugins.example_ids import instance_labelled
 
-    model, args = model_and_args(__doc__)
+    def extra(parser):
+        parser.add_argument("--sets", nargs="+", choices=("design", "held-out", "256"),
+                            default=["design", "held-out", "256"])
+        parser.add_argument("--radius-from-example", action="store_true",
+                            help="the object step's radius from the example's median object (objects and otsu)")
+
+    model, args = model_and_args(__doc__, extra)
     image = tifffile.imread(SAMPLES / "nuclei2d.tif")
     truth = tifffile.imread(SAMPLES / "nuclei2d_mask.tif")
     intensity_range = tuple(float(v) for v in np.percentile(image, (0.2, 99.8)))
-    sets = {"design (128 px tiles, left half)": tiles_of(image, truth, 128, (0, 256)),
-            "held-out (128 px tiles, right half)": tiles_of(image, truth, 128, (256, 512)),
-            "256 px tiles (the issue's case)": tiles_of(image, truth, 256)}
-    result = {"model": args.model, "device": args.device, "intensity_range": intensity_range, "sets": {}}
-    for name, tiles in sets.items():
+    sets = {"design (128 px tiles, left half)": ("design", tiles_of(image, truth, 128, (0, 256))),
+            "held-out (128 px tiles, right half)": ("held-out", tiles_of(image, truth, 128, (256, 512))),
+            "256 px tiles (the issue's case)": ("256", tiles_of(image, truth, 256))}
+    result = {"model": args.model, "device": args.device, "intensity_range": intensity_range,
+              "radius_from_example": args.radius_from_example, "sets": {}}
+    for name, (short, tiles) in sets.items():
+        if short not in args.sets:
+            continue
         detected = sum(instance_labelled([t[1]]) for t in tiles)
         result["sets"][name] = {"examples_read_as_objects": f"{detected} of {len(tiles)}",
-                                **run_split(model, tiles, intensity_range)}
+                                **run_split(model, tiles, intensity_range, args.radius_from_example)}
     report(result, args.out)
 
 
