@@ -65,7 +65,7 @@ def example_radius(labels) -> float:
     return float(np.sqrt(np.median(areas[areas > 0]) / np.pi))
 
 
-def run_split(model, tiles, intensity_range, radius_from_example=False):
+def run_split(model, tiles, intensity_range, radius_from_example=False, radius_scale=1.0):
     from skimage.filters import threshold_otsu
 
     from seggpt_plugins.images import to_rgb8
@@ -73,7 +73,7 @@ def run_split(model, tiles, intensity_range, radius_from_example=False):
 
     rows = {"classes": [], "objects": [], "otsu": []}
     for k, (example, example_truth) in enumerate(tiles):
-        radius = example_radius(example_truth) if radius_from_example else None
+        radius = example_radius(example_truth) * radius_scale if radius_from_example else None
         rule = ObjectRule(min_area=16, object_radius=radius)
         split = ObjectRule(min_area=16, split_touching=True, object_radius=radius)
         targets = [t for j, t in enumerate(tiles) if j != k]
@@ -115,6 +115,7 @@ def main() -> None:
                             default=["design", "held-out", "256"])
         parser.add_argument("--radius-from-example", action="store_true",
                             help="the object step's radius from the example's median object (objects and otsu)")
+        parser.add_argument("--radius-scale", type=float, default=1.0, help="with --radius-from-example: times this")
 
     model, args = model_and_args(__doc__, extra)
     image = tifffile.imread(SAMPLES / "nuclei2d.tif")
@@ -124,13 +125,14 @@ def main() -> None:
             "held-out (128 px tiles, right half)": ("held-out", tiles_of(image, truth, 128, (256, 512))),
             "256 px tiles (the issue's case)": ("256", tiles_of(image, truth, 256))}
     result = {"model": args.model, "device": args.device, "intensity_range": intensity_range,
-              "radius_from_example": args.radius_from_example, "sets": {}}
+              "radius_from_example": args.radius_from_example, "radius_scale": args.radius_scale, "sets": {}}
     for name, (short, tiles) in sets.items():
         if short not in args.sets:
             continue
         detected = sum(instance_labelled([t[1]]) for t in tiles)
         result["sets"][name] = {"examples_read_as_objects": f"{detected} of {len(tiles)}",
-                                **run_split(model, tiles, intensity_range, args.radius_from_example)}
+                                **run_split(model, tiles, intensity_range, args.radius_from_example,
+                                                          args.radius_scale)}
     report(result, args.out)
 
 
