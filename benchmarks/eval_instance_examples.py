@@ -10,8 +10,7 @@ same run:
 
 - `classes`: the example's ids read as classes (every id a colour; before issue 30);
 - `objects`: the ids read as objects (`example_ids="auto"` finds they are): the example shown as its
-  foreground, objects split by the object step (ObjectRule with split_touching) at the scale of the
-  example's median object (as the core does; `--radius-scale` multiplies it, for the design sweep);
+  foreground, objects split by the object step (ObjectRule with split_touching);
 - `otsu`: Otsu's threshold on the target, polarity from the example, then the same object step.
 
 Splits: 128x128 tiles of the left half are the design split (looked at while choosing example_ids.py's
@@ -66,7 +65,7 @@ def example_radius(labels) -> float:
     return float(np.sqrt(np.median(areas[areas > 0]) / np.pi))
 
 
-def run_split(model, tiles, intensity_range, radius_scale=1.0):
+def run_split(model, tiles, intensity_range, radius_from_example=False, radius_scale=1.0):
     from skimage.filters import threshold_otsu
 
     from seggpt_plugins.images import to_rgb8
@@ -74,8 +73,8 @@ def run_split(model, tiles, intensity_range, radius_scale=1.0):
 
     rows = {"classes": [], "objects": [], "otsu": []}
     for k, (example, example_truth) in enumerate(tiles):
-        radius = example_radius(example_truth) * radius_scale  # the core's own for "objects" at scale 1
-        rule = ObjectRule(min_area=16, object_radius=None if radius_scale == 1 else radius)  # None: the core's
+        radius = example_radius(example_truth) * radius_scale if radius_from_example else None
+        rule = ObjectRule(min_area=16, object_radius=radius)
         split = ObjectRule(min_area=16, split_touching=True, object_radius=radius)
         targets = [t for j, t in enumerate(tiles) if j != k]
         images = [to_rgb8(t[0], intensity_range) for t in targets]
@@ -114,8 +113,9 @@ def main() -> None:
     def extra(parser):
         parser.add_argument("--sets", nargs="+", choices=("design", "held-out", "256"),
                             default=["design", "held-out", "256"])
-        parser.add_argument("--radius-scale", type=float, default=1.0,
-                            help="the object step's radius: the example's median object's times this (1: the core's)")
+        parser.add_argument("--radius-from-example", action="store_true",
+                            help="the object step's radius from the example's median object (objects and otsu)")
+        parser.add_argument("--radius-scale", type=float, default=1.0, help="with --radius-from-example: times this")
 
     model, args = model_and_args(__doc__, extra)
     image = tifffile.imread(SAMPLES / "nuclei2d.tif")
@@ -125,13 +125,14 @@ def main() -> None:
             "held-out (128 px tiles, right half)": ("held-out", tiles_of(image, truth, 128, (256, 512))),
             "256 px tiles (the issue's case)": ("256", tiles_of(image, truth, 256))}
     result = {"model": args.model, "device": args.device, "intensity_range": intensity_range,
-              "radius_scale": args.radius_scale, "sets": {}}
+              "radius_from_example": args.radius_from_example, "radius_scale": args.radius_scale, "sets": {}}
     for name, (short, tiles) in sets.items():
         if short not in args.sets:
             continue
         detected = sum(instance_labelled([t[1]]) for t in tiles)
         result["sets"][name] = {"examples_read_as_objects": f"{detected} of {len(tiles)}",
-                                **run_split(model, tiles, intensity_range, args.radius_scale)}
+                                **run_split(model, tiles, intensity_range, args.radius_from_example,
+                                                          args.radius_scale)}
     report(result, args.out)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .colors import ColorCode
 from .errors import InputError
-from .example_ids import foreground, ids_are_objects, object_radius
+from .example_ids import foreground, ids_are_objects
 from .images import as_array, label_dtype, shared_range, to_mask, to_rgb8
 from .cpu_share import thread_governor
 from .loading import (foreground_margin, load_network, pick_device, pick_dtype, pick_quantize, resolve_source,
@@ -264,8 +264,7 @@ class SegGPT:
             [code.labels_of_colors(m).ravel() if m.ndim == 3 else np.unique(m) for _, m, _ in pairs])) if i)
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
                          tuple(rgb.shape[:2] for rgb, _, _ in pairs),
-                         _example_stats(pairs, code, object_masks) if pairs else None, shown, objects, shared,
-                         object_radius=object_radius(object_masks) if objects else None)
+                         _example_stats(pairs, code, object_masks) if pairs else None, shown, objects, shared)
 
     @staticmethod
     def color_code(tuned: list[TunedPrompt], masks: list[np.ndarray], label_ids=None) -> ColorCode:

@@ -91,14 +91,6 @@ def ids_are_objects(masks: Sequence[np.ndarray], example_ids: str = "auto") -> b
     return example_ids == "instances"
 
 
-def object_radius(masks: Sequence[np.ndarray]) -> float | None:
-    """The radius (sqrt(area / pi), pixels) of the median object of instance label masks, over all their ids:
-    the scale at which the object step parts touching objects of these examples' kind (instances.ObjectRule)."""
-    areas = np.concatenate([np.bincount(np.asarray(m, np.int64).ravel())[1:] for m in masks]) if masks else []
-    areas = np.asarray(areas)[np.asarray(areas) > 0]
-    return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else None
-
-
 def foreground(mask: np.ndarray) -> np.ndarray:
     """An instance label mask as one class: 1 where any object is, 0 elsewhere (uint8)."""
     return (np.asarray(mask) != 0).astype(np.uint8)

@@ -23,7 +23,6 @@ class Prediction:
     quality_features: dict[str, float] | None = None  # what the estimate read (quality.features)
     object_context: Any = field(default=None, repr=False, compare=False)  # quality.ObjectContext: for instances()
     ids_are_objects: bool = False  # painted from examples whose ids were objects (example_ids.py): id 1 is all
-    object_radius: float | None = None  # then: the examples' median object radius, for the object step
     joined_memory: bool | None = None  # propagation: whether this frame joined its run's memory (propagation.py)
 
     @property
@@ -44,10 +43,9 @@ class Prediction:
         its class (the label id it was painted with, or `rule.classes[id]`), area, box, mean score and, when
         this prediction's quality was estimated, its predicted IoU (`quality`, quality.ObjectContext).
         Painted from examples whose ids were objects, touching objects are always split: the foreground is
-        one class, and the object step is what tells the objects apart, at the scale of the examples' objects
-        (their median radius) unless the rule gives one."""
-        if self.ids_are_objects:
-            rule = replace(rule, split_touching=True, object_radius=rule.object_radius or self.object_radius)
+        one class, and the object step is what tells the objects apart."""
+        if self.ids_are_objects and not rule.split_touching:
+            rule = replace(rule, split_touching=True)
         return self.with_object_quality(rule.find(self.labels, self.scores))
 
     def instances(self, min_area: int = 16, split_touching: bool = False, object_radius: float | None = None,

@@ -54,7 +54,6 @@ class PromptSet:
     weights: Any = None  # (P,) float on the CPU: each prompt's weight in the ensemble (None: all equal)
     base: "PromptSet | None" = field(default=None, repr=False, compare=False)  # extended(): the set its own
     #                                      examples came from (its first len(base) rows); None: all rows are
-    object_radius: float | None = None  # ids_are_objects: the examples' median object radius (example_ids.py)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -76,7 +75,7 @@ class PromptSet:
             weights = torch.cat([self.row_weights(), torch.full((images.shape[0],), float(weight))])
         return PromptSet(torch.cat([self.images, images]), torch.cat([self.masks, masks]), self.code, self.sizes,
                          self.examples, self.shown, self.ids_are_objects, self.intensity_range, weights,
-                         self.base if self.base is not None else self, self.object_radius)
+                         self.base if self.base is not None else self)
 
     def first(self, count: int | None) -> "PromptSet":
         """The first `count` prompts (all of them for None)."""
@@ -84,7 +83,7 @@ class PromptSet:
             return self
         return PromptSet(self.images[:count], self.masks[:count], self.code, self.sizes, self.examples, self.shown,
                          self.ids_are_objects, self.intensity_range,
-                         None if self.weights is None else self.weights[:count], object_radius=self.object_radius)
+                         None if self.weights is None else self.weights[:count])
 
     @staticmethod
     def concat(sets: Sequence["PromptSet"]) -> "PromptSet":
@@ -100,8 +99,7 @@ class PromptSet:
                          tuple(sorted(set().union(*(s.shown for s in sets)))),
                          all(s.ids_are_objects for s in sets), sets[0].intensity_range,
                          None if all(s.weights is None for s in sets) else
-                         torch.cat([s.row_weights() for s in sets]),
-                         object_radius=_median_radius([s.object_radius for s in sets]))
+                         torch.cat([s.row_weights() for s in sets]))
 
 
 @dataclass
@@ -288,8 +286,3 @@ class PromptPool:
         self._cache.move_to_end(i)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-
-
-def _median_radius(radii) -> float | None:
-    """The median of the sets' object radii, None when a set has none."""
-    return None if any(r is None for r in radii) or not radii else float(np.median(radii))

@@ -438,7 +438,6 @@ class Runner:
         try:
             prediction, mirrored = self._assemble(job)
             prediction.ids_are_objects = job.prompts.ids_are_objects
-            prediction.object_radius = job.prompts.object_radius
             shown = job.prompts.shown
             if shown is not None and len(shown) < len(job.prompts.code):  # an id no example shows is not meant
                 unseen = np.isin(prediction.labels, shown, invert=True)

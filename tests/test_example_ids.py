@@ -83,36 +83,3 @@ def test_instance_labelled_example_gives_one_object_per_nucleus(nuclei2d, tmp_pa
     as_classes, categories = coco_counts(tmp_path / "classes")
     # as it was: every id a class, and nuclei painted in several of them are cut into more objects
     assert len(categories) > 10 and sum(as_classes.values()) > sum(counts.values())
-
-
-def test_objects_are_parted_at_the_scale_of_the_examples_objects():
-    """Painted clumps of 16 touching nuclei: the watershed at the scale of the parts (each a clump) leaves them
-    whole; at the examples' median object radius (example_ids.object_radius, carried by the prompts onto the
-    prediction) it parts all 64. A rule's own radius still wins."""
-    from seggpt_plugins.example_ids import object_radius
-    from seggpt_plugins.instances import ObjectRule
-    from seggpt_plugins.prediction import Prediction
-
-    centres = [(cy + 10 * i, cx + 10 * j) for cy in (12, 72) for cx in (12, 72) for i in range(4) for j in range(4)]
-    example = blobs(centres, radius=6, shape=(128, 128))
-    painted = (example > 0).astype(np.int32)  # the model paints the foreground: one class
-    radius = object_radius([example])
-    assert 5 < radius < 6 and object_radius([np.zeros((8, 8), np.uint8)]) is None
-    assert len(ObjectRule(split_touching=True).find(painted)) == 4  # the parts' own scale: the clumps
-    prediction = Prediction(painted, np.ones(painted.shape, np.float32), ids_are_objects=True,
-                            object_radius=radius)
-    assert len(prediction.objects()) == 64
-    assert len(prediction.objects(ObjectRule(object_radius=40.0))) == 4
-
-
-def test_prompts_of_instance_labelled_examples_carry_their_object_radius(demo_model):
-    from seggpt_plugins.example_ids import object_radius
-
-    example = blobs([(12 + 20 * i, 12 + 20 * j) for i in range(3) for j in range(3)], radius=4)
-    image = np.where(example > 0, 200, 30).astype(np.uint8)
-    prompts = demo_model.prepare_prompts(image, example)
-    assert prompts.ids_are_objects and prompts.object_radius == pytest.approx(object_radius([example]))
-    assert prompts.first(1).object_radius == prompts.object_radius
-    assert demo_model.prepare_prompts(image, (example > 0).astype(np.uint8)).object_radius is None  # one class
-    prediction = demo_model.segment([image], prompts, quality=None)[0]
-    assert prediction.ids_are_objects and prediction.object_radius == prompts.object_radius
