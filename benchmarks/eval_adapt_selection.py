@@ -7,8 +7,8 @@
 example (32x32 px of a 128 px tile). With one small example that score is noisy, and the best of noisy
 scores favours an early lucky evaluation (eval_adapt.py's tile 8 kept step 10 of 70). This script runs
 adapt as eval_adapt.py does on the design tiles 0-7 (one tile the example, the other seven the targets;
-the learning-rate schedule over adapt's step cap of 300) for `--steps` steps, about what 180 s gives on
-this CPU, with early stopping off, and at every evaluation also segments the other seven tiles with the
+the learning-rate schedule over adapt's step cap of 300, or over `--schedule-steps`) for `--steps` steps,
+about what 180 s gives on this CPU, with early stopping off, and at every evaluation also segments the other seven tiles with the
 current weights (the whole example tile as the prompt, as eval_adapt.py reads the result). Then it replays
 selection rules on each trace, with the patience of 6 evaluations adapt uses:
 
@@ -56,7 +56,10 @@ def replay(trace: list[dict], rule: str, tolerance: float = 0.0, patience: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, nargs="+", default=[0, 1, 2, 3, 5])
-    parser.add_argument("--steps", type=int, default=90, help="steps run (adapt's schedule spans 300)")
+    parser.add_argument("--steps", type=int, default=90, help="steps run")
+    parser.add_argument("--schedule-steps", type=int, default=300,
+                        help="the steps the learning-rate schedule spans (adapt's step cap; 300 as adapt's default, "
+                             "--steps: annealed over the steps run)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--foreground-weight", default=None)
@@ -97,8 +100,8 @@ def main() -> None:
         settings.patience = 10 ** 6  # replayed below
         adapt_module.held_out_iou = traced
         try:
-            adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=300, settings=settings,
-                                 progress=progress, cancel=lambda: steps_done[0] >= args.steps)
+            adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=args.schedule_steps,
+                                 settings=settings, progress=progress, cancel=lambda: steps_done[0] >= args.steps)
         finally:
             adapt_module.held_out_iou = held_out_iou
         for point, entry in zip(trace, adapted.adaptation["history"]):
@@ -114,7 +117,8 @@ def main() -> None:
     means = {name: round(float(np.mean([r["kept"][name]["other_iou"] for r in runs])), 4) for name in names}
     print("mean other-tile IoU of the kept weights, by rule:", means, flush=True)
     report({"benchmark": "eval_adapt_selection", "image": "stardist nuclei2d, design tiles 0-7 of 128 px",
-            "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "patience": PATIENCE,
+            "steps": args.steps, "schedule_steps": args.schedule_steps, "lr": args.lr, "batch_size": args.batch_size,
+            "patience": PATIENCE,
             "foreground_weight": adapt_settings(args).foreground_weight, "mean_by_rule": means,
             "runs": runs}, args.out)
 
