@@ -8,8 +8,9 @@ example (32x32 px of a 128 px tile). With one small example that score is noisy,
 scores favours an early lucky evaluation (eval_adapt.py's tile 8 kept step 10 of 70). This script runs
 adapt as eval_adapt.py does on the design tiles 0-7 (one tile the example, the other seven the targets;
 the learning-rate schedule over adapt's step cap of 300, or over `--schedule-steps`) for `--steps` steps,
-about what 180 s gives on this CPU, with early stopping off, and at every evaluation also segments the other seven tiles with the
-current weights (the whole example tile as the prompt, as eval_adapt.py reads the result). Then it replays
+about what 180 s gives on this CPU, with early stopping off, and at every evaluation also segments the
+other seven tiles with the current weights (the whole example tile as the prompt, as eval_adapt.py reads
+the result). Then it replays
 selection rules on each trace, with the patience of 6 evaluations adapt uses:
 
 - best: the first evaluation with the highest held-out score (adapt as it was);
