@@ -150,6 +150,7 @@ class SegGPT:
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> "os.PathLike":
         """Write the weights (float32) as a transformers model directory that `from_pretrained` and every
         `--model` load, with adaptation.json when the model was adapted; written beside and renamed into place.
+        A model held at bfloat16 or int8 writes its source's float32 weights (the same fingerprint), not rounded ones.
 
         Args:
             out_dir: the directory to write.
