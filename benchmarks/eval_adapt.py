@@ -37,14 +37,12 @@ REPORT_TILES = list(range(8, 16))
 
 
 def adapt_settings(args):
-    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight, --anneal-to-time (else
-    adapt's own)."""
+    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
     from seggpt_plugins.adapt import AdaptSettings, check_foreground_weight
 
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
-    anneal = {} if getattr(args, "anneal_to_time", None) is None else {"anneal_to_time": args.anneal_to_time}
-    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight, **anneal)
+    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight)
 
 
 def painted_over_true(predictions, truths) -> float:
@@ -62,8 +60,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--foreground-weight", default=None,
                         help="the loss's weight on foreground pixels: a number or 'balanced' (default: AdaptSettings')")
-    parser.add_argument("--anneal-to-time", action=argparse.BooleanOptionalAction, default=None,
-                        help="the learning rate annealed by the time limit too (default: AdaptSettings')")
     parser.add_argument("--design", action="store_true", help="example and target tiles of the design tiles 0-7")
     parser.add_argument("--stack", action="store_true", help="the 3D stack's middle slice (see above)")
     parser.add_argument("--every-reference", action="store_true",
@@ -116,7 +112,6 @@ def main() -> None:
             "base_foreground_margin": base.foreground_margin,
             "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
             "foreground_weight": adapt_settings(args).foreground_weight,
-            "anneal_to_time": adapt_settings(args).anneal_to_time,
             "runs": runs}, args.out)
 
 
@@ -148,8 +143,7 @@ def stack(args) -> None:
             "adapted_minus_otsu": round(result["adapted_mean_slice_iou"] - result["otsu_mean_slice_iou"], 4),
             **{k: info[k] for k in ("improved", "steps", "best_step", "stopped", "held_out_iou_before",
                                     "held_out_iou_best", "base_foreground_margin", "foreground_margin",
-                                    "foreground_weight")}, "anneal_to_time": info["settings"]["anneal_to_time"]},
-           args.out)
+                                    "foreground_weight")}}, args.out)
 
 
 

@@ -59,9 +59,6 @@ class AdaptSettings:
     # a margin helps examples of few classes and costs a little on examples read as many (one colour per
     # object), and propagation reads plain whatever it is (BENCHMARKS.md section 19)
     fit_margin: bool = False
-    # the learning rate's schedule (training._lr_at over `steps`) also follows the share of `time_limit` spent,
-    # so that a run the time limit ends (at 180 s on a CPU, ~90 of 300 steps) has annealed by then
-    anneal_to_time: bool = False
 
 
 @dataclass
@@ -275,15 +272,6 @@ def _trainable(net, choice: str) -> str:
     return "all" if sum(p.numel() for p in net.parameters()) < 60_000_000 else "last:4"
 
 
-def schedule_step(step: int, seconds: float, settings: AdaptSettings) -> int:
-    """The step of the learning-rate schedule (over `settings.steps`) a run is at after `seconds`: its own
-    step, or with `anneal_to_time` its share of the time limit spent when that is further (the warm-up counts
-    steps)."""
-    if not settings.anneal_to_time or settings.time_limit is None or step < settings.warmup:
-        return step
-    return max(step, int(settings.steps * min(1.0, seconds / settings.time_limit)))
-
-
 def held_out_iou(evaluator, regions, held, ids, batch_size: int = 2) -> float:
     """Mean IoU over the classes on the held-out square (and its mirror image), segmented through
     `SegGPT.segment` with the training regions as examples."""
@@ -421,8 +409,7 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
             break
         tick = time.monotonic()
         batch = tasks.sample(settings.batch_size, prompts=1, seed=settings.seed * 1_000_003 + step).to(model.device)
-        loss = float(train_step(net, optimizer, params, batch, schedule_step(step, elapsed(), settings),
-                                train_settings, kernel, autocast))
+        loss = float(train_step(net, optimizer, params, batch, step, train_settings, kernel, autocast))
         step += 1
         step_seconds = time.monotonic() - tick
         report(step, loss)
