@@ -18,12 +18,14 @@ selection rules on each trace, with the patience of 6 evaluations adapt uses:
 - last: the last evaluation (no selection).
 
 The figure is the other tiles' mean foreground IoU of the weights each rule keeps, per example and averaged.
+With `--ema D` every evaluation reads a running average of the trained weights (decay D per step) instead.
 Only design tiles are read: the choice is made here and checked on the report tiles by eval_adapt.py.
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -54,6 +56,37 @@ def replay(trace: list[dict], rule: str, tolerance: float = 0.0, patience: int =
     return kept
 
 
+def update_average(net, average: dict, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * the trained weights (their first values the first time)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                if name in average:
+                    average[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+                else:
+                    average[name] = p.detach().clone()
+
+
+@contextmanager
+def averaged_weights(net, average: dict):
+    """The network with the averaged weights in place of its own, for the time of the block (none: as is)."""
+    import torch
+
+    params = dict(net.named_parameters())
+    live = {name: params[name].detach().clone() for name in average}
+    with torch.no_grad():
+        for name, value in average.items():
+            params[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in live.items():
+                params[name].copy_(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, nargs="+", default=[0, 1, 2, 3, 5])
@@ -64,11 +97,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--foreground-weight", default=None)
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="evaluate (and so keep) a running average of the weights with this decay per step "
+                             "(0: the weights as trained)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from tifffile import imread
 
     import seggpt_plugins.adapt as adapt_module
+    import seggpt_plugins.training as training_module
     from seggpt_plugins import SegGPT
 
     image, truth = imread(SAMPLES / "nuclei2d.tif"), imread(SAMPLES / "nuclei2d_mask.tif") > 0
@@ -76,7 +113,7 @@ def main() -> None:
     tiles = [image[r:r + TILE, c:c + TILE] for r, c in corners]
     masks = [truth[r:r + TILE, c:c + TILE].astype(np.uint8) for r, c in corners]
     base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
-    held_out_iou = adapt_module.held_out_iou
+    held_out_iou, train_step = adapt_module.held_out_iou, training_module.train_step
     runs = []
     for k in args.examples:
         if k not in DESIGN_TILES:
@@ -84,13 +121,21 @@ def main() -> None:
         targets = [t for t in DESIGN_TILES if t != k]
         trace: list[dict] = []
 
+        average: dict = {}  # --ema: the running average of the trained weights, by name
+
         def traced(evaluator, regions, held, ids, batch_size=2):  # adapt's score, and the other tiles' IoU
-            score = held_out_iou(evaluator, regions, held, ids, batch_size)
-            preds = evaluator.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
+            with averaged_weights(evaluator.net, average):
+                score = held_out_iou(evaluator, regions, held, ids, batch_size)
+                preds = evaluator.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
             other = float(np.mean([foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]))
             trace.append({"held_out_iou": round(score, 4), "other_iou": round(other, 4),
                           "painted_over_true": painted_over_true(preds, [masks[t] for t in targets])})
             return score
+
+        def averaging_step(net, *step_args):  # training.train_step, then the average follows the weights
+            loss = train_step(net, *step_args)
+            update_average(net, average, args.ema)
+            return loss
 
         steps_done = [0]
 
@@ -100,11 +145,14 @@ def main() -> None:
         settings = adapt_settings(args)
         settings.patience = 10 ** 6  # replayed below
         adapt_module.held_out_iou = traced
+        if args.ema:
+            training_module.train_step = averaging_step
         try:
             adapted = base.adapt([tiles[k]], [masks[k]], time_limit=None, steps=args.schedule_steps,
                                  settings=settings, progress=progress, cancel=lambda: steps_done[0] >= args.steps)
         finally:
             adapt_module.held_out_iou = held_out_iou
+            training_module.train_step = train_step
         for point, entry in zip(trace, adapted.adaptation["history"]):
             point["step"] = entry["step"]
         rules = {"best": replay(trace, "best"), "last": replay(trace, "last"),
@@ -118,8 +166,8 @@ def main() -> None:
     means = {name: round(float(np.mean([r["kept"][name]["other_iou"] for r in runs])), 4) for name in names}
     print("mean other-tile IoU of the kept weights, by rule:", means, flush=True)
     report({"benchmark": "eval_adapt_selection", "image": "stardist nuclei2d, design tiles 0-7 of 128 px",
-            "steps": args.steps, "schedule_steps": args.schedule_steps, "lr": args.lr, "batch_size": args.batch_size,
-            "patience": PATIENCE,
+            "steps": args.steps, "schedule_steps": args.schedule_steps, "ema": args.ema, "lr": args.lr,
+            "batch_size": args.batch_size, "patience": PATIENCE,
             "foreground_weight": adapt_settings(args).foreground_weight, "mean_by_rule": means,
             "runs": runs}, args.out)
 
