@@ -81,8 +81,8 @@ def test_a_model_held_at_reduced_precision_saves_its_float32_weights(net64, tmp_
         model.net.config.foreground_margin = 0.25
         saved = SegGPT.from_pretrained(model.save_pretrained(tmp_path / name), device="cpu", dtype="float32")
         assert saved.foreground_margin == 0.25
-        for (name, a), b in zip(saved.net.state_dict().items(), source.net.state_dict().values()):
-            assert torch.equal(a, b), name
+        for (key, a), b in zip(saved.net.state_dict().items(), source.net.state_dict().values()):
+            assert torch.equal(a, b), key
     with pytest.raises(InputError, match="no source to reload them from"):
         SegGPT(net64, device="cpu", dtype="bfloat16").save_pretrained(tmp_path / "nowhere")
 
