@@ -241,8 +241,8 @@ def main(argv=None) -> int:
     command = args.label_studio or shutil.which("label-studio", path=str(ROOT / ".cache/label-studio-venv/bin")) \
         or shutil.which("label-studio")
     if not command:
-        print("no label-studio command: pip install label-studio==1.23.2 (in its own venv) or pass --label-studio",
-              file=sys.stderr)
+        print("no label-studio command: pip install -c tests/label-studio-constraints.txt label-studio==1.23.2"
+              " (in its own venv) or pass --label-studio", file=sys.stderr)
         return 2
 
     shutil.rmtree(args.root, ignore_errors=True)

@@ -8,6 +8,7 @@ and stopped afterwards, as is the backend. Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 LS_VERSION = "1.23.2"
 LS_VENV = REPO / ".cache" / "label-studio-venv"
-LS_MARKER = LS_VENV / f".installed-label-studio-{LS_VERSION}"
+LS_CONSTRAINTS = Path(__file__).with_name("label-studio-constraints.txt")  # its dependencies, pinned
 TOKEN = "5eb2c1d04e0a4c6f9d1f2a3b4c5d6e7f80912a3b"  # the admin's legacy token (--user-token)
 BASIC = ("label-studio", "backend-secret-1")
 CONFIG = """<View>
@@ -92,18 +93,24 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float, wh
 
 @pytest.fixture(scope="module")
 def label_studio_bin():
-    """label-studio 1.23.2 in its own venv, installed on first use and cached (a lock guards parallel runs)."""
+    """label-studio 1.23.2 in its own venv, installed on first use and cached (a lock guards parallel runs).
+
+    Its dependencies are pinned by tests/label-studio-constraints.txt; the cached venv is reinstalled when
+    that file changes (the marker holds the file's hash).
+    """
+    pins = hashlib.sha256(LS_CONSTRAINTS.read_bytes()).hexdigest()[:16]
+    marker = LS_VENV / f".installed-label-studio-{LS_VERSION}-{pins}"
     LS_VENV.parent.mkdir(parents=True, exist_ok=True)
     with open(LS_VENV.parent / "label-studio-venv.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not LS_MARKER.exists():
+        if not marker.exists():
             if not (LS_VENV / "bin" / "python").exists():
                 subprocess.run([sys.executable, "-m", "venv", str(LS_VENV)], check=True, timeout=300)
-            install = subprocess.run([str(LS_VENV / "bin" / "pip"), "install", "-q", f"label-studio=={LS_VERSION}"],
-                                     capture_output=True, text=True, timeout=1800)
+            install = subprocess.run([str(LS_VENV / "bin" / "pip"), "install", "-q", "-c", str(LS_CONSTRAINTS),
+                                      f"label-studio=={LS_VERSION}"], capture_output=True, text=True, timeout=1800)
             if install.returncode != 0:
                 pytest.fail(f"pip install label-studio=={LS_VERSION} failed:\n{install.stderr[-3000:]}")
-            LS_MARKER.write_text(f"label-studio=={LS_VERSION}\n")
+            marker.write_text(f"label-studio=={LS_VERSION} with {LS_CONSTRAINTS.name} {pins}\n")
     return LS_VENV / "bin" / "label-studio"
 
 
