@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "pip==26.3"  # pinned, as everything else CI installs
 
 $(VENV)/.torch: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
