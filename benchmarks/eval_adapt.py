@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from _report import report
+from seggpt_plugins.adapt import AdaptSettings
 from eval_demo import SAMPLES, TILE, foreground_iou, otsu_mask
 
 DESIGN_TILES = list(range(8))
@@ -38,7 +39,7 @@ REPORT_TILES = list(range(8, 16))
 
 def adapt_settings(args):
     """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
-    from seggpt_plugins.adapt import AdaptSettings, check_foreground_weight
+    from seggpt_plugins.adapt import check_foreground_weight
 
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
@@ -56,7 +57,7 @@ def main() -> None:
                         help="example tiles (of 8-15; of 0-7 with --design)")
     parser.add_argument("--time-limit", type=float, default=180.0)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=AdaptSettings.lr, help="default: adapt's (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--foreground-weight", default=None,
                         help="the loss's weight on foreground pixels: a number or 'balanced' (default: AdaptSettings')")

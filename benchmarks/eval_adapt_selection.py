@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from _report import report
+from seggpt_plugins.adapt import AdaptSettings
 from eval_adapt import DESIGN_TILES, adapt_settings, painted_over_true
 from eval_demo import SAMPLES, TILE, foreground_iou
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--schedule-steps", type=int, default=300,
                         help="the steps the learning-rate schedule spans (adapt's step cap; 300 as adapt's default, "
                              "--steps: annealed over the steps run)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=AdaptSettings.lr, help="default: adapt's (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--foreground-weight", default=None)
     parser.add_argument("--ema", type=float, default=0.0,

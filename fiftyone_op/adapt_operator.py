@@ -13,6 +13,7 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from seggpt_plugins.adapt import AdaptSettings
 from seggpt_plugins.vocabulary import ADAPTED_ENV, AUTO_MODEL
 
 from seggpt_plugins.fiftyone.adapting import adapt_plan, adapt_view
@@ -79,7 +80,7 @@ class AdaptSeggpt(foo.Operator):
                     description="Batch size, learning rate, evaluations, device, precision")
         if ctx.params.get("advanced") or any(k in errors for k in ADAPT_ADVANCED):
             field("batch_size", inputs.int, default=4, min=1, description="Training tasks per step")
-            field("learning_rate", inputs.float, default=1e-4, description="AdamW's learning rate")
+            field("learning_rate", inputs.float, default=AdaptSettings.lr, description="AdamW's learning rate")
             field("eval_every", inputs.int, default=10, min=1,
                   description="Steps between evaluations on the held-out corner (the best weights are kept)")
             device_fields(field, inputs)
@@ -117,7 +118,7 @@ class AdaptSeggpt(foo.Operator):
         return summary
 
     def __call__(self, sample_collection, label_field, *, prompt_tag=None, model=AUTO_MODEL, time_limit=180.0,
-                 steps=300, name=None, models_dir=None, batch_size=4, learning_rate=1e-4, eval_every=10,
+                 steps=300, name=None, models_dir=None, batch_size=4, learning_rate=None, eval_every=10,
                  device=None, precision=None, view_target=None, delegate=False):
         """Run on a dataset or view from Python (through `execute_operator`, as the App does); returns the
         `ExecutionResult` (of a delegated run: its summary, with `model`, the saved folder, or None, is the

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from seggpt_plugins.adapt import AdaptSettings
 from seggpt_plugins.errors import InputError
 from seggpt_plugins.io import unwritable
 
@@ -43,8 +44,6 @@ class AdaptPlan:
     out: Path  # the model folder to write
 
     def settings(self):
-        from seggpt_plugins.adapt import AdaptSettings
-
         return AdaptSettings(batch_size=self.opts.batch_size, lr=self.learning_rate, eval_every=self.eval_every)
 
 
@@ -81,7 +80,7 @@ def adapt_plan(dataset, params: dict, view) -> AdaptPlan:
 
     time_limit = number("time_limit", 180.0, float, 0)
     steps = number("steps", 300, int, 1)
-    learning_rate = number("learning_rate", 1e-4, float, 0)
+    learning_rate = number("learning_rate", AdaptSettings.lr, float, 0)
     eval_every = number("eval_every", 10, int, 1)
     folder = (params.get("models_dir") or "").strip() or None
     folder = Path(os.path.expanduser(folder)) if folder else adapted_models_dir()

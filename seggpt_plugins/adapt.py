@@ -39,15 +39,17 @@ class AdaptSettings:
     steps: int = 300  # the step cap (the learning-rate schedule spans it)
     time_limit: float | None = 180.0  # seconds, evaluations included; None: no limit
     batch_size: int = 4
-    lr: float = 1e-4
+    # a third of the rate the demo was trained at: at 1e-4 a few examples swing the weights between over- and
+    # under-painting from one evaluation to the next (BENCHMARKS.md section 16)
+    lr: float = 3e-5
     warmup: int = 10
     weight_decay: float = 0.05
-    # the loss's weight on the examples' foreground pixels (training.painting_loss): 10 as the demo was trained,
-    # or "balanced" (balanced_foreground_weight: the training regions' background share over their foreground
-    # share, 1..10). 1 and "balanced" were measured: better on stardist's 16-bit tiles, but from two of seven
-    # 8-bit tiles they taught the model to paint 0.4-0.75x the nuclei of the other tiles while its held-out
-    # square improved (BENCHMARKS.md section 16)
-    foreground_weight: float | str = 10.0
+    # the loss's weight on the examples' foreground pixels (training.painting_loss): "balanced"
+    # (balanced_foreground_weight: the training regions' background share over their foreground share, 1..10),
+    # or a number (10 as the demo was trained, which teaches a few examples to over-paint). From two of seven
+    # 8-bit tiles "balanced" still teaches the model to paint 0.75-0.9x the nuclei of the other tiles while its
+    # held-out square improves (BENCHMARKS.md section 16)
+    foreground_weight: float | str = "balanced"
     trainable: str = "auto"
     holdout: float = 0.25  # the held-out square's share of the largest example's shorter side, squared
     eval_every: int = 10

@@ -206,7 +206,8 @@ def test_cli_bad_input_is_one_line_before_the_model_loads(example_files, capsys,
 
 def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, capsys):
     """A few steps of the demo model on a real nuclei tile: the saved model loads through --model (seggpt
-    segment), with a new fingerprint when a step beat the base weights on the held-out square, else the base's."""
+    segment), with a new fingerprint when a step beat the base weights on the held-out square, else the base's.
+    Without --lr and --foreground-weight the command trains as the core's AdaptSettings does."""
     import tifffile
     from PIL import Image
 
@@ -219,9 +220,12 @@ def test_cli_adapts_the_demo_model_and_every_model_option_loads_it(tmp_path, cap
     out = tmp_path / "adapted"
     code, err = _run(["adapt", "--model", "demo", "--prompt", str(tmp_path / "tile.tif"),
                       str(tmp_path / "tile_mask.tif"), "--out", str(out), "--steps", "6", "--eval-every", "2",
-                      "--batch-size", "2", "--lr", "3e-4", "--time-limit", "600"], capsys)
+                      "--batch-size", "2", "--time-limit", "600"], capsys)
     assert code == 0, err
     info = json.loads((out / "adaptation.json").read_text())
+    from seggpt_plugins.adapt import AdaptSettings
+
+    assert (info["settings"]["lr"], info["settings"]["foreground_weight"]) == (AdaptSettings.lr, "balanced")
     assert info["steps"] <= 6 and len(info["history"]) >= 2
     assert re.search(rf"adapting: .*\| {info['steps']}/6 \[", err)  # a progress bar per step
     assert (info["held_out_iou_best"] > info["held_out_iou_before"]) == info["improved"]

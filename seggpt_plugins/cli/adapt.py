@@ -17,12 +17,12 @@ def register(sub) -> None:
     p.add_argument("--time-limit", type=float, default=180.0, help="seconds, evaluations included (default: 180)")
     p.add_argument("--steps", type=int, default=300, help="the step cap (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="tasks per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: adapt's, 3e-5)")
     p.add_argument("--trainable", default="auto",
                    help="auto (all weights under 60 M parameters, else decoder + last 4 blocks), all, decoder, last:N")
-    p.add_argument("--foreground-weight", default="10",
-                   help="the loss's weight on the examples' foreground pixels: a number (default: 10, as the demo was "
-                        "trained) or 'balanced' (their background share over their foreground share, 1..10)")
+    p.add_argument("--foreground-weight", default="balanced",
+                   help="the loss's weight on the examples' foreground pixels: 'balanced' (the default: their background "
+                        "share over their foreground share, 1..10) or a number (10 as the demo was trained)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default: 10)")
     p.add_argument("--patience", type=int, default=6,
                    help="stop after this many evaluations without improvement (default: %(default)s)")
@@ -52,7 +52,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             raise InputError(f"{name} must be >= {low}, got {value}")
     if args.time_limit is not None and args.time_limit <= 0:
         raise InputError(f"--time-limit must be positive seconds, got {args.time_limit}")
-    if args.lr <= 0:
+    if args.lr is not None and args.lr <= 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
     try:
         weight = check_foreground_weight(args.foreground_weight)
@@ -65,9 +65,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise InputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     require_files([f for pair in args.prompt for f in pair])
-    settings = AdaptSettings(steps=args.steps, time_limit=args.time_limit, batch_size=args.batch_size, lr=args.lr,
+    settings = AdaptSettings(steps=args.steps, time_limit=args.time_limit, batch_size=args.batch_size,
                              trainable=args.trainable, eval_every=args.eval_every, patience=args.patience,
-                             seed=args.seed, foreground_weight=weight)
+                             seed=args.seed, foreground_weight=weight,
+                             **({} if args.lr is None else {"lr": args.lr}))
     if settings.trainable not in ("auto", "all", "decoder") and not settings.trainable.startswith("last:"):
         raise InputError(f"--trainable must be auto, all, decoder or last:N, got {settings.trainable!r}")
     examples = read_examples([image for image, _ in args.prompt], [mask for _, mask in args.prompt],
