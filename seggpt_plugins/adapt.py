@@ -39,8 +39,8 @@ class AdaptSettings:
     steps: int = 300  # the step cap (the learning-rate schedule spans it)
     time_limit: float | None = 180.0  # seconds, evaluations included; None: no limit
     batch_size: int = 4
-    # a third of the rate the demo was trained at: at 1e-4 a few examples swing the weights between over- and
-    # under-painting from one evaluation to the next (BENCHMARKS.md section 16)
+    # at 1e-4 (the earlier default) a few examples swing the weights between over- and under-painting from one
+    # evaluation to the next; 3e-5 keeps more from the design tiles (BENCHMARKS.md section 16)
     lr: float = 3e-5
     warmup: int = 10
     weight_decay: float = 0.05
