@@ -21,8 +21,8 @@ def register(sub) -> None:
     p.add_argument("--trainable", default="auto",
                    help="auto (all weights under 60 M parameters, else decoder + last 4 blocks), all, decoder, last:N")
     p.add_argument("--foreground-weight", default="balanced",
-                   help="the loss's weight on the examples' foreground pixels: 'balanced' (the default: their background "
-                        "share over their foreground share, 1..10) or a number (10 as the demo was trained)")
+                   help="the loss's weight on the examples' foreground pixels: 'balanced' (the default: their "
+                        "background share over their foreground share, 1..10) or a number (10 as the demo was trained)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default: 10)")
     p.add_argument("--patience", type=int, default=6,
                    help="stop after this many evaluations without improvement (default: %(default)s)")
