@@ -40,11 +40,23 @@ ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CR
                      "TASKS_DELETED", "PROJECT_UPDATED", "START_TRAINING"}
 
 
+def import_request_modules() -> None:
+    """Import what the first /setup and /predict read with (the labeling config's parser, the Label Studio
+    client) before the model's loader thread starts. Imported beside it, while it imports torch, they made a
+    restarted worker's first /setup take about Label Studio's 3 s for it (and Label Studio sends nothing to a
+    backend whose /setup fails)."""
+    import importlib
+
+    for module in ("label_studio_sdk", "label_studio_sdk.label_interface"):  # LabelStudio, LabelInterface
+        importlib.import_module(module)
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None, load_model: bool = True) -> Flask:
     """The Flask app. Made in each gunicorn worker (after the fork); the model loads in a background thread."""
     settings = settings or (services.settings if services else Settings.from_env())
     services = services or Services(settings)
     if load_model:
+        import_request_modules()
         services.start_loading()
     app = Flask(__name__, root_path=os.path.dirname(os.path.abspath(__file__)))
     app.config["MAX_CONTENT_LENGTH"] = body_limit(settings, "/predict")
@@ -150,7 +162,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         # predictions carry the connection's Name (the prelabeling choice connecting sets, which the Prediction
         # score column matches exactly), and /setup answers it too: Label Studio skips the tasks that have a
         # prediction of the version /setup answers, and prelabels with those predictions
-        backend.record.name = services.connection_name(project_id, backend.record, request.host, SETUP_NAME_TIMEOUT_S)
+        if not (backend.record.name and services.model_status()[0] == "LOADING"):
+            backend.record.name = services.connection_name(project_id, backend.record, request.host,
+                                                           SETUP_NAME_TIMEOUT_S)
+        # else: right after a (re)start the worker is busy loading the model and asking Label Studio could take
+        # more than its 3 s: the name kept in the state answers, and the next /setup reads it again
         left = SETUP_BUDGET_S - (time.monotonic() - g.started)
         refs = backend.refresh_references(timeout=max(0.5, left))
         if not backend.record.name:  # the answer is the backend's version, which has the weights' fingerprint

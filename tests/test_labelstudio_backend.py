@@ -604,6 +604,22 @@ def test_predictions_carry_the_name_of_the_projects_model_connection(make_client
     assert client.post("/predict", json=predict_body([target])).json["results"][0]["model_version"] == version
 
 
+def test_setup_while_the_model_loads_answers_the_name_kept_in_the_state(make_client, fake_ls, tiles, tmp_path):
+    """Right after a restart the worker loads the model, and Label Studio gives /setup 3 s (it sends nothing
+    when /setup fails): a restarted worker answers the connection's name from the state directory without
+    asking Label Studio (a rename meanwhile is read at a /setup after the model has loaded)."""
+    settings = dict(label_studio_url=fake_ls.url, api_key=LEGACY_TOKEN, state_dir=str(tmp_path / "state"))
+    fake_ls.add_task(7, tiles[0], annotation_result=[brush_region(tiles[0]["nuclei"], "Nucleus")])
+    fake_ls.connections[7] = [{"title": "SegGPT", "url": "http://localhost/", "model_version": ""}]
+    assert make_client(**settings).post("/setup", json=setup_body()).json["model_version"] == "SegGPT"
+    fake_ls.connections[7][0]["title"] = "SegGPT renamed"
+    values = dict(max_prompts=2, batch_size=4, refresh_seconds=0.0, device="cpu", **settings)
+    restarted = create_app(Settings(**values), Services(Settings(**values)), load_model=False).test_client()
+    assert restarted.get("/health").json["model_status"] == "LOADING"
+    assert restarted.post("/setup", json=setup_body()).json["model_version"] == "SegGPT"  # from the state
+    assert make_client(**settings).post("/setup", json=setup_body()).json["model_version"] == "SegGPT renamed"
+
+
 def test_the_connection_is_told_by_its_url_or_by_its_own_name_as_version():
     from seggpt_plugins.labelstudio.services import pick_connection
 
