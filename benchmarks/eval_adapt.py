@@ -30,8 +30,8 @@ import time
 import numpy as np
 
 from _report import report
-from seggpt_plugins.adapt import AdaptSettings
 from eval_demo import SAMPLES, TILE, foreground_iou, otsu_mask
+from seggpt_plugins.adapt import AdaptSettings, check_foreground_weight
 
 DESIGN_TILES = list(range(8))
 REPORT_TILES = list(range(8, 16))
@@ -39,8 +39,6 @@ REPORT_TILES = list(range(8, 16))
 
 def adapt_settings(args):
     """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
-    from seggpt_plugins.adapt import check_foreground_weight
-
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
     return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight)

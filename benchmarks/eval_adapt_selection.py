@@ -30,9 +30,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from _report import report
-from seggpt_plugins.adapt import AdaptSettings
 from eval_adapt import DESIGN_TILES, adapt_settings, painted_over_true
 from eval_demo import SAMPLES, TILE, foreground_iou
+from seggpt_plugins.adapt import AdaptSettings
 
 PATIENCE = 6
 TOLERANCES = (0.005, 0.01, 0.02, 0.03)

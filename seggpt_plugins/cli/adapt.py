@@ -20,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: adapt's, 3e-5)")
     p.add_argument("--trainable", default="auto",
                    help="auto (all weights under 60 M parameters, else decoder + last 4 blocks), all, decoder, last:N")
-    p.add_argument("--foreground-weight", default="balanced",
-                   help="the loss's weight on the examples' foreground pixels: 'balanced' (the default: their "
+    p.add_argument("--foreground-weight", default=None,
+                   help="the loss's weight on the examples' foreground pixels: 'balanced' (adapt's default: their "
                         "background share over their foreground share, 1..10) or a number (10 as the demo was trained)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default: 10)")
     p.add_argument("--patience", type=int, default=6,
@@ -54,11 +54,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise InputError(f"--time-limit must be positive seconds, got {args.time_limit}")
     if args.lr is not None and args.lr <= 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
-    try:
-        weight = check_foreground_weight(args.foreground_weight)
-    except InputError:
-        raise InputError(f"--foreground-weight must be a positive number or 'balanced', "
-                         f"got {args.foreground_weight!r}") from None
+    chosen = {}  # what the command line sets; the rest is AdaptSettings' defaults
+    if args.lr is not None:
+        chosen["lr"] = args.lr
+    if args.foreground_weight is not None:
+        try:
+            chosen["foreground_weight"] = check_foreground_weight(args.foreground_weight)
+        except InputError:
+            raise InputError(f"--foreground-weight must be a positive number or 'balanced', "
+                             f"got {args.foreground_weight!r}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out names the model directory to write")
@@ -67,8 +71,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     require_files([f for pair in args.prompt for f in pair])
     settings = AdaptSettings(steps=args.steps, time_limit=args.time_limit, batch_size=args.batch_size,
                              trainable=args.trainable, eval_every=args.eval_every, patience=args.patience,
-                             seed=args.seed, foreground_weight=weight,
-                             **({} if args.lr is None else {"lr": args.lr}))
+                             seed=args.seed, **chosen)
     if settings.trainable not in ("auto", "all", "decoder") and not settings.trainable.startswith("last:"):
         raise InputError(f"--trainable must be auto, all, decoder or last:N, got {settings.trainable!r}")
     examples = read_examples([image for image, _ in args.prompt], [mask for _, mask in args.prompt],
