@@ -37,11 +37,11 @@ DESIGN_TILES = list(range(8))
 REPORT_TILES = list(range(8, 16))
 
 
-def adapt_settings(args):
+def adapt_settings(args, seed: int = 0):
     """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
-    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, **weight)
+    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, seed=seed, **weight)
 
 
 def painted_over_true(predictions, truths) -> float:
@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=AdaptSettings.lr, help="default: adapt's (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="adapt's seeds (its crops and their order): each example is adapted once per seed, and "
+                             "the JSON gives each example's mean over them (one run per example is a noisy figure)")
     parser.add_argument("--foreground-weight", default=None,
                         help="the loss's weight on foreground pixels: a number or 'balanced' (default: AdaptSettings')")
     parser.add_argument("--design", action="store_true", help="example and target tiles of the design tiles 0-7")
@@ -85,33 +88,43 @@ def main() -> None:
             raise SystemExit(f"example tile {k} is not a {'design' if args.design else 'report'} tile "
                              f"({split[0]}-{split[-1]})")
         targets = [t for t in split if t != k]
-        started = time.time()
-        settings = adapt_settings(args)
-        adapted = base.adapt([tiles[k]], [masks[k]], time_limit=args.time_limit, steps=args.steps, settings=settings)
-        seconds = time.time() - started
-        scores, painted = {}, {}
-        for name, model in (("shipped", base), ("adapted", adapted)):
-            preds = model.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
-            scores[name] = [foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]
-            painted[name] = painted_over_true(preds, [masks[t] for t in targets])
-        scores["otsu"] = [foreground_iou(otsu_mask(tiles[t], tiles[k], masks[k]), masks[t] > 0) for t in targets]
-        info = adapted.adaptation
-        run = {"example_tile": k, "targets": targets, "adapt_seconds": round(seconds, 1),
-               **{f"{name}_iou": round(float(np.mean(v)), 4) for name, v in scores.items()},
-               "adapted_minus_otsu": round(float(np.mean(scores["adapted"]) - np.mean(scores["otsu"])), 4),
-               "steps": info["steps"], "best_step": info["best_step"], "stopped": info["stopped"],
-               "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
-               "foreground_margin": info["foreground_margin"], "foreground_weight": info["foreground_weight"],
-               "painted_over_true": painted,
-               "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
-        print(run, flush=True)
-        runs.append(run)
+        for seed in args.seeds:
+            runs.append(adapt_and_score(base, tiles, masks, k, targets, args, seed))
+    summary = [{"example_tile": k, "seeds": args.seeds,
+                **{key: round(float(np.mean([r[key] for r in runs if r["example_tile"] == k])), 4)
+                   for key in ("shipped_iou", "adapted_iou", "otsu_iou", "adapted_minus_otsu", "steps")}}
+               for k in args.examples]
     report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; "
             + ("design tiles 0-7" if args.design else "report tiles 8-15"),
             "base_foreground_margin": base.foreground_margin,
             "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-            "foreground_weight": adapt_settings(args).foreground_weight,
-            "runs": runs}, args.out)
+            "foreground_weight": adapt_settings(args).foreground_weight, "seeds": args.seeds,
+            "mean_over_seeds": summary, "runs": runs}, args.out)
+
+
+def adapt_and_score(base, tiles, masks, k, targets, args, seed) -> dict:
+    """Adapt `base` on tile k with `seed`; the shipped model, the adapted one and Otsu on the target tiles."""
+    started = time.time()
+    adapted = base.adapt([tiles[k]], [masks[k]], time_limit=args.time_limit, steps=args.steps,
+                         settings=adapt_settings(args, seed))
+    seconds = time.time() - started
+    scores, painted = {}, {}
+    for name, model in (("shipped", base), ("adapted", adapted)):
+        preds = model.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
+        scores[name] = [foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]
+        painted[name] = painted_over_true(preds, [masks[t] for t in targets])
+    scores["otsu"] = [foreground_iou(otsu_mask(tiles[t], tiles[k], masks[k]), masks[t] > 0) for t in targets]
+    info = adapted.adaptation
+    run = {"example_tile": k, "seed": seed, "targets": targets, "adapt_seconds": round(seconds, 1),
+           **{f"{name}_iou": round(float(np.mean(v)), 4) for name, v in scores.items()},
+           "adapted_minus_otsu": round(float(np.mean(scores["adapted"]) - np.mean(scores["otsu"])), 4),
+           "steps": info["steps"], "best_step": info["best_step"], "stopped": info["stopped"],
+           "held_out_iou_before": info["held_out_iou_before"], "held_out_iou_best": info["held_out_iou_best"],
+           "foreground_margin": info["foreground_margin"], "foreground_weight": info["foreground_weight"],
+           "painted_over_true": painted,
+           "per_target": {name: [round(v, 4) for v in vals] for name, vals in scores.items()}}
+    print(run, flush=True)
+    return run
 
 
 def stack(args) -> None:
@@ -122,28 +135,36 @@ def stack(args) -> None:
     frames, truth = imread(SAMPLES / "nuclei3d.tif"), imread(SAMPLES / "nuclei3d_mask.tif") > 0
     middle = len(frames) // 2
     annotation = truth[middle].astype(np.uint8)
-    base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
-    started = time.time()
-    adapted = base.adapt([frames[middle]], [annotation], time_limit=args.time_limit, steps=args.steps,
-                         settings=adapt_settings(args))
-    seconds = time.time() - started
     others = [z for z in range(len(frames)) if z != middle]
-    result = {}
-    for name, model in (("shipped", base), ("adapted", adapted)):
+    base = SegGPT.from_pretrained("demo", device="cpu", dtype="float32")
+
+    def mean_slice_iou(model) -> float:
         found = {p.index: p for p in model.propagate(frames, annotations={middle: annotation})}
-        result[f"{name}_mean_slice_iou"] = round(float(np.mean(
-            [foreground_iou(found[z].labels > 0, truth[z]) for z in others])), 4)
-    result["otsu_mean_slice_iou"] = round(float(np.mean(
+        return round(float(np.mean([foreground_iou(found[z].labels > 0, truth[z]) for z in others])), 4)
+
+    shipped = mean_slice_iou(base)
+    otsu = round(float(np.mean(
         [foreground_iou(otsu_mask(frames[z], frames[middle], annotation), truth[z]) for z in others])), 4)
-    info = adapted.adaptation
+    runs = []
+    for seed in args.seeds:
+        started = time.time()
+        adapted = base.adapt([frames[middle]], [annotation], time_limit=args.time_limit, steps=args.steps,
+                             settings=adapt_settings(args, seed))
+        info = adapted.adaptation
+        run = {"seed": seed, "adapt_seconds": round(time.time() - started, 1),
+               "adapted_mean_slice_iou": mean_slice_iou(adapted),
+               **{k: info[k] for k in ("improved", "steps", "best_step", "stopped", "held_out_iou_before",
+                                       "held_out_iou_best", "base_foreground_margin", "foreground_margin",
+                                       "foreground_weight")}}
+        run["adapted_minus_otsu"] = round(run["adapted_mean_slice_iou"] - otsu, 4)
+        print(run, flush=True)
+        runs.append(run)
+    adapted_mean = round(float(np.mean([r["adapted_mean_slice_iou"] for r in runs])), 4)
     report({"benchmark": "eval_adapt --stack", "stack": "stardist nuclei3d, middle slice annotated",
             "time_limit_s": args.time_limit, "step_cap": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-            "adapt_seconds": round(seconds, 1), **result,
-            "adapted_minus_otsu": round(result["adapted_mean_slice_iou"] - result["otsu_mean_slice_iou"], 4),
-            **{k: info[k] for k in ("improved", "steps", "best_step", "stopped", "held_out_iou_before",
-                                    "held_out_iou_best", "base_foreground_margin", "foreground_margin",
-                                    "foreground_weight")}}, args.out)
-
+            "seeds": args.seeds, "shipped_mean_slice_iou": shipped, "otsu_mean_slice_iou": otsu,
+            "adapted_mean_slice_iou": adapted_mean, "adapted_minus_otsu": round(adapted_mean - otsu, 4),
+            "runs": runs}, args.out)
 
 
 LS_TILES = [(0, 0), (0, 256), (128, 128), (128, 384), (256, 0), (256, 256), (384, 128)]  # as in that test
