@@ -38,10 +38,12 @@ REPORT_TILES = list(range(8, 16))
 
 
 def adapt_settings(args, seed: int = 0):
-    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight (else adapt's own)."""
+    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight, --fit-margin (else
+    adapt's own)."""
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
-    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, seed=seed, **weight)
+    return AdaptSettings(lr=args.lr, batch_size=args.batch_size, seed=seed,
+                         fit_margin=getattr(args, "fit_margin", False), **weight)
 
 
 def painted_over_true(predictions, truths) -> float:
@@ -62,6 +64,10 @@ def main() -> None:
                              "the JSON gives each example's mean over them (one run per example is a noisy figure)")
     parser.add_argument("--foreground-weight", default=None,
                         help="the loss's weight on foreground pixels: a number or 'balanced' (default: AdaptSettings')")
+    parser.add_argument("--fit-margin", action="store_true",
+                        help="adapt chooses the foreground margin on its held-out square (AdaptSettings.fit_margin); "
+                             "the 2D runs also read the adapted weights at the base model's margin "
+                             "('adapted_base_margin')")
     parser.add_argument("--design", action="store_true", help="example and target tiles of the design tiles 0-7")
     parser.add_argument("--stack", action="store_true", help="the 3D stack's middle slice (see above)")
     parser.add_argument("--every-reference", action="store_true",
@@ -92,7 +98,8 @@ def main() -> None:
             runs.append(adapt_and_score(base, tiles, masks, k, targets, args, seed))
     summary = [{"example_tile": k, "seeds": args.seeds,
                 **{key: round(float(np.mean([r[key] for r in runs if r["example_tile"] == k])), 4)
-                   for key in ("shipped_iou", "adapted_iou", "otsu_iou", "adapted_minus_otsu", "steps")}}
+                   for key in ("shipped_iou", "adapted_iou", "otsu_iou", "adapted_minus_otsu", "steps")
+                   + ("adapted_base_margin_iou",) * args.fit_margin}}
                for k in args.examples]
     report({"benchmark": "eval_adapt", "image": "stardist nuclei2d, 16 tiles of 128 px; "
             + ("design tiles 0-7" if args.design else "report tiles 8-15"),
@@ -109,8 +116,14 @@ def adapt_and_score(base, tiles, masks, k, targets, args, seed) -> dict:
                          settings=adapt_settings(args, seed))
     seconds = time.time() - started
     scores, painted = {}, {}
-    for name, model in (("shipped", base), ("adapted", adapted)):
+    readings = [("shipped", base, None), ("adapted", adapted, None)]
+    if args.fit_margin:  # the same weights read as the base model reads
+        readings.append(("adapted_base_margin", adapted, base.foreground_margin))
+    for name, model, margin in readings:
+        chosen = model.foreground_margin
+        model.foreground_margin = chosen if margin is None else margin
         preds = model.segment([tiles[t] for t in targets], tiles[k], masks[k], quality=None)
+        model.foreground_margin = chosen
         scores[name] = [foreground_iou(p.labels > 0, masks[t] > 0) for p, t in zip(preds, targets)]
         painted[name] = painted_over_true(preds, [masks[t] for t in targets])
     scores["otsu"] = [foreground_iou(otsu_mask(tiles[t], tiles[k], masks[k]), masks[t] > 0) for t in targets]
