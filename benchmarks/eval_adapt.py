@@ -43,7 +43,7 @@ def adapt_settings(args, seed: int = 0):
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
     return AdaptSettings(lr=args.lr, batch_size=args.batch_size, seed=seed,
-                         fit_margin=getattr(args, "fit_margin", False), **weight)
+                         fit_margin=args.fit_margin, **weight)
 
 
 def painted_over_true(predictions, truths) -> float:

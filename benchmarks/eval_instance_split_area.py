@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eval_demo import otsu_mask
 from eval_instance_examples import SAMPLES, _renumbered, instance_f1, tiles_of
 
 FACTORS = (2.5, 3.0, 3.5, 4.0)
@@ -66,33 +67,31 @@ def cut_large(objects: np.ndarray, area: float, factor: float) -> np.ndarray:
 
 
 def predictions(model, tiles, intensity_range):
-    """Per (example, target) pair: the painted labels, Otsu's binary mask, the truth and the example's index."""
-    from skimage.filters import threshold_otsu
-
+    """Per (example, target) pair: the objects of the painted labels and of Otsu's mask by the shipped object step
+    (ObjectRule with split_touching), the truth and the example's index."""
     from seggpt_plugins.images import to_rgb8
+    from seggpt_plugins.instances import ObjectRule
 
+    rule = ObjectRule(min_area=16, split_touching=True)
     rows = []
     for k, (example, example_truth) in enumerate(tiles):
         targets = [t for j, t in enumerate(tiles) if j != k]
         found = model.segment([to_rgb8(t[0], intensity_range) for t in targets], to_rgb8(example, intensity_range),
                               example_truth, quality=None, example_ids="auto")
-        bright = example[example_truth > 0].mean() >= example[example_truth == 0].mean()
         for prediction, (image, truth) in zip(found, targets):
             if not prediction.ids_are_objects:
                 continue
-            threshold = threshold_otsu(image)
-            otsu = (image > threshold) if bright else (image < threshold)
-            rows.append({"labels": prediction.labels, "otsu": otsu.astype(np.uint8), "truth": truth, "example": k})
+            otsu = otsu_mask(image, example, example_truth).astype(np.uint8)
+            rows.append({"labels": rule.find(prediction.labels).map, "otsu": rule.find(otsu).map, "truth": truth,
+                         "example": k})
     return rows
 
 
 def summary(rows, key, areas=None, factor=None) -> dict:
-    from seggpt_plugins.instances import ObjectRule
-
-    rule = ObjectRule(min_area=16, split_touching=True)
+    """Objects / true nuclei and instance F1 of `key`'s objects ("labels" or "otsu"), cut by `areas` x `factor`."""
     ratios, f1 = [], []
     for row in rows:
-        objects = rule.find(row[key]).map
+        objects = row[key]
         if areas is not None:
             objects = cut_large(objects, areas[row["example"]], factor)
         ratios.append(objects.max() / max(1, int(row["truth"].max())))
