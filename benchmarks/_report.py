@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,11 +38,23 @@ def model_and_args(doc: str, extra: Callable[[argparse.ArgumentParser], None] | 
     return model, args
 
 
+def commit() -> str:
+    """The checkout's short commit; where the tree has no git history (a copy on a device machine), the
+    SEGGPT_COMMIT environment variable the caller set (benchmarks/device_checks.sh)."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    except OSError:  # no git there
+        found = ""
+    return found.strip() or os.environ.get("SEGGPT_COMMIT", "unknown")
+
+
 def report(result: dict, out: str | None) -> None:
     """Add the machine and the commit to `result`, print it as JSON, and write it to `out` if given."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    result = {**result, "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
-              "commit": commit.stdout.strip()}
+    machine = f"{platform.processor() or platform.machine()}, {platform.system()}"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    result = {**result, "machine": machine, "commit": commit()}
     text = json.dumps(result, indent=1)
     print(text)
     if out:

@@ -72,6 +72,11 @@ def timed(fn, device, repeat):
     return float(np.median(times))
 
 
+#: sizes at which the accelerator's sweep also times our path with quality=None (issue 28 item 5: the default
+#: within 10% of it)
+QUALITY_NONE_SIZES = ((8, 1), (32, 8))
+
+
 def inputs(targets, prompts, seed=0):
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(targets + prompts)]
@@ -207,6 +212,8 @@ def main():
                         help="CPU: repeat the sweep with a second process burning one core")
     parser.add_argument("--quality", choices=["fast", "off"], default="off",
                         help="CPU: our path with the quality estimate (fast: the default path) or without (off)")
+    parser.add_argument("--gpu-sweep", action="store_true",
+                        help="the accelerator's sweep on any device (with --small on a CPU: checks that part of the script)")
     args = parser.parse_args()
 
     import transformers
@@ -227,11 +234,9 @@ def main():
     for name, param in net.named_parameters():  # non-zero relative positions and tokens, like trained weights
         if "rel_pos" in name or "token" in name:
             torch.nn.init.normal_(param, std=0.02)
-    import subprocess
+    from _report import commit
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    report = {"commit": commit,
+    report = {"commit": commit(),
               "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
               "rows": []}
@@ -245,7 +250,7 @@ def main():
     for p in flops.values():
         row(kind="tflop-per-pair", **p)
     reference = Reference(net.to(device), device)
-    if not cuda:
+    if not cuda and not args.gpu_sweep:
         from seggpt_plugins.loading import cpu_has_native_bf16
 
         peaks = {"float32": measure_peak_tflops(device, torch.float32)}
@@ -292,7 +297,8 @@ def main():
     ours = SegGPT(net, device=device, dtype=ours_dtype, attention=best, compile=args.compile)
 
     # 2. reference vs ours over sizes
-    sizes = [(1, 1), (8, 1), (32, 1), (8, 4), (8, 8), (32, 8)] if cuda else [(1, 1), (2, 1), (1, 4)]
+    accelerator = cuda or args.gpu_sweep
+    sizes = [(1, 1), (8, 1), (32, 1), (8, 4), (8, 8), (32, 8)] if accelerator else [(1, 1), (2, 1), (1, 4)]
     for targets, prompts in sizes:
         if over():
             row(skipped=f"T={targets} P={prompts}: budget")
@@ -302,7 +308,8 @@ def main():
         batch = min(32, targets) if cuda else targets
         run_ref = lambda: reference.run_pairs(tgt, pim, pms, batch_size=max(1, batch))  # noqa: E731
         run_ours = lambda: ours.segment(tgt, pim, pms, batch_size=batch)  # noqa: E731
-        if cuda:  # each side alone, for its peak memory; median of a few after a warm-up
+        none_s = None
+        if accelerator:  # each side alone, for its peak memory; median of a few after a warm-up
             net.float()
             peak_reset(device)
             ref_s = timed(run_ref, device, 2) if (targets, prompts) in [(1, 1), (8, 1), (8, 4), (32, 1)] else None
@@ -311,6 +318,8 @@ def main():
             peak_reset(device)
             our_s = timed(run_ours, device, 3)
             our_peak = peak_gb(device)
+            if (targets, prompts) in QUALITY_NONE_SIZES:  # the default path against the forward alone
+                none_s = timed(lambda: ours.segment(tgt, pim, pms, batch_size=batch, quality=None), device, 3)
         else:  # a shared machine drifts: alternate the sides, twice, and keep each one's best time
             ref_times, our_times = [], []
             for _ in range(2):
@@ -328,10 +337,12 @@ def main():
         r.update(ours_tflops=round(executed, 3), ours_fraction_of_peak=round(executed / report["peak_tflops"], 3))
         if ref_s:
             r["ref_tflops"] = round(flops[prompts]["reference"] * pairs / ref_s, 3)
+        if none_s:
+            r.update(quality_none_pairs_per_s=round(pairs / none_s, 3), default_over_quality_none=round(none_s / our_s, 3))
         row(kind="segment", **r)
 
     # 3. propagation through a 64-frame stack, memory 8
-    if not over() and cuda:
+    if not over() and accelerator:
         rng = np.random.default_rng(1)
         frames = rng.integers(0, 256, (64, 448, 448), dtype=np.uint8)
         mask = np.zeros((448, 448), np.uint8)
@@ -344,6 +355,7 @@ def main():
             ours_seconds=round(seconds, 2), ours_peak_gb=peak_gb(device))
 
     report["seconds"] = round(time.time() - started, 1)
+    report["issue_28_item_5"] = item_5_bars(report["rows"])
     print("\n| T | P | ours pairs/s | ref pairs/s | ratio | ours ms/pair | ours TFLOP/s (of peak) | ref TFLOP/s "
           "| ours GB | ref GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -356,6 +368,21 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def item_5_bars(rows) -> dict:
+    """Issue 28 item 5's bars, read from the accelerator sweep's rows: each figure, its bar and whether it holds
+    (None where the row is missing)."""
+    segment = {(r["targets"], r["prompts"]): r for r in rows if r.get("kind") == "segment"}
+    large, small = segment.get((32, 8), {}), segment.get((8, 1), {})
+    checks = {"pairs_per_s_32x8": (large.get("ours_pairs_per_s"), ">=", 250),
+              "ratio_8x1": (small.get("ratio"), ">=", 10),
+              "peak_gb_32x8": (large.get("ours_peak_gb"), "<=", 35)}
+    for size, r in (("8x1", small), ("32x8", large)):
+        checks[f"default_over_quality_none_{size}"] = (r.get("default_over_quality_none"), ">=", 0.9)
+    return {name: {"value": value, "bar": f"{sign} {bar}",
+                   "holds": None if value is None else (value >= bar if sign == ">=" else value <= bar)}
+            for name, (value, sign, bar) in checks.items()}
 
 
 def print_cpu_table(rows):
