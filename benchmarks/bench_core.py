@@ -213,7 +213,8 @@ def main():
     parser.add_argument("--quality", choices=["fast", "off"], default="off",
                         help="CPU: our path with the quality estimate (fast: the default path) or without (off)")
     parser.add_argument("--gpu-sweep", action="store_true",
-                        help="the accelerator's sweep on any device (with --small on a CPU: checks that part of the script)")
+                        help="the accelerator's sweep on any device (with --small on a CPU: checks that part of the "
+                             "script)")
     args = parser.parse_args()
 
     import transformers
@@ -338,7 +339,8 @@ def main():
         if ref_s:
             r["ref_tflops"] = round(flops[prompts]["reference"] * pairs / ref_s, 3)
         if none_s:
-            r.update(quality_none_pairs_per_s=round(pairs / none_s, 3), default_over_quality_none=round(none_s / our_s, 3))
+            r.update(quality_none_pairs_per_s=round(pairs / none_s, 3),
+                     default_over_quality_none=round(none_s / our_s, 3))
         row(kind="segment", **r)
 
     # 3. propagation through a 64-frame stack, memory 8

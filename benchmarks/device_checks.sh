@@ -21,7 +21,8 @@ OUT=${OUT:-benchmarks/results/device}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SEGGPT_COMMIT="${SEGGPT_COMMIT:-unknown}"
 status=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1 || [ "${DRY:-0}" = 1 ] || status=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1 \
+    || [ "${DRY:-0}" = 1 ] || status=1
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())" \
     | tee "$OUT/versions.txt" || status=1
 if [ "${DRY:-0}" = 1 ]; then
