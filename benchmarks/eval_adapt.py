@@ -38,12 +38,12 @@ REPORT_TILES = list(range(8, 16))
 
 
 def adapt_settings(args, seed: int = 0):
-    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight, --fit-margin, --average
-    (else adapt's own)."""
+    """The AdaptSettings of the command line: --lr, --batch-size, --foreground-weight, --fit-margin (else
+    adapt's own)."""
     weight = ({} if args.foreground_weight is None
               else {"foreground_weight": check_foreground_weight(args.foreground_weight)})
     return AdaptSettings(lr=args.lr, batch_size=args.batch_size, seed=seed,
-                         fit_margin=args.fit_margin, average=args.average, **weight)
+                         fit_margin=args.fit_margin, **weight)
 
 
 def painted_over_true(predictions, truths) -> float:
@@ -59,9 +59,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=AdaptSettings.lr, help="default: adapt's (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--average", type=float, default=AdaptSettings.average,
-                        help="keep a moving average of the weights with this decay per step (AdaptSettings.average; "
-                             "0: off; default: adapt's, %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="adapt's seeds (its crops and their order): each example is adapted once per seed, and "
                              "the JSON gives each example's mean over them (one run per example is a noisy figure)")
@@ -108,8 +105,8 @@ def main() -> None:
             + ("design tiles 0-7" if args.design else "report tiles 8-15"),
             "base_foreground_margin": base.foreground_margin,
             "time_limit_s": args.time_limit, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-            "foreground_weight": adapt_settings(args).foreground_weight, "average": args.average,
-            "seeds": args.seeds, "mean_over_seeds": summary, "runs": runs}, args.out)
+            "foreground_weight": adapt_settings(args).foreground_weight, "seeds": args.seeds,
+            "mean_over_seeds": summary, "runs": runs}, args.out)
 
 
 def adapt_and_score(base, tiles, masks, k, targets, args, seed) -> dict:

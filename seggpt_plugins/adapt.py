@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -62,9 +61,6 @@ class AdaptSettings:
     # a margin helps examples of few classes and costs a little on examples read as many (one colour per
     # object), and propagation reads plain whatever it is (BENCHMARKS.md section 19)
     fit_margin: bool = False
-    # evaluate and keep an exponential moving average of the trained weights (this decay per step, bias-corrected
-    # so that it averages the trained steps alone) rather than the weights of the step itself; 0: off
-    average: float = 0.0
 
 
 @dataclass
@@ -309,51 +305,6 @@ def fit_margin(evaluator, regions, held, ids, base_margin: float) -> tuple[float
     return chosen, scores
 
 
-class WeightAverage:
-    """An exponential moving average of a network's trained parameters (`names`), bias-corrected: after t
-    updates it weighs step k's parameters by (1 - decay) decay^(t - k) / (1 - decay^t), the steps alone."""
-
-    def __init__(self, net, names: list[str], decay: float):
-        import torch
-
-        self.decay, self.updates = decay, 0
-        self.params = dict(net.named_parameters())
-        self.names = names
-        self.sums = {name: torch.zeros_like(self.params[name], dtype=torch.float32) for name in names}
-
-    def update(self) -> None:
-        """Fold the parameters as they are now into the average."""
-        import torch
-
-        self.updates += 1
-        with torch.no_grad():
-            for name in self.names:
-                self.sums[name].mul_(self.decay).add_(self.params[name].detach().float(), alpha=1 - self.decay)
-
-    def averaged(self, name: str):
-        return self.sums[name] / (1 - self.decay ** self.updates)
-
-    def state(self) -> dict:
-        """The averaged parameters on the CPU ({name: tensor}), as a state dict's entries."""
-        return {name: self.averaged(name).to("cpu", self.params[name].dtype, copy=True) for name in self.names}
-
-    @contextmanager
-    def swapped(self):
-        """The network holds the averaged parameters inside the block, its own again after it."""
-        import torch
-
-        kept = {name: self.params[name].detach().clone() for name in self.names}
-        with torch.no_grad():
-            for name in self.names:
-                self.params[name].copy_(self.averaged(name))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name in self.names:
-                    self.params[name].copy_(kept[name])
-
-
 def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int = 300,
           settings: AdaptSettings | None = None, progress: Callable[[AdaptProgress], None] | None = None,
           cancel: Callable[[], bool] | None = None, intensity_range=None, example_ids: str = "auto"):
@@ -392,8 +343,6 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         raise InputError("steps must be >= 0; batch_size, eval_every and patience >= 1")
     if settings.time_limit is not None and settings.time_limit <= 0:
         raise InputError(f"time_limit must be positive seconds, got {settings.time_limit}")
-    if not 0 <= settings.average < 1:
-        raise InputError(f"average must be a decay in [0, 1) (0: off), got {settings.average}")
     check_foreground_weight(settings.foreground_weight)
     examples = images if isinstance(images, Examples) else read_examples(
         images, masks, intensity_range, example_ids, settings.holdout)
@@ -421,22 +370,16 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         "cpu", enabled=False)
     kernel = "folded" if model.device.type == "cuda" else "sdpa"  # chunked saves memory without grad, not with it
 
-    average = WeightAverage(net, names, settings.average) if settings.average else None
-
     def evaluate() -> float:
         net.eval()
-        with torch.no_grad(), (average.swapped() if average is not None and step else nullcontext()):
+        with torch.no_grad():
             score = held_out_iou(evaluator, regions, held, examples.ids)
         net.train()
         return score
 
     def snapshot():
-        if average is not None:
-            return average.state()
         state = net.state_dict()
         return {name: state[name].detach().to("cpu", copy=True) for name in names}
-
-    step = 0
 
     torch.manual_seed(settings.seed)
     first = evaluate()
@@ -470,8 +413,6 @@ def adapt(model, images, masks, *, time_limit: float | None = 180.0, steps: int 
         batch = tasks.sample(settings.batch_size, prompts=1, seed=settings.seed * 1_000_003 + step).to(model.device)
         loss = float(train_step(net, optimizer, params, batch, step, train_settings, kernel, autocast))
         step += 1
-        if average is not None:
-            average.update()
         step_seconds = time.monotonic() - tick
         report(step, loss)
         if step % settings.eval_every == 0 or step == settings.steps:

@@ -318,37 +318,3 @@ def test_adapted_models_are_listed_newest_first_with_one_line_each(adapted_run, 
         f"Adapted to 1 example in {info['seconds']:.0f} s (held-out IoU {info['held_out_iou_before']:.2f} -> "
         f"{info['held_out_iou_best']:.2f} at step {info['best_step']} of {info['steps']})")
     assert "did not beat the model" in summary_line({**info, "improved": False}, "1 example")
-
-
-def test_the_weight_average_weighs_the_trained_steps_alone_and_swaps_back():
-    import torch
-
-    from seggpt_plugins.adapt import WeightAverage
-
-    net = torch.nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        net.weight.fill_(100.0)  # the base weights: not in the average
-    average = WeightAverage(net, ["weight"], decay=0.5)
-    for value in (1.0, 2.0, 4.0):
-        with torch.no_grad():
-            net.weight.fill_(value)
-        average.update()
-    expected = (0.5 ** 2 * 1 + 0.5 * 2 + 4) * 0.5 / (1 - 0.5 ** 3)  # (1 - d) d^(t - k) / (1 - d^t)
-    assert average.state()["weight"].flatten().tolist() == pytest.approx([expected] * 2)
-    with average.swapped():
-        assert net.weight.flatten().tolist() == pytest.approx([expected] * 2)
-    assert net.weight.flatten().tolist() == [4.0, 4.0]
-
-
-def test_adapt_with_a_weight_average_keeps_the_average_it_scored(base):
-    from seggpt_plugins.adapt import AdaptSettings, held_out_iou, read_examples, split_examples
-
-    image, mask = scene(0)
-    settings = AdaptSettings(lr=1e-2, eval_every=5, patience=100, warmup=5, batch_size=8, average=0.8)
-    adapted = base.adapt([image], [mask], time_limit=None, steps=30, settings=settings)
-    info = adapted.adaptation
-    assert info["improved"] and info["settings"]["average"] == 0.8
-    regions, held = split_examples(read_examples([image], [mask]))
-    assert held_out_iou(adapted, regions, held, np.array([1])) == pytest.approx(info["held_out_iou_best"], abs=1e-4)
-    with pytest.raises(Exception, match="average must be a decay"):
-        base.adapt([image], [mask], time_limit=None, steps=1, settings=AdaptSettings(average=1.0))
