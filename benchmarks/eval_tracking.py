@@ -13,7 +13,8 @@ scene's truth on its annotated frame:
   the pixels it paints over the truth's background; per-object IoU of the objects that live on;
 - stardist's 3D nuclei stack (ships in seggpt_plugins/demo/samples), its middle slice annotated with its
   12 nuclei (their own ids): the slices where a nucleus is gone (not in the truth) in which its id is still
-  painted, mean foreground IoU and per-nucleus IoU; and the foreground-annotated run of BENCHMARKS.md
+  painted (and where: over another nucleus or the background, and the intensity under the id), mean
+  foreground IoU and per-nucleus IoU; and the foreground-annotated run of BENCHMARKS.md
   section 15 (one id in many pieces: classes, not followed), which must not change.
 Seeds 0-2 chose the thresholds of object_tracks.py; seeds 3-9 are held out and reported. "colours (before)"
 reads the ids as classes (`example_ids="classes"`); "followed (now)" is the default, under which the stack's
@@ -99,6 +100,38 @@ def ending(model, seeds) -> dict:
                    "living_object_iou": round(float(np.mean(s["living_iou"])), 3)} for name, s in out.items()}
 
 
+def where_ended_ids_paint(found: dict, truth, stack, ids, min_area: int, origin: int) -> dict:
+    """Where the ids of ended nuclei are painted, and whether the image tells them from present ones: of the
+    slices where a nucleus has ended and its id is still painted, those where most of its pixels lie over
+    another nucleus (one further up or down the stack) and those where most lie over the truth's background;
+    and the mean intensity under the id (the stack's own range, as propagation maps it, 0..1) where its
+    nucleus is present and where it has ended."""
+    from seggpt_plugins.images import scale_to_uint8
+    from seggpt_plugins.propagation import stack_intensity_range
+
+    scale = stack_intensity_range(stack)
+    over_other = over_background = 0
+    intensity = {"present": [], "ended": []}
+    for z, labels in found.items():
+        beyond, between = (truth[z:], truth[origin:z]) if z > origin else (truth[:z + 1], truth[z + 1:origin + 1])
+        image = scale_to_uint8(stack[z], scale) / 255.0
+        for i in ids:
+            region = labels == i
+            if np.count_nonzero(region) < min_area:
+                continue
+            if (truth[z] == i).any():
+                intensity["present"].append(float(image[region].mean()))
+            elif (between == i).any() and not (beyond == i).any():
+                intensity["ended"].append(float(image[region].mean()))
+                on_background = np.count_nonzero(region & (truth[z] == 0))
+                over_background += on_background > np.count_nonzero(region) / 2
+                over_other += on_background <= np.count_nonzero(region) / 2
+    spread = lambda v: [round(float(q), 3) for q in np.percentile(v, [0, 10, 50, 90, 100])] if v else []  # noqa
+    return {"ended_painted_mostly_over_another_nucleus": int(over_other),
+            "ended_painted_mostly_over_background": int(over_background),
+            "mean_intensity_under_the_id_min_p10_median_p90_max": {k: spread(v) for k, v in intensity.items()}}
+
+
 def stardist(model) -> dict:
     from tifffile import imread
 
@@ -118,7 +151,8 @@ def stardist(model) -> dict:
             "absent_id_slices_painted": int(sum(np.count_nonzero(found[z] == i) >= MIN_AREA for z, i in absent)),
             "absent_id_slices": len(absent),
             "mean_slice_iou": round(float(np.mean([iou(found[z] > 0, truth[z] > 0) for z in found])), 3),
-            "per_nucleus_iou": round(object_iou(found, truth, ids, sorted(found)), 3)}
+            "per_nucleus_iou": round(object_iou(found, truth, ids, sorted(found)), 3),
+            "where_ended_ids_paint": where_ended_ids_paint(found, truth, stack, ids, MIN_AREA, middle)}
     found = run(model, stack, {middle: (truth[middle] > 0).astype(np.uint8)})
     out["foreground annotation (section 15), default"] = {
         "mean_slice_iou": round(float(np.mean([iou(found[z] > 0, truth[z] > 0) for z in found])), 3)}
