@@ -2,9 +2,9 @@
 # Every open issue's GPU part in one prepared run, for a session that is lent a device machine (15 minutes in
 # all, a start included): run it at once, with a timeout that leaves room for one rerun, then give the machine back.
 #
-#   device run (from the repository root here, timeout_s 560):
-#     SEGGPT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_checks.sh
-#   (write the commit into the command: the tree copied there has no git history)
+#   device run (from a clean checkout here, timeout_s 560), the commit written into the command, since the tree
+#   copied there has no git history (a $(git ...) in the command would run there):
+#     SEGGPT_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/device_checks.sh
 #
 # What it measures, each as JSON with the commit and the GPU under $OUT (benchmarks/results/device here):
 # - issue 28 item 5: bench_core.py at its default settings: pairs/s at 32 x 8, the ratio against transformers'
