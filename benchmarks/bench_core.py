@@ -203,7 +203,8 @@ def main():
     parser.add_argument("--device", default=None)
     parser.add_argument("--budget", type=float, default=300, help="seconds; later sections are skipped past it")
     parser.add_argument("--kernels", nargs="+", default=None, help="attention kernels to try for our path")
-    parser.add_argument("--compile", default=None, help="torch.compile mode for our path (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--compile", default=None,
+                        help="torch.compile mode for our path (reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--small", action="store_true", help="a small random config (checks the script only)")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["float32", "bfloat16", "int8"],
@@ -229,8 +230,9 @@ def main():
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
     torch.manual_seed(0)
-    config = SegGptConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
-                          intermediate_hidden_state_indices=[0, 1, 2, 3], merge_index=0) if args.small else SegGptConfig()
+    small = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                 intermediate_hidden_state_indices=[0, 1, 2, 3], merge_index=0)
+    config = SegGptConfig(**small) if args.small else SegGptConfig()
     net = SegGptForImageSegmentation(config).eval()
     for name, param in net.named_parameters():  # non-zero relative positions and tokens, like trained weights
         if "rel_pos" in name or "token" in name:
@@ -275,7 +277,8 @@ def main():
                 json.dump(report, f, indent=1)
         return
     ours_dtype = torch.bfloat16 if cuda else torch.float32
-    report.update(peak_dtype=str(ours_dtype).removeprefix("torch."), peak_tflops=measure_peak_tflops(device, ours_dtype))
+    report.update(peak_dtype=str(ours_dtype).removeprefix("torch."),
+                  peak_tflops=measure_peak_tflops(device, ours_dtype))
     kernels = args.kernels or (["folded", "sdpa"] if cuda else ["chunked", "sdpa"])
 
     # 1. kernel choice for our path (T=8 or 1, P=1)
@@ -364,8 +367,9 @@ def main():
     for r in report["rows"]:
         if r.get("kind") == "segment":
             print(f"| {r['targets']} | {r['prompts']} | {r['ours_pairs_per_s']} | {r.get('ref_pairs_per_s', '-')} | "
-                  f"{r.get('ratio', '-')} | {r['ours_ms_per_pair']} | {r['ours_tflops']} ({r['ours_fraction_of_peak']:.0%}) "
-                  f"| {r.get('ref_tflops', '-')} | {r['ours_peak_gb']} | {r.get('ref_peak_gb', '-')} |")
+                  f"{r.get('ratio', '-')} | {r['ours_ms_per_pair']} | {r['ours_tflops']} "
+                  f"({r['ours_fraction_of_peak']:.0%}) | {r.get('ref_tflops', '-')} | {r['ours_peak_gb']} "
+                  f"| {r.get('ref_peak_gb', '-')} |")
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
     if args.out:
         with open(args.out, "w") as f:
@@ -398,7 +402,8 @@ def print_cpu_table(rows):
     for t, p, precision in keys:
         cells, ratios = [], []
         for phase in phases:
-            r = next(r for r in segment if (r["targets"], r["prompts"], r["precision"], r["phase"]) == (t, p, precision, phase))
+            r = next(r for r in segment
+                     if (r["targets"], r["prompts"], r["precision"], r["phase"]) == (t, p, precision, phase))
             cells.append(f"{r['ours_s_per_pair']} | {r['ref_s_per_pair']} | **{r['ratio']}**")
             ratios.append(r["ratio"])
         tail = f" | {ratios[1] / ratios[0]:.2f}" if len(ratios) == 2 else ""
