@@ -19,7 +19,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/device}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SEGGPT_COMMIT="${SEGGPT_COMMIT:-unknown}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # and SEGGPT_COMMIT, from the caller
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1 \
     || [ "${DRY:-0}" = 1 ] || status=1

@@ -32,7 +32,8 @@ from eval_demo import SAMPLES
 from eval_demo import foreground_iou as iou
 
 DESIGN_SEEDS, HELD_OUT_SEEDS = (0, 1, 2), (3, 4, 5, 6, 7, 8, 9)
-RUNS = {"colours (before)": dict(follow_objects=False, example_ids="classes"), "followed (now)": dict(follow_objects=True)}
+RUNS = {"colours (before)": dict(follow_objects=False, example_ids="classes"),
+        "followed (now)": dict(follow_objects=True)}
 
 
 def run(model, frames, annotations, **options) -> dict:
@@ -46,14 +47,20 @@ def object_iou(found: dict, truth, ids, frames) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def has_ended(truth, z: int, i: int, origin: int) -> bool:
+    """Whether object `i` has ended by frame `z`, going out from the annotated `origin`: it was in the truth
+    between the two and is in none from `z` on (away from the origin)."""
+    beyond, between = (truth[z:], truth[origin:z]) if z > origin else (truth[:z + 1], truth[z + 1:origin + 1])
+    return bool((between == i).any() and not (beyond == i).any())
+
+
 def ended_ids(found: dict, truth, ids, min_area: int, origin: int = 0) -> tuple[int, int, int]:
     """(frames where an id's object has ended, going out from the annotated `origin`; those in which the id
     is painted; its pixels there over the truth's background)."""
     gone = painted = over_background = 0
     for z, labels in found.items():
-        beyond, between = (truth[z:], truth[origin:z]) if z > origin else (truth[:z + 1], truth[z + 1:origin + 1])
         for i in ids:
-            if (between == i).any() and not (beyond == i).any():
+            if has_ended(truth, z, i, origin):
                 gone += 1
                 painted += np.count_nonzero(labels == i) >= min_area
                 over_background += np.count_nonzero((labels == i) & (truth[z] == 0))
@@ -113,19 +120,19 @@ def where_ended_ids_paint(found: dict, truth, stack, ids, min_area: int, origin:
     over_other = over_background = 0
     intensity = {"present": [], "ended": []}
     for z, labels in found.items():
-        beyond, between = (truth[z:], truth[origin:z]) if z > origin else (truth[:z + 1], truth[z + 1:origin + 1])
         image = scale_to_uint8(stack[z], scale) / 255.0
         for i in ids:
             region = labels == i
-            if np.count_nonzero(region) < min_area:
+            area = np.count_nonzero(region)
+            if area < min_area:
                 continue
             if (truth[z] == i).any():
                 intensity["present"].append(float(image[region].mean()))
-            elif (between == i).any() and not (beyond == i).any():
+            elif has_ended(truth, z, i, origin):
                 intensity["ended"].append(float(image[region].mean()))
-                on_background = np.count_nonzero(region & (truth[z] == 0))
-                over_background += on_background > np.count_nonzero(region) / 2
-                over_other += on_background <= np.count_nonzero(region) / 2
+                mostly_background = np.count_nonzero(region & (truth[z] == 0)) > area / 2
+                over_background += mostly_background
+                over_other += not mostly_background
     spread = lambda v: [round(float(q), 3) for q in np.percentile(v, [0, 10, 50, 90, 100])] if v else []  # noqa
     return {"ended_painted_mostly_over_another_nucleus": int(over_other),
             "ended_painted_mostly_over_background": int(over_background),
