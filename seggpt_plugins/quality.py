@@ -5,8 +5,8 @@
     pred.confidence                                       # = pred.quality: what every adapter sorts by
 
 The snap score (how cleanly the painting snapped to a prompt colour) alone says little about being
-right: a model that copies too much of an example paints it cleanly. The "fast" estimate reads three views
-of a proposal, each blind where another sees ("full" adds a fourth):
+right: a model that copies too much of an example paints it cleanly. The "fast" estimate reads four views
+of a proposal, each blind where another sees ("full" reads the first two and the mirrored target):
 
 - snap_foreground: the mean snap score over the predicted foreground (how sure the painting is);
 - boundary_edges: whether the proposal's boundaries lie on the target's edges (`boundary_edges`): an
@@ -14,6 +14,10 @@ of a proposal, each blind where another sees ("full" adds a fourth):
 - texture_agreement: the mean IoU per label between the proposal and the labels a naive per-pixel model
   of the task gives the target (`ExampleStats.texture_labels`: naive Bayes over each pixel's grey level
   or coarse colour, its neighbourhood's mean and its spread, all read off the examples);
+- boundary_profile: how closely the grey levels across the proposal's boundary follow those across the
+  examples' true boundaries (`boundary_profile`, minus the mean difference of the two profiles): a
+  boundary drawn a few pixels off the true one crosses the target's edges at another level than the
+  examples' truth does;
 - flip_agreement ("full"): the mean IoU per label between the proposal and the proposal for the
   mirrored target, mirrored back (a model that is unsure changes its mind).
 
@@ -54,16 +58,19 @@ import numpy as np
 
 from .ensembles import object_diameter
 from .errors import InputError
-from .example_stats import ExampleStats, agreement, appearance_bins, boundary_edges, texture_words
+from .example_stats import (ExampleStats, agreement, appearance_bins, boundary_edges, boundary_profile,
+                            profile_distance, texture_words)
 from .instances import connected_components, find_instances
 from .vocabulary import DEMO_MODEL
 
 QUALITIES = ("fast", "full")
 #: the features each estimate blends, with their weights (on standardised features). fast: three views of a
-#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py);
+#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py), and
+#: the boundary's profile, which ranks the targets of one run (docs/quality.md, "Ranking a run");
 #: full: the mirrored target's agreement leads, which ranks the targets of one run on real nuclei
 #: (chosen on the design runs of benchmarks/eval_run_ranking.py; docs/quality.md, "Ranking a run")
-BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0},
+BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0,
+                   "boundary_profile": 1.0},
           "full": {"snap_foreground": 1.0, "boundary_edges": 1.0, "flip_agreement": 2.0}}
 UNCERTAIN_MARGIN = 0.5
 #: features are read on a strided view of at most this many pixels a side (statistics: 16k pixels are
@@ -101,7 +108,7 @@ FEATURE_GROUPS = {"snap": ("snap_foreground", "snap_all", "uncertain"), "size": 
                   "objects": ("diameter_ratio", "fragments"),
                   "appearance": ("appearance_fit", "appearance_agreement", "appearance_fit_foreground",
                                  "appearance_agreement_foreground"),
-                  "texture": ("texture_agreement",), "edges": ("boundary_edges",),
+                  "texture": ("texture_agreement",), "edges": ("boundary_edges",), "profile": ("boundary_profile",),
                   "flip": ("flip_agreement", "flip_agreement_foreground"),
                   "parts": ("parts_size", "parts_bad_size", "parts_ring_fit", "parts_snap", "parts_agreement",
                             "parts_extent", "boundary_fit")}
@@ -157,6 +164,11 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
                                     if texture_wanted else float("nan"))
     if "edges" in wanted:
         out["boundary_edges"] = boundary_edges(labels, rgb) if rgb is not None else float("nan")
+    if "profile" in wanted:
+        profile = (boundary_profile(foreground, rgb) if rgb is not None and examples.profile is not None
+                   else None)
+        out["boundary_profile"] = (-profile_distance(profile[0], examples.profile) if profile is not None
+                                   else float("nan"))
     if "flip" in wanted and flipped is not None:
         out["flip_agreement"] = agreement(labels, flipped)
         out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)
