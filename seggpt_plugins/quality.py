@@ -5,7 +5,7 @@
     pred.confidence                                       # = pred.quality: what every adapter sorts by
 
 The snap score (how cleanly the painting snapped to a prompt colour) alone says little about being
-right: a model that copies too much of an example paints it cleanly. The "fast" estimate reads four views
+right: a model that copies too much of an example paints it cleanly. The "fast" estimate reads three views
 of a proposal, each blind where another sees ("full" reads the first two and the mirrored target):
 
 - snap_foreground: the mean snap score over the predicted foreground (how sure the painting is);
@@ -14,17 +14,14 @@ of a proposal, each blind where another sees ("full" reads the first two and the
 - texture_agreement: the mean IoU per label between the proposal and the labels a naive per-pixel model
   of the task gives the target (`ExampleStats.texture_labels`: naive Bayes over each pixel's grey level
   or coarse colour, its neighbourhood's mean and its spread, all read off the examples);
-- boundary_profile: how closely the grey levels across the proposal's boundary follow those across the
-  examples' true boundaries (`boundary_profile`, minus the mean difference of the two profiles): a
-  boundary drawn a few pixels off the true one crosses the target's edges at another level than the
-  examples' truth does;
 - flip_agreement ("full"): the mean IoU per label between the proposal and the proposal for the
   mirrored target, mirrored back (a model that is unsure changes its mind).
 
 `BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); the curve that
 maps that score to an IoU is fitted on generated tasks whose truth is known (quality_fit.py, `seggpt
 fit-quality`, quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`:
-the uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit); an
+the uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit, the
+boundary's grey-level profile against the examples' true boundaries'); an
 estimate reads only the groups its blend uses (`Prediction.quality_features`; the naive model's
 P(foreground) is always read, for the per-object estimate), and fitting reads them all. How each relates
 to the true IoU is how the blend was chosen (docs/quality.md).
@@ -65,12 +62,10 @@ from .vocabulary import DEMO_MODEL
 
 QUALITIES = ("fast", "full")
 #: the features each estimate blends, with their weights (on standardised features). fast: three views of a
-#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py), and
-#: the boundary's profile, which ranks the targets of one run (docs/quality.md, "Ranking a run");
+#: proposal that together rank it on generated tasks AND real nuclei (docs/quality.md, eval_quality.py);
 #: full: the mirrored target's agreement leads, which ranks the targets of one run on real nuclei
 #: (chosen on the design runs of benchmarks/eval_run_ranking.py; docs/quality.md, "Ranking a run")
-BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0,
-                   "boundary_profile": 1.0},
+BLENDS = {"fast": {"snap_foreground": 1.0, "boundary_edges": 1.0, "texture_agreement": 1.0},
           "full": {"snap_foreground": 1.0, "boundary_edges": 1.0, "flip_agreement": 2.0}}
 UNCERTAIN_MARGIN = 0.5
 #: features are read on a strided view of at most this many pixels a side (statistics: 16k pixels are
