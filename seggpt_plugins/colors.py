@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import InputError
+from .images import distinct_values
 from .vocabulary import MAX_CLASSES
 
 MIN_SEPARATION = 51.0  # Euclidean RGB distance between the two closest colours at MAX_CLASSES
@@ -79,7 +80,7 @@ class ColorCode:
             raise InputError("prompt masks mix label masks (H, W) and colour masks (H, W, 3); use one kind")
         if kinds == {3}:
             return cls.for_colors(np.concatenate([np.unique(m.reshape(-1, 3), axis=0) for m in masks]))
-        return cls.for_ids(np.unique(np.concatenate([np.unique(m) for m in masks])) if masks else [])
+        return cls.for_ids(np.unique(np.concatenate([distinct_values(m) for m in masks])) if masks else [])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,6 +119,16 @@ class ColorCode:
                 raise InputError(f"{name}: {what} {np.unique(values[values != 0])[:10].tolist()} are not in this "
                                  "prompt set")
             return np.zeros(values.shape, np.int64)
+        if (keys.min() >= 0 and keys.max() < 1 << 16 and values.dtype.kind in "ui" and values.size
+                and values.min() >= 0):  # label ids: a table
+            table = np.zeros(int(keys.max()) + 2, np.int64)  # (its last entry: any value beyond the ids)
+            table[keys] = np.arange(1, len(keys) + 1)
+            index = table[np.minimum(values, len(table) - 1)]
+            unknown = (index == 0) & (values != 0)
+            if unknown.any():
+                raise InputError(f"{name}: {what} {np.unique(values[unknown])[:10].tolist()} are not in this "
+                                 "prompt set")
+            return index
         order = np.argsort(keys)
         sorted_keys = keys[order]
         pos = np.clip(np.searchsorted(sorted_keys, values), 0, len(keys) - 1)

@@ -20,7 +20,7 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .example_ids import foreground, ids_are_objects
-from .images import as_array, label_dtype, shared_range, to_mask, to_rgb8
+from .images import as_array, distinct_values, label_dtype, shared_range, to_mask, to_rgb8
 from .cpu_share import thread_governor
 from .loading import (foreground_margin, load_network, pick_device, pick_dtype, pick_quantize, resolve_source,
                       set_cpu_threads, threads_are_auto, weights_fingerprint)
@@ -262,7 +262,7 @@ class SegGPT:
                 raise InputError(f"tuned prompt of size {tuple(t.image.shape[-2:])} does not fit this model's "
                                  f"input size {self.input_size}")
         shown = None if tuned else tuple(int(i) for i in np.unique(np.concatenate(
-            [code.labels_of_colors(m).ravel() if m.ndim == 3 else np.unique(m) for _, m, _ in pairs])) if i)
+            [distinct_values(code.labels_of_colors(m) if m.ndim == 3 else m) for _, m, _ in pairs])) if i)
         return PromptSet(self._torch.stack(prompt_images_t), self._torch.stack(prompt_masks_t), code,
                          tuple(rgb.shape[:2] for rgb, _, _ in pairs),
                          _example_stats(pairs, code, object_masks) if pairs else None, shown, objects, shared)

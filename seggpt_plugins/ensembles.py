@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
+from .images import distinct_values
 from .instances import connected_components
 
 ENSEMBLES = ("feature", "spatial", "both")
@@ -156,7 +157,7 @@ def object_diameter(masks) -> float | None:
             continue
         foreground = parts > 0  # a part holding several labels (touching instances) counts once per label
         keys = parts[foreground].astype(np.int64) * (int(mask.max()) + 1) + mask[foreground]
-        areas.extend(int(a) for a in np.unique(keys, return_counts=True)[1] if a >= 4)
+        areas.extend(int(a) for a in distinct_values(keys, return_counts=True)[1] if a >= 4)
     return float(np.sqrt(np.median(areas))) if areas else None
 
 

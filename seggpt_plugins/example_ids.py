@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
+from .images import distinct_values
 
 EXAMPLE_IDS = ("auto", "classes", "instances")
 MIN_OBJECT_IDS = 5  # fewer ids than this are classes, whatever their shapes (a cat, a dog and a car, apart)
@@ -39,20 +40,21 @@ def instance_labelled(masks: Sequence[np.ndarray]) -> bool:
     nearly all of them (ONE_PIECE_SHARE) one connected piece each, and either many ids (MANY_OBJECT_IDS)
     or most of them apart from every other id (APART_SHARE), as nuclei are and a thing's parts are not.
     Colour masks (H, W, 3) are classes."""
-    ids = one_piece = apart = 0
-    for mask in masks:
-        mask = np.asarray(mask)
-        if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-            return False
-        values = np.unique(mask)
-        values = values[values != 0]
+    masks = [np.asarray(mask) for mask in masks]
+    if any(mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) for mask in masks):
+        return False
+    present = [values[values != 0] for values in map(distinct_values, masks)]
+    ids = sum(len(values) for values in present)
+    if ids < MIN_OBJECT_IDS:
+        return False  # (before the pieces are counted: a class mask is judged at the cost of a bincount)
+    one_piece = apart = 0
+    for mask, values in zip(masks, present):
         if not len(values):
             continue
-        ids += len(values)
         touching = _touching_ids(mask)
         apart += int(np.count_nonzero(~np.isin(values, touching)))
         one_piece += _one_piece_ids(mask)
-    if ids < MIN_OBJECT_IDS or one_piece < ONE_PIECE_SHARE * ids:
+    if one_piece < ONE_PIECE_SHARE * ids:
         return False
     return ids >= MANY_OBJECT_IDS or apart >= APART_SHARE * ids
 

@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from .ensembles import object_diameter
-from .images import label_boundaries
+from .images import distinct_values, label_boundaries
 
 GREY_LEVELS = 64  # appearance bins of grey images; colour images: 8 levels per channel (512 bins)
 COLOUR_BINS = 512
@@ -214,13 +214,6 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(both[kept] / union[kept])) if kept.any() else 1.0
 
 
-def _ids_present(mask: np.ndarray) -> np.ndarray:
-    """The sorted distinct values of a label mask (a bincount for small non-negative ints)."""
-    if mask.dtype == bool or (mask.dtype.kind in "ui" and mask.size and mask.min() >= 0 and mask.max() < 1 << 16):
-        return np.flatnonzero(np.bincount(mask.ravel().astype(np.intp, copy=False)))
-    return np.unique(mask)
-
-
 def _columns(mask: np.ndarray, ids: tuple) -> np.ndarray:
     """The column of each pixel's label among `ids` (sorted, holding every label of the mask), int32."""
     if ids[0] >= 0 and ids[-1] < 1 << 16 and mask.dtype.kind in "uib":
@@ -259,7 +252,7 @@ class ExampleStats:
             return cls(foreground, diameter)
         images = [np.asarray(rgb) for rgb in images]
         grey = all(is_grey(rgb) for rgb in images)
-        ids = tuple(int(i) for i in np.union1d([0], np.concatenate([_ids_present(m) for m in masks])))
+        ids = tuple(int(i) for i in np.union1d([0], np.concatenate([distinct_values(m) for m in masks])))
         tables = (np.zeros((GREY_LEVELS if grey else COLOUR_BINS, len(ids))), np.zeros((MEAN_LEVELS, len(ids))),
                   np.zeros((SPREAD_LEVELS, len(ids))))
         profiles = []

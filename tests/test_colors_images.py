@@ -11,7 +11,7 @@ from PIL import Image
 
 from seggpt_plugins import InputError
 from seggpt_plugins.colors import MAX_CLASSES, MIN_SEPARATION, ColorCode, palette, snap
-from seggpt_plugins.images import read_image, scale_to_uint8, to_mask, to_rgb8
+from seggpt_plugins.images import distinct_values, read_image, scale_to_uint8, to_mask, to_rgb8
 from seggpt_plugins.io import write_png, write_tiff
 
 
@@ -46,6 +46,28 @@ def test_label_round_trip_through_colours(ids, seed):
                         torch.from_numpy(code.all_colors)[None].float())
     assert np.array_equal(code.all_ids[index[0].numpy()], labels)
     assert torch.allclose(score, torch.ones_like(score))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=40, unique=True), st.integers(0, 2**32 - 1),
+       st.sampled_from([np.uint8, np.uint16, np.int32, np.int64]))
+def test_small_label_ids_round_trip_through_the_lookup_table(ids, seed, dtype):
+    """Label ids under 65536 are looked up in a table (a bincount and a gather, not a sort): the same answer."""
+    rng = np.random.default_rng(seed)
+    ids = [i for i in ids if i <= np.iinfo(dtype).max] or [1]
+    labels = rng.choice(np.array([0] + ids), size=(16, 16)).astype(dtype)
+    assert np.array_equal(distinct_values(labels), np.unique(labels))
+    values, counts = distinct_values(labels, return_counts=True)
+    assert np.array_equal(counts, np.unique(labels, return_counts=True)[1])
+    code = ColorCode.from_masks([labels])
+    assert code.ids.tolist() == [int(i) for i in np.unique(labels) if i]  # the ids present, sorted
+    assert np.array_equal(code.labels_of_colors(code.encode(labels)), labels)
+
+
+def test_distinct_values_of_any_array_are_numpys():
+    for values in (np.array([True, False, True]), np.array([[3, -2, 3]]), np.array([7.5, 1.0, 7.5]), np.zeros(0, int),
+                   np.array([2**40, 1], np.int64), np.array([5], np.uint64)):
+        assert np.array_equal(distinct_values(values), np.unique(values))
 
 
 @settings(max_examples=30, deadline=None)
@@ -108,8 +130,9 @@ def test_the_margin_keeps_a_blend_of_two_labels_in_the_foreground(monkeypatch):
 
 def test_unknown_ids_and_mixed_kinds_are_refused():
     code = ColorCode.for_ids([1, 2])
-    with pytest.raises(InputError, match="not in this prompt set"):
-        code.encode(np.array([[3]]))
+    for unknown in (3, -1, 70_000, 2**40):  # (the lookup table's ids, negative ones, beyond the table)
+        with pytest.raises(InputError, match="not in this prompt set"):
+            code.encode(np.array([[1, unknown]]))
     with pytest.raises(InputError, match="mix"):
         ColorCode.from_masks([np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8)])
     with pytest.raises(InputError, match="more than"):
