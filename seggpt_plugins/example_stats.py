@@ -225,9 +225,10 @@ def _columns(mask: np.ndarray, ids: tuple) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ExampleStats:
-    """What the examples show: the mean share of labelled pixels, their objects' typical diameter, and
-    how often each label takes each appearance, local mean and local spread (a naive per-pixel model of
-    the task: counts (levels, ids); `appearance`, `texture_labels`)."""
+    """What the examples show: the mean share of labelled pixels, their objects' typical diameter, how
+    often each label takes each appearance, local mean and local spread (a naive per-pixel model of the
+    task: counts (levels, ids); `appearance`, `texture_labels`), and the grey levels across their true
+    boundaries (`boundary_profile`, averaged over the examples by boundary length)."""
 
     foreground: float
     diameter: float | None
