@@ -24,9 +24,9 @@ import numpy as np
 
 from .errors import InputError
 from .instances import Instances, ObjectRule
-from .vocabulary import IMAGE_SUFFIXES
+from .vocabulary import IMAGE_SUFFIXES, OUTPUT_FORMATS
 
-FORMATS = ("png", "tiff", "coco", "panoptic")
+FORMATS = OUTPUT_FORMATS
 OUTPUTS = ("labels", "instances", "panoptic")
 
 

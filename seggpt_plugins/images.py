@@ -7,8 +7,10 @@ Masks keep what they store: palette indices are label ids. Writing is in `io`. N
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,19 @@ def _check_pixels(shape: tuple[int, ...], name: str) -> None:
         )
 
 
+@contextmanager
+def tiff_warnings_quiet():
+    """tifffile logs what it finds wrong in a broken file (as errors) before it raises; within this, only the
+    one-line error that names the file is said (its logger's level is restored after)."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_image(path: str | os.PathLike, as_mask: bool = False) -> np.ndarray:
     """Read an image file: (H, W), (H, W, C) or, for TIFF stacks, (Z, H, W[, C]); EXIF orientation applied.
 
@@ -46,7 +61,7 @@ def read_image(path: str | os.PathLike, as_mask: bool = False) -> np.ndarray:
         import tifffile
 
         try:
-            with tifffile.TiffFile(path) as tif:
+            with tiff_warnings_quiet(), tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 _check_pixels(tuple(series.shape[-3:-1] if series.shape[-1] in (3, 4) else series.shape[-2:]), str(path))
                 return series.asarray()

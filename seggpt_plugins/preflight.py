@@ -22,7 +22,7 @@ import numpy as np
 from .colors import ColorCode
 from .errors import InputError
 from .example_ids import foreground, ids_are_objects
-from .images import TIFF_SUFFIXES
+from .images import TIFF_SUFFIXES, read_image, tiff_warnings_quiet
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -36,7 +36,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
-            with tifffile.TiffFile(path) as tif:
+            with tiff_warnings_quiet(), tifffile.TiffFile(path) as tif:
                 shape = tif.series[0].shape
             shape = shape[-3:-1] if shape[-1] in (3, 4) and len(shape) >= 3 else shape[-2:]
             return int(shape[0]), int(shape[1])
@@ -71,8 +71,9 @@ def unreadable(paths: Iterable) -> dict[str, str]:
 
 def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Sequence[np.ndarray] = (),
                   example_ids: str = "classes", mask_names: Sequence | None = None) -> ColorCode:
-    """The colour code of example pairs, checked: each image readable and of its mask's size, the ids few
-    enough for the colour prompt, and some foreground in at least one mask.
+    """The colour code of example pairs, checked: each image readable (a file: decoded whole, as the examples
+    are few) and of its mask's size, the ids few enough for the colour prompt, and some foreground in at
+    least one mask.
 
     Args:
         images: the example images (paths, or arrays).
@@ -84,6 +85,7 @@ def check_prompts(images: Sequence, masks: Sequence[np.ndarray], annotations: Se
     for k, (image, mask) in enumerate(zip(images, masks)):
         if isinstance(image, (str, os.PathLike)):
             height, width = image_size(image)
+            read_image(image)  # (a header can read well in a file cut short)
         else:
             height, width = np.asarray(image).shape[:2]
         if mask.shape[:2] != (height, width):

@@ -25,6 +25,9 @@ MAX_CLASSES = 124
 #: it in hardware, float32 elsewhere (loading.pick_dtype); "int8": int8 linear layers, on the CPU only.
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 
+#: What `--format` and every host's export can write: label PNGs, label TIFFs, COCO instances, COCO panoptic.
+OUTPUT_FORMATS = ("png", "tiff", "coco", "panoptic")
+
 #: File suffixes read as images when a folder (or an object-store prefix) is searched for inputs.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
 

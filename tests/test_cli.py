@@ -95,3 +95,55 @@ def test_demo_command(tmp_path):
     assert "IoU against ground truth" in result.stdout
     assert seggpt("demo", "--out", tmp_path / "demo").returncode == 2  # no silent overwrite
     assert seggpt("demo", "--out", tmp_path / "demo", "--overwrite").returncode == 0
+
+
+def test_bad_options_and_broken_examples_are_refused_before_the_model_loads(tiles, capsys, monkeypatch):
+    """An intensity range that is no range, a target read as an option's value, a file that is no tuned prompt
+    and an example image cut short: each a one-line error, and the model never loads."""
+    folder, paths = tiles
+    monkeypatch.chdir(folder)
+    example = ["--model", "demo", "--prompt", paths["prompt"], folder / "prompt_mask.png"]
+    for args, message in [
+            (["--intensity-range", "100", "10", paths["a"]], "--intensity-range: LOW must be below HIGH, got 100 10"),
+            (["--intensity-range", "nan", "1", paths["a"]], "LOW and HIGH must be finite numbers"),
+            (["--format", "tiff", paths["a"]], f"--format: invalid choice: '{paths['a']}'"),
+            (["--tile", "64", paths["a"]], f"--tile: '{paths['a']}' is not a tile size")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(map(str, ["segment", *example, "--out", "o", *args])))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    (folder / "tuned.pt").write_text("not a tuned prompt")
+    (folder / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    tifffile.imwrite(folder / "whole.tif", np.asarray(Image.open(paths["prompt"])))
+    (folder / "cut.tif").write_bytes((folder / "whole.tif").read_bytes()[:4000])  # its header reads well
+    for args, message in [
+            (["--model", "demo", "--tuned-prompt", "tuned.pt"], "tuned.pt: not a tuned prompt (a .safetensors file"),
+            (["--model", "demo", "--tuned-prompt", "garbage.safetensors"], "garbage.safetensors: cannot read a tuned"),
+            (["--model", "demo", "--prompt", "cut.tif", folder / "prompt_mask.png"], "cut.tif: not a readable TIFF")]:
+        assert main(list(map(str, ["segment", *args, paths["a"], "--out", "o"]))) == 2
+        err = capsys.readouterr().err
+        assert message in err and "loaded SegGPT" not in err and "Traceback" not in err
+    assert not (folder / "o").exists()
+
+
+def test_skip_existing_redoes_targets_whose_overlay_or_scores_are_missing(tiles, capsys):
+    folder, paths = tiles
+    args = list(map(str, ["segment", "--model", "demo", "--prompt", paths["prompt"], folder / "prompt_mask.png",
+                          paths["a"], paths["b"], "--out", folder / "out", "--skip-existing"]))
+    assert main(args) == 0 and not list((folder / "out").glob("*_overlay.png"))
+    assert main([*args, "--overlay"]) == 2  # the labels are there: redoing a target replaces them
+    assert "a_labels.png: exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overlay", "--overwrite"]) == 0
+    assert sorted(p.name for p in (folder / "out").glob("*_overlay.png")) == ["a_overlay.png", "b_overlay.png"]
+    assert main([*args, "--overlay"]) == 0 and "skipping 2 target(s)" in capsys.readouterr().err
+
+
+def test_a_tiff_stack_cut_short_is_one_line(tmp_path, nuclei3d):
+    stack, truth = nuclei3d
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    tifffile.imwrite(tmp_path / "mask.tif", (truth[15] > 0).astype(np.uint8))
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "stack.tif").read_bytes()[:20000])
+    result = seggpt("propagate", "--model", "demo", tmp_path / "cut.tif", "--prompt-slice", 15, tmp_path / "mask.tif",
+                    "--out", tmp_path / "out.tif")
+    assert result.returncode == 2 and "not a readable TIFF" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # (tifffile's own log line kept quiet)

@@ -6,11 +6,12 @@ Imports stay lazy: adding the arguments loads argparse and the vocabulary only.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
-from ..vocabulary import AUTO_MODEL, HUB_MODEL, MODEL_ENV, SEG_TYPES
+from ..vocabulary import AUTO_MODEL, HUB_MODEL, MODEL_ENV, OUTPUT_FORMATS, SEG_TYPES
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -41,7 +42,7 @@ def add_ensemble(parser: argparse.ArgumentParser, tiles: bool = True) -> None:
                             "(stitched into one prompt canvas, the paper's spatial ensemble), both (canvases of 4, "
                             "combined by the feature ensemble) (default: %(default)s)")
     if tiles:
-        group.add_argument("--tile", nargs="+", default=None, metavar="PIXELS",
+        group.add_argument("--tile", nargs="+", default=None, metavar="PIXELS", type=tile_value,
                            help="cut large targets into tiles: H W, one size for both, or 'auto' (six object "
                                 "diameters of the examples); larger examples are cut to their most labelled "
                                 "tile, so both are seen at one scale. 0 (the default): no tiling, targets are "
@@ -49,10 +50,29 @@ def add_ensemble(parser: argparse.ArgumentParser, tiles: bool = True) -> None:
         group.add_argument("--halo", type=int, default=32, help="overlap of neighbouring tiles, pixels (default: 32)")
 
 
+class IntensityRange(argparse.Action):
+    """--intensity-range LOW HIGH: two finite numbers, LOW below HIGH (checked as the arguments are read)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        low, high = values
+        if not (math.isfinite(low) and math.isfinite(high)):
+            parser.error(f"argument {option_string}: LOW and HIGH must be finite numbers, got {low:g} {high:g}")
+        if low >= high:
+            parser.error(f"argument {option_string}: LOW must be below HIGH, got {low:g} {high:g}")
+        setattr(namespace, self.dest, [low, high])
+
+
+def tile_value(value: str) -> str:
+    """One value of --tile: pixels or 'auto' (what else is wrong with them, tile_option says)."""
+    if value != "auto" and not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a tile size (pixels, or 'auto')")
+    return value
+
+
 def add_inference(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg-type", choices=list(SEG_TYPES), default="instance",
                         help="SegGPT's type token (default: %(default)s, as Painter)")
-    parser.add_argument("--intensity-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+    parser.add_argument("--intensity-range", nargs=2, type=float, metavar=("LOW", "HIGH"), action=IntensityRange,
                         help="map this intensity range to 0..255 (default: robust percentiles for non-8-bit images)")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
 
@@ -64,6 +84,7 @@ def add_export(parser: argparse.ArgumentParser, stack: bool = False) -> None:
                             else "") + "; panoptic: objects of 'thing' classes, regions of 'stuff' classes "
                        "(default: %(default)s)")
     group.add_argument("--format", nargs="+", dest="formats", default=None, metavar="FORMAT",
+                       choices=OUTPUT_FORMATS,
                        help="png, tiff, coco (COCO instances JSON with RLE masks), panoptic (COCO panoptic PNG + "
                             "JSON); several at once (default: " + ("tiff" if stack else "png") + ")")
     group.add_argument("--label-names", default=None, metavar="FILE",
@@ -127,6 +148,19 @@ def require_files(paths) -> None:
     for path in paths:
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: is not a file")
+
+
+def check_tuned_prompts(paths) -> None:
+    """Every --tuned-prompt file is one (a .safetensors file that `seggpt tune-prompt` wrote), before the model
+    loads."""
+    from ..errors import InputError
+    from ..prompts import TUNED_PROMPT_SUFFIX, TunedPrompt
+
+    for path in paths:
+        if not str(path).endswith(TUNED_PROMPT_SUFFIX):  # (as prompts.is_tuned tells them apart)
+            raise InputError(f"{path}: not a tuned prompt (a {TUNED_PROMPT_SUFFIX} file written by `seggpt "
+                             "tune-prompt`)")
+        TunedPrompt.load(path)
 
 
 def tile_option(args: argparse.Namespace):

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .options import (add_ensemble, add_example_ids, add_export, add_inference, add_model, add_quality,
-                      check_model_options, check_numbers, example_ids_option, export_options, intensity_option,
-                      load_model, quality_option, require_files, tile_option)
+                      check_model_options, check_numbers, check_tuned_prompts, example_ids_option, export_options,
+                      intensity_option, load_model, quality_option, require_files, tile_option)
 
 LABELS_SUFFIX = "_labels"  # output names never equal an input's name
 
@@ -90,6 +90,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     check_writable(out)
     prompt_files = [*(p for pair in args.prompt for p in pair), *args.tuned_prompt]
     require_files(prompt_files)
+    check_tuned_prompts(args.tuned_prompt)
     prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
     shown_ids = []  # the ids the examples are shown with (instance ids are one class: example_ids.py)
     if args.prompt:
@@ -103,8 +104,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if options.review or {"coco", "panoptic"} & set(options.formats):
             raise InputError("--skip-existing resumes per-image files; a run-wide file (--format coco/panoptic, "
                              "--review) covers every target: run those without --skip-existing")
-        keep = [i for i in range(len(targets)) if not all(exporter.map_path(i, f).exists()
-                                                            for f in options.formats)]
+        extras = [suffix for suffix, on in (("_overlay.png", args.overlay), ("_scores.tif", args.scores)) if on]
+        keep = [i for i in range(len(targets)) if not (all(exporter.map_path(i, f).exists() for f in options.formats)
+                                                        and all((out / f"{exporter.stems[i]}{suffix}").exists()
+                                                                for suffix in extras))]
         print(f"skipping {len(targets) - len(keep)} target(s) whose outputs exist", file=sys.stderr)
         targets = [targets[i] for i in keep]
         exporter = Exporter(out, [stem for _, stem in targets], options)
@@ -232,6 +235,7 @@ def _segment_at_scale(args: argparse.Namespace) -> int:
         raise InputError("--ray-address names a Ray cluster: use it with --engine ray")
     check_numbers(args, batch_size=1, actors=1, most_similar=1)
     check_model_options(args)
+    check_tuned_prompts(args.tuned_prompt)
     engine = args.engine or ("ray" if args.ray_address else "local")
     summary = run(args.targets, args.prompt, args.out, tuned_prompts=args.tuned_prompt, engine=engine,
                   ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import InputError
+from ..images import tiff_warnings_quiet
 
 #: Containers read through PyAV (FFmpeg).
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".wmv", ".flv")
@@ -87,8 +88,9 @@ class TiffReader(Reader):
 
         super().__init__(path)
         try:
-            self._tif = tifffile.TiffFile(self.path)
-            series = self._tif.series[0]
+            with tiff_warnings_quiet():
+                self._tif = tifffile.TiffFile(self.path)
+                series = self._tif.series[0]
             shape = tuple(series.shape)
             self._pages = series.pages
         except Exception as exc:  # tifffile raises many types for broken files
