@@ -26,12 +26,14 @@ class PairedSamples:
         self.size = size
         self.tasks: dict = {}
         for k, (image, mask, task) in enumerate(samples):
+            which = f"{image}, mask {mask}" if isinstance(mask, (str, os.PathLike)) else f"sample {k}"
             rgb = to_rgb8(image, name=f"sample {k} image")
             labels = to_mask(mask, name=f"sample {k} mask")
             if labels.ndim != 2:
-                raise InputError(f"sample {k}: training needs label masks (H, W), got a colour mask")
+                raise InputError(f"{which}: training needs label masks (H, W), got a colour mask")
             if labels.shape != rgb.shape[:2]:
-                raise InputError(f"sample {k}: mask size {labels.shape} differs from image size {rgb.shape[:2]}")
+                raise InputError(f"{which}: mask size {labels.shape[1]}x{labels.shape[0]} differs from the image's "
+                                 f"{rgb.shape[1]}x{rgb.shape[0]} (width x height)")
             self.tasks.setdefault(task, []).append((self._resize(rgb, False), self._resize(labels, True)))
         if not self.tasks:
             raise InputError("the dataset holds no samples")

@@ -447,7 +447,11 @@ def _read_state_dict(path: Path) -> dict:
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelSourceError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc})") from None
+        if type(exc).__name__ == "UnpicklingError":  # (torch's message runs to a page of weights_only advice)
+            raise ModelSourceError(f"{path}: not a checkpoint of weights (a Painter .pth state dict or a .safetensors "
+                                   "file)") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelSourceError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {first})") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

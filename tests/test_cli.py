@@ -147,3 +147,39 @@ def test_a_tiff_stack_cut_short_is_one_line(tmp_path, nuclei3d):
                     "--out", tmp_path / "out.tif")
     assert result.returncode == 2 and "not a readable TIFF" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # (tifffile's own log line kept quiet)
+
+
+def test_training_and_other_commands_refuse_bad_numbers_and_files_in_one_line(tmp_path, nuclei3d, capsys,
+                                                                             monkeypatch):
+    """What a second review of the other commands found: each a one-line error before the model loads (and
+    tune-prompt writes nothing)."""
+    monkeypatch.chdir(tmp_path)
+    stack, truth = nuclei3d
+    tifffile.imwrite("stack.tif", stack)
+    tifffile.imwrite("z10.tif", (truth[10] > 0).astype(np.uint8))
+    for folder in ("data", "bad"):
+        for sub in ("images", "masks"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / folder / "images" / "t0.tif", stack[10])
+        tifffile.imwrite(tmp_path / folder / "masks" / "t0.tif",
+                         (truth[10, :32 if folder == "bad" else None] > 0).astype(np.uint8))  # bad: half its rows
+    (tmp_path / "not_weights.pth").write_bytes(b"II*\x00" + bytes(200))
+    for args, message in [
+            (["tune-prompt", "--model", "demo", "--data", "data", "--out", "t.safetensors", "--steps", "0"],
+             "--steps must be >= 1, got 0"),
+            (["tune-prompt", "--model", "demo", "--data", "data", "--out", "t.safetensors", "--lr", "-5"],
+             "--lr must be positive, got -5"),
+            (["tune-prompt", "--model", "demo", "--data", "bad", "--out", "t.safetensors", "--steps", "1"],
+             "bad/images/t0.tif, mask bad/masks/t0.tif: mask size"),
+            (["finetune", "--model", "demo", "--data", "data", "--out", "ft", "--variant", "v2"],
+             "--variant v2 names a kind of generated task: not with --data"),
+            (["finetune", "--model", "demo", "--data", "data", "--out", "ft", "--batch-size", "0"],
+             "--batch-size must be >= 1"),
+            (["evaluate", "--model", "demo", "--tasks", "0"], "--tasks must be >= 1, got 0"),
+            (["propagate", "stack.tif", "--prompt-slice", "10", "z10.tif", "--prompt-slice", "10", "z10.tif",
+              "--out", "o.tif", "--model", "demo"], "--prompt-slice 10: given twice"),
+            (["convert", "not_weights.pth", "cv"], "not_weights.pth: not a checkpoint of weights")]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "loaded SegGPT" not in err, err
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "o.tif").exists()

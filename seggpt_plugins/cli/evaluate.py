@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..vocabulary import DEMO_MODEL
-from .options import add_model, load_model
+from .options import add_model, check_numbers, load_model
 
 
 def register(sub) -> None:
@@ -19,8 +19,12 @@ def register(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from ..errors import InputError
     from ..evaluation import evaluate_generated
 
+    check_numbers(args, tasks=1)
+    if min(args.prompts) < 1:
+        raise InputError(f"--prompts must be >= 1, got {min(args.prompts)}")
     model = load_model(args)
     print(json.dumps({f"{p}-shot": evaluate_generated(model, tasks=args.tasks, prompts=p) for p in args.prompts},
                      indent=1))

@@ -82,6 +82,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             raise InputError(f"--prompt-slice: slice index must be an integer, got {z!r}") from None
         if not 0 <= z < depth:
             raise InputError(f"--prompt-slice {z}: {args.stack} has {depth} slices (0..{depth - 1})")
+        if z in annotations:
+            raise InputError(f"--prompt-slice {z}: given twice (one mask per slice)")
         annotation = to_mask(mask, name=f"--prompt-slice {z} {mask}")
         if annotation.ndim != 2 or annotation.shape != (height, width):
             raise InputError(f"--prompt-slice {z} {mask}: a label mask of {width}x{height} (width x height) is "

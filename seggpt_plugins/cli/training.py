@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..vocabulary import SEG_TYPES
+from .options import check_numbers
 
 
 def register(sub) -> None:
@@ -50,8 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; stop with a checkpoint when exceeded")
     p.add_argument("--stop-after", type=int, default=None, help="stop at this step (the schedule spans --steps)")
-    p.add_argument("--variant", default="v1", help="generated-task variant: v1, or v2 (adds stack-like tracking "
-                   "and low-resolution imaging) (default: %(default)s)")
+    p.add_argument("--variant", default="v1", choices=["v1", "v2"],
+                   help="generated-task variant: v1, or v2 (adds stack-like tracking and low-resolution imaging) "
+                        "(default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     p.add_argument("--device", default=None)
@@ -70,14 +72,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..loading import load_network
     from ..training import train
 
-    net, summary = train(args.out, net=load_network(args.model), data=args.data,
-                         settings=_settings(args, trainable=args.trainable), device=args.device,
+    settings = _settings(args, trainable=args.trainable)  # (checked before the weights load)
+    net, summary = train(args.out, net=load_network(args.model), data=args.data, settings=settings, device=args.device,
                          resume=not args.no_resume, evaluate_at_end=not args.no_eval)
     return _report(args.out, net, summary, args.half)
 
 
 def _settings(args: argparse.Namespace, **extra):
+    from ..errors import InputError
     from ..training import TrainSettings
+
+    check_numbers(args, steps=1, batch_size=1)
+    if not args.lr > 0:
+        raise InputError(f"--lr must be positive, got {args.lr:g}")
+    if args.data and args.variant != "v1":
+        raise InputError(f"--variant {args.variant} names a kind of generated task: not with --data")
 
     return TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          foreground_weight=args.foreground_weight, seed=args.seed, save_every=args.save_every,
@@ -107,6 +116,9 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_samples
     from ..prompt_tuning import tune_prompt
 
+    check_numbers(args, steps=1, batch_size=1)
+    if not args.lr > 0:
+        raise InputError(f"--lr must be positive, got {args.lr:g}")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise InputError(f"{out}: a tuned prompt is saved as a .safetensors file")
