@@ -124,19 +124,15 @@ class ColorCode:
             table = np.zeros(int(keys.max()) + 2, np.int64)  # (its last entry: any value beyond the ids)
             table[keys] = np.arange(1, len(keys) + 1)
             index = table[np.minimum(values, len(table) - 1)]
-            unknown = (index == 0) & (values != 0)
-            if unknown.any():
-                raise InputError(f"{name}: {what} {np.unique(values[unknown])[:10].tolist()} are not in this "
-                                 "prompt set")
-            return index
-        order = np.argsort(keys)
-        sorted_keys = keys[order]
-        pos = np.clip(np.searchsorted(sorted_keys, values), 0, len(keys) - 1)
-        hit = sorted_keys[pos] == values
-        unknown = ~hit & (values != 0)
+        else:  # any keys (packed colours): a sorted search
+            order = np.argsort(keys)
+            sorted_keys = keys[order]
+            pos = np.clip(np.searchsorted(sorted_keys, values), 0, len(keys) - 1)
+            index = np.where(sorted_keys[pos] == values, order[pos] + 1, 0)
+        unknown = (index == 0) & (values != 0)
         if unknown.any():
             raise InputError(f"{name}: {what} {np.unique(values[unknown])[:10].tolist()} are not in this prompt set")
-        return np.where(hit, order[pos] + 1, 0)
+        return index
 
 
 def color_distances(painting, colors):

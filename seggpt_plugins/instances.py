@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .images import distinct_values
 from .vocabulary import MIN_OBJECT_AREA
 
 _EIGHT = np.ones((3, 3), bool)
@@ -125,7 +126,7 @@ def find_instances(labels: np.ndarray, scores: np.ndarray | None = None, *, min_
     labels = np.asarray(labels)
     parts = np.zeros(labels.shape, np.int64)
     part_class: list[int] = [0]
-    for label_id in np.unique(labels):
+    for label_id in distinct_values(labels):
         if label_id == 0:
             continue
         components, count = connected_components(labels == label_id)

@@ -42,18 +42,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     from ..adapt import AdaptSettings, check_foreground_weight, read_examples
     from ..errors import InputError
-    from .options import check_model_options, require_files
+    from .options import check_model_options, check_numbers, check_positive, require_files
 
     if not args.prompt:
         raise InputError("give at least one --prompt IMAGE MASK")
-    for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                             ("--eval-every", args.eval_every, 1), ("--patience", args.patience, 1)):
-        if value < low:
-            raise InputError(f"{name} must be >= {low}, got {value}")
+    check_numbers(args, steps=1, batch_size=1, eval_every=1, patience=1)
     if args.time_limit is not None and args.time_limit <= 0:
         raise InputError(f"--time-limit must be positive seconds, got {args.time_limit}")
-    if args.lr is not None and args.lr <= 0:
-        raise InputError(f"--lr must be positive, got {args.lr}")
+    check_positive(args, "lr")
     chosen = {}  # what the command line sets; the rest is AdaptSettings' defaults
     if args.lr is not None:
         chosen["lr"] = args.lr

@@ -121,6 +121,16 @@ def check_numbers(args: argparse.Namespace, **limits: int) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Options that must be above 0 (a learning rate), before any work (InputError names the flag; None: unset)."""
+    from ..errors import InputError
+
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+
+
 def check_model_options(args: argparse.Namespace) -> None:
     """--threads, --model and --device, checked before anything is read or loaded (the model's source is
     found, not loaded; a GPU asked for is looked for)."""
@@ -150,9 +160,9 @@ def require_files(paths) -> None:
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: is not a file")
 
 
-def check_tuned_prompts(paths) -> None:
-    """Every --tuned-prompt file is one (a .safetensors file that `seggpt tune-prompt` wrote), before the model
-    loads."""
+def read_tuned_prompts(paths) -> list:
+    """The --tuned-prompt files read (TunedPrompt), before the model loads: each must be a .safetensors file that
+    `seggpt tune-prompt` wrote."""
     from ..errors import InputError
     from ..prompts import TUNED_PROMPT_SUFFIX, TunedPrompt
 
@@ -160,7 +170,7 @@ def check_tuned_prompts(paths) -> None:
         if not str(path).endswith(TUNED_PROMPT_SUFFIX):  # (as prompts.is_tuned tells them apart)
             raise InputError(f"{path}: not a tuned prompt (a {TUNED_PROMPT_SUFFIX} file written by `seggpt "
                              "tune-prompt`)")
-        TunedPrompt.load(path)
+    return [TunedPrompt.load(path) for path in paths]
 
 
 def tile_option(args: argparse.Namespace):

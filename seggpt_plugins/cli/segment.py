@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .options import (add_ensemble, add_example_ids, add_export, add_inference, add_model, add_quality,
-                      check_model_options, check_numbers, check_tuned_prompts, example_ids_option, export_options,
-                      intensity_option, load_model, quality_option, require_files, tile_option)
+                      check_model_options, check_numbers, example_ids_option, export_options, intensity_option,
+                      load_model, quality_option, read_tuned_prompts, require_files, tile_option)
 
 LABELS_SUFFIX = "_labels"  # output names never equal an input's name
 
@@ -90,7 +90,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     check_writable(out)
     prompt_files = [*(p for pair in args.prompt for p in pair), *args.tuned_prompt]
     require_files(prompt_files)
-    check_tuned_prompts(args.tuned_prompt)
+    tuned = read_tuned_prompts(args.tuned_prompt)  # (read once, before the model loads)
     prompt_masks = [to_mask(mask, name=f"--prompt {image} {mask}") for image, mask in args.prompt]
     shown_ids = []  # the ids the examples are shown with (instance ids are one class: example_ids.py)
     if args.prompt:
@@ -124,7 +124,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if options.objects:  # names checked before the model loads
         categories_for(shown_ids, options.names, instance_like=bool(options.names) and instance_labelled(prompt_masks))
     model = load_model(args)
-    prompts = model.prepare_prompts([image for image, _ in args.prompt] + list(args.tuned_prompt), prompt_masks,
+    prompts = model.prepare_prompts([image for image, _ in args.prompt] + tuned, prompt_masks,
                                     intensity_option(args), ensemble=args.ensemble, tile=tile,
                                     example_ids=example_ids_option(args))
     if prompts.intensity_range is not None:
@@ -235,7 +235,7 @@ def _segment_at_scale(args: argparse.Namespace) -> int:
         raise InputError("--ray-address names a Ray cluster: use it with --engine ray")
     check_numbers(args, batch_size=1, actors=1, most_similar=1)
     check_model_options(args)
-    check_tuned_prompts(args.tuned_prompt)
+    read_tuned_prompts(args.tuned_prompt)  # (checked here; the engine reads them where it runs)
     engine = args.engine or ("ray" if args.ray_address else "local")
     summary = run(args.targets, args.prompt, args.out, tuned_prompts=args.tuned_prompt, engine=engine,
                   ray_address=args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,

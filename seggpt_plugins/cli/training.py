@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..vocabulary import SEG_TYPES
-from .options import check_numbers
+from .options import check_numbers, check_positive
 
 
 def register(sub) -> None:
@@ -83,8 +83,7 @@ def _settings(args: argparse.Namespace, **extra):
     from ..training import TrainSettings
 
     check_numbers(args, steps=1, batch_size=1)
-    if not args.lr > 0:
-        raise InputError(f"--lr must be positive, got {args.lr:g}")
+    check_positive(args, "lr")
     if args.data and args.variant != "v1":
         raise InputError(f"--variant {args.variant} names a kind of generated task: not with --data")
 
@@ -117,8 +116,7 @@ def cmd_tune_prompt(args: argparse.Namespace) -> int:
     from ..prompt_tuning import tune_prompt
 
     check_numbers(args, steps=1, batch_size=1)
-    if not args.lr > 0:
-        raise InputError(f"--lr must be positive, got {args.lr:g}")
+    check_positive(args, "lr")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise InputError(f"{out}: a tuned prompt is saved as a .safetensors file")
