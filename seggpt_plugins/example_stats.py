@@ -4,9 +4,8 @@
 each appearance (grey level or coarse colour, `appearance_bins`), each local mean and each local spread
 (`texture_words`). It answers with lookup tables made once per example set (`posterior_by_bin`,
 `foreground_by_bin`, `label_by_word`), so judging a target costs a gather, not a model. Also here:
-`boundary_edges` (do a proposal's boundaries lie on the image's edges), `boundary_profile` (the grey levels
-across a boundary, which the examples' true boundaries show and a proposal's should repeat) and `agreement`
-(the mean IoU per label of two label maps, one bincount). quality.py builds the estimate's features on these.
+`boundary_edges` (do a proposal's boundaries lie on the image's edges) and `agreement` (the mean IoU per
+label of two label maps, one bincount). quality.py builds the estimate's features on these.
 
 Everything is vectorised numpy (scipy for small filters): the examples are counted on a strided view of
 at most COUNT_SIDE pixels a side, with texture words read at the pixel scale at that view's pixels.
@@ -31,8 +30,6 @@ TEXTURE_SIGMA = 1.0  # the Gaussian window (pixels) the texture words and the ed
 #: the stride^2 pixels around it: a histogram of 16k pixels is as good as one of a million, and the
 #: texture words are read at the view's pixels only (eval_quality_large.py)
 COUNT_SIDE = 128
-#: a boundary's profile reads the bands of pixels 1..PROFILE_REACH inside and outside it (boundary_profile)
-PROFILE_REACH = 5
 
 
 def is_grey(rgb: np.ndarray) -> bool:
@@ -144,51 +141,6 @@ def boundary_edges(labels: np.ndarray, rgb: np.ndarray) -> float:
     return float(np.log((gradient[edge].mean() + 1) / (gradient.mean() + 1)))
 
 
-def boundary_profile(foreground: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """The grey levels across a foreground's boundary: (2 * PROFILE_REACH,) the mean grey level of the pixels
-    at each distance from the boundary, from PROFILE_REACH inside to 1 inside, then 1 outside to
-    PROFILE_REACH outside (chessboard distance to the nearest pixel on the other side), scaled to
-    [0, 1] between its darkest and brightest band (NaN: a band no pixel lies in); with the boundary's
-    length in pixels (the foreground pixels next to the background: the profile's weight). None without a
-    boundary (an empty or a full foreground). Where a proposal's boundary sits off the true one, its profile
-    differs from the one the examples' true boundaries show (`ExampleStats.profile`)."""
-    from scipy import ndimage
-
-    foreground = np.asarray(foreground, bool)
-    if foreground.all() or not foreground.any():
-        return None
-    signed = ndimage.distance_transform_cdt(~foreground) - ndimage.distance_transform_cdt(foreground)
-    band = np.clip(signed, -PROFILE_REACH - 1, PROFILE_REACH + 1).astype(np.intp) + PROFILE_REACH + 1
-    size = 2 * PROFILE_REACH + 3  # bands -R-1 (deeper inside), -R..-1, 0 (none), 1..R, R+1 (farther out)
-    sums = np.bincount(band.ravel(), grey_levels(rgb).ravel(), minlength=size)
-    counts = np.bincount(band.ravel(), minlength=size)
-    kept = [k for k in range(1, size - 1) if k != PROFILE_REACH + 1]
-    with np.errstate(invalid="ignore"):
-        levels = sums[kept] / counts[kept]
-    low, high = np.nanmin(levels), np.nanmax(levels)
-    scaled = (levels - low) / (high - low) if high > low else np.zeros_like(levels)
-    return scaled, int(counts[PROFILE_REACH])
-
-
-def profile_distance(profile: np.ndarray, reference: np.ndarray) -> float:
-    """The mean absolute difference of two boundary profiles over the bands both read (NaN if none)."""
-    both = ~(np.isnan(profile) | np.isnan(reference))
-    return float(np.abs(profile[both] - reference[both]).mean()) if both.any() else float("nan")
-
-
-def _mean_profile(profiles) -> tuple[np.ndarray | None, float]:
-    """The (profile, weight) pairs averaged band by band, weighted by their boundary lengths."""
-    profiles = [(p, w) for p, w in profiles if p is not None and w > 0]
-    if not profiles:
-        return None, 0.0
-    values = np.array([p for p, _ in profiles])
-    weights = np.array([w for _, w in profiles], np.float64)[:, None] * ~np.isnan(values)
-    total = weights.sum(0)
-    with np.errstate(invalid="ignore"):
-        mean = np.where(total > 0, (np.nan_to_num(values) * weights).sum(0) / total, np.nan)
-    return mean, float(sum(w for _, w in profiles))
-
-
 DENSE_IDS = 256  # label maps with ids below this are counted as they are (else renumbered first)
 
 
@@ -225,10 +177,9 @@ def _columns(mask: np.ndarray, ids: tuple) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ExampleStats:
-    """What the examples show: the mean share of labelled pixels, their objects' typical diameter, how
-    often each label takes each appearance, local mean and local spread (a naive per-pixel model of the
-    task: counts (levels, ids); `appearance`, `texture_labels`), and the grey levels across their true
-    boundaries (`boundary_profile`, averaged over the examples by boundary length)."""
+    """What the examples show: the mean share of labelled pixels, their objects' typical diameter, and
+    how often each label takes each appearance, local mean and local spread (a naive per-pixel model of
+    the task: counts (levels, ids); `appearance`, `texture_labels`)."""
 
     foreground: float
     diameter: float | None
@@ -237,8 +188,6 @@ class ExampleStats:
     grey: bool = True
     local_mean: np.ndarray | None = None  # (MEAN_LEVELS, len(ids)) pixel counts (texture_words)
     local_spread: np.ndarray | None = None  # (SPREAD_LEVELS, len(ids)) pixel counts
-    profile: np.ndarray | None = None  # (2 * PROFILE_REACH,) the true boundaries' grey levels (boundary_profile)
-    profile_weight: float = 0.0  # the length of those boundaries (pixels of the counted view)
 
     @classmethod
     def of(cls, masks, images=None) -> "ExampleStats":
@@ -256,7 +205,6 @@ class ExampleStats:
         ids = tuple(int(i) for i in np.union1d([0], np.concatenate([distinct_values(m) for m in masks])))
         tables = (np.zeros((GREY_LEVELS if grey else COLOUR_BINS, len(ids))), np.zeros((MEAN_LEVELS, len(ids))),
                   np.zeros((SPREAD_LEVELS, len(ids))))
-        profiles = []
         for rgb, mask in zip(images, masks):
             stride = max(1, math.ceil(max(mask.shape[:2]) / COUNT_SIDE))
             columns = _columns(mask[::stride, ::stride], ids)
@@ -265,8 +213,7 @@ class ExampleStats:
             for table, word in zip(tables, words):
                 pairs = (word.astype(np.int32) * len(ids) + columns).ravel()
                 table += np.bincount(pairs, minlength=table.size).reshape(table.shape) * stride ** 2
-            profiles.append(boundary_profile(mask[::stride, ::stride] != 0, rgb[::stride, ::stride]) or (None, 0))
-        return cls(foreground, diameter, ids, *tables[:1], grey, *tables[1:], *_mean_profile(profiles))
+        return cls(foreground, diameter, ids, *tables[:1], grey, *tables[1:])
 
     @classmethod
     def combine(cls, stats) -> "ExampleStats | None":
@@ -290,9 +237,8 @@ class ExampleStats:
             if all(s.local_mean is not None for s in with_counts):
                 local_mean = total([(s.ids, s.local_mean) for s in with_counts])
                 local_spread = total([(s.ids, s.local_spread) for s in with_counts])
-        profile = _mean_profile([(s.profile, s.profile_weight) for s in stats])
         return cls(float(np.mean([s.foreground for s in stats])), float(np.median(diameters)) if diameters else None,
-                   ids, counts, grey, local_mean, local_spread, *profile)
+                   ids, counts, grey, local_mean, local_spread)
 
     # the naive model as lookup tables, made on first use (an example set judges many targets)
 

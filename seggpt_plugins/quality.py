@@ -20,8 +20,7 @@ of a proposal, each blind where another sees ("full" reads the first two and the
 `BLENDS` fixes which features each estimate adds up (standardised, with fixed weights); the curve that
 maps that score to an IoU is fitted on generated tasks whose truth is known (quality_fit.py, `seggpt
 fit-quality`, quality.json beside the weights). `features` can read other candidates too (`CANDIDATES`:
-the uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit, the
-boundary's grey-level profile against the examples' true boundaries'); an
+the uncertain share, size and fragment ratios against the examples, the naive model's per-pixel fit); an
 estimate reads only the groups its blend uses (`Prediction.quality_features`; the naive model's
 P(foreground) is always read, for the per-object estimate), and fitting reads them all. How each relates
 to the true IoU is how the blend was chosen (docs/quality.md).
@@ -55,8 +54,7 @@ import numpy as np
 
 from .ensembles import object_diameter
 from .errors import InputError
-from .example_stats import (ExampleStats, agreement, appearance_bins, boundary_edges, boundary_profile,
-                            profile_distance, texture_words)
+from .example_stats import ExampleStats, agreement, appearance_bins, boundary_edges, texture_words
 from .instances import connected_components, find_instances
 from .vocabulary import DEMO_MODEL
 
@@ -103,7 +101,7 @@ FEATURE_GROUPS = {"snap": ("snap_foreground", "snap_all", "uncertain"), "size": 
                   "objects": ("diameter_ratio", "fragments"),
                   "appearance": ("appearance_fit", "appearance_agreement", "appearance_fit_foreground",
                                  "appearance_agreement_foreground"),
-                  "texture": ("texture_agreement",), "edges": ("boundary_edges",), "profile": ("boundary_profile",),
+                  "texture": ("texture_agreement",), "edges": ("boundary_edges",),
                   "flip": ("flip_agreement", "flip_agreement_foreground"),
                   "parts": ("parts_size", "parts_bad_size", "parts_ring_fit", "parts_snap", "parts_agreement",
                             "parts_extent", "boundary_fit")}
@@ -159,11 +157,6 @@ def features(labels: np.ndarray, scores: np.ndarray, examples: ExampleStats, rgb
                                     if texture_wanted else float("nan"))
     if "edges" in wanted:
         out["boundary_edges"] = boundary_edges(labels, rgb) if rgb is not None else float("nan")
-    if "profile" in wanted:
-        profile = (boundary_profile(foreground, rgb) if rgb is not None and examples.profile is not None
-                   else None)
-        out["boundary_profile"] = (-profile_distance(profile[0], examples.profile) if profile is not None
-                                   else float("nan"))
     if "flip" in wanted and flipped is not None:
         out["flip_agreement"] = agreement(labels, flipped)
         out["flip_agreement_foreground"] = agreement(foreground, flipped != 0)

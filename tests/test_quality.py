@@ -11,9 +11,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from seggpt_plugins.errors import InputError
-from seggpt_plugins.example_stats import (COUNT_SIDE, GREY_LEVELS, MEAN_LEVELS, PROFILE_REACH, SPREAD_LEVELS,
-                                          appearance_bins, boundary_profile, grey_levels, profile_distance,
-                                          texture_words)
+from seggpt_plugins.example_stats import (COUNT_SIDE, GREY_LEVELS, MEAN_LEVELS, SPREAD_LEVELS, appearance_bins,
+                                          grey_levels, texture_words)
 from seggpt_plugins.quality import (BLENDS, FEATURE_SIDE, OBJECT_BLEND, OBJECT_MODEL, SHIPPED, ExampleStats,
                                     QualityModel, UncalibratedQualityWarning, agreement, boundary_edges, features,
                                     load_models, models_for, object_features)
@@ -64,31 +63,6 @@ def test_a_proposal_that_paints_background_looks_worse_than_the_truth(rng):
     assert features(truth, scores, stats, target, flipped=truth)["flip_agreement"] == 1.0
 
 
-def test_a_boundary_drawn_off_the_true_one_has_another_profile_than_the_examples():
-    """A disc whose brightness falls off over a few pixels around its rim: the true boundary's profile runs
-    from bright inside to dark outside; a boundary drawn 3 pixels out, or in, crosses the fall-off elsewhere."""
-    yy, xx = np.mgrid[:96, :96]
-    radius = np.hypot(yy - 48, xx - 48)
-    grey = np.clip(220 - 40 * (radius - 18), 20, 220).astype(np.uint8)  # 220 inside, down to 20 by r = 23
-    rgb = np.repeat(grey[..., None], 3, -1)
-    truth = radius <= 20
-    profile, length = boundary_profile(truth, rgb)
-    assert profile.shape == (2 * PROFILE_REACH,) and length > 0
-    assert profile[0] == 1.0 and profile[-1] == 0.0 and (np.diff(profile) <= 0).all()  # inside bright, outside dark
-    stats = ExampleStats.of([truth.astype(np.uint8)], [rgb])
-    np.testing.assert_allclose(stats.profile, profile)
-    right = profile_distance(profile, stats.profile)
-    for drawn in (radius <= 23, radius <= 17):
-        assert profile_distance(boundary_profile(drawn, rgb)[0], stats.profile) > right + 0.05
-    assert boundary_profile(np.zeros_like(truth), rgb) is None and boundary_profile(np.ones_like(truth), rgb) is None
-    half = ExampleStats.of([(radius <= 10).astype(np.uint8)], [rgb])  # a shorter boundary weighs less
-    both = ExampleStats.combine([stats, half])
-    assert both.profile_weight == stats.profile_weight + half.profile_weight
-    np.testing.assert_allclose(both.profile, (stats.profile * stats.profile_weight + half.profile * half.profile_weight)
-                               / both.profile_weight)
-    assert ExampleStats.combine([stats, ExampleStats(0.1, None)]).profile is not None  # (a set without images)
-
-
 def test_texture_tells_apart_labels_of_the_same_grey_level(rng):
     """Speckled and blocky regions of the same two grey levels: a pixel's own grey level cannot say which
     is which, its neighbourhood can."""
@@ -121,7 +95,7 @@ def test_an_unreadable_feature_counts_as_average():
     assert model.predict({"a": 0.5, "b": float("nan")}) == pytest.approx(0.5)
     assert model.predict({"a": 0.7, "b": float("nan")}) > 0.5
     rows = [{"snap_foreground": v, "boundary_edges": float("nan") if k % 5 == 0 else v, "texture_agreement": v,
-             "flip_agreement": v, "boundary_profile": v} for k, v in enumerate(np.linspace(0, 1, 50))]
+             "flip_agreement": v} for k, v in enumerate(np.linspace(0, 1, 50))]
     fitted = fit(rows, [0.2 + 0.6 * r["snap_foreground"] for r in rows], BLENDS["fast"])
     assert np.isfinite(fitted.mean).all() and 0 < fitted.predict(rows[0]) < 1
 
@@ -170,7 +144,7 @@ def test_features_of_a_large_target_are_read_on_a_strided_view(rng):
 
 def test_fit_calibrates_a_blend_and_the_file_round_trips(tmp_path, rng):
     rows = [{"snap_foreground": v, "boundary_edges": v + rng.normal(0, 0.01), "texture_agreement": v,
-             "flip_agreement": v, "boundary_profile": v} for v in rng.random(200)]
+             "flip_agreement": v} for v in rng.random(200)]
     ious = [0.2 + 0.6 * r["snap_foreground"] for r in rows]
     models = fit_models(rows, ious)
     predicted = np.array([models["fast"].predict(r) for r in rows])
