@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import InputError
+from .images import distinct_values
 from .instances import Instances, ObjectRule
 from .vocabulary import IMAGE_SUFFIXES, OUTPUT_FORMATS
 
@@ -324,7 +325,7 @@ class ReviewTable:
         (`worst_object`, when estimated), its confidence (the predicted IoU, or the mean snap score when
         quality was not estimated) and the snap score."""
         qualities = [o.quality for o in instances.objects if o.quality is not None] if instances is not None else []
-        self.add(path=path, classes=sorted(int(c) for c in np.unique(prediction.labels) if c),
+        self.add(path=path, classes=[int(c) for c in distinct_values(prediction.labels) if c],
                  instances=len(instances) if instances is not None else None,
                  worst_object=round(float(min(qualities)), 4) if qualities else None,
                  confidence=round(float(prediction.confidence), 4),
